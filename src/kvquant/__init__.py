@@ -5,6 +5,7 @@ Data flows one way: model + text -> calibration statistics -> quantizer artifact
 
 __version__ = "0.1.0"
 
+from .cache import KVQuantCache  # noqa: E402
 from .quantizer import Quantizer, QuantizerConfig, QuantizerError, load_quantizer  # noqa: E402
 
-__all__ = ["Quantizer", "QuantizerConfig", "QuantizerError", "load_quantizer", "__version__"]
+__all__ = ["KVQuantCache", "Quantizer", "QuantizerConfig", "QuantizerError", "load_quantizer", "__version__"]

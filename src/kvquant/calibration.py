@@ -103,6 +103,7 @@ class LayerStats:
     hi: dict[str, torch.Tensor] = field(default_factory=dict)  # space -> [m, H*D] running top-m (descending)
     lo: dict[str, torch.Tensor] = field(default_factory=dict)  # space -> [m, H*D] running bottom-m (ascending)
     hist: dict[tuple, WeightedHistogram] = field(default_factory=dict)  # (tensor, variant, fraction, weighting)
+    fits: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # memoised codebook fits
 
 
 @dataclass
@@ -274,7 +275,10 @@ def fit_codebook(stats: CalibrationStats, layer: int, key: tuple, config: Quanti
     k = 2**config.bits
     st = stats.layers[layer]
     if config.nuq:
-        levels = weighted_kmeans_1d(st.hist[key + (config.fisher_weighting,)], k)
+        memo_key = key + (config.fisher_weighting, k)
+        if memo_key not in st.fits:  # many configurations share a fit (sinks, Q-Norm, windows)
+            st.fits[memo_key] = weighted_kmeans_1d(st.hist[key + (config.fisher_weighting,)], k)
+        levels = st.fits[memo_key]
     else:
         levels = uniform_levels(config.bits)
     decode = levels.clone()
@@ -353,3 +357,54 @@ __all__ = [
     "calibrate",
     "collect_statistics",
 ]
+
+
+# ---- persistence of statistics (so the quick start calibrates once) -------------------------------------------
+def save_statistics(stats: CalibrationStats, path) -> None:
+    """Save statistics as safetensors + JSON (no pickle)."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors, hist_keys = {}, []
+    for i, st in enumerate(stats.layers):
+        for space in st.hi:
+            tensors[f"{i}.hi.{space}"] = st.hi[space].contiguous()
+            tensors[f"{i}.lo.{space}"] = st.lo[space].contiguous()
+        for j, (key, h) in enumerate(sorted(st.hist.items(), key=lambda kv: str(kv[0]))):
+            tensors[f"{i}.hist.{j}"] = torch.stack((h.w, h.wx, h.wx2)).contiguous()
+            if i == 0:
+                hist_keys.append(list(key))
+    doc = {"settings": asdict(stats.settings), "identity": stats.identity, "n_tokens": stats.n_tokens,
+           "fingerprint": stats.fingerprint, "hist_keys": hist_keys, "num_layers": len(stats.layers)}
+    save_file(tensors, str(path / "stats.safetensors"))
+    (path / "stats.json").write_text(json.dumps(doc, indent=2))
+
+
+def load_statistics(path) -> CalibrationStats:
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    doc = json.loads((path / "stats.json").read_text())
+    t = load_file(str(path / "stats.safetensors"))
+    s = doc["settings"]
+    settings = CalibrationSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
+    layers = []
+    for i in range(doc["num_layers"]):
+        st = LayerStats()
+        for name in list(t):
+            parts = name.split(".")
+            if parts[0] == str(i) and parts[1] in ("hi", "lo"):
+                getattr(st, parts[1])[parts[2]] = t[name]
+        for j, key in enumerate(doc["hist_keys"]):
+            w, wx, wx2 = t[f"{i}.hist.{j}"]
+            st.hist[tuple(key)] = WeightedHistogram(w.clone(), wx.clone(), wx2.clone())
+        layers.append(st)
+    return CalibrationStats(settings, doc["identity"], doc["n_tokens"], layers, doc["fingerprint"])

@@ -167,6 +167,16 @@ def _strip_gguf_quantization(model: nn.Module) -> None:
             config.quantization_config = None
 
 
+def _make_readable(folder: Path) -> None:
+    """Give ``folder`` and its files the usual umask permissions (mkdtemp makes them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
+
+
 def convert_default_model(target: str | os.PathLike) -> Path:
     """Convert the SmolLM2 GGUF file once into a bf16 safetensors folder ``target`` (with tokenizer).
 
@@ -180,9 +190,7 @@ def convert_default_model(target: str | os.PathLike) -> Path:
     target = Path(target).expanduser()
     gguf = smollm2_gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.warning(
-        "kvquant: converting %s to a bf16 cache in %s (one time, ~20 s)...", gguf.name, target
-    )
+    logger.warning("kvquant: converting %s to a bf16 cache in %s (one time, ~20 s)...", gguf.name, target)
     start = time.perf_counter()
     model, tokenizer = _load_from_gguf(gguf)
     _strip_gguf_quantization(model)
@@ -199,6 +207,7 @@ def convert_default_model(target: str | os.PathLike) -> Path:
             "seconds": round(time.perf_counter() - start, 1),
         }
         (tmp / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _make_readable(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -225,6 +234,7 @@ def _load_default_model(cache_dir: str | os.PathLike | None, dtype: torch.dtype)
         convert_default_model(folder)
     model, tokenizer = _load_local_folder(folder, dtype)
     model.config._name_or_path = SMOLLM2_NAME_OR_PATH
+    model.name_or_path = SMOLLM2_NAME_OR_PATH
     return model, tokenizer
 
 
@@ -286,8 +296,12 @@ def _load_hub(name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=not online)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=not online)
-    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; re-raised with context
-        reach = "" if online else " The model hub is not reachable from this machine and the model is not in the local hub cache."
+    except Exception as exc:  # hub errors come in many types; re-raised with context
+        reach = (
+            ""
+            if online
+            else " The model hub is not reachable from this machine and the model is not in the local hub cache."
+        )
         raise ValueError(
             f"Could not load {name!r} as a Hugging Face hub model id ({type(exc).__name__}: {exc}).{reach}\n"
             "Loading a hub id needs internet access (or a copy in the local hub cache) and a correct "
@@ -336,9 +350,7 @@ def load_model(
         elif path.is_file() and path.suffix.lower() == ".gguf":
             model, tokenizer = _load_from_gguf(path)
         elif path.exists():
-            raise ValueError(
-                f"{path} is a file; expected a model folder (saved with save_pretrained) or a .gguf file."
-            )
+            raise ValueError(f"{path} is a file; expected a model folder (saved with save_pretrained) or a .gguf file.")
         elif _looks_like_path(name):
             raise FileNotFoundError(
                 f"Model path not found: {path.resolve()}. load_model accepts an existing local model "

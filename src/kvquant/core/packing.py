@@ -35,11 +35,25 @@ def _pack_plane(c: torch.Tensor, width: int) -> torch.Tensor:
     return (c << shifts).sum(-1).to(torch.uint8)
 
 
-def _unpack_plane(p: torch.Tensor, width: int) -> torch.Tensor:
-    per = 8 // width
-    shifts = torch.arange(per, device=p.device, dtype=torch.int32) * width
-    c = (p.to(torch.int32)[..., None] >> shifts) & ((1 << width) - 1)
-    return c.reshape(*p.shape[:-1], p.shape[-1] * per)
+_UNPACK_LUT: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def _unpack_lut(width: int, device: torch.device, shift: int = 0) -> torch.Tensor:
+    """uint8 [256, 8/width]: the codes held in each byte value, shifted left by ``shift`` (a table lookup with
+    ``index_select`` is ~3x faster on CPU than shifting and masking)."""
+    key = (width, shift, str(device))
+    if key not in _UNPACK_LUT:
+        per = 8 // width
+        b = torch.arange(256, dtype=torch.int32)[:, None]
+        lut = ((b >> (torch.arange(per, dtype=torch.int32) * width)) & ((1 << width) - 1)) << shift
+        _UNPACK_LUT[key] = lut.to(device=device, dtype=torch.uint8)
+    return _UNPACK_LUT[key]
+
+
+def _unpack_plane(p: torch.Tensor, width: int, shift: int = 0) -> torch.Tensor:
+    """uint8 [..., m] -> uint8 codes [..., m * 8/width] (each shifted left by ``shift``)."""
+    c = _unpack_lut(width, p.device, shift).index_select(0, p.reshape(-1).long())
+    return c.view(*p.shape[:-1], p.shape[-1] * (8 // width))
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -61,5 +75,5 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits in (2, 4):
         return _unpack_plane(packed, bits).long()
     lo = _unpack_plane(packed[..., : n // 4], 2)
-    hi = _unpack_plane(packed[..., n // 4 :], 1)
-    return (lo | (hi << 2)).long()
+    hi = _unpack_plane(packed[..., n // 4 :], 1, shift=2)
+    return (lo | hi).long()

@@ -9,8 +9,6 @@ first ``R`` channels, and the remaining ``head_dim - R`` channels (partial rotar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 
@@ -46,23 +44,53 @@ def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.to(x.dtype)
 
 
-@dataclass
 class RopeSpec:
-    """What a kernel needs to apply RoPE for one layer: ``inv_freq`` [R/2] (fp32) and ``attention_scaling``."""
+    """RoPE of one layer: cos/sin for any positions, exactly as the model computes them.
 
-    inv_freq: torch.Tensor
-    attention_scaling: float
+    ``cos_sin`` calls the model's own rotary module (so dynamic-NTK and longrope, whose frequencies depend on the
+    sequence length, match the model bit for bit); ``inv_freq`` [R/2] and ``attention_scaling`` are read live from the
+    module for kernels that compute cos/sin themselves.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor | None = None, attention_scaling: float = 1.0, *,
+                 module: torch.nn.Module | None = None, layer_type: str | None = None):
+        if module is None and inv_freq is None:
+            raise ValueError("RopeSpec needs either inv_freq or the model's rotary module.")
+        self.module = module
+        self.layer_type = layer_type
+        self._inv_freq = inv_freq
+        self._scaling = attention_scaling
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        if self.module is None:
+            return self._inv_freq
+        name = f"{self.layer_type}_inv_freq" if self.layer_type else "inv_freq"
+        return getattr(self.module, name).detach().float()
+
+    @property
+    def attention_scaling(self) -> float:
+        if self.module is None:
+            return self._scaling
+        name = f"{self.layer_type}_attention_scaling" if self.layer_type else "attention_scaling"
+        return float(getattr(self.module, name, 1.0))
 
     @property
     def rotary_dim(self) -> int:
         return 2 * self.inv_freq.numel()
 
+    @torch.no_grad()
     def cos_sin(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, T] -> cos, sin [B, T, R] in fp32, computed exactly like transformers' rotary modules."""
-        inv = self.inv_freq.to(position_ids.device, torch.float32)
+        """position_ids [B, T] -> cos, sin [B, T, R] in fp32."""
+        if self.module is not None:
+            x = torch.empty(0, device=position_ids.device, dtype=torch.float32)
+            args = (x, position_ids) if self.layer_type is None else (x, position_ids, self.layer_type)
+            cos, sin = self.module(*args)
+            return cos.float(), sin.float()
+        inv = self._inv_freq.to(position_ids.device, torch.float32)
         freqs = position_ids[..., None].float() * inv
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return emb.cos() * self._scaling, emb.sin() * self._scaling
 
 
 def find_rotary_module(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -88,11 +116,6 @@ def rope_specs(model: torch.nn.Module) -> list[RopeSpec]:
     specs = []
     for i in range(n_layers):
         lt = layer_types[i] if layer_types is not None else None
-        if lt is not None and hasattr(rot, f"{lt}_inv_freq"):
-            inv = getattr(rot, f"{lt}_inv_freq")
-            scale = float(getattr(rot, f"{lt}_attention_scaling"))
-        else:
-            inv = rot.inv_freq
-            scale = float(getattr(rot, "attention_scaling", 1.0))
-        specs.append(RopeSpec(inv.detach().float().cpu().clone(), scale))
+        per_type = lt is not None and hasattr(rot, f"{lt}_inv_freq")
+        specs.append(RopeSpec(module=rot, layer_type=lt if per_type else None))
     return specs

@@ -20,7 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..calibration import TapCache, cache_kwarg, check_finite
 from ..core.rope import rope_specs
-from .methods import Method
+from .methods import FP16, Method
 
 SIM_ATTENTION = "kvquant_sim"
 _pending = threading.local()
@@ -103,8 +103,11 @@ def evaluate(model, windows: torch.Tensor, methods: list[Method], progress: bool
         n_tok += tgt.numel()
         for m in methods:
             t0 = time.perf_counter()
-            cache = SimulatedCache(model, m, specs)
-            lp = F.log_softmax(model(ids, use_cache=True, **{kw: cache}).logits[0, :-1].float(), -1)
+            if isinstance(m, FP16):  # the reference itself: no second forward needed
+                lp = ref_lp
+            else:
+                cache = SimulatedCache(model, m, specs)
+                lp = F.log_softmax(model(ids, use_cache=True, **{kw: cache}).logits[0, :-1].float(), -1)
             nll[m.name] += float(-lp.gather(-1, tgt[:, None]).sum())
             kl[m.name] += float((ref_p * (ref_lp - lp)).sum())
             secs[m.name] += time.perf_counter() - t0

@@ -55,8 +55,14 @@ class Method:
 
 
 class FP16(Method):
+    """The unquantized cache (2 bytes per element). The harness scores it from the reference forward itself."""
+
     def __init__(self):
         super().__init__("fp16", "fp16")
+
+    @property
+    def effective_bits(self) -> float:
+        return 16.0
 
     def fake(self, layer, k, v, start, rope):
         self._account(k, v, _fp16_bytes(k) + _fp16_bytes(v))

@@ -1,0 +1,81 @@
+"""Reports: Markdown tables, JSON and a PNG plot of perplexity against effective bits."""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    dev = "cpu"
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name(0)
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads)".strip(),
+        "device": dev,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "kvquant": __version__,
+    }
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], ref_ppl: float | None = None) -> str:
+    head = "| method | family | bits | outliers | eff. bits | ppl | ppl vs fp16 | KL |\n|---|---|---|---|---|---|---|---|"
+    lines = [head]
+    for r in rows:
+        d = "" if ref_ppl is None or r["family"] == "fp16" else f"{(r['ppl'] / ref_ppl - 1) * 100:+.2f}%"
+        frac = r.get("outlier_fraction") or 0
+        lines.append(
+            f"| {r['method']} | {r['family']} | {_fmt(r['bits'])} | {frac * 100:g}% | {r['effective_bits']:.2f} | "
+            f"{r['ppl']:.3f} | {d} | {r['kl']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_ppl_vs_bits(rows: list[dict], path: str | Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ref = next((r["ppl"] for r in rows if r["family"] == "fp16"), None)
+    colors = {"kvquant": "tab:blue", "baseline": "tab:orange"}
+    for fam in ("baseline", "kvquant"):
+        pts = [r for r in rows if r["family"] == fam]
+        ax.scatter([r["effective_bits"] for r in pts], [r["ppl"] for r in pts], label=fam, c=colors[fam],
+                   marker="o" if fam == "kvquant" else "x")
+        for r in pts:
+            ax.annotate(r["method"], (r["effective_bits"], r["ppl"]), fontsize=6, alpha=0.7)
+    if ref:
+        ax.axhline(ref, color="k", ls="--", lw=1, label=f"fp16 ({ref:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per element (measured from storage)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write_json(obj: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
