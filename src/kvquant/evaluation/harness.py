@@ -54,6 +54,12 @@ def _band_attention(module, query, key, value, attention_mask, scaling=None, dro
 
 
 AttentionInterface.register(SIM_ATTENTION, _band_attention)
+try:  # the band attention consumes SDPA-style masks (padding, sliding windows)
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionMaskInterface.register(SIM_ATTENTION, sdpa_mask)
+except ImportError:  # pragma: no cover - older transformers
+    pass
 
 
 class SimulatedCache(TapCache):
