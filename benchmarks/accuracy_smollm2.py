@@ -145,7 +145,7 @@ def main() -> None:
         "",
     ])
     (out / f"{args.name}.md").write_text(md)
-    plot_ppl_vs_bits(main_rows, out / f"{args.name}.png", "SmolLM2-135M: perplexity vs measured effective bits")
+    plot_ppl_vs_bits(main_rows, out / f"{args.name}.png", "SmolLM2-135M: perplexity vs measured effective bits", 1.6)
     print(md)
     print(json.dumps({"calib_s": calib_s, "eval_s": eval_s}))
 

@@ -127,7 +127,7 @@ def _keys_with_outliers(seed=0, shape=(2, 3, 17, 64)):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_channel_codec_error_bound_and_exact_outliers(bits):
     x = _keys_with_outliers()
-    h, d = x.shape[1], x.shape[3]
+    d = x.shape[3]
     lo = x.amin((0, 2))
     hi = x.amax((0, 2)).clamp_max(60)
     zero, scale = (hi + lo) / 2, (hi - lo) / 2

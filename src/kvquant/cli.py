@@ -51,7 +51,8 @@ def _context_window(model, window: int) -> int:
     return min(window, limit)
 
 
-def _stats(args, model, tok, n_windows: int, window: int, fractions, value_groups=("token",), cache: Path | None = None):
+def _stats(args, model, tok, n_windows: int, window: int, fractions, value_groups=("token",),
+           cache: Path | None = None):
     from .calibration import CalibrationSettings, collect_statistics, load_statistics, save_statistics
 
     if cache is not None and (cache / "stats.json").is_file():

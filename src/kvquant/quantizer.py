@@ -192,7 +192,7 @@ def load_quantizer(name_or_path: str | os.PathLike) -> Quantizer:
     L = 2**config.bits
     layers = []
     for i in range(n_layers):
-        def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        def get(name: str, shape: tuple[int, ...], i: int = i) -> torch.Tensor:
             key = f"layers.{i}.{name}"
             _require(key in tensors, f"{tf}: missing tensor {key}.")
             t = tensors[key]

@@ -6,9 +6,10 @@ functions, so the number we report is the number users get.
 Tensors are ``[B, H, T, D]`` (batch, KV heads, tokens, head_dim), as transformers hands them to a cache.
 
 Keys ("channel" mode, the KVQuant way): each channel has an offline-calibrated ``zero``/``scale`` ([H, D]); the
-element is normalised to [-1, 1], clamped, and mapped to the nearest codebook level. Each (token, head) vector then keeps
-its ``capacity`` worst-quantized elements exactly in fp16 (calibrated outliers that fall outside the range come first;
-remaining slots are topped up with the largest residual errors, so every slot is always valid and storage is fixed-size).
+element is normalised to [-1, 1], clamped, and mapped to the nearest codebook level. Each (token, head) vector then
+keeps its ``capacity`` worst-quantized elements exactly in fp16 (calibrated outliers that fall outside the range come
+first; remaining slots are topped up with the largest residual errors, so every slot is always valid and storage is
+fixed-size).
 
 Values ("token" mode): per vector (one token's head, or one token across all heads: ``group``), the ``capacity``
 outliers are removed from the range by choosing how many to take from each end so that the remaining range is smallest;

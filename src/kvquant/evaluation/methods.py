@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.codebook import lloyd_max_gaussian_levels, nearest_code, normal_float_levels, uniform_levels
-from ..core.codec import Codebook, PackedBlock, _from_vectors, _to_vectors, encode_token, decode_token
+from ..core.codec import Codebook, PackedBlock, _from_vectors, _to_vectors, decode_token, encode_token
 from ..core.packing import pack_codes, unpack_codes
 from ..core.rope import RopeSpec, apply_rope, unapply_rope
 from ..quantizer import Quantizer

@@ -1,0 +1,310 @@
+"""Per-layer storage of the compressed KV cache, exactly as described in ``docs/storage-format.md``.
+
+One :class:`LayerStorage` holds one decoder layer's keys and values in cache order::
+
+    [ sinks (model dtype, n_s tokens) | quantized (n_q tokens) | recent window (model dtype, n_w tokens) ]
+
+The storage only *places* what :class:`~kvquant.core.codec.LayerCodec` produces (packed codes, outliers, scales);
+all quantization math lives in the codec. Keys of the quantized region are stored pre-RoPE with their RoPE position
+(``q_pos``); sinks and window hold post-RoPE keys as transformers hands them over.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.codec import LayerCodec, PackedBlock
+from ..core.rope import RopeSpec, apply_rope, unapply_rope
+
+# Quantized-region fields, per tensor: (storage name, PackedBlock attribute). The k_zero/k_scale pair only exists for
+# token-mode keys (ablations); channel-mode keys (KVQuant) keep their ranges in the quantizer / ``key_lut``.
+_K_FIELDS = (("k_codes", "codes"), ("k_out_idx", "out_idx"), ("k_out_val", "out_val"), ("k_zero", "zero"),
+             ("k_scale", "scale"))
+_V_FIELDS = (("v_codes", "codes"), ("v_out_idx", "out_idx"), ("v_out_val", "out_val"), ("v_zero", "zero"),
+             ("v_scale", "scale"))
+
+# Component of every field in the memory report.
+COMPONENT = {
+    "k_codes": "codes", "v_codes": "codes",
+    "k_out_idx": "outliers", "k_out_val": "outliers", "v_out_idx": "outliers", "v_out_val": "outliers",
+    "k_zero": "scales", "k_scale": "scales", "v_zero": "scales", "v_scale": "scales",
+    "q_pos": "positions", "win_pos": "positions",
+    "sink_k": "sinks", "sink_v": "sinks",
+    "win_k": "window", "win_v": "window",
+}
+COMPONENTS = ("codes", "scales", "outliers", "sinks", "window", "positions")
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class LayerStorage:
+    """Compressed keys/values of one layer for a batch of ``batch`` sequences.
+
+    Args:
+        codec: the layer's :class:`LayerCodec` (from the quantizer).
+        rope: the layer's :class:`RopeSpec` (un-rotation before quantization, re-rotation after decoding).
+        n_sinks: the first ``n_sinks`` tokens ever appended stay unquantized.
+        recent_window: R, the most recent tokens kept unquantized; older ones are quantized once when they leave.
+        batch, dtype, device: batch size, dtype of the sink/window tensors (the model's), device.
+        pre_rope: quantize keys before RoPE (the KVQuant method); False stores post-RoPE keys (ablation).
+        key_lut: optional precomputed ``codec.key_lut()`` shared by the layer's storages.
+        initial_capacity: first allocation of the quantized region (it then doubles as needed).
+    """
+
+    def __init__(
+        self,
+        codec: LayerCodec,
+        rope: RopeSpec,
+        n_sinks: int,
+        recent_window: int,
+        batch: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        pre_rope: bool = True,
+        key_lut: torch.Tensor | None = None,
+        initial_capacity: int = 64,
+    ):
+        self.codec = codec
+        self.rope = rope
+        self.n_sinks = int(n_sinks)
+        self.recent_window = int(recent_window)
+        self.batch = int(batch)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.pre_rope = pre_rope
+        self.initial_capacity = max(1, int(initial_capacity))
+        H, D = codec.heads, codec.head_dim
+        self.heads, self.head_dim = H, D
+        if key_lut is None and codec.key_mode == "channel":
+            key_lut = codec.key_lut()
+        self.key_lut = None if key_lut is None else key_lut.to(self.device, torch.float32)
+        self.value_levels = codec.value_cb.decode_levels.to(self.device, torch.float32)
+        empty = torch.empty(self.batch, H, 0, D, dtype=dtype, device=self.device)
+        self.sink_k, self.sink_v = empty, empty.clone()
+        self.win_k, self.win_v = empty.clone(), empty.clone()
+        self.win_pos = torch.empty(self.batch, 0, dtype=torch.int32, device=self.device)
+        # Quantized region: allocated on first use with the codec's shapes; ``capacity`` tokens, ``n_q`` used.
+        self.capacity = 0
+        self.n_q = 0
+        self.q_pos: torch.Tensor | None = None
+        for name, _ in _K_FIELDS + _V_FIELDS:
+            setattr(self, name, None)
+        self.n_seen = 0  # tokens ever appended (decides which ones are sinks)
+        self.n_dropped = 0  # tokens dropped from the front (sliding-window layers)
+
+    # ---- sizes ---------------------------------------------------------------------------------------------------
+    @property
+    def n_s(self) -> int:
+        return self.sink_k.shape[2]
+
+    @property
+    def n_w(self) -> int:
+        return self.win_k.shape[2]
+
+    def __len__(self) -> int:
+        """Tokens held, in cache order (sinks + quantized + window)."""
+        return self.n_s + self.n_q + self.n_w
+
+    def _fields(self) -> list[str]:
+        return [n for n, _ in _K_FIELDS + _V_FIELDS if getattr(self, n) is not None]
+
+    # ---- appending -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> int:
+        """Append new post-RoPE keys ``k`` and values ``v`` [B, H, T, D] at RoPE ``positions`` [B, T].
+
+        The first ``n_sinks`` tokens ever appended become sinks; the rest enter the recent window, and whatever
+        exceeds R tokens there is quantized (once) into the packed region. Returns the number of tokens quantized.
+        """
+        b, h, t, d = k.shape
+        if (b, h, d) != (self.batch, self.heads, self.head_dim) or v.shape != k.shape:
+            raise ValueError(
+                f"append expects keys/values [B={self.batch}, H={self.heads}, T, D={self.head_dim}], got "
+                f"{tuple(k.shape)} and {tuple(v.shape)}."
+            )
+        positions = positions.to(self.device, torch.int32).expand(b, t)
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        a = min(t, max(0, self.n_sinks - self.n_seen))
+        if a:
+            self.sink_k = torch.cat((self.sink_k, k[:, :, :a]), 2)
+            self.sink_v = torch.cat((self.sink_v, v[:, :, :a]), 2)
+        self.n_seen += t
+        if a == t:
+            return 0
+        wk = torch.cat((self.win_k, k[:, :, a:]), 2)
+        wv = torch.cat((self.win_v, v[:, :, a:]), 2)
+        wp = torch.cat((self.win_pos, positions[:, a:]), 1)
+        over = wk.shape[2] - self.recent_window
+        if over > 0:
+            self._quantize(wk[:, :, :over], wv[:, :, :over], wp[:, :over])
+            wk, wv, wp = wk[:, :, over:], wv[:, :, over:], wp[:, over:]
+        # Contiguous copies so the window never keeps the larger concatenation alive.
+        self.win_k, self.win_v, self.win_pos = wk.contiguous(), wv.contiguous(), wp.contiguous()
+        return max(0, over)
+
+    def append_quantized(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Quantize post-RoPE ``k``/``v`` [B, H, T, D] at ``positions`` [B, T] straight into the packed region
+        (bypassing sinks and window; used to fill storage for measurements)."""
+        self.n_seen += k.shape[2]
+        self._quantize(k.to(self.dtype), v.to(self.dtype), positions.to(self.device, torch.int32).expand(
+            k.shape[0], k.shape[2]))
+
+    def _quantize(self, k_post: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        if self.pre_rope:
+            cos, sin = self.rope.cos_sin(pos)
+            k = unapply_rope(k_post.float(), cos, sin)
+        else:
+            k = k_post.float()
+        kb = self.codec.encode_keys(k)
+        vb = self.codec.encode_values(v)
+        t = k.shape[2]
+        self._reserve(self.n_q + t, kb, vb)
+        s = slice(self.n_q, self.n_q + t)
+        for fields, blk in ((_K_FIELDS, kb), (_V_FIELDS, vb)):
+            for name, attr in fields:
+                src = getattr(blk, attr)
+                if src is not None:
+                    getattr(self, name)[:, :, s] = src
+        self.q_pos[:, s] = pos
+        self.n_q += t
+
+    def _reserve(self, needed: int, kb: PackedBlock, vb: PackedBlock) -> None:
+        """Make room for ``needed`` quantized tokens, doubling the capacity (amortised O(1) appends)."""
+        if needed <= self.capacity:
+            return
+        cap = max(needed, 2 * self.capacity, self.initial_capacity)
+        for fields, blk in ((_K_FIELDS, kb), (_V_FIELDS, vb)):
+            for name, attr in fields:
+                src = getattr(blk, attr)
+                if src is None:
+                    continue
+                new = torch.zeros(*src.shape[:2], cap, src.shape[3], dtype=src.dtype, device=self.device)
+                old = getattr(self, name)
+                if old is not None and self.n_q:
+                    new[:, :, : self.n_q] = old[:, :, : self.n_q]
+                setattr(self, name, new)
+        q_pos = torch.zeros(self.batch, cap, dtype=torch.int32, device=self.device)
+        if self.q_pos is not None and self.n_q:
+            q_pos[:, : self.n_q] = self.q_pos[:, : self.n_q]
+        self.q_pos = q_pos
+        self.capacity = cap
+
+    # ---- reading -------------------------------------------------------------------------------------------------
+    def packed_keys(self) -> PackedBlock:
+        """The used part of the quantized keys as a :class:`PackedBlock` (views, no copy)."""
+        n = self.n_q
+        f = {attr: (None if getattr(self, name) is None else getattr(self, name)[:, :, :n]) for name, attr in _K_FIELDS}
+        return PackedBlock(f["codes"], f["out_idx"], f["out_val"], f["zero"], f["scale"])
+
+    def packed_values(self) -> PackedBlock:
+        n = self.n_q
+        f = {attr: (None if getattr(self, name) is None else getattr(self, name)[:, :, :n]) for name, attr in _V_FIELDS}
+        return PackedBlock(f["codes"], f["out_idx"], f["out_val"], f["zero"], f["scale"])
+
+    @torch.no_grad()
+    def dequantize_quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode the quantized region only -> post-RoPE keys and values [B, H, n_q, D] in the storage dtype."""
+        if self.n_q == 0:
+            e = self.win_k[:, :, :0]
+            return e, e
+        k = self.codec.decode_keys(self.packed_keys())
+        if self.pre_rope:
+            cos, sin = self.rope.cos_sin(self.q_pos[:, : self.n_q])
+            k = apply_rope(k, cos, sin)
+        v = self.codec.decode_values(self.packed_values())
+        return k.to(self.dtype), v.to(self.dtype)
+
+    @torch.no_grad()
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All held tokens in cache order -> post-RoPE keys and values [B, H, n_s + n_q + n_w, D] (storage dtype)."""
+        kq, vq = self.dequantize_quantized()
+        if self.n_q == 0:
+            return torch.cat((self.sink_k, self.win_k), 2), torch.cat((self.sink_v, self.win_v), 2)
+        return torch.cat((self.sink_k, kq, self.win_k), 2), torch.cat((self.sink_v, vq, self.win_v), 2)
+
+    # ---- dropping (sliding-window layers) ------------------------------------------------------------------------
+    @torch.no_grad()
+    def drop_front(self, m: int) -> None:
+        """Forget the ``m`` oldest tokens (sinks first, then quantized, then window): sliding-window layers."""
+        m = min(int(m), len(self))
+        if m <= 0:
+            return
+        self.n_dropped += m
+        a = min(m, self.n_s)
+        if a:
+            self.sink_k = self.sink_k[:, :, a:].contiguous()
+            self.sink_v = self.sink_v[:, :, a:].contiguous()
+            m -= a
+        q = min(m, self.n_q)
+        if q:
+            keep = self.n_q - q
+            for name in self._fields():
+                buf = getattr(self, name)
+                buf[:, :, :keep] = buf[:, :, q : self.n_q].clone()
+            self.q_pos[:, :keep] = self.q_pos[:, q : self.n_q].clone()
+            self.n_q = keep
+            m -= q
+        if m:
+            self.win_k = self.win_k[:, :, m:].contiguous()
+            self.win_v = self.win_v[:, :, m:].contiguous()
+            self.win_pos = self.win_pos[:, m:].contiguous()
+
+    # ---- batch operations (beam search, batch selection) ---------------------------------------------------------
+    def _map_batch(self, fn) -> None:
+        for name in self._fields() + ["q_pos"]:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+        for name in ("sink_k", "sink_v", "win_k", "win_v", "win_pos"):
+            setattr(self, name, fn(getattr(self, name)))
+        self.batch = self.sink_k.shape[0]
+
+    def index_select(self, idx: torch.Tensor) -> None:
+        """Reorder / select batch rows (beam search ``reorder_cache``, ``batch_select_indices``)."""
+        idx = idx.to(self.device)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().flatten()
+        self._map_batch(lambda t: t.index_select(0, idx))
+
+    def repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    # ---- accounting ----------------------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this storage allocated (quantized region at full capacity), by format field name."""
+        out = {name: getattr(self, name) for name in self._fields()}
+        if self.q_pos is not None:
+            out["q_pos"] = self.q_pos
+        for name in ("sink_k", "sink_v", "win_k", "win_v", "win_pos"):
+            out[name] = getattr(self, name)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of every allocated tensor (capacity included), without the shared lookup tables."""
+        return sum(_nbytes(t) for t in self.tensors().values())
+
+    def table_nbytes(self) -> int:
+        return _nbytes(self.key_lut) + _nbytes(self.value_levels)
+
+    def component_bytes(self, used: bool = True) -> dict[str, int]:
+        """Bytes per component (codes, scales, outliers, sinks, window, positions); ``used`` counts only the tokens
+        in use, else the whole allocation."""
+        out = dict.fromkeys(COMPONENTS, 0)
+        for name, t in self.tensors().items():
+            if used and name in COMPONENT and t.dim() >= 2 and name not in ("sink_k", "sink_v", "win_k", "win_v",
+                                                                              "win_pos"):
+                n = _nbytes(t) // max(1, self.capacity) * self.n_q
+            else:
+                n = _nbytes(t)
+            out[COMPONENT[name]] += n
+        return out
+
+    def numel(self) -> int:
+        """Key + value elements held (what an fp16 cache of the same tokens stores)."""
+        return 2 * self.batch * self.heads * self.head_dim * len(self)
+
+    def __repr__(self) -> str:
+        return (f"LayerStorage(B={self.batch}, H={self.heads}, D={self.head_dim}, sinks={self.n_s}, "
+                f"quantized={self.n_q}/{self.capacity}, window={self.n_w}, bytes={self.nbytes()})")

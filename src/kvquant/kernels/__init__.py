@@ -1,0 +1,379 @@
+"""Fused GPU kernels for the compressed KV cache (Triton), with PyTorch references in :mod:`.reference`.
+
+Public API (all take/return torch tensors on the storage's device):
+
+- :func:`available` (device) -> bool: CUDA + triton importable, and not disabled by ``KVQUANT_DISABLE_KERNELS=1``.
+- :func:`decode_attention` (query [B, Hq, 1, D], storage, scaling, attention_mask=None) -> [B, Hq, 1, D]:
+  Flash-Decoding split-K attention over a :class:`~kvquant.cache.storage.LayerStorage` (fp16 sinks + quantized
+  region + fp16 recent window); GQA/MQA, batch with a key-padding mask ([B, T] keep-flags or the HF 4-D mask).
+- :func:`quantize_append` (storage, k_post, v, positions): GPU encode of post-RoPE keys / values [B, H, T, D]
+  (positions [B, T]) written straight into the storage at ``n_q`` (no host synchronisation).
+- :func:`fp16_decode_attention` (query, k, v, scaling): the fp16/bf16 split-K baseline of the same design.
+
+Storage fields read are exactly those of docs/storage-format.md; the codec (for encoding) comes from
+``storage.codec`` or the ``codec`` argument. Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors
+(slowly; used by the tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+__all__ = ["available", "decode_attention", "quantize_append", "fp16_decode_attention", "interpreting"]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def available(device=None) -> bool:
+    """True if the fused kernels can run on ``device`` (CUDA device + triton, not disabled by the environment)."""
+    if os.environ.get("KVQUANT_DISABLE_KERNELS", "0") == "1":
+        return False
+    if not _triton_ok():
+        return False
+    if device is None:
+        return torch.cuda.is_available()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available()
+    return dev.type == "cpu" and interpreting()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+_SM_COUNT: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _cached(storage, key, fn):
+    """Per-storage cache of derived device tensors (inv_freq, codec tensors)."""
+    cache = getattr(storage, "_kernel_cache", None)
+    if cache is None:
+        cache = {}
+        try:
+            storage._kernel_cache = cache
+        except Exception:  # frozen/slotted object: no caching
+            return fn()
+    if key not in cache:
+        cache[key] = fn()
+    return cache[key]
+
+
+def _n_tokens(t) -> int:
+    return 0 if t is None else int(t.shape[2])
+
+
+def _bits_of(n_levels: int) -> int:
+    return int(n_levels).bit_length() - 1
+
+
+def mask_bias(attention_mask, batch: int, total: int, device) -> torch.Tensor | None:
+    """Normalise a key-padding mask to an additive fp32 bias [B, total] (0 keep, -inf drop).
+
+    Accepts [B, T] keep-flags (bool / 0-1 ints or floats) or transformers' 4-D mask [B, 1, q, T] (bool keep-flags or
+    additive floats); the last query row is used; the first ``total`` key columns are the cache's tokens."""
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if m.dim() == 4:
+        m = m[:, 0, -1, :]
+        if m.dtype == torch.bool:
+            bias = torch.where(m, 0.0, float("-inf"))
+        else:
+            bias = m.float()
+    elif m.dim() == 2:
+        if m.dtype == torch.bool:
+            bias = torch.where(m, 0.0, float("-inf"))
+        else:
+            bias = torch.where(m != 0, 0.0, float("-inf"))
+    else:
+        raise ValueError(f"attention_mask must be [B, T] or [B, 1, q, T], got shape {tuple(m.shape)}.")
+    if bias.shape[-1] < total:
+        raise ValueError(f"attention_mask covers {bias.shape[-1]} keys but the cache holds {total}.")
+    bias = bias[:, :total].to(device=device, dtype=torch.float32)
+    if bias.shape[0] != batch:
+        bias = bias.expand(batch, total)
+    return bias.contiguous()
+
+
+def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int = 256, target_waves: float = 4.0):
+    if n_tokens <= 0:
+        return 0, block_t
+    want = max(1, math.ceil(target_waves * _num_sms(device) / max(programs, 1)))
+    want = min(want, max(1, n_tokens // min_chunk))
+    chunk = math.ceil(math.ceil(n_tokens / want) / block_t) * block_t
+    return math.ceil(n_tokens / chunk), chunk
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decode attention
+# ----------------------------------------------------------------------------------------------------------------
+def decode_attention(query, storage, scaling, attention_mask=None, num_splits=None, block_t=None, use_dot=None):
+    """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D]."""
+    from . import _triton as K
+
+    st = storage
+    B, Hq, q_len, D = query.shape
+    if q_len != 1:
+        raise ValueError("decode_attention handles one query token; run prefill with SDPA.")
+    codec = getattr(st, "codec", None)
+    if (st.key_lut is None or not getattr(st, "pre_rope", True)
+            or (codec is not None and codec.key_mode != "channel")):
+        from .reference import reference_decode_attention
+
+        return reference_decode_attention(query, st, scaling, attention_mask)
+    H = int(st.key_lut.shape[0])
+    if Hq % H:
+        raise ValueError(f"{Hq} query heads are not a multiple of {H} KV heads.")
+    group = Hq // H
+    bits = _bits_of(st.key_lut.shape[-1])
+    if _bits_of(st.value_levels.numel()) != bits:
+        raise NotImplementedError("the fused kernel needs the same bit width for keys and values.")
+    inv_freq = st.rope.inv_freq
+    if 2 * inv_freq.numel() != D or D not in (64, 128, 256):
+        from .reference import reference_decode_attention
+
+        return reference_decode_attention(query, st, scaling, attention_mask)
+    dev = query.device
+    n_q = int(st.n_q) if st.k_codes is not None else 0
+    n_s, n_w = _n_tokens(st.sink_k), _n_tokens(st.win_k)
+    total = n_s + n_q + n_w
+    bias = mask_bias(attention_mask, B, total, dev)
+    invf = _cached(st, ("inv_freq", dev), lambda: inv_freq.to(dev, torch.float32).contiguous())
+    klut = _cached(st, ("key_lut", dev), lambda: st.key_lut.to(dev, torch.float32).contiguous())
+    vlev = _cached(st, ("value_levels", dev), lambda: st.value_levels.to(dev, torch.float32).contiguous())
+    if n_q:
+        quant = (st.k_codes, st.k_out_idx, st.k_out_val, st.v_codes, st.v_zero, st.v_scale, st.v_out_idx,
+                 st.v_out_val, st.q_pos)
+        G = int(st.v_codes.shape[1])
+        ck, cv = int(st.k_out_idx.shape[-1]), int(st.v_out_idx.shape[-1])
+    else:
+        dummy = torch.zeros(1, 1, 1, 1, device=dev, dtype=torch.uint8)
+        quant = (dummy,) * 9
+        G, ck, cv = H, 0, 0
+    v_token = G == 1 and H > 1
+    if use_dot is None:
+        use_dot = group > 1
+    gp = max(16, triton_next_pow2(group)) if use_dot else 1
+    if not use_dot and group != 1:
+        raise ValueError("use_dot=False needs MHA (one query head per KV head).")
+    bt = block_t or (64 if D <= 128 else 32)
+    if num_splits is None:
+        nsq, chunk = _splits(n_q, B * H, dev, bt)
+    else:
+        nsq = min(num_splits, max(1, math.ceil(n_q / bt))) if n_q else 0
+        chunk = math.ceil(math.ceil(max(n_q, 1) / max(nsq, 1)) / bt) * bt
+        nsq = math.ceil(n_q / chunk) if n_q else 0
+    nsplit = nsq + 1
+    q = query[:, :, 0, :]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    pacc = torch.empty(B * Hq * nsplit * D, device=dev, dtype=torch.float32)
+    pm = torch.empty(B * Hq * nsplit, device=dev, dtype=torch.float32)
+    pl = torch.empty(B * Hq * nsplit, device=dev, dtype=torch.float32)
+    sk = st.sink_k if n_s else q
+    sv = st.sink_v if n_s else q
+    wk = st.win_k if n_w else q
+    wv = st.win_v if n_w else q
+
+    def s4(t, n):
+        return (t.stride(0), t.stride(1), t.stride(2)) if n else (0, 0, 0)
+
+    kvs = [sk, sv, wk, wv]
+    for t in kvs:
+        if t is not q and t.stride(-1) != 1:
+            raise ValueError("sink/window tensors must have a contiguous last dimension.")
+    mask_t = bias if bias is not None else pm
+    K._kvq_decode_kernel[(B * H, nsplit)](
+        q, pacc, pm, pl,
+        *quant, klut, vlev, invf,
+        sk, sv, wk, wv, mask_t,
+        float(scaling) * K.LOG2E, float(st.rope.attention_scaling),
+        q.stride(0), q.stride(1),
+        *quant[0].stride()[:3], *quant[1].stride()[:3], *quant[3].stride()[:3], *quant[4].stride()[:3],
+        *quant[6].stride()[:3], quant[8].stride(0),
+        *s4(sk, n_s), *s4(sv, n_s), *s4(wk, n_w), *s4(wv, n_w),
+        bias.stride(0) if bias is not None else 0,
+        n_s, n_q, n_w, chunk, nsq,
+        H_KV=H, GROUP=group, GP=gp, BITS=bits, D=D, CK=ck, CV=cv, V_TOKEN=v_token, BT=bt,
+        HAS_MASK=bias is not None, USE_DOT=use_dot, F32=interpreting(), num_warps=4, num_stages=1,
+    )
+    return _reduce(pacc, pm, pl, B, Hq, nsplit, D, query.dtype, dev)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _reduce(pacc, pm, pl, B, Hq, nsplit, D, dtype, dev):
+    from . import _triton as K
+
+    out = torch.empty(B, Hq, 1, D, device=dev, dtype=dtype)
+    K._reduce_kernel[(B * Hq,)](
+        pacc, pm, pl, out, out.stride(0), out.stride(1), Hq, nsplit, SP=triton_next_pow2(nsplit), D=D, num_warps=4
+    )
+    return out
+
+
+def fp16_decode_attention(query, k, v, scaling, attention_mask=None, num_splits=None, block_t=None, use_dot=None):
+    """Split-K fp16/bf16 decode attention (same design as the compressed kernel). k, v [B, H, T, D] post-RoPE."""
+    from . import _triton as K
+
+    B, Hq, _, D = query.shape
+    H, T = int(k.shape[1]), int(k.shape[2])
+    group = Hq // H
+    dev = query.device
+    if use_dot is None:
+        use_dot = group > 1
+    gp = max(16, triton_next_pow2(group)) if use_dot else 1
+    bt = block_t or (64 if D <= 128 else 32)
+    if num_splits is None:
+        ns, chunk = _splits(T, B * H, dev, bt)
+    else:
+        ns = num_splits
+        chunk = math.ceil(math.ceil(T / ns) / bt) * bt
+        ns = math.ceil(T / chunk)
+    ns = max(ns, 1)
+    bias = mask_bias(attention_mask, B, T, dev)
+    q = query[:, :, 0, :]
+    pacc = torch.empty(B * Hq * ns * D, device=dev, dtype=torch.float32)
+    pm = torch.empty(B * Hq * ns, device=dev, dtype=torch.float32)
+    pl = torch.empty(B * Hq * ns, device=dev, dtype=torch.float32)
+    K._fp16_decode_kernel[(B * H, ns)](
+        q, pacc, pm, pl, k, v, bias if bias is not None else pm, float(scaling) * K.LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        bias.stride(0) if bias is not None else 0,
+        T, chunk, ns,
+        H_KV=H, GROUP=group, GP=gp, D=D, BT=bt, HAS_MASK=bias is not None, USE_DOT=use_dot, F32=interpreting(), num_warps=4,
+    )
+    return _reduce(pacc, pm, pl, B, Hq, ns, D, query.dtype, dev)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# quantize-and-append
+# ----------------------------------------------------------------------------------------------------------------
+def _shape_blocks(storage, codec, batch: int):
+    """Zero-length PackedBlocks with the codec's shapes/dtypes (for LayerStorage._reserve)."""
+    from ..core.codec import PackedBlock, index_dtype
+
+    H, D = codec.heads, codec.head_dim
+    dev = storage.device if hasattr(storage, "device") else storage.key_lut.device
+    kbits, vbits = codec.key_cb.bits, codec.value_cb.bits
+    ck, cv = codec.key_capacity, codec.value_capacity
+    e = lambda *shape, dt: torch.empty(*shape, dtype=dt, device=dev)  # noqa: E731
+    kb = PackedBlock(e(batch, H, 0, D * kbits // 8, dt=torch.uint8), e(batch, H, 0, ck, dt=index_dtype(D)),
+                     e(batch, H, 0, ck, dt=torch.float16))
+    G, nv = (H, D) if codec.value_group == "head" else (1, H * D)
+    vb = PackedBlock(e(batch, G, 0, nv * vbits // 8, dt=torch.uint8), e(batch, G, 0, cv, dt=index_dtype(nv)),
+                     e(batch, G, 0, cv, dt=torch.float16), e(batch, G, 0, 1, dt=torch.float16),
+                     e(batch, G, 0, 1, dt=torch.float16))
+    return kb, vb
+
+
+def _ensure_capacity(storage, codec, batch: int, needed: int) -> None:
+    cap = 0 if getattr(storage, "k_codes", None) is None else int(storage.k_codes.shape[2])
+    if needed <= cap:
+        return
+    if hasattr(storage, "_reserve"):  # kvquant.cache.storage.LayerStorage
+        storage._reserve(needed, *_shape_blocks(storage, codec, batch))
+        return
+    for name in ("reserve", "ensure_capacity"):
+        fn = getattr(storage, name, None)
+        if callable(fn):
+            fn(needed)
+            return
+    raise ValueError(f"storage capacity {cap} < {needed} tokens and it exposes no way to grow.")
+
+
+def quantize_append(storage, k_post, v, positions, codec=None, pre_rope: bool = False):
+    """Encode ``k_post``/``v`` [B, H, T, D] on the GPU and append them to the quantized region of ``storage``.
+
+    Keys are post-RoPE (``pre_rope=True``: already pre-RoPE) at ``positions`` [B, T] (or [T]). Matches
+    ``core.codec`` (channel-mode keys, token-mode values); writes codes/outliers/zero/scale/q_pos at ``storage.n_q``
+    and advances it. No host synchronisation."""
+    from . import _triton as K
+
+    st = storage
+    codec = codec if codec is not None else getattr(st, "codec", None)
+    if codec is None:
+        raise ValueError("quantize_append needs the layer codec (storage.codec or codec=...).")
+    B, H, T, D = k_post.shape
+    if T == 0:
+        return st
+    dev = k_post.device
+    if positions.dim() == 1:
+        positions = positions[None, :].expand(B, T)
+    n_q = int(st.n_q)
+    if codec.key_mode != "channel" or not getattr(st, "pre_rope", True) or st.key_lut is None:
+        from .reference import reference_quantize_append
+
+        return reference_quantize_append(st, k_post, v, positions, codec, pre_rope)
+    _ensure_capacity(st, codec, B, n_q + T)
+    kb, vb = codec.key_cb.bits, codec.value_cb.bits
+    kz = _cached(st, ("kz", dev), lambda: codec.key_zero.to(dev, torch.float32).contiguous())
+    ks = _cached(st, ("ks", dev), lambda: codec.key_scale.to(dev, torch.float32).contiguous())
+    klut = _cached(st, ("key_lut", dev), lambda: st.key_lut.to(dev, torch.float32).contiguous())
+    kbnd = _cached(st, ("kbnd", dev), lambda: codec.key_cb.boundaries.to(dev, torch.float32).contiguous())
+    vbnd = _cached(st, ("vbnd", dev), lambda: codec.value_cb.boundaries.to(dev, torch.float32).contiguous())
+    invf = _cached(st, ("inv_freq", dev), lambda: st.rope.inv_freq.to(dev, torch.float32).contiguous())
+    if k_post.stride(-1) != 1:
+        k_post = k_post.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    bt = max(1, min(64, 4096 // D))
+    K._quant_keys_kernel[(B * H, triton.cdiv(T, bt))](
+        k_post, positions, kz, ks, klut, kbnd, invf, float(st.rope.attention_scaling),
+        st.k_codes, st.k_out_idx, st.k_out_val, st.q_pos,
+        k_post.stride(0), k_post.stride(1), k_post.stride(2), positions.stride(0), positions.stride(1),
+        st.k_codes.stride(0), st.k_codes.stride(1), st.k_codes.stride(2),
+        st.k_out_idx.stride(0), st.k_out_idx.stride(1), st.k_out_idx.stride(2), st.q_pos.stride(0),
+        T, n_q, st.rope.inv_freq.numel(),
+        H=H, D=D, BITS=kb, CK=int(st.k_out_idx.shape[-1]), BT=bt, UNDO_ROPE=not pre_rope, F32=interpreting(),
+        num_warps=4,
+    )
+    G = int(st.v_codes.shape[1])
+    token = G == 1 and H > 1
+    nv = H * D if token else D
+    nvp = triton_next_pow2(nv)
+    cv = int(st.v_out_idx.shape[-1])
+    btv = max(1, min(32, 4096 // nvp))
+    K._quant_values_kernel[(B * G, triton.cdiv(T, btv))](
+        v, vbnd, st.v_codes, st.v_zero, st.v_scale, st.v_out_idx, st.v_out_val,
+        v.stride(0), v.stride(1), v.stride(2),
+        st.v_codes.stride(0), st.v_codes.stride(1), st.v_codes.stride(2),
+        st.v_zero.stride(0), st.v_zero.stride(1), st.v_zero.stride(2),
+        st.v_out_idx.stride(0), st.v_out_idx.stride(1), st.v_out_idx.stride(2),
+        T, n_q,
+        G=G, NV=nv, NVP=nvp, D=D, BITS=vb, CV=cv, CVP=triton_next_pow2(cv + 1), BT=btv, TOKEN=token,
+        num_warps=8 if nvp >= 2048 else 4,
+    )
+    st.n_q = n_q + T
+    return st
+
+
+try:  # the module stays importable without triton (available() is then False)
+    import triton
+except Exception:  # pragma: no cover
+    triton = None

@@ -1,0 +1,514 @@
+"""Triton kernels for the compressed KV cache (see docs/storage-format.md).
+
+Decode attention (Flash-Decoding split-K): grid (B * H_kv, n_splits + 1). Program (bh, s < n_splits) walks one chunk of
+the quantized region for one KV head and *all* its GQA query heads; program (bh, n_splits) walks the fp16 sinks and
+recent window. Each writes an unnormalised partial (acc, running max m, running sum l); a reduce kernel merges them.
+
+Inside a quantized block of BT tokens:
+  key bytes -> bit-plane unpack (in registers, natural channel order through tl.interleave) -> per-channel LUT gather
+  -> Ck exact slots overwrite -> RoPE at q_pos (cos/sin of pos * inv_freq with explicit 2*pi range reduction)
+  -> tl.dot with the query group -> online softmax (exp2) -> value bytes -> level * scale + zero -> Cv slots
+  overwrite -> tl.dot(p, v).
+The key tile is held as two halves [BT, D/2] (channels c and c + D/2) so that RoPE's rotate-half pairs sit in the same
+register position; the query is split the same way, so no permutation is needed.
+
+Quantize-and-append: keys [BT, D] per (b, h) program: undo RoPE, normalise per channel, count decision boundaries,
+LUT-dequantize, pick the Ck largest errors with repeated argmax (same order as torch.topk), pack bit-planes, store at
+token offset n_q. Values: one vector (head or token group) per row, Cv+1 smallest / largest by repeated argmin/argmax,
+the split that minimises the remaining range (core.codec.token_range), fp16 zero/scale, codes, packed.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _cos_sin(ang, INTERP: tl.constexpr):
+    # range-reduce to [-pi, pi] so that the hardware sin/cos (MUFU, abs err ~1e-6 there) are accurate for any position
+    k = tl.floor(ang * 0.15915494309189535 + 0.5)
+    r = tl.fma(-k, 6.28125, ang)
+    r = tl.fma(-k, 0.0019353071795864769, r)
+    if INTERP:
+        return tl.cos(r), tl.sin(r)
+    else:
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True, pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True, pack=1)
+        return c, s
+
+
+@triton.jit
+def _unpack_half(row_ptr, BITS: tl.constexpr, D: tl.constexpr, HF: tl.constexpr, BT: tl.constexpr, tmask,
+                 row_stride):
+    """codes [BT, D/2] (int32) of channels HF*D/2 + i, natural order, from packed rows at row_ptr[BT] (+ bytes)."""
+    HALF: tl.constexpr = D // 2
+    rows = row_ptr[:, None]
+    if BITS == 4:
+        NB: tl.constexpr = D // 4
+        off = HF * NB + tl.arange(0, NB)
+        b = tl.load(rows + off[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        codes = tl.interleave(b & 15, b >> 4)
+    else:
+        NB2: tl.constexpr = D // 8
+        off = HF * NB2 + tl.arange(0, NB2)
+        b = tl.load(rows + off[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        c0 = b & 3
+        c1 = (b >> 2) & 3
+        c2 = (b >> 4) & 3
+        c3 = (b >> 6) & 3
+        codes = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+        if BITS == 3:
+            NB1: tl.constexpr = D // 16
+            off1 = D // 4 + HF * NB1 + tl.arange(0, NB1)
+            h = tl.load(rows + off1[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+            e = tl.interleave(tl.interleave((h >> 0) & 1, (h >> 4) & 1), tl.interleave((h >> 2) & 1, (h >> 6) & 1))
+            o = tl.interleave(tl.interleave((h >> 1) & 1, (h >> 5) & 1), tl.interleave((h >> 3) & 1, (h >> 7) & 1))
+            codes = codes | (tl.interleave(e, o) << 2)
+    return codes
+
+
+@triton.jit
+def _unpack_full(row_ptr, lo_off, hi_off, BITS: tl.constexpr, D: tl.constexpr, tmask):
+    """codes [BT, D] natural order for one head's D elements whose low plane starts at byte lo_off of each row
+    (and, for 3 bits, whose 1-bit plane starts at hi_off)."""
+    rows = row_ptr[:, None]
+    if BITS == 4:
+        NB: tl.constexpr = D // 2
+        b = tl.load(rows + lo_off + tl.arange(0, NB)[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        codes = tl.interleave(b & 15, b >> 4)
+    else:
+        NB2: tl.constexpr = D // 4
+        b = tl.load(rows + lo_off + tl.arange(0, NB2)[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        codes = tl.interleave(tl.interleave(b & 3, (b >> 4) & 3), tl.interleave((b >> 2) & 3, (b >> 6) & 3))
+        if BITS == 3:
+            NB1: tl.constexpr = D // 8
+            h = tl.load(rows + hi_off + tl.arange(0, NB1)[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+            e = tl.interleave(tl.interleave((h >> 0) & 1, (h >> 4) & 1), tl.interleave((h >> 2) & 1, (h >> 6) & 1))
+            o = tl.interleave(tl.interleave((h >> 1) & 1, (h >> 5) & 1), tl.interleave((h >> 3) & 1, (h >> 7) & 1))
+            codes = codes | (tl.interleave(e, o) << 2)
+    return codes
+
+
+@triton.jit
+def _mm(a, b, F32: tl.constexpr):
+    """a @ b; F32 upcasts (the CPU interpreter multiplies bf16 wrongly)."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i, acc):
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, m_new, l_i, acc
+
+
+@triton.jit
+def _dense_block(q1, q2, k_base, v_base, t0, n_tok, skt, svt, mask_ptr, mask_off, m_i, l_i, acc, qk_scale,
+                 D: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
+                 F32: tl.constexpr):
+    """One block of fp16/bf16 post-RoPE keys/values (sinks, window, or the plain fp16 baseline)."""
+    HALF: tl.constexpr = D // 2
+    t = t0 + tl.arange(0, BT)
+    tmask = t < n_tok
+    ch = tl.arange(0, HALF)
+    kp = k_base + t[:, None] * skt + ch[None, :]
+    k1 = tl.load(kp, mask=tmask[:, None], other=0.0)
+    k2 = tl.load(kp + HALF, mask=tmask[:, None], other=0.0)
+    if USE_DOT:
+        s = _mm(q1, tl.trans(k1), F32) + _mm(q2, tl.trans(k2), F32)
+    else:
+        s = tl.sum(q1.to(tl.float32) * k1.to(tl.float32), 1)[None, :] + \
+            tl.sum(q2.to(tl.float32) * k2.to(tl.float32), 1)[None, :]
+    s = s * qk_scale
+    if HAS_MASK:
+        bias = tl.load(mask_ptr + mask_off + t, mask=tmask, other=0.0)
+        s = s + bias[None, :] * 1.4426950408889634
+    s = tl.where(tmask[None, :], s, float("-inf"))
+    p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
+    chd = tl.arange(0, D)
+    v = tl.load(v_base + t[:, None] * svt + chd[None, :], mask=tmask[:, None], other=0.0)
+    if USE_DOT:
+        acc += _mm(p.to(v.dtype), v, F32)
+    else:
+        acc += tl.sum(p.reshape(BT, 1) * v.to(tl.float32), 0)[None, :]
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _kvq_decode_kernel(
+    Q, PACC, PM, PL,
+    KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS,
+    KLUT, VLEV, INVF,
+    SK, SV, WK, WV, MASK,
+    qk_scale, rope_scale,
+    sqb, sqh,
+    skc_b, skc_h, skc_t, sko_b, sko_h, sko_t,
+    svc_b, svc_g, svc_t, svs_b, svs_g, svs_t, svo_b, svo_g, svo_t,
+    sqp_b,
+    ssk_b, ssk_h, ssk_t, ssv_b, ssv_h, ssv_t,
+    swk_b, swk_h, swk_t, swv_b, swv_h, swv_t,
+    smask_b,
+    n_s, n_q, n_w, chunk, NSPLIT_Q,
+    H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
+    BITS: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
+    V_TOKEN: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
+    F32: tl.constexpr,
+):
+    HALF: tl.constexpr = D // 2
+    L: tl.constexpr = 1 << BITS
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H_KV
+    h = pid_bh % H_KV
+    nsplit = NSPLIT_Q + 1
+
+    g = tl.arange(0, GP)
+    gmask = g < GROUP
+    ch = tl.arange(0, HALF)
+    chd = tl.arange(0, D)
+    qp = Q + b * sqb + (h * GROUP + g)[:, None] * sqh + ch[None, :]
+    q1 = tl.load(qp, mask=gmask[:, None], other=0.0)
+    q2 = tl.load(qp + HALF, mask=gmask[:, None], other=0.0)
+
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    mask_row = MASK + b * smask_b
+
+    # ---------------- quantized region ----------------
+    q_lo = pid_s * chunk
+    q_hi = tl.minimum(q_lo + chunk, n_q)
+    # dequantized operands are within fp16 range (fp16 outliers/scales): fp16 dots keep 3 more mantissa bits than bf16
+    q1h = q1.to(tl.float16)
+    q2h = q2.to(tl.float16)
+    invf = tl.load(INVF + ch)
+    lut1 = KLUT + (h * D + ch)[None, :] * L
+    lut2 = KLUT + (h * D + HALF + ch)[None, :] * L
+    kc_base = KC + b * skc_b + h * skc_h
+    ko_base = b * sko_b + h * sko_h
+    if V_TOKEN:
+        vc_base = VC + b * svc_b
+        vs_base = b * svs_b
+        vo_base = b * svo_b
+        if BITS == 4:
+            v_lo_off = h * (D // 2)
+        else:
+            v_lo_off = h * (D // 4)
+        v_hi_off = H_KV * D // 4 + h * (D // 8)
+        v_idx_off = h * D
+    else:
+        vc_base = VC + b * svc_b + h * svc_g
+        vs_base = b * svs_b + h * svs_g
+        vo_base = b * svo_b + h * svo_g
+        v_lo_off = 0
+        v_hi_off = D // 4
+        v_idx_off = 0
+    for t0 in range(q_lo, q_hi, BT):
+        t = t0 + tl.arange(0, BT)
+        tmask = t < q_hi
+        krow = kc_base + t * skc_t
+        c1 = _unpack_half(krow, BITS, D, 0, BT, tmask, skc_t)
+        c2 = _unpack_half(krow, BITS, D, 1, BT, tmask, skc_t)
+        k1 = tl.load(lut1 + c1)
+        k2 = tl.load(lut2 + c2)
+        for j in tl.static_range(CK):
+            oi = tl.load(KOI + ko_base + t * sko_t + j, mask=tmask, other=0).to(tl.int32)
+            ov = tl.load(KOV + ko_base + t * sko_t + j, mask=tmask, other=0.0).to(tl.float32)
+            k1 = tl.where(oi[:, None] == ch[None, :], ov[:, None], k1)
+            k2 = tl.where(oi[:, None] == (ch + HALF)[None, :], ov[:, None], k2)
+        pos = tl.load(QPOS + b * sqp_b + t, mask=tmask, other=0)
+        ang = pos.to(tl.float32)[:, None] * invf[None, :]
+        cs, sn = _cos_sin(ang, F32)
+        cs = cs * rope_scale
+        sn = sn * rope_scale
+        r1 = k1 * cs - k2 * sn
+        r2 = k2 * cs + k1 * sn
+        if USE_DOT:
+            s = _mm(q1h, tl.trans(r1.to(tl.float16)), F32) + _mm(q2h, tl.trans(r2.to(tl.float16)), F32)
+        else:
+            s = tl.sum(q1.to(tl.float32) * r1, 1)[None, :] + tl.sum(q2.to(tl.float32) * r2, 1)[None, :]
+        s = s * qk_scale
+        if HAS_MASK:
+            bias = tl.load(mask_row + n_s + t, mask=tmask, other=0.0)
+            s = s + bias[None, :] * 1.4426950408889634
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
+        # values
+        vrow = vc_base + t * svc_t
+        vcodes = _unpack_full(vrow, v_lo_off, v_hi_off, BITS, D, tmask)
+        lev = tl.load(VLEV + vcodes)
+        vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
+        vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
+        v = lev * vsc[:, None] + vz[:, None]
+        for j in tl.static_range(CV):
+            oi = tl.load(VOI + vo_base + t * svo_t + j, mask=tmask, other=0).to(tl.int32) - v_idx_off
+            ov = tl.load(VOV + vo_base + t * svo_t + j, mask=tmask, other=0.0).to(tl.float32)
+            v = tl.where(oi[:, None] == chd[None, :], ov[:, None], v)
+        v = tl.where(tmask[:, None], v, 0.0)
+        if USE_DOT:
+            acc += _mm(p.to(tl.float16), v.to(tl.float16), F32)
+        else:
+            acc += tl.sum(p.reshape(BT, 1) * v, 0)[None, :]
+
+    # ---------------- fp16 sinks and recent window (last split only) ----------------
+    last = pid_s == NSPLIT_Q
+    ns_hi = tl.where(last, n_s, 0)
+    nw_hi = tl.where(last, n_w, 0)
+    sk_base = SK + b * ssk_b + h * ssk_h
+    sv_base = SV + b * ssv_b + h * ssv_h
+    for t0 in range(0, ns_hi, BT):
+        m_i, l_i, acc = _dense_block(q1, q2, sk_base, sv_base, t0, ns_hi, ssk_t, ssv_t, mask_row, 0,
+                                     m_i, l_i, acc, qk_scale, D, BT, HAS_MASK, USE_DOT, F32)
+    wk_base = WK + b * swk_b + h * swk_h
+    wv_base = WV + b * swv_b + h * swv_h
+    for t0 in range(0, nw_hi, BT):
+        m_i, l_i, acc = _dense_block(q1, q2, wk_base, wv_base, t0, nw_hi, swk_t, swv_t, mask_row, n_s + n_q,
+                                     m_i, l_i, acc, qk_scale, D, BT, HAS_MASK, USE_DOT, F32)
+
+    # partials: [B, Hq, nsplit, D], [B, Hq, nsplit]
+    row = (b * H_KV * GROUP + h * GROUP + g) * nsplit + pid_s
+    tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
+    tl.store(PM + row, m_i, mask=gmask)
+    tl.store(PL + row, l_i, mask=gmask)
+
+
+@triton.jit
+def _fp16_decode_kernel(
+    Q, PACC, PM, PL, K, V, MASK, qk_scale,
+    sqb, sqh, skb, skh, skt, svb, svh, svt, smask_b,
+    T, chunk, NSPLIT,
+    H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+    HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, F32: tl.constexpr,
+):
+    HALF: tl.constexpr = D // 2
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H_KV
+    h = pid_bh % H_KV
+    g = tl.arange(0, GP)
+    gmask = g < GROUP
+    ch = tl.arange(0, HALF)
+    chd = tl.arange(0, D)
+    qp = Q + b * sqb + (h * GROUP + g)[:, None] * sqh + ch[None, :]
+    q1 = tl.load(qp, mask=gmask[:, None], other=0.0)
+    q2 = tl.load(qp + HALF, mask=gmask[:, None], other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    lo = pid_s * chunk
+    hi = tl.minimum(lo + chunk, T)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    for t0 in range(lo, hi, BT):
+        m_i, l_i, acc = _dense_block(q1, q2, k_base, v_base, t0, hi, skt, svt, MASK + b * smask_b, 0,
+                                     m_i, l_i, acc, qk_scale, D, BT, HAS_MASK, USE_DOT, F32)
+    row = (b * H_KV * GROUP + h * GROUP + g) * NSPLIT + pid_s
+    tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
+    tl.store(PM + row, m_i, mask=gmask)
+    tl.store(PL + row, l_i, mask=gmask)
+
+
+@triton.jit
+def _reduce_kernel(PACC, PM, PL, OUT, so_b, so_h, HQ, NSPLIT, SP: tl.constexpr, D: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // HQ
+    hq = pid % HQ
+    s = tl.arange(0, SP)
+    smask = s < NSPLIT
+    m = tl.load(PM + pid * NSPLIT + s, mask=smask, other=float("-inf"))
+    l = tl.load(PL + pid * NSPLIT + s, mask=smask, other=0.0)
+    mx = tl.max(m, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(m - mx)
+    w = tl.where(smask, w, 0.0)
+    chd = tl.arange(0, D)
+    acc = tl.load(PACC + (pid * NSPLIT + s)[:, None] * D + chd[None, :], mask=smask[:, None], other=0.0)
+    num = tl.sum(acc * w[:, None], 0)
+    den = tl.sum(l * w, 0)
+    out = tl.where(den > 0, num / den, 0.0)
+    tl.store(OUT + b * so_b + hq * so_h + chd, out.to(OUT.dtype.element_ty))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# quantize-and-append
+# ------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bucket(xn, BND, L: tl.constexpr):
+    code = tl.zeros(xn.shape, tl.int32)
+    for i in tl.static_range(L - 1):
+        code += (xn > tl.load(BND + i)).to(tl.int32)
+    return code
+
+
+@triton.jit
+def _pack_store(codes, out_row, BITS: tl.constexpr, BT: tl.constexpr, N: tl.constexpr, NVALID, lo_off, hi_off,
+                tmask):
+    """codes [BT, N] (natural order) -> bit-planes stored at out_row[BT] + lo_off (+ hi_off for the 1-bit plane)."""
+    if BITS == 4:
+        P: tl.constexpr = 2
+        x = tl.reshape(codes, [BT, N // P, P])
+        sh = tl.arange(0, P) * 4
+        byt = tl.sum(x << sh[None, None, :], 2)
+        j = tl.arange(0, N // P)
+        tl.store(out_row[:, None] + lo_off + j[None, :], byt.to(tl.uint8),
+                 mask=tmask[:, None] & (j[None, :] < NVALID // P))
+    else:
+        P2: tl.constexpr = 4
+        x = tl.reshape(codes & 3, [BT, N // P2, P2])
+        sh = tl.arange(0, P2) * 2
+        byt = tl.sum(x << sh[None, None, :], 2)
+        j = tl.arange(0, N // P2)
+        tl.store(out_row[:, None] + lo_off + j[None, :], byt.to(tl.uint8),
+                 mask=tmask[:, None] & (j[None, :] < NVALID // P2))
+        if BITS == 3:
+            P1: tl.constexpr = 8
+            x1 = tl.reshape(codes >> 2, [BT, N // P1, P1])
+            sh1 = tl.arange(0, P1)
+            byt1 = tl.sum(x1 << sh1[None, None, :], 2)
+            j1 = tl.arange(0, N // P1)
+            tl.store(out_row[:, None] + hi_off + j1[None, :], byt1.to(tl.uint8),
+                     mask=tmask[:, None] & (j1[None, :] < NVALID // P1))
+
+
+@triton.jit
+def _quant_keys_kernel(
+    K, POS, KZ, KS, KLUT, BND, INVF, rope_scale,
+    KC, KOI, KOV, QPOS,
+    sk_b, sk_h, sk_t, sp_b, sp_t,
+    skc_b, skc_h, skc_t, sko_b, sko_h, sko_t, sqp_b,
+    T, t_off, half_r,
+    H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, CK: tl.constexpr, BT: tl.constexpr,
+    UNDO_ROPE: tl.constexpr, F32: tl.constexpr,
+):
+    L: tl.constexpr = 1 << BITS
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    t = tl.program_id(1) * BT + tl.arange(0, BT)
+    tmask = t < T
+    c = tl.arange(0, D)
+    kp = K + b * sk_b + h * sk_h + t[:, None] * sk_t
+    x = tl.load(kp + c[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    pos = tl.load(POS + b * sp_b + t * sp_t, mask=tmask, other=0)
+    if UNDO_ROPE:
+        rot = c < 2 * half_r
+        partner = tl.where(c < half_r, c + half_r, c - half_r)
+        partner = tl.where(rot, partner, c)
+        xp = tl.load(kp + partner[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        fi = tl.where(c < half_r, c, c - half_r)
+        fi = tl.where(rot, fi, 0)
+        invf = tl.load(INVF + fi, mask=rot, other=0.0)
+        ang = pos.to(tl.float32)[:, None] * invf[None, :]
+        cs, sn = _cos_sin(ang, F32)
+        cs = cs * rope_scale
+        sn = sn * rope_scale
+        sgn = tl.where(c < half_r, 1.0, -1.0)
+        # unapply: (x*c - rotate_half(x)*s) / (c^2+s^2), rotate_half(x)[c] = -x[c+R/2] (c<R/2), x[c-R/2] (c>=R/2)
+        pre = (x * cs + sgn[None, :] * xp * sn) / (cs * cs + sn * sn)
+        x = tl.where(rot[None, :], pre, x)
+    z = tl.load(KZ + h * D + c)
+    s = tl.load(KS + h * D + c)
+    xn = (x - z[None, :]) / s[None, :]
+    xn = tl.minimum(tl.maximum(xn, -1.0), 1.0)
+    code = _bucket(xn, BND, L)
+    deq = tl.load(KLUT + (h * D + c)[None, :] * L + code)
+    err = tl.abs(x - deq)
+    ko = KOI + b * sko_b + h * sko_h + (t + t_off) * sko_t
+    kv = KOV + b * sko_b + h * sko_h + (t + t_off) * sko_t
+    for j in tl.static_range(CK):
+        am = tl.argmax(err, 1)
+        val = tl.sum(tl.where(c[None, :] == am[:, None], x, 0.0), 1)
+        tl.store(ko + j, am.to(KOI.dtype.element_ty), mask=tmask)
+        tl.store(kv + j, val.to(tl.float16), mask=tmask)
+        err = tl.where(c[None, :] == am[:, None], -1.0, err)
+    row = KC + b * skc_b + h * skc_h + (t + t_off) * skc_t
+    _pack_store(code, row, BITS, BT, D, D, 0, D // 4, tmask)
+    if h == 0:
+        tl.store(QPOS + b * sqp_b + t + t_off, pos.to(tl.int32), mask=tmask)
+
+
+@triton.jit
+def _quant_values_kernel(
+    V, BND, VC, VZ, VS, VOI, VOV,
+    sv_b, sv_h, sv_t,
+    svc_b, svc_g, svc_t, svs_b, svs_g, svs_t, svo_b, svo_g, svo_t,
+    T, t_off,
+    G: tl.constexpr, NV: tl.constexpr, NVP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, CV: tl.constexpr,
+    CVP: tl.constexpr, BT: tl.constexpr, TOKEN: tl.constexpr,
+):
+    L: tl.constexpr = 1 << BITS
+    pid_bg = tl.program_id(0)
+    b = pid_bg // G
+    gi = pid_bg % G
+    t = tl.program_id(1) * BT + tl.arange(0, BT)
+    tmask = t < T
+    e = tl.arange(0, NVP)
+    emask = e < NV
+    if TOKEN:
+        eo = (e // D) * sv_h + (e % D)
+        vbase = V + b * sv_b
+    else:
+        eo = e
+        vbase = V + b * sv_b + gi * sv_h
+    m2 = tmask[:, None] & emask[None, :]
+    x = tl.load(vbase + t[:, None] * sv_t + eo[None, :], mask=m2, other=0.0).to(tl.float32)
+    row_off_s = b * svs_b + gi * svs_g + (t + t_off) * svs_t
+    row_off_o = b * svo_b + gi * svo_g + (t + t_off) * svo_t
+    if CV > 0:
+        jj = tl.arange(0, CVP)
+        lo_v = tl.zeros([BT, CVP], tl.float32)
+        lo_i = tl.zeros([BT, CVP], tl.int32)
+        hi_v = tl.zeros([BT, CVP], tl.float32)
+        hi_i = tl.zeros([BT, CVP], tl.int32)
+        w = tl.where(emask[None, :], x, float("inf"))
+        for j in tl.static_range(CV + 1):  # j-th smallest -> position j
+            am = tl.argmin(w, 1)
+            val = tl.min(w, 1)
+            lo_v = tl.where(jj[None, :] == j, val[:, None], lo_v)
+            lo_i = tl.where(jj[None, :] == j, am[:, None], lo_i)
+            w = tl.where(e[None, :] == am[:, None], float("inf"), w)
+        w = tl.where(emask[None, :], x, float("-inf"))
+        for j in tl.static_range(CV + 1):  # j-th largest -> position CV - j (so hi_v[i] = sorted[n-1-CV+i])
+            am = tl.argmax(w, 1)
+            val = tl.max(w, 1)
+            hi_v = tl.where(jj[None, :] == CV - j, val[:, None], hi_v)
+            hi_i = tl.where(jj[None, :] == CV - j, am[:, None], hi_i)
+            w = tl.where(e[None, :] == am[:, None], float("-inf"), w)
+        rng = tl.where(jj[None, :] <= CV, hi_v - lo_v, float("inf"))
+        best = tl.argmin(rng, 1)
+        lo = tl.sum(tl.where(jj[None, :] == best[:, None], lo_v, 0.0), 1)
+        hi = tl.sum(tl.where(jj[None, :] == best[:, None], hi_v, 0.0), 1)
+        # slot j: j < best -> j-th smallest; else -> hi position j + 1
+        for j in tl.static_range(CV):
+            use_lo = j < best
+            li = tl.sum(tl.where(jj[None, :] == j, lo_i, 0), 1)
+            lv = tl.sum(tl.where(jj[None, :] == j, lo_v, 0.0), 1)
+            hix = tl.sum(tl.where(jj[None, :] == j + 1, hi_i, 0), 1)
+            hv = tl.sum(tl.where(jj[None, :] == j + 1, hi_v, 0.0), 1)
+            oi = tl.where(use_lo, li, hix)
+            ov = tl.where(use_lo, lv, hv)
+            tl.store(VOI + row_off_o + j, oi.to(VOI.dtype.element_ty), mask=tmask)
+            tl.store(VOV + row_off_o + j, ov.to(tl.float16), mask=tmask)
+    else:
+        lo = tl.min(tl.where(emask[None, :], x, float("inf")), 1)
+        hi = tl.max(tl.where(emask[None, :], x, float("-inf")), 1)
+    zero = ((hi + lo) * 0.5).to(tl.float16)
+    scale = tl.maximum((hi - lo) * 0.5, 1e-5).to(tl.float16)
+    tl.store(VZ + row_off_s, zero, mask=tmask)
+    tl.store(VS + row_off_s, scale, mask=tmask)
+    xn = (x - zero.to(tl.float32)[:, None]) / scale.to(tl.float32)[:, None]
+    xn = tl.minimum(tl.maximum(xn, -1.0), 1.0)
+    code = _bucket(xn, BND, L)
+    code = tl.where(emask[None, :], code, 0)
+    row = VC + b * svc_b + gi * svc_g + (t + t_off) * svc_t
+    _pack_store(code, row, BITS, BT, NVP, NV, 0, NV // 4, tmask)

@@ -1,0 +1,209 @@
+"""Fused kernels vs their PyTorch references (kvquant.core.codec underneath).
+
+CPU: the Triton kernels run under TRITON_INTERPRET=1 on tiny shapes (set before triton is imported; skipped when
+triton is missing). GPU (``-m gpu``): the same checks compiled on CUDA at realistic sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from kvquant import kernels  # noqa: E402
+from kvquant.cache.storage import LayerStorage  # noqa: E402
+from kvquant.core.codec import PackedBlock, _to_vectors  # noqa: E402
+from kvquant.kernels.reference import reference_attention, reference_decode_attention  # noqa: E402
+from kvquant.kernels.testing import synthetic_codec, synthetic_kv, synthetic_rope  # noqa: E402
+
+CPU = not torch.cuda.is_available()
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def make_storage(B, H, D, bits, n_q, n_s=1, n_w=0, value_group="token", device="cpu", dtype=torch.bfloat16,
+                 seed=0, fill="kernel", frac=0.01, offsets=None):
+    codec = synthetic_codec(H, D, bits, frac, value_group, seed=seed)
+    rope = synthetic_rope(D)
+    st = LayerStorage(codec, rope, n_s, n_w, B, dtype, device)
+    total = n_s + n_q + n_w
+    off = torch.zeros(B, dtype=torch.long) if offsets is None else torch.as_tensor(offsets)
+    pos = (torch.arange(total)[None, :] + 0 * off[:, None]).to(device)
+    k, v = synthetic_kv(codec, rope, B, total, pos.cpu(), dtype=dtype, device="cpu", seed=seed + 1)
+    k, v = k.to(device), v.to(device)
+    # sinks through the normal path
+    st.append(k[:, :, :n_s], v[:, :, :n_s], pos[:, :n_s])
+    if fill == "kernel":
+        kernels.quantize_append(st, k[:, :, n_s:n_s + n_q], v[:, :, n_s:n_s + n_q], pos[:, n_s:n_s + n_q])
+        st.n_seen += n_q
+    else:
+        st.append_quantized(k[:, :, n_s:n_s + n_q], v[:, :, n_s:n_s + n_q], pos[:, n_s:n_s + n_q])
+    if n_w:
+        st.win_k = k[:, :, n_s + n_q:].contiguous()
+        st.win_v = v[:, :, n_s + n_q:].contiguous()
+        st.win_pos = pos[:, n_s + n_q:].to(torch.int32).contiguous()
+    return st, codec, rope
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantize-and-append vs core.codec
+# ---------------------------------------------------------------------------------------------------------------
+def check_quantize(B, H, D, bits, T, value_group, device, frac=0.01):
+    codec = synthetic_codec(H, D, bits, frac, value_group, seed=3)
+    rope = synthetic_rope(D)
+    pos = (torch.arange(T)[None, :] + torch.tensor([0, 37, 5, 11][:B])[:, None] + 900)
+    k, v = synthetic_kv(codec, rope, B, T, pos, seed=4)
+    ref = LayerStorage(codec, rope, 0, 0, B, torch.bfloat16, "cpu")
+    ref.append_quantized(k, v, pos)
+    got = LayerStorage(codec, rope, 0, 0, B, torch.bfloat16, device)
+    kernels.quantize_append(got, k.to(device), v.to(device), pos.to(device))
+    assert got.n_q == T
+    n = T
+    # codes: identical except where rounding of the RoPE undo moves an element across a decision boundary
+    rk, gk = codec.decode_keys(ref.packed_keys()), codec.decode_keys(PackedBlock(
+        got.k_codes[:, :, :n].cpu(), got.k_out_idx[:, :, :n].cpu(), got.k_out_val[:, :, :n].cpu()))
+    kmis = (ref.k_codes[:, :, :n] != got.k_codes[:, :, :n].cpu()).float().mean().item()
+    assert kmis < 0.01, kmis
+    assert rel(gk, rk) < 2e-3
+    vmis = (ref.v_codes[:, :, :n] != got.v_codes[:, :, :n].cpu()).float().mean().item()
+    assert vmis < 0.01, vmis
+    assert torch.equal(ref.v_zero[:, :, :n], got.v_zero[:, :, :n].cpu())
+    assert torch.equal(ref.v_scale[:, :, :n], got.v_scale[:, :, :n].cpu())
+    # outlier slots: same values; the chosen elements hold those values (ties in the data may pick other copies)
+    assert torch.equal(ref.v_out_val[:, :, :n].sort(-1).values, got.v_out_val[:, :, :n].cpu().sort(-1).values)
+    vec = _to_vectors(v.float(), value_group)
+    picked = vec.gather(-1, got.v_out_idx[:, :, :n].cpu().long()).half()
+    assert torch.equal(picked, got.v_out_val[:, :, :n].cpu())
+    kidx = (ref.k_out_idx[:, :, :n] == got.k_out_idx[:, :, :n].cpu()).float().mean().item()
+    assert kidx > 0.98, kidx
+    assert torch.equal(ref.q_pos[:, :n], got.q_pos[:, :n].cpu())
+    rv, gv = ref.dequantize_quantized()[1], got.dequantize_quantized()[1].cpu()
+    assert rel(gv, rv) < 1e-2
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quantize_append_interpret(bits):
+    check_quantize(2, 2, 64, bits, 9, "token", "cpu")
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_quantize_append_head_group_d128_interpret():
+    check_quantize(1, 2, 128, 3, 5, "head", "cpu", frac=0.02)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decode attention vs reference
+# ---------------------------------------------------------------------------------------------------------------
+def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_lens=None, dtype=torch.bfloat16,
+                 fill="kernel", use_dot=None, num_splits=None, tol=1e-2):
+    st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill)
+    g = torch.Generator().manual_seed(7)
+    q = (torch.randn(B, Hq, 1, D, generator=g) * 2).to(dtype).to(device)
+    total = n_s + n_q + n_w
+    mask = None
+    if mask_lens is not None:
+        keep = torch.arange(total)[None, :] >= (total - torch.tensor(mask_lens))[:, None]  # left padding
+        mask = keep.to(device)
+    out = kernels.decode_attention(q, st, D**-0.5, mask, num_splits=num_splits, use_dot=use_dot)
+    ref = reference_decode_attention(q, st, D**-0.5, mask)
+    assert out.shape == (B, Hq, 1, D) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    e = rel(out.float(), ref.float())
+    assert e < tol, e
+    return e
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_decode_gqa_interpret(bits):
+    check_decode(2, 4, 2, 64, bits, 150, 1, 5, "token", "cpu", mask_lens=[156, 100], num_splits=3)
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_decode_mha_d128_head_group_interpret():
+    check_decode(1, 2, 2, 128, 3, 70, 2, 3, "head", "cpu", fill="reference", use_dot=False, num_splits=2)
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_decode_hf_4d_mask_fp16_interpret():
+    B, total = 2, 1 + 40 + 2
+    st, _, _ = make_storage(B, 1, 64, 4, 40, 1, 2, "head", "cpu", torch.float16)
+    q = torch.randn(B, 2, 1, 64).half()
+    keep = torch.ones(B, 1, 1, total, dtype=torch.bool)
+    keep[1, ..., :10] = False
+    out = kernels.decode_attention(q, st, 0.125, keep, num_splits=2)
+    ref = reference_decode_attention(q, st, 0.125, keep)
+    assert rel(out.float(), ref.float()) < 1e-2
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_decode_only_fp16_regions_interpret():
+    st, _, _ = make_storage(1, 2, 64, 3, 0, 1, 4, "token", "cpu")
+    q = torch.randn(1, 4, 1, 64).bfloat16()
+    out = kernels.decode_attention(q, st, 0.125)
+    assert rel(out.float(), reference_decode_attention(q, st, 0.125).float()) < 1e-2
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("group", [1, 4])
+def test_fp16_decode_interpret(group):
+    B, H, T, D = 2, 2, 130, 64
+    q = torch.randn(B, H * group, 1, D).bfloat16()
+    k, v = torch.randn(B, H, T, D).bfloat16(), torch.randn(B, H, T, D).bfloat16()
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, :17] = 0
+    out = kernels.fp16_decode_attention(q, k, v, 0.125, mask, num_splits=3)
+    ref = reference_attention(q, k, v, 0.125, mask)
+    assert rel(out.float(), ref.float()) < 1e-2
+
+
+def test_available_respects_env(monkeypatch):
+    monkeypatch.setenv("KVQUANT_DISABLE_KERNELS", "1")
+    assert not kernels.available("cuda")
+    monkeypatch.delenv("KVQUANT_DISABLE_KERNELS")
+    assert kernels.available("cuda") == torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real GPU
+# ---------------------------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bits,D", [(2, 64), (3, 128), (4, 256), (3, 256)])
+def test_quantize_append_gpu(bits, D):
+    check_quantize(2, 4, D, bits, 300, "token", "cuda")
+    check_quantize(2, 4, D, bits, 300, "head", "cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bits,D,dtype", [(3, 64, torch.bfloat16), (3, 128, torch.bfloat16), (3, 256, torch.float16),
+                                          (2, 128, torch.float16), (4, 128, torch.bfloat16)])
+def test_decode_gpu(bits, D, dtype):
+    check_decode(3, 32, 8, D, bits, 3000, 1, 17, "token", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype)
+    check_decode(2, 8, 8, D, bits, 2000, 1, 0, "head", "cuda", dtype=dtype)
+    check_decode(1, 8, 1, D, bits, 1000, 0, 5, "token", "cuda", dtype=dtype)  # MQA
+
+
+@pytest.mark.gpu
+@gpu
+def test_fp16_decode_gpu():
+    for group in (1, 4):
+        q = torch.randn(2, 8 * group, 1, 128, device="cuda").bfloat16()
+        k = torch.randn(2, 8, 5000, 128, device="cuda").bfloat16()
+        v = torch.randn_like(k)
+        out = kernels.fp16_decode_attention(q, k, v, 0.088)
+        assert rel(out.float(), reference_attention(q, k, v, 0.088).float()) < 1e-2
