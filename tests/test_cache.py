@@ -287,6 +287,7 @@ def test_kernel_mode_dispatch(monkeypatch):
     q = _quantizer(m, "llama", recent_window=3)
     ids = _ids(1, 20)
     base = _teacher_forced(m, KVQuantCache(q, m), ids, prefill=6)
+    monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1")
     monkeypatch.setattr(kernels, "available", lambda device: True)
     monkeypatch.setattr(kernels, "decode_attention", ref_decode)
     monkeypatch.setattr(kc, "_KERNEL_OK", {})

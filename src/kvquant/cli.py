@@ -206,6 +206,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_passkey(args) -> int:
+    from .evaluation.passkey import cli_main
+
+    return cli_main(args)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="kvquant", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -255,6 +261,24 @@ def main(argv=None) -> int:
     p.add_argument("--recent-window", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("passkey", help="passkey / needle-in-a-haystack accuracy through generation with each cache")
+    _add_model_text(p)
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--trials", type=int, default=50, help="trials per context, split evenly over the depths")
+    p.add_argument("--methods", nargs="+", default=None, help="fp16 nuq4 nuq3 nuq2 nuq4-r128 nuq3-r128 nuq2-r128 "
+                   "kivi2 kivi4 int4 (default: all)")
+    p.add_argument("--task", choices=("passkey", "needle", "both"), default="passkey")
+    p.add_argument("--out", default="kvquant-results/passkey", help="output prefix: writes .json, .md and .png")
+    p.add_argument("--calib-windows", type=int, default=16)
+    p.add_argument("--calib-window", type=int, default=2048)
+    p.add_argument("--stats-dir", default=None, help="calibration statistics cache (default ~/.cache/kvquant/stats)")
+    p.add_argument("--batch-size", type=int, default=25, help="prompts per generate call")
+    p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="model/cache dtype for generation (auto: bfloat16 on cuda, float32 on cpu)")
+    p.set_defaults(fn=cmd_passkey)
 
     args = ap.parse_args(argv)
     try:

@@ -58,9 +58,11 @@ _KERNEL_OK: dict[str, bool] = {}
 
 
 def kernels_available(device: torch.device) -> bool:
-    """``kvquant.kernels.available(device)``, cached per device; False if the package is missing or fails.
-    ``KVQUANT_DISABLE_KERNELS=1`` forces the CPU reference path."""
-    if os.environ.get("KVQUANT_DISABLE_KERNELS") == "1":
+    """Whether decode steps go through the fused Triton kernel: opt-in with ``KVQUANT_FUSED_DECODE=1``.
+
+    The fused decode kernel is correct (tests/test_kernels.py) but still slower than SDPA over the dequantized layer on
+    an H200 (benchmarks/gpu_decode.md), so it is off by default. ``KVQUANT_DISABLE_KERNELS=1`` always disables it."""
+    if os.environ.get("KVQUANT_DISABLE_KERNELS") == "1" or os.environ.get("KVQUANT_FUSED_DECODE") != "1":
         return False
     key = str(device)
     if key not in _KERNEL_OK:

@@ -266,7 +266,8 @@ def fp16_decode_attention(query, k, v, scaling, attention_mask=None, num_splits=
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         bias.stride(0) if bias is not None else 0,
         T, chunk, ns,
-        H_KV=H, GROUP=group, GP=gp, D=D, BT=bt, HAS_MASK=bias is not None, USE_DOT=use_dot, F32=interpreting(), num_warps=4,
+        H_KV=H, GROUP=group, GP=gp, D=D, BT=bt, HAS_MASK=bias is not None, USE_DOT=use_dot, F32=interpreting(),
+        num_warps=4,
     )
     return _reduce(pacc, pm, pl, B, Hq, ns, D, query.dtype, dev)
 

@@ -44,7 +44,6 @@ def _cos_sin(ang, INTERP: tl.constexpr):
 def _unpack_half(row_ptr, BITS: tl.constexpr, D: tl.constexpr, HF: tl.constexpr, BT: tl.constexpr, tmask,
                  row_stride):
     """codes [BT, D/2] (int32) of channels HF*D/2 + i, natural order, from packed rows at row_ptr[BT] (+ bytes)."""
-    HALF: tl.constexpr = D // 2
     rows = row_ptr[:, None]
     if BITS == 4:
         NB: tl.constexpr = D // 4

@@ -1,0 +1,434 @@
+"""GPU suite for the fused KVQuant kernels (run on the H200 through the device tool).
+
+    PYTHONPATH=src python3 benchmarks/gpu_suite.py --out $OUT [--sections check,bw,decode,capacity,generate]
+
+(a) correctness of every kernel vs the PyTorch reference (core.codec) on random data with outlier channels;
+(b) device copy bandwidth; (c) decode-attention latency per layer (SDPA bf16, our split-K bf16, KVQuant nuq4/3/2-1%)
+for the Llama-2-7B and Llama-3-8B shapes; (d) capacity (bytes/token of real allocated storage, and a real 1M-token
+decode step); (f) end-to-end generate tokens/s with a random-weight Llama-3-8B-shaped model.
+Writes JSON/Markdown under --out; prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from kvquant import kernels  # noqa: E402
+from kvquant.cache.storage import LayerStorage  # noqa: E402
+from kvquant.kernels.reference import reference_attention, reference_decode_attention  # noqa: E402
+from kvquant.kernels.testing import synthetic_codec, synthetic_kv, synthetic_rope  # noqa: E402
+
+DEV = torch.device("cuda")
+DEADLINE = [float("inf")]
+ORIG_QUANTIZE = LayerStorage._quantize
+SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}
+CONTEXTS = {"llama2-7b": [4096, 16384, 65536, 131072, 524288], "llama3-8b": [4096, 16384, 65536, 131072]}
+BITS = [4, 3, 2]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def env_info():
+    p = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": p.name, "sms": p.multi_processor_count, "memory_gib": round(p.total_memory / 2**30, 1),
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "PYTHONPATH=src python3 benchmarks/gpu_suite.py " + " ".join(sys.argv[1:]),
+    }
+
+
+def bench(fn, rep=200):
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3  # us
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def copy_bandwidth():
+    n = 2 * 2**30  # 2 GiB
+    a = torch.empty(n, dtype=torch.uint8, device=DEV)
+    a.random_(0, 255)
+    b = torch.empty_like(a)
+    us = bench(lambda: b.copy_(a), rep=300)  # noqa: B023
+    torch.cuda.empty_cache()
+    return 2 * n / (us * 1e-6) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def fill_storages(B, H, D, ctx, bits_list, value_group="token", dtype=torch.bfloat16, chunk=16384, want_fp16=True,
+                  frac=0.01, n_sinks=1):
+    """fp16 K/V [B, H, ctx, D] (post-RoPE) and one LayerStorage per bit width filled through quantize_append."""
+    rope = synthetic_rope(D, base=500000.0)
+    codecs = {b: synthetic_codec(H, D, b, frac, value_group, seed=b) for b in bits_list}
+    sts = {b: LayerStorage(codecs[b], rope, n_sinks, 0, B, dtype, DEV, initial_capacity=ctx) for b in bits_list}
+    kf = torch.empty(B, H, ctx, D, dtype=dtype, device=DEV) if want_fp16 else None
+    vf = torch.empty_like(kf) if want_fp16 else None
+    t = 0
+    while t < ctx:
+        n = min(chunk, ctx - t)
+        pos = torch.arange(t, t + n, device=DEV)[None, :].expand(B, n)
+        k, v = synthetic_kv(codecs[bits_list[0]] if bits_list else synthetic_codec(H, D, 3, frac, value_group),
+                            rope, B, n, pos, dtype=dtype, device=DEV, seed=t)
+        if want_fp16:
+            kf[:, :, t:t + n] = k
+            vf[:, :, t:t + n] = v
+        for st in sts.values():
+            a = max(0, min(n, n_sinks - t))
+            if a:
+                st.append(k[:, :, :a], v[:, :, :a], pos[:, :a])
+            if n - a:
+                kernels.quantize_append(st, k[:, :, a:], v[:, :, a:], pos[:, a:])
+                st.n_seen += n - a
+        t += n
+    torch.cuda.synchronize()
+    return kf, vf, sts, rope
+
+
+def storage_bytes_read(st, n_q):
+    """Bytes the decode kernel reads for n_q quantized tokens (every quantized field + q_pos) + sinks/window."""
+    per_tok = 0
+    for name in ("k_codes", "k_out_idx", "k_out_val", "v_codes", "v_zero", "v_scale", "v_out_idx", "v_out_val"):
+        t = getattr(st, name)
+        per_tok += t.shape[0] * t.shape[1] * t.shape[3] * t.element_size()
+    per_tok += 4 * st.q_pos.shape[0]
+    dense = sum(x.numel() * x.element_size() for x in (st.sink_k, st.sink_v, st.win_k, st.win_v))
+    return per_tok * n_q + dense, per_tok
+
+
+def effective_bits(st):
+    _, per_tok = storage_bytes_read(st, 1)
+    return 8 * per_tok / (2 * st.batch * st.heads * st.head_dim)
+
+
+def sdpa_decode(q, k, v, scaling, gqa):
+    return F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)
+
+
+def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, extra=True):
+    rows = res.setdefault("rows", [])
+    checks = res.setdefault("checks", [])
+    for shape in shapes:
+        Hq, H, D = SHAPES[shape]
+        for B in batches:
+            if time.time() > DEADLINE[0]:
+                log(f"deadline: skip {shape} B={B}")
+                continue
+            ctxs = [c for c in CONTEXTS[shape] if only_ctx is None or c in only_ctx]
+            cmax = max(ctxs)
+            need = 2 * B * H * cmax * D * 2 * 1.6
+            free = torch.cuda.mem_get_info()[0]
+            if need > free:
+                log(f"skip {shape} B={B} ctx={cmax}: needs ~{need / 2**30:.0f} GiB of {free / 2**30:.0f} free")
+                ctxs = [c for c in ctxs if 2 * B * H * c * D * 2 * 1.6 < free]
+                if not ctxs:
+                    continue
+                cmax = max(ctxs)
+            t0 = time.time()
+            kf, vf, sts, rope = fill_storages(B, H, D, cmax, BITS)
+            log(f"filled {shape} B={B} ctx={cmax} in {time.time() - t0:.1f}s")
+            scaling = D**-0.5
+            g = torch.Generator(device=DEV).manual_seed(1)
+            q = (torch.randn(B, Hq, 1, D, generator=g, device=DEV)).to(torch.bfloat16)
+            gqa = Hq != H
+            for ctx in ctxs:
+                ks, vs = kf[:, :, :ctx], vf[:, :, :ctx]
+                fp16_bytes = 2 * B * H * ctx * D * 2
+                lat = {}
+                lat["sdpa"] = bench(lambda: sdpa_decode(q, ks, vs, scaling, gqa))  # noqa: B023
+                lat["splitk"] = bench(lambda: kernels.fp16_decode_attention(q, ks, vs, scaling))  # noqa: B023
+                best = min(lat.values())
+                for impl, us in lat.items():
+                    rows.append(dict(shape=shape, context=ctx, batch=B, method="fp16", impl=impl, bits=16.0,
+                                     outlier_fraction=0.0, latency_us=round(us, 2),
+                                     gbps=round(fp16_bytes / (us * 1e-6) / 1e9, 1),
+                                     bw_fraction=round(fp16_bytes / (us * 1e-6) / 1e9 / copy_bw, 3),
+                                     speedup_vs_best_fp16=round(best / us, 3)))
+                if check and ctx == min(ctxs):
+                    ref = reference_attention(q, ks, vs, scaling)
+                    checks.append(dict(kernel="fp16_splitk", shape=shape, batch=B, context=ctx,
+                                       rel_err=rel(kernels.fp16_decode_attention(q, ks, vs, scaling).float(),
+                                                   ref.float()),
+                                       sdpa_rel_err=rel(sdpa_decode(q, ks, vs, scaling, gqa).float(), ref.float())))
+                for b, st in sts.items():
+                    st.n_q = ctx - st.n_s
+                    nbytes, _ = storage_bytes_read(st, st.n_q)
+                    us = bench(lambda: kernels.decode_attention(q, st, scaling))  # noqa: B023
+                    rows.append(dict(shape=shape, context=ctx, batch=B, method=f"nuq{b}-1pct", impl="kvquant",
+                                     bits=round(effective_bits(st), 3), outlier_fraction=0.01,
+                                     latency_us=round(us, 2), gbps=round(nbytes / (us * 1e-6) / 1e9, 1),
+                                     bw_fraction=round(nbytes / (us * 1e-6) / 1e9 / copy_bw, 3),
+                                     speedup_vs_best_fp16=round(best / us, 3)))
+                    if check and ctx == min(ctxs):
+                        out = kernels.decode_attention(q, st, scaling)
+                        ref = reference_decode_attention(q, st, scaling)
+                        checks.append(dict(kernel=f"kvquant_nuq{b}", shape=shape, batch=B, context=ctx,
+                                           rel_err=rel(out.float(), ref.float())))
+                    st.n_q = cmax - st.n_s
+                log(rows[-5:])
+            del kf, vf, sts
+            torch.cuda.empty_cache()
+
+
+def diag_section(res, copy_bw):
+    """Where the time goes at Llama-3-8B 128K batch 1, nuq3: value outliers per token vs per head, split counts."""
+    rows = res.setdefault("diag", [])
+    Hq, H, D = SHAPES["llama3-8b"]
+    ctx = 131072
+    q = torch.randn(1, Hq, 1, D, device=DEV).bfloat16()
+    for vg in ("token", "head"):
+        for frac in (0.01, 0.0):
+            if frac == 0.0 and vg == "head":
+                continue
+            _, _, sts, _ = fill_storages(1, H, D, ctx, [3], value_group=vg, want_fp16=False, frac=frac)
+            st = sts[3]
+            nbytes, _ = storage_bytes_read(st, st.n_q)
+            for ns in (None, 64, 256):
+                for bt in (32, 64):
+                    try:
+                        us = bench(lambda: kernels.decode_attention(q, st, D**-0.5, num_splits=ns, block_t=bt))  # noqa: B023
+                    except Exception as e:  # noqa: BLE001
+                        log("diag fail", vg, frac, ns, bt, repr(e)[:200])
+                        continue
+                    rows.append(dict(value_group=vg, outlier_fraction=frac, num_splits=ns, block_t=bt,
+                                     latency_us=round(us, 2), gbps=round(nbytes / (us * 1e-6) / 1e9, 1)))
+                    log(rows[-1])
+            del sts
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def quant_speed(res):
+    Hq, H, D = SHAPES["llama3-8b"]
+    codec = synthetic_codec(H, D, 3, 0.01, "token")
+    rope = synthetic_rope(D)
+    T = 32768
+    pos = torch.arange(T, device=DEV)[None]
+    k, v = synthetic_kv(codec, rope, 1, T, pos, device=DEV)
+
+    def run():
+        st = LayerStorage(codec, rope, 0, 0, 1, torch.bfloat16, DEV, initial_capacity=T)
+        kernels.quantize_append(st, k, v, pos)
+        return st
+
+    us = bench(run, rep=200)
+    st = run()
+    ref = LayerStorage(codec, rope, 0, 0, 1, torch.bfloat16, DEV, initial_capacity=T)
+    torch.cuda.synchronize()
+    t0 = time.time()
+    ref.append_quantized(k, v, pos)
+    torch.cuda.synchronize()
+    ref_us = (time.time() - t0) * 1e6
+    kmis = (st.k_codes[:, :, :T] != ref.k_codes[:, :, :T]).float().mean().item()
+    vmis = (st.v_codes[:, :, :T] != ref.v_codes[:, :, :T]).float().mean().item()
+    res["quantize_append"] = dict(shape="llama3-8b", tokens=T, kernel_us=round(us, 1), torch_codec_us=round(ref_us, 1),
+                                  tokens_per_s=round(T / (us * 1e-6)), key_code_mismatch=kmis,
+                                  value_code_mismatch=vmis,
+                                  zero_equal=bool(torch.equal(st.v_zero[:, :, :T], ref.v_zero[:, :, :T])))
+    log(res["quantize_append"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def capacity_section(res, out_dir, mem_bytes):
+    Hq, H, D = SHAPES["llama2-7b"]
+    layers = 32
+    weights = 6.74e9 * 2  # Llama-2-7B bf16 weights
+    reserve = 2 * 2**30  # activations / workspace
+    budget = mem_bytes - weights - reserve
+    rows = []
+    fp16_tok = layers * 2 * H * D * 2
+    rows.append(dict(shape="llama2-7b", cache="fp16", bytes_per_token=fp16_tok,
+                     max_context=int(budget // fp16_tok)))
+    for b in BITS:
+        _, _, sts, _ = fill_storages(1, H, D, 4096, [b], want_fp16=False)
+        st = sts[b]
+        per_layer = st.nbytes() / (st.n_s + st.n_q)  # allocated bytes (capacity == tokens here)
+        rows.append(dict(shape="llama2-7b", cache=f"nuq{b}-1pct", bytes_per_token=round(per_layer * layers, 1),
+                         effective_bits=round(effective_bits(st), 3),
+                         max_context=int(budget // (per_layer * layers))))
+        del sts
+    res["capacity"] = dict(memory_bytes=mem_bytes, weights_bytes=weights, reserve_bytes=reserve, rows=rows)
+    log(rows)
+    # real 1M-token decode step, nuq2-1%: layer 0 filled through quantize_append, then all 32 layers
+    ctx = 1 << 20
+    step = {}
+    try:
+        t0 = time.time()
+        _, _, sts, _ = fill_storages(1, H, D, ctx, [2], want_fp16=False, chunk=65536)
+        step["fill_s_one_layer"] = round(time.time() - t0, 1)
+        st0 = sts[2]
+        q = torch.randn(1, Hq, 1, D, device=DEV).bfloat16()
+        out = kernels.decode_attention(q, st0, D**-0.5)
+        step["finite"] = bool(torch.isfinite(out).all())
+        step["layer_latency_us"] = round(bench(lambda: kernels.decode_attention(q, st0, D**-0.5)), 1)  # noqa: B023
+        stores = [st0]
+        # the other 31 layers: copies of layer 0's tensors (real allocations; filling each through the kernel would
+        # only repeat the same work)
+        for _ in range(layers - 1):
+            s = LayerStorage(st0.codec, st0.rope, 1, 0, 1, torch.bfloat16, DEV, initial_capacity=ctx)
+            for name in ("k_codes", "k_out_idx", "k_out_val", "v_codes", "v_zero", "v_scale", "v_out_idx",
+                         "v_out_val", "q_pos", "sink_k", "sink_v"):
+                setattr(s, name, getattr(st0, name).clone())
+            s.n_q, s.capacity = st0.n_q, st0.capacity
+            stores.append(s)
+        torch.cuda.synchronize()
+        step["allocated_gib_all_layers"] = round(sum(s.nbytes() for s in stores) / 2**30, 2)
+        step["gpu_memory_used_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+
+        def all_layers():
+            for s in stores:
+                kernels.decode_attention(q, s, D**-0.5)
+
+        step["all_layers_attention_ms"] = round(bench(all_layers, rep=500) / 1e3, 3)
+        step["context"] = ctx
+        step["cache"] = "nuq2-1pct"
+    except Exception as e:  # noqa: BLE001
+        step["error"] = repr(e)[:500]
+        traceback.print_exc()
+    torch.cuda.empty_cache()
+    res["capacity"]["decode_1m"] = step
+    log(step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def generate_section(res, contexts, n_layers=32, new_tokens=16):
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from kvquant.cache import KVQuantCache
+    from kvquant.models import model_identity
+    from kvquant.quantizer import Quantizer, QuantizerConfig
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=n_layers, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=262144,
+                      rope_theta=500000.0, torch_dtype="bfloat16")
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    qcfg = QuantizerConfig(bits=3, outlier_fraction=0.01, n_sinks=1, recent_window=0)
+    ident = model_identity(model)
+    layers = [synthetic_codec(8, 128, 3, 0.01, "token", seed=i) for i in range(n_layers)]
+    quant = Quantizer(qcfg, ident, layers)
+    rows = []
+    for ctx in contexts:
+        ids = torch.randint(0, 32000, (1, ctx), device=DEV)
+        for name in ("dynamic", "kvquant-nuq3-1pct", "kvquant-nuq3-1pct+kernel-append"):
+            try:
+                torch.cuda.empty_cache()
+                if name == "dynamic":
+                    model.set_attn_implementation("sdpa")
+                    cache = DynamicCache(config=model.config)
+                else:
+                    cache = KVQuantCache(quant, model)
+                if name.endswith("+kernel-append"):  # proposed storage change: encode through quantize_append
+                    LayerStorage._quantize = lambda self, k, v, pos: kernels.quantize_append(self, k, v, pos)
+                else:
+                    LayerStorage._quantize = ORIG_QUANTIZE
+                t0 = time.time()
+                with torch.no_grad():
+                    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                torch.cuda.synchronize()
+                prefill = time.time() - t0
+                nxt = out.logits[:, -1:].argmax(-1)
+                times = []
+                with torch.no_grad():
+                    for _ in range(new_tokens):
+                        torch.cuda.synchronize()
+                        t1 = time.time()
+                        out = model(nxt, past_key_values=cache, use_cache=True)
+                        nxt = out.logits[:, -1:].argmax(-1)
+                        torch.cuda.synchronize()
+                        times.append(time.time() - t1)
+                dt = sorted(times[2:])[len(times[2:]) // 2]
+                rows.append(dict(context=ctx, cache=name, tokens_per_s=round(1 / dt, 2), step_ms=round(dt * 1e3, 2),
+                                 prefill_s=round(prefill, 2), layers=n_layers,
+                                 mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1)))
+                log(rows[-1])
+                del cache, out
+            except Exception as e:  # noqa: BLE001
+                rows.append(dict(context=ctx, cache=name, error=repr(e)[:400]))
+                traceback.print_exc()
+            torch.cuda.reset_peak_memory_stats()
+    res["generate"] = dict(model="random-weight Llama-3-8B shape (bf16)", layers=n_layers, new_tokens=new_tokens,
+                           rows=rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--sections", default="bw,decode,quant,diag,capacity,generate")
+    ap.add_argument("--shapes", default="llama3-8b,llama2-7b")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--gen-contexts", default="32768,131072")
+    ap.add_argument("--gen-layers", type=int, default=32)
+    ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    secs = args.sections.split(",")
+    res = {"env": env_info()}
+    log(res["env"])
+    t_start = time.time()
+    DEADLINE[0] = t_start + args.deadline
+
+    def save():
+        with open(os.path.join(args.out, "gpu_suite.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+    res["copy_bandwidth_gbps"] = round(copy_bandwidth(), 1) if "bw" in secs else 4213.0
+    log("copy bandwidth GB/s", res["copy_bandwidth_gbps"])
+    for name, fn in (
+        ("quant", lambda: quant_speed(res)),
+        ("capacity_first", None),
+        ("decode", lambda: decode_section(res, res["copy_bandwidth_gbps"], args.shapes.split(","),
+                                          [int(b) for b in args.batches.split(",")])),
+        ("capacity", lambda: capacity_section(res, args.out, torch.cuda.get_device_properties(0).total_memory)),
+        ("diag", lambda: diag_section(res, res["copy_bandwidth_gbps"])),
+        ("generate", lambda: generate_section(res, [int(c) for c in args.gen_contexts.split(",")],
+                                              args.gen_layers)),
+    ):
+        if fn is None:
+            continue
+        if name in secs:
+            t0 = time.time()
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001
+                res.setdefault("errors", {})[name] = repr(e)[:1000]
+                traceback.print_exc()
+            res.setdefault("section_s", {})[name] = round(time.time() - t0, 1)
+            log(f"== {name} done in {time.time() - t0:.1f}s (total {time.time() - t_start:.0f}s)")
+            save()
+    save()
+    # short table last
+    log("\nchecks:")
+    for c in res.get("checks", []):
+        log(f"  {c}")
+    log("\nshape ctx B method impl bits lat_us GB/s bw% speedup")
+    for r in res.get("rows", []):
+        log(f"{r['shape']} {r['context']} {r['batch']} {r['method']} {r['impl']} {r['bits']} {r['latency_us']} "
+            f"{r['gbps']} {100 * r['bw_fraction']:.0f}% {r['speedup_vs_best_fp16']}x")
+
+
+if __name__ == "__main__":
+    main()
