@@ -105,8 +105,8 @@ def test_quantize_append_head_group_d128_interpret():
 # decode attention vs reference
 # ---------------------------------------------------------------------------------------------------------------
 def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_lens=None, dtype=torch.bfloat16,
-                 fill="kernel", use_dot=None, num_splits=None, tol=1e-2):
-    st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill)
+                 fill="kernel", use_dot=None, num_splits=None, tol=1e-2, frac=0.01):
+    st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill, frac=frac)
     g = torch.Generator().manual_seed(7)
     q = (torch.randn(B, Hq, 1, D, generator=g) * 2).to(dtype).to(device)
     total = n_s + n_q + n_w
@@ -127,6 +127,18 @@ def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_len
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_decode_gqa_interpret(bits):
     check_decode(2, 4, 2, 64, bits, 150, 1, 5, "token", "cpu", mask_lens=[156, 100], num_splits=3)
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_decode_gqa4_value_correction_interpret(bits):
+    # GQA group 4: the value-slot correction path (VCORR) and the affine key dequant; padded batch, 3 splits
+    check_decode(2, 8, 2, 64, bits, 150, 1, 5, "token", "cpu", mask_lens=[156, 100], num_splits=3, frac=0.05)
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_decode_gqa2_d128_head_group_correction_interpret():
+    check_decode(1, 4, 2, 128, 3, 70, 2, 3, "head", "cpu", fill="reference", num_splits=2, frac=0.05)
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")

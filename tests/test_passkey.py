@@ -96,7 +96,7 @@ def tiny():
     m = tiny_random_model("llama")
     m.set_attn_implementation("sdpa")
     win = torch.randint(3, 128, (2, 64), generator=torch.Generator().manual_seed(0))
-    stats = collect_statistics(m, win, CalibrationSettings(outlier_fractions=(0.0, 0.01)), progress=False)
+    stats = collect_statistics(m, win, CalibrationSettings(outlier_fractions=(0.01,), bins=256), progress=False)
     qs = {b: build_quantizer(stats, QuantizerConfig(bits=b, outlier_fraction=0.01)) for b in (4, 3, 2)}
     return m, qs
 
@@ -124,9 +124,9 @@ def test_simulated_cache_quantizes_tokens_once_out_of_window(tiny):
 def test_tiny_run_rows(tiny, hay, tmp_path):
     m, qs = tiny
     methods = pk.make_methods(pk.METHODS, qs)
-    rows = pk.run_passkey(m, ByteTokenizer(), methods, contexts=(420,), depths=(0.0, 1.0), trials_per_depth=2,
+    rows = pk.run_passkey(m, ByteTokenizer(), methods, contexts=(420,), depths=(0.5,), trials_per_depth=2,
                           tasks=pk.TASKS, haystack=hay, prefill_chunk=128, progress=None)
-    assert len(rows) == len(pk.METHODS) * 2 * 2
+    assert len(rows) == len(pk.METHODS) * 2  # methods x tasks
     for r in rows:
         for k in ("task", "method", "bits", "outlier_fraction", "recent_window", "context", "depth", "trials",
                   "accuracy"):

@@ -137,7 +137,7 @@ class KVQuantLayer(CacheLayerMixin):
                 "new KVQuantCache (or cache.reset()) for a new batch."
             )
         pos = c._positions(b, t, self.cumulative_length, key_states.device)
-        c._check_limit(pos, self.cumulative_length + t)
+        c._check_limit(pos, self.cumulative_length + t, t)
         self.cumulative_length += t
 
         R = st.recent_window
@@ -180,6 +180,7 @@ class KVQuantLayer(CacheLayerMixin):
         self.storage = None
         self.is_initialized = False
         self.cumulative_length = 0
+        self._cache._top_memo = None
 
     def offload(self):  # the storage stays where it is
         pass
@@ -256,6 +257,8 @@ class KVQuantCache(Cache):
         self._rotary = find_rotary_module(model)
         install_position_hook(self._rotary)
         self._luts: dict[tuple[int, str], torch.Tensor] = {}
+        self._pos_from_arange = False
+        self._top_memo: tuple[int, int] | None = None  # (cache length, max position + 1) of the last checked step
         layer_types = getattr(text, "layer_types", None) or ["full_attention"] * ident["num_hidden_layers"]
         sw = getattr(text, "sliding_window", None)
         layers = []
@@ -285,13 +288,33 @@ class KVQuantCache(Cache):
         """RoPE positions [B, T] of the tokens being added (captured from the rotary module's last call)."""
         pos = getattr(self._rotary, _POS_ATTR, None)
         if pos is not None and pos.dim() == 2 and pos.shape[-1] == t and pos.shape[0] in (1, b):
+            self._pos_from_arange = False
             return pos.to(device).expand(b, t)
+        self._pos_from_arange = True
         return torch.arange(start, start + t, device=device).unsqueeze(0).expand(b, t)
 
-    def _check_limit(self, pos: torch.Tensor, length: int) -> None:
+    def _position_top(self, pos: torch.Tensor, length: int, t: int | None) -> int:
+        """max(pos) + 1 without a device->host sync on the decode path: arange positions end at ``length``; the
+        first layer of a step reads the captured positions once and the other layers reuse it (same length); a
+        one-token step right after a checked step advances the max by one (transformers' position_ids are the
+        previous ones + 1). Anything else (prefill, chunked prefill, after a reset) reads the tensor."""
+        if not pos.numel():
+            return 0
+        if self._pos_from_arange:
+            top = length
+        elif self._top_memo is not None and self._top_memo[0] == length:
+            return self._top_memo[1]
+        elif t == 1 and self._top_memo is not None and self._top_memo[0] == length - 1:
+            top = self._top_memo[1] + 1
+        else:
+            top = int(pos.max()) + 1
+        self._top_memo = (length, top)
+        return top
+
+    def _check_limit(self, pos: torch.Tensor, length: int, t: int | None = None) -> None:
         if not self.max_positions:
             return
-        top = int(pos.max()) + 1 if pos.numel() else 0
+        top = self._position_top(pos, length, t)
         if top > self.max_positions:
             raise ContextLengthError(
                 f"position {top - 1} (cache length {length}) is past the model's context limit of "

@@ -224,4 +224,5 @@ class LayerCodec:
     def key_lut(self) -> torch.Tensor:
         """Per-channel lookup table [H, D, 2^bits] (fp32): code -> dequantized pre-RoPE key (channel mode)."""
         dl = self.key_cb.decode_levels.float()
-        return dl[None, None, :] * self.key_scale.float()[..., None] + self.key_zero.float()[..., None]
+        s, z = self.key_scale.float().to(dl.device), self.key_zero.float().to(dl.device)
+        return dl[None, None, :] * s[..., None] + z[..., None]

@@ -569,9 +569,11 @@ def markdown_report(rows: list[dict], meta: dict) -> str:
         for p in s["per_context"]:
             verdict = "pass" if p["pass"] else ("fp16 below 90%, not counted" if not p["fp16_ok"] else "FAIL")
             lines.append(f"- {p['context']}: fp16 {_pct(p['fp16'])}%, nuq3-1% {_pct(p['nuq3-1%'])}% -> {verdict}")
+        eligible = [p for p in s["per_context"] if p["fp16_ok"]]
+        note = (" (fp16 reaches 90% at no context)" if not eligible else
+                "" if s["all_eligible_pass"] else " (not every context where fp16 >= 90% passes)")
         lines += ["", f"**Longest context where fp16 >= 90% and nuq3-1% is within 5 points: "
-                  f"{s['longest'] if s['longest'] else 'none'}**"
-                  + ("" if s["all_eligible_pass"] else " (not every eligible context passes)"), ""]
+                  f"{s['longest'] if s['longest'] else 'none'}**{note}", ""]
         lines += [f"### {task}: accuracy (%) per context x depth", "",
                   "| method | context | " + " | ".join(f"d={d:g}" for d in depths) + " |",
                   "|---|---|" + "---|" * len(depths)]
@@ -592,35 +594,43 @@ def plot_heatmaps(rows: list[dict], path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
-    panels = [(t, m) for t in tasks for m in dict.fromkeys(r["method"] for r in rows if r["task"] == t)]
-    ncol = min(5, len(panels))
-    nrow = -(-len(panels) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol + 1, 2.4 * nrow + 0.6), squeeze=False)
-    im = None
-    for ax, (task, m) in zip(axes.flat, panels):
-        trs = [r for r in rows if r["task"] == task and r["method"] == m]
-        contexts = sorted({r["context"] for r in trs})
-        depths = sorted({r["depth"] for r in trs})
-        grid = np.full((len(depths), len(contexts)), np.nan)
-        for r in trs:
-            grid[depths.index(r["depth"]), contexts.index(r["context"])] = 100 * r["accuracy"]
-        im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-        for i in range(len(depths)):
-            for j in range(len(contexts)):
-                if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(contexts)), [f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts],
-                      fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
-        ax.set_title(f"{m}" + (f" ({task})" if len(tasks) > 1 else ""), fontsize=8)
-        ax.set_xlabel("context", fontsize=7)
-        ax.set_ylabel("depth", fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
+    per_task = {t: list(dict.fromkeys(r["method"] for r in rows if r["task"] == t)) for t in tasks}
+    ncol = min(5, max(len(v) for v in per_task.values()))
+    rows_of = {t: -(-len(per_task[t]) // ncol) for t in tasks}
+    nrow = sum(rows_of.values())
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.0 * ncol + 1, 2.9 * nrow + 0.6), squeeze=False,
+                             layout="constrained")
+    used, im, r0 = set(), None, 0
+    for task in tasks:
+        for i, m in enumerate(per_task[task]):
+            ax = axes[r0 + i // ncol, i % ncol]
+            used.add(id(ax))
+            trs = [r for r in rows if r["task"] == task and r["method"] == m]
+            contexts = sorted({r["context"] for r in trs})
+            depths = sorted({r["depth"] for r in trs})
+            grid = np.full((len(depths), len(contexts)), np.nan)
+            for r in trs:
+                grid[depths.index(r["depth"]), contexts.index(r["context"])] = 100 * r["accuracy"]
+            im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+            for a in range(len(depths)):
+                for b in range(len(contexts)):
+                    if not np.isnan(grid[a, b]):
+                        ax.text(b, a, f"{grid[a, b]:.0f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(contexts)), [f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts],
+                          fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+            ax.set_title(f"{m} ({task})", fontsize=8)
+            ax.set_xlabel("context (tokens)", fontsize=7)
+            if i % ncol == 0:
+                ax.set_ylabel("needle depth", fontsize=7)
+        r0 += rows_of[task]
+    for ax in axes.flat:
+        if id(ax) not in used:
+            ax.axis("off")
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="accuracy (%)")
     fig.suptitle(title or "Passkey / needle retrieval accuracy (%)", fontsize=10)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

@@ -164,6 +164,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     invf = _cached(st, ("inv_freq", dev), lambda: inv_freq.to(dev, torch.float32).contiguous())
     klut = _cached(st, ("key_lut", dev), lambda: st.key_lut.to(dev, torch.float32).contiguous())
     vlev = _cached(st, ("value_levels", dev), lambda: st.value_levels.to(dev, torch.float32).contiguous())
+    vlevh = _cached(st, ("value_levels_h", dev), lambda: vlev.to(torch.float16).contiguous())
+    kaff = _cached(st, ("key_affine", dev), lambda: _key_affine(klut))
     if n_q:
         quant = (st.k_codes, st.k_out_idx, st.k_out_val, st.v_codes, st.v_zero, st.v_scale, st.v_out_idx,
                  st.v_out_val, st.q_pos)
@@ -179,7 +181,11 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     gp = max(16, triton_next_pow2(group)) if use_dot else 1
     if not use_dot and group != 1:
         raise ValueError("use_dot=False needs MHA (one query head per KV head).")
+    gr = triton_next_pow2(group)
     bt = block_t or (64 if D <= 128 else 32)
+    # value slots as a post-P@V correction (factorised one-hot dot [VA, BT] @ [BT, GR * D / VA]; tl.dot needs >= 16)
+    va = 16
+    vcorr = bool(use_dot and cv and gr * D // va >= 16 and bt >= 16)
     if num_splits is None:
         nsq, chunk = _splits(n_q, B * H, dev, bt)
     else:
@@ -208,7 +214,7 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     mask_t = bias if bias is not None else pm
     K._kvq_decode_kernel[(B * H, nsplit)](
         q, pacc, pm, pl,
-        *quant, klut, vlev, invf,
+        *quant, klut, vlev, invf, *(kaff if kaff is not None else (klut, klut, klut)), vlevh,
         sk, sv, wk, wv, mask_t,
         float(scaling) * K.LOG2E, float(st.rope.attention_scaling),
         q.stride(0), q.stride(1),
@@ -218,9 +224,31 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
         bias.stride(0) if bias is not None else 0,
         n_s, n_q, n_w, chunk, nsq,
         H_KV=H, GROUP=group, GP=gp, BITS=bits, D=D, CK=ck, CV=cv, V_TOKEN=v_token, BT=bt,
-        HAS_MASK=bias is not None, USE_DOT=use_dot, F32=interpreting(), num_warps=4, num_stages=1,
+        HAS_MASK=bias is not None, USE_DOT=use_dot, F32=interpreting(), K_AFFINE=kaff is not None, GR=gr,
+        VCORR=vcorr, VA=va, num_warps=4, num_stages=1,
     )
     return _reduce(pacc, pm, pl, B, Hq, nsplit, D, query.dtype, dev)
+
+
+def _key_affine(klut: torch.Tensor):
+    """(levels [L], scale [H, D], zero [H, D]) with klut[h, c, i] == levels[i] * scale[h, c] + zero[h, c], or None.
+
+    ``key_lut`` is ``codec.key_lut()`` = decode_levels * key_scale + key_zero per channel; it is recovered from the
+    table alone (levels = the widest channel's row, every other row an affine map of it) and verified (one host sync
+    per storage; the result is cached). A non-affine table keeps the per-channel gather."""
+    H, D, L = klut.shape
+    flat = klut.reshape(H * D, L).double()
+    rng = flat[:, -1] - flat[:, 0]
+    ref = flat[int(rng.abs().argmax())]
+    if float(ref[-1] - ref[0]) == 0.0:
+        return None
+    scale = rng / (ref[-1] - ref[0])
+    zero = flat[:, 0] - scale * ref[0]
+    err = (ref[None, :] * scale[:, None] + zero[:, None] - flat).abs().max()
+    if float(err) > 1e-5 * max(float(flat.abs().max()), 1e-30):
+        return None
+    return (ref.float().contiguous(), scale.float().reshape(H, D).contiguous(),
+            zero.float().reshape(H, D).contiguous())
 
 
 def triton_next_pow2(n: int) -> int:

@@ -5,10 +5,11 @@ the quantized region for one KV head and *all* its GQA query heads; program (bh,
 recent window. Each writes an unnormalised partial (acc, running max m, running sum l); a reduce kernel merges them.
 
 Inside a quantized block of BT tokens:
-  key bytes -> bit-plane unpack (in registers, natural channel order through tl.interleave) -> per-channel LUT gather
-  -> Ck exact slots overwrite -> RoPE at q_pos (cos/sin of pos * inv_freq with explicit 2*pi range reduction)
-  -> tl.dot with the query group -> online softmax (exp2) -> value bytes -> level * scale + zero -> Cv slots
-  overwrite -> tl.dot(p, v).
+  key bytes -> bit-plane unpack (in registers, natural channel order through tl.interleave) -> levels[code] * s + z
+  (per-channel affine form of key_lut; the LUT gather if it is not affine) -> Ck exact slots overwrite -> RoPE at
+  q_pos (cos/sin of pos * inv_freq with explicit 2*pi range reduction) -> tl.dot with the query group -> online
+  softmax (exp2) -> value bytes -> (p * scale) @ levels[code] + p . zero -> Cv slots as a correction (value minus
+  the dense value at the slot, scattered by a one-hot x one-hot dot; GQA with tl.dot) or an overwrite (otherwise).
 The key tile is held as two halves [BT, D/2] (channels c and c + D/2) so that RoPE's rotate-half pairs sit in the same
 register position; the query is split the same way, so no permutation is needed.
 
@@ -112,6 +113,32 @@ def _softmax_step(s, m_i, l_i, acc):
 
 
 @triton.jit
+def _softmax_step2(s, m_i, l_i, acc):
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, m_new, l_i, acc, alpha
+
+
+@triton.jit
+def _code_at(row_ptr, e, BITS: tl.constexpr, NV: tl.constexpr, tmask):
+    """code of element e [BT] of each packed row (natural bit-plane order, core.packing): one byte per plane."""
+    if BITS == 4:
+        b = tl.load(row_ptr + (e >> 1), mask=tmask, other=0).to(tl.int32)
+        code = (b >> ((e & 1) * 4)) & 15
+    else:
+        b = tl.load(row_ptr + (e >> 2), mask=tmask, other=0).to(tl.int32)
+        code = (b >> ((e & 3) * 2)) & 3
+        if BITS == 3:
+            hb = tl.load(row_ptr + NV // 4 + (e >> 3), mask=tmask, other=0).to(tl.int32)
+            code = code | (((hb >> (e & 7)) & 1) << 2)
+    return code
+
+
+@triton.jit
 def _dense_block(q1, q2, k_base, v_base, t0, n_tok, skt, svt, mask_ptr, mask_off, m_i, l_i, acc, qk_scale,
                  D: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
                  F32: tl.constexpr):
@@ -147,7 +174,7 @@ def _dense_block(q1, q2, k_base, v_base, t0, n_tok, skt, svt, mask_ptr, mask_off
 def _kvq_decode_kernel(
     Q, PACC, PM, PL,
     KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS,
-    KLUT, VLEV, INVF,
+    KLUT, VLEV, INVF, KDL, KSC, KZR, VLEVH,
     SK, SV, WK, WV, MASK,
     qk_scale, rope_scale,
     sqb, sqh,
@@ -161,10 +188,11 @@ def _kvq_decode_kernel(
     H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
     BITS: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
     V_TOKEN: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
-    F32: tl.constexpr,
+    F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     L: tl.constexpr = 1 << BITS
+    VDB: tl.constexpr = D // VA
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // H_KV
@@ -175,9 +203,13 @@ def _kvq_decode_kernel(
     gmask = g < GROUP
     ch = tl.arange(0, HALF)
     chd = tl.arange(0, D)
-    qp = Q + b * sqb + (h * GROUP + g)[:, None] * sqh + ch[None, :]
-    q1 = tl.load(qp, mask=gmask[:, None], other=0.0)
-    q2 = tl.load(qp + HALF, mask=gmask[:, None], other=0.0)
+    # query rows are replicated GP // GR times (row g holds query head g % GR; GR = next pow2 >= GROUP, rows with
+    # g % GR >= GROUP are zero): a copy of the real rows is then a reshape + reduction (value-slot correction below)
+    gq = g % GR
+    gload = gq < GROUP
+    qp = Q + b * sqb + (h * GROUP + gq)[:, None] * sqh + ch[None, :]
+    q1 = tl.load(qp, mask=gload[:, None], other=0.0)
+    q2 = tl.load(qp + HALF, mask=gload[:, None], other=0.0)
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -188,11 +220,20 @@ def _kvq_decode_kernel(
     q_lo = pid_s * chunk
     q_hi = tl.minimum(q_lo + chunk, n_q)
     # dequantized operands are within fp16 range (fp16 outliers/scales): fp16 dots keep 3 more mantissa bits than bf16
-    q1h = q1.to(tl.float16)
-    q2h = q2.to(tl.float16)
+    # RoPE's attention_scaling multiplies every rotated key element: fold it into the query (once per program)
+    q1h = (q1.to(tl.float32) * rope_scale).to(tl.float16)
+    q2h = (q2.to(tl.float32) * rope_scale).to(tl.float16)
     invf = tl.load(INVF + ch)
-    lut1 = KLUT + (h * D + ch)[None, :] * L
-    lut2 = KLUT + (h * D + HALF + ch)[None, :] * L
+    if K_AFFINE:
+        # key_lut[h, c, code] == KDL[code] * KSC[h, c] + KZR[h, c] (per-channel affine, checked on the host): a
+        # 2^b-entry table (one L1 line, 32-bit offsets) + one FMA instead of a 64-bit-address per-channel gather
+        ks1 = tl.load(KSC + h * D + ch)[None, :]
+        kz1 = tl.load(KZR + h * D + ch)[None, :]
+        ks2 = tl.load(KSC + h * D + HALF + ch)[None, :]
+        kz2 = tl.load(KZR + h * D + HALF + ch)[None, :]
+    else:
+        lut1 = KLUT + (h * D + ch)[None, :] * L
+        lut2 = KLUT + (h * D + HALF + ch)[None, :] * L
     kc_base = KC + b * skc_b + h * skc_h
     ko_base = b * sko_b + h * sko_h
     if V_TOKEN:
@@ -205,6 +246,7 @@ def _kvq_decode_kernel(
             v_lo_off = h * (D // 4)
         v_hi_off = H_KV * D // 4 + h * (D // 8)
         v_idx_off = h * D
+        NVV: tl.constexpr = H_KV * D
     else:
         vc_base = VC + b * svc_b + h * svc_g
         vs_base = b * svs_b + h * svs_g
@@ -212,14 +254,25 @@ def _kvq_decode_kernel(
         v_lo_off = 0
         v_hi_off = D // 4
         v_idx_off = 0
+        NVV: tl.constexpr = D
+    if VCORR:
+        # value slots as a correction after P@V: corr[a, (r, e)] accumulates sum_t p[r, t] * delta_t at channel
+        # a * VDB + e through a one-hot x one-hot factorised dot ([VA, BT] @ [BT, GR * VDB]) per slot
+        corr = tl.zeros([VA, GR * VDB], tl.float32)
+        arow = tl.arange(0, VA)
+        ecol = tl.arange(0, VDB)
     for t0 in range(q_lo, q_hi, BT):
         t = t0 + tl.arange(0, BT)
         tmask = t < q_hi
         krow = kc_base + t * skc_t
         c1 = _unpack_half(krow, BITS, D, 0, BT, tmask, skc_t)
         c2 = _unpack_half(krow, BITS, D, 1, BT, tmask, skc_t)
-        k1 = tl.load(lut1 + c1)
-        k2 = tl.load(lut2 + c2)
+        if K_AFFINE:
+            k1 = tl.load(KDL + c1) * ks1 + kz1
+            k2 = tl.load(KDL + c2) * ks2 + kz2
+        else:
+            k1 = tl.load(lut1 + c1)
+            k2 = tl.load(lut2 + c2)
         for j in tl.static_range(CK):
             oi = tl.load(KOI + ko_base + t * sko_t + j, mask=tmask, other=0).to(tl.int32)
             ov = tl.load(KOV + ko_base + t * sko_t + j, mask=tmask, other=0.0).to(tl.float32)
@@ -228,36 +281,57 @@ def _kvq_decode_kernel(
         pos = tl.load(QPOS + b * sqp_b + t, mask=tmask, other=0)
         ang = pos.to(tl.float32)[:, None] * invf[None, :]
         cs, sn = _cos_sin(ang, F32)
-        cs = cs * rope_scale
-        sn = sn * rope_scale
         r1 = k1 * cs - k2 * sn
         r2 = k2 * cs + k1 * sn
         if USE_DOT:
             s = _mm(q1h, tl.trans(r1.to(tl.float16)), F32) + _mm(q2h, tl.trans(r2.to(tl.float16)), F32)
         else:
             s = tl.sum(q1.to(tl.float32) * r1, 1)[None, :] + tl.sum(q2.to(tl.float32) * r2, 1)[None, :]
+            s = s * rope_scale
         s = s * qk_scale
         if HAS_MASK:
             bias = tl.load(mask_row + n_s + t, mask=tmask, other=0.0)
             s = s + bias[None, :] * 1.4426950408889634
         s = tl.where(tmask[None, :], s, float("-inf"))
-        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
-        # values
+        p, m_i, l_i, acc, alpha = _softmax_step2(s, m_i, l_i, acc)
+        # values: v = level[code] * scale_t + zero_t -> p @ v = (p * scale) @ level + (p . zero)
         vrow = vc_base + t * svc_t
         vcodes = _unpack_full(vrow, v_lo_off, v_hi_off, BITS, D, tmask)
-        lev = tl.load(VLEV + vcodes)
         vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
         vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
-        v = lev * vsc[:, None] + vz[:, None]
-        for j in tl.static_range(CV):
-            oi = tl.load(VOI + vo_base + t * svo_t + j, mask=tmask, other=0).to(tl.int32) - v_idx_off
-            ov = tl.load(VOV + vo_base + t * svo_t + j, mask=tmask, other=0.0).to(tl.float32)
-            v = tl.where(oi[:, None] == chd[None, :], ov[:, None], v)
-        v = tl.where(tmask[:, None], v, 0.0)
-        if USE_DOT:
-            acc += _mm(p.to(tl.float16), v.to(tl.float16), F32)
+        if VCORR:
+            lev = tl.load(VLEVH + vcodes)
+            acc += _mm((p * vsc[None, :]).to(tl.float16), lev, F32)
+            acc += tl.sum(p * vz[None, :], 1)[:, None]
+            p_r = tl.max(tl.reshape(p, [GP // GR, GR, BT]), 0)
+            a_r = tl.max(tl.reshape(alpha, [GP // GR, GR]), 0)
+            corr = corr * tl.reshape(tl.broadcast_to(a_r[:, None], [GR, VDB]), [GR * VDB])[None, :]
+            for j in tl.static_range(CV):
+                oi = tl.load(VOI + vo_base + t * svo_t + j, mask=tmask, other=0).to(tl.int32)
+                ov = tl.load(VOV + vo_base + t * svo_t + j, mask=tmask, other=0.0).to(tl.float32)
+                dense = tl.load(VLEV + _code_at(vrow, oi, BITS, NVV, tmask)) * vsc + vz
+                c = oi - v_idx_off
+                delta = tl.where((c >= 0) & (c < D), ov - dense, 0.0)
+                lhs = tl.where((c // VDB)[None, :] == arow[:, None], 1.0, 0.0)  # [VA, BT]
+                w = tl.trans(p_r * delta[None, :])  # [BT, GR]
+                rhs = tl.where((c % VDB)[:, None, None] == ecol[None, None, :], w[:, :, None], 0.0)
+                corr += _mm(lhs.to(tl.float16), tl.reshape(rhs, [BT, GR * VDB]).to(tl.float16), F32)
         else:
-            acc += tl.sum(p.reshape(BT, 1) * v, 0)[None, :]
+            lev = tl.load(VLEV + vcodes)
+            v = lev * vsc[:, None] + vz[:, None]
+            for j in tl.static_range(CV):
+                oi = tl.load(VOI + vo_base + t * svo_t + j, mask=tmask, other=0).to(tl.int32) - v_idx_off
+                ov = tl.load(VOV + vo_base + t * svo_t + j, mask=tmask, other=0.0).to(tl.float32)
+                v = tl.where(oi[:, None] == chd[None, :], ov[:, None], v)
+            v = tl.where(tmask[:, None], v, 0.0)
+            if USE_DOT:
+                acc += _mm(p.to(tl.float16), v.to(tl.float16), F32)
+            else:
+                acc += tl.sum(p.reshape(BT, 1) * v, 0)[None, :]
+    if VCORR:
+        # corr[a, (r, e)] -> [GR, D] (channel a * VDB + e), added to every copy of row r
+        cr = tl.reshape(tl.permute(tl.reshape(corr, [VA, GR, VDB]), (1, 0, 2)), [GR, D])
+        acc = tl.reshape(tl.reshape(acc, [GP // GR, GR, D]) + cr[None, :, :], [GP, D])
 
     # ---------------- fp16 sinks and recent window (last split only) ----------------
     last = pid_s == NSPLIT_Q
