@@ -28,18 +28,11 @@ from kvquant.evaluation.methods import KVQuantMethod
 from kvquant.models import tiny_random_model
 from kvquant.quantizer import QuantizerConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
 ATOL = 1e-4
 
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 _STATS: dict = {}

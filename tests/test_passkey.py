@@ -15,6 +15,7 @@ from kvquant.evaluation.methods import KIVI, UniformPerToken
 from kvquant.models import tiny_random_model
 from kvquant.quantizer import QuantizerConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
 
 PROSE = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
@@ -36,14 +37,6 @@ class ByteTokenizer:
 
     def batch_decode(self, seqs, skip_special_tokens=True):
         return [self.decode(s) for s in seqs]
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -185,7 +184,7 @@ def cmd_run(args) -> int:
                                          add_generation_prompt=True)
     _, report = generate_text(model, tok, prompt, q, max_new_tokens=args.max_new_tokens)
     print()
-    print(report if isinstance(report, str) else json.dumps(report, indent=2, default=str))
+    print(report)  # MemoryReport: a dict with a readable __str__
     return 0
 
 
@@ -202,7 +201,7 @@ def cmd_generate(args) -> int:
     _, report = generate_text(model, tok, prompt, q, max_new_tokens=args.max_new_tokens,
                               recent_window=args.recent_window)
     print()
-    print(report if isinstance(report, str) else json.dumps(report, indent=2, default=str))
+    print(report)  # MemoryReport: a dict with a readable __str__
     return 0
 
 
