@@ -73,14 +73,17 @@ def cmd_calibrate(args) -> int:
     from .calibration import build_quantizer
     from .quantizer import QuantizerConfig
 
+    bits = [args.bits] if args.bits else [2, 3, 4]
+    configs = [  # validated before the (slow) model load
+        QuantizerConfig(bits=b, outlier_fraction=args.outlier_fraction, n_sinks=args.n_sinks, qnorm=args.qnorm,
+                        fisher_weighting=args.weighting, recent_window=args.recent_window)
+        for b in bits
+    ]
     model, tok = _load(args)
     window = _context_window(model, args.window)
-    bits = [args.bits] if args.bits else [2, 3, 4]
     stats, _ = _stats(args, model, tok, args.windows, window, (args.outlier_fraction,))
     out = Path(args.out)
-    for b in bits:
-        cfg = QuantizerConfig(bits=b, outlier_fraction=args.outlier_fraction, n_sinks=args.n_sinks, qnorm=args.qnorm,
-                              fisher_weighting=args.weighting, recent_window=args.recent_window)
+    for cfg in configs:
         q = build_quantizer(stats, cfg, name=f"{Path(args.model).name}-{cfg.name}")
         dest = out if len(bits) == 1 else out / cfg.name
         q.save(dest)
@@ -192,8 +195,8 @@ def cmd_generate(args) -> int:
     from .generate import generate_text
     from .quantizer import load_quantizer
 
+    q = load_quantizer(args.quantizer)  # fail fast, before loading the model
     model, tok = _load(args)
-    q = load_quantizer(args.quantizer)
     prompt = args.prompt
     if args.chat and getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -231,7 +234,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("eval", help="perplexity + KL: fp16 vs KVQuant vs baselines on the same windows")
     _add_model_text(p)
     p.add_argument("--quantizer", nargs="*", help="evaluate these quantizers instead of calibrating")
-    p.add_argument("--bits-list", type=int, nargs="+", default=[4, 3, 2])
+    p.add_argument("--bits-list", type=int, nargs="+", default=[4, 3, 2], choices=(2, 3, 4))
     p.add_argument("--n-sinks", type=int, default=1)
     p.add_argument("--qnorm", action="store_true")
     p.add_argument("--calib-windows", type=int, default=16)
