@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def main() -> None:
     env = environment()
     doc = {"model": "SmolLM2-135M-Instruct", "prompts": args.prompts, "prompt_len": args.prompt_len,
            "new_tokens": args.new_tokens, "recent_window": args.recent, "environment": env,
-           "command": "PYTHONPATH=src python3 benchmarks/generation_quality_smollm2.py", "rows": rows}
+           "command": "PYTHONPATH=src python3 " + " ".join(sys.argv), "rows": rows}
     out = Path(args.out)
     write_json(doc, out / "generation_quality_smollm2.json")
     lines = ["# Generation quality with KVQuantCache (SmolLM2-135M)", "",
