@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 
 from kvquant import kernels  # noqa: E402
 from kvquant.cache.storage import LayerStorage  # noqa: E402
-from kvquant.core.codec import PackedBlock, _to_vectors  # noqa: E402
+from kvquant.core.codec import PackedBlock, to_vectors  # noqa: E402
 from kvquant.kernels.reference import reference_attention, reference_decode_attention  # noqa: E402
 from kvquant.kernels.testing import synthetic_codec, synthetic_kv, synthetic_rope  # noqa: E402
 
@@ -80,7 +80,7 @@ def check_quantize(B, H, D, bits, T, value_group, device, frac=0.01):
     assert torch.equal(ref.v_scale[:, :, :n], got.v_scale[:, :, :n].cpu())
     # outlier slots: same values; the chosen elements hold those values (ties in the data may pick other copies)
     assert torch.equal(ref.v_out_val[:, :, :n].sort(-1).values, got.v_out_val[:, :, :n].cpu().sort(-1).values)
-    vec = _to_vectors(v.float(), value_group)
+    vec = to_vectors(v.float(), value_group)
     picked = vec.gather(-1, got.v_out_idx[:, :, :n].cpu().long()).half()
     assert torch.equal(picked, got.v_out_val[:, :, :n].cpu())
     kidx = (ref.k_out_idx[:, :, :n] == got.k_out_idx[:, :, :n].cpu()).float().mean().item()

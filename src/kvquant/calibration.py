@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .core.codebook import uniform_levels
-from .core.codec import Codebook, LayerCodec, outlier_capacity, token_range
+from .core.codec import Codebook, LayerCodec, outlier_capacity, to_vectors, token_range
 from .core.kmeans import WeightedHistogram, weighted_kmeans_1d
 from .core.rope import RopeSpec, apply_rope, rope_specs, unapply_rope
 from .models import model_identity
@@ -211,16 +211,13 @@ def _accumulate(i, kl, vl, start, spec: RopeSpec, settings, stats: CalibrationSt
         lo, hi = stats.key_range(i, "pre", f)
         zero, scale = (hi + lo) / 2, ((hi - lo) / 2).clamp_min(1e-6)
         xn = (xk - zero) / scale
-        inside = (xn.abs() <= 1.0)
+        inside = xn.abs() <= 1.0
         s2 = (scale * scale).expand_as(xn)
         _add_weighted(st, ("key", "channel", f), xn[inside], fk[inside], s2[inside], settings.bins)
-    h = vl.shape[1]
     v = vl.detach()[:, :, keep]
     fv = (vl.grad * vl.grad)[:, :, keep]
     for group in settings.value_groups:
-        from .core.codec import _to_vectors
-
-        vv, ff = _to_vectors(v, group), _to_vectors(fv, group)
+        vv, ff = to_vectors(v, group), to_vectors(fv, group)
         for f in settings.outlier_fractions:
             cap = outlier_capacity(f, vv.shape[-1])
             lo, hi, pos = token_range(vv, cap)
@@ -233,7 +230,6 @@ def _accumulate(i, kl, vl, start, spec: RopeSpec, settings, stats: CalibrationSt
                 mask.scatter_(-1, pos, False)
             s2 = (scale * scale).expand_as(xn)
             _add_weighted(st, ("value", group, f), xn[mask].clamp(-1, 1), ff[mask], s2[mask], settings.bins)
-    del h
 
 
 def collect_statistics(

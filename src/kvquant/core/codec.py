@@ -85,7 +85,7 @@ class PackedBlock:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def _to_vectors(x: torch.Tensor, group: str) -> torch.Tensor:
+def to_vectors(x: torch.Tensor, group: str) -> torch.Tensor:
     """[B, H, T, D] -> [B, G, T, n]: per-head vectors (G=H) or token-wide vectors (G=1, n=H*D)."""
     if group == "head":
         return x
@@ -95,7 +95,7 @@ def _to_vectors(x: torch.Tensor, group: str) -> torch.Tensor:
     raise ValueError(f"group must be 'head' or 'token', got {group!r}.")
 
 
-def _from_vectors(v: torch.Tensor, group: str, h: int) -> torch.Tensor:
+def from_vectors(v: torch.Tensor, group: str, h: int) -> torch.Tensor:
     if group == "head":
         return v
     b, _, t, n = v.shape
@@ -156,7 +156,7 @@ def token_range(v: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Ten
 def encode_token(x: torch.Tensor, cb: Codebook, capacity: int, group: str = "head") -> PackedBlock:
     """Per-token (online) quantization of ``x`` [B, H, T, D]; vectors per head or per token (``group``)."""
     h = x.shape[1]
-    v = _to_vectors(x.float(), group)
+    v = to_vectors(x.float(), group)
     n = v.shape[-1]
     lo, hi, pos = token_range(v, capacity)  # lo/hi: range of the dense (non-outlier) part
     zero = ((hi + lo) * 0.5).half()
@@ -175,7 +175,7 @@ def decode_token(blk: PackedBlock, cb: Codebook, group: str, heads: int, head_di
     out = cb.decode_levels.to(codes.device)[codes] * blk.scale.float() + blk.zero.float()
     if blk.out_val.shape[-1]:
         out.scatter_(-1, blk.out_idx.long(), blk.out_val.float())
-    return _from_vectors(out, group, heads)
+    return from_vectors(out, group, heads)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.codebook import lloyd_max_gaussian_levels, nearest_code, normal_float_levels, uniform_levels
-from ..core.codec import Codebook, PackedBlock, _from_vectors, _to_vectors, decode_token, encode_token
+from ..core.codec import Codebook, PackedBlock, decode_token, encode_token, from_vectors, to_vectors
 from ..core.packing import pack_codes, unpack_codes
 from ..core.rope import RopeSpec, apply_rope, unapply_rope
 from ..quantizer import Quantizer
@@ -116,14 +116,14 @@ class KVQuantMethod(Method):
 # ---- baselines ---------------------------------------------------------------------------------------------------
 def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
     """[B, H, T, D] -> [B, G, T, group] vectors of ``group`` consecutive channels of each token (across heads)."""
-    v = _to_vectors(x, "token")  # [B, 1, T, H*D]
+    v = to_vectors(x, "token")  # [B, 1, T, H*D]
     b, _, t, n = v.shape
     return v.reshape(b, t, n // group, group).transpose(1, 2)
 
 
 def _ungrouped(v: torch.Tensor, h: int) -> torch.Tensor:
     b, g, t, n = v.shape
-    return _from_vectors(v.transpose(1, 2).reshape(b, 1, t, g * n), "token", h)
+    return from_vectors(v.transpose(1, 2).reshape(b, 1, t, g * n), "token", h)
 
 
 class UniformPerToken(Method):
