@@ -101,26 +101,7 @@ def weighted_kmeans_1d(hist: WeightedHistogram, k: int, max_cells: int = 1024) -
     for lo_e, hi_e in zip(edges[:-1], edges[1:]):
         ww = W[hi_e] - W[lo_e]
         levels.append(float((S[hi_e] - S[lo_e]) / ww) if ww > 0 else float("nan"))
-    lv = torch.sort(torch.tensor(levels, dtype=torch.float64)).values
-    return _lloyd_refine(hist, lv).float()
-
-
-def _lloyd_refine(hist: WeightedHistogram, levels: torch.Tensor, iters: int = 20) -> torch.Tensor:
-    """A few Lloyd steps on the full-resolution bins (each bin assigned by its centroid). Starting from the DP
-    optimum over merged cells, each step can only lower the objective, recovering what cell merging lost."""
-    keep = hist.w > 0
-    w, s = hist.w[keep].double(), hist.wx[keep].double()
-    c = s / w
-    lv = levels.clone()
-    for _ in range(iters):
-        idx = torch.bucketize(c, 0.5 * (lv[1:] + lv[:-1]))
-        ww = torch.bincount(idx, w, lv.numel())
-        new = torch.where(ww > 0, torch.bincount(idx, s, lv.numel()) / ww.clamp_min(1e-300), lv)
-        new = torch.sort(new).values
-        if torch.equal(new, lv):
-            break
-        lv = new
-    return lv
+    return torch.sort(torch.tensor(levels, dtype=torch.float64)).values.float()
 
 
 def histogram_sse(hist: WeightedHistogram, levels: torch.Tensor) -> float:
