@@ -219,3 +219,43 @@ def test_fp16_decode_gpu():
         v = torch.randn_like(k)
         out = kernels.fp16_decode_attention(q, k, v, 0.088)
         assert rel(out.float(), reference_attention(q, k, v, 0.088).float()) < 1e-2
+
+
+def test_fused_cache_path_matches_reference_path(monkeypatch):
+    """With the opt-in fused path (GPU encode + fused decode; here under the interpreter), a KVQuantCache stores the
+    same codes and gives the same logits as the reference path."""
+    from kvquant import KVQuantCache
+    from kvquant.cache import kvquant_cache as kc
+    from kvquant.calibration import build_quantizer, collect_statistics
+    from kvquant.models import tiny_random_model
+    from kvquant.quantizer import QuantizerConfig
+
+    if not (kernels.available(torch.device("cpu")) or torch.cuda.is_available()):
+        pytest.skip("needs triton (interpreter or CUDA)")
+    model = tiny_random_model("llama")
+    g = torch.Generator().manual_seed(0)
+    q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
+                        QuantizerConfig(bits=3))
+    ids = torch.randint(0, 128, (2, 40), generator=g)
+
+    def run(fused: bool):
+        if fused:
+            monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1")
+        else:
+            monkeypatch.delenv("KVQUANT_FUSED_DECODE", raising=False)
+        monkeypatch.setattr(kc, "_KERNEL_OK", {})
+        cache = KVQuantCache(q, model)
+        outs = []
+        with torch.no_grad():
+            outs.append(model(ids[:, :20], past_key_values=cache, use_cache=True).logits[:, -1])
+            for i in range(20, 40):
+                outs.append(model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+        return torch.stack(outs), cache.layers[0].storage
+
+    ref, st_ref = run(False)
+    fused, st_fused = run(True)
+    assert st_ref.n_q == st_fused.n_q == 39
+    n = st_ref.n_q
+    assert torch.equal(st_ref.k_codes[:, :, :n], st_fused.k_codes[:, :, :n])
+    assert torch.equal(st_ref.v_codes[:, :, :n], st_fused.v_codes[:, :, :n])
+    assert (ref - fused).norm() / ref.norm() < 1e-2

@@ -151,7 +151,19 @@ class LayerStorage:
         self._quantize(k.to(self.dtype), v.to(self.dtype), positions.to(self.device, torch.int32).expand(
             k.shape[0], k.shape[2]))
 
+    def _fused_encode(self, k_post: torch.Tensor) -> bool:
+        """Encode on the GPU with ``kernels.quantize_append`` (same format, opt-in like the fused decode kernel)."""
+        from .kvquant_cache import kernels_available
+
+        return (self.pre_rope and self.codec.key_mode == "channel" and self.rope.rotary_dim == k_post.shape[-1]
+                and kernels_available(self.device))
+
     def _quantize(self, k_post: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        if self._fused_encode(k_post):
+            from .. import kernels
+
+            kernels.quantize_append(self, k_post, v, pos, codec=self.codec)
+            return
         if self.pre_rope:
             cos, sin = self.rope.cos_sin(pos)
             k = unapply_rope(k_post.float(), cos, sin)
