@@ -100,7 +100,8 @@ def _report(rows, args, out: Path, title: str, extra: dict) -> None:
     env = environment()
     doc = {"model": args.model, **extra, "environment": env, "rows": rows}
     write_json(doc, out / f"{args.name}.json")
-    cmd = "kvquant " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("kvquant") else " ".join(sys.argv)
+    cmd = "kvquant " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("kvquant", "__main__.py")) \
+        else " ".join(sys.argv)
     md = (f"# {title}\n\nCommand: `{cmd}`  \nMachine: {env['machine']}, device {env['device']}; torch "
           f"{env['torch']}, transformers {env['transformers']}, kvquant {env['kvquant']}; {env['date']}.\n\n"
           + "".join(f"- {k}: {v}\n" for k, v in extra.items()) + "\n" + table + "\n")
