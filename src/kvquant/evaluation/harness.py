@@ -9,57 +9,20 @@ exactly what a cache that quantizes tokens when they leave the window gives duri
 from __future__ import annotations
 
 import math
-import threading
 import time
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..cache import attention as kv_attention
 from ..calibration import TapCache, cache_kwarg, check_finite
 from ..core.rope import rope_specs
 from .methods import FP16, Method
 
-SIM_ATTENTION = "kvquant_sim"
-_pending = threading.local()
-
-
-def _band_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention where queries use fp16 keys/values for their ``R`` most recent positions (see module docstring)."""
-    store = getattr(_pending, "kv", None)
-    pend = store.pop(module.layer_idx, None) if store else None
-    if pend is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    k_fp, v_fp, window, offset = pend
-    rep = query.shape[1] // key.shape[1]
-    kq, vq = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    kf, vf = k_fp.repeat_interleave(rep, 1), v_fp.repeat_interleave(rep, 1)
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    tq, tk = query.shape[2], key.shape[2]
-    qpos = torch.arange(tk - tq, tk, device=query.device)[:, None] + offset
-    kpos = torch.arange(tk, device=query.device)[None, :] + offset
-    band = (qpos - kpos < window) & (qpos >= kpos)
-    s = torch.where(band, query @ kf.transpose(-1, -2), query @ kq.transpose(-1, -2)).float() * scaling
-    if attention_mask is not None:
-        m = attention_mask[..., :tk]
-        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
-    else:
-        s = s.masked_fill(qpos < kpos, float("-inf"))
-    p = s.softmax(-1).to(query.dtype)
-    out = (p * band) @ vf + (p * ~band) @ vq
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(SIM_ATTENTION, _band_attention)
-try:  # the band attention consumes SDPA-style masks (padding, sliding windows)
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionMaskInterface.register(SIM_ATTENTION, sdpa_mask)
-except ImportError:  # pragma: no cover - older transformers
-    pass
+# The band attention (and its hand-over from cache to attention) is the compressed cache's own "kvquant" attention:
+# simulated evaluation and KVQuantCache use one implementation.
+SIM_ATTENTION = kv_attention.ATTENTION_NAME
 
 
 class SimulatedCache(TapCache):
@@ -74,15 +37,13 @@ class SimulatedCache(TapCache):
         check_finite(k, "keys", i)
         check_finite(v, "values", i)
         kh, vh = self.method.fake(i, k, v, start, self.specs[i])
-        if self.method.recent_window:
-            if not hasattr(_pending, "kv"):
-                _pending.kv = {}
-            _pending.kv[i] = (k, v, self.method.recent_window, start)
+        band = ("band", k, v, self.method.recent_window) if self.method.recent_window else None
+        kv_attention.set_pending(i, band)
         return kh, vh
 
 
 def use_sim_attention(model) -> None:
-    """Route attention through the band-aware function (it falls back to SDPA for everything else)."""
+    """Route attention through the band-aware ``"kvquant"`` function (plain SDPA for everything else)."""
     model.set_attn_implementation(SIM_ATTENTION)
 
 
