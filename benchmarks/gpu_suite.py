@@ -35,10 +35,12 @@ from kvquant.kernels.testing import synthetic_codec, synthetic_kv, synthetic_rop
 
 DEV = torch.device("cuda")
 DEADLINE = [float("inf")]
-ORIG_QUANTIZE = LayerStorage._quantize
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}
 CONTEXTS = {"llama2-7b": [4096, 16384, 65536, 131072, 524288], "llama3-8b": [4096, 16384, 65536, 131072]}
 BITS = [4, 3, 2]
+# decode rows: head-group value storage (the fields kernel) at every width + the token-group storage (tiles kernel)
+METHODS = [(4, "head"), (3, "head"), (2, "head"), (3, "token")]
+KV_OPTS = {}  # launch options of the fields kernel, chosen by diag_section (fastest at 128K) when it runs first
 
 
 def log(*a):
@@ -76,19 +78,21 @@ def copy_bandwidth():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def fill_storages(B, H, D, ctx, bits_list, value_group="token", dtype=torch.bfloat16, chunk=16384, want_fp16=True,
+def fill_storages(B, H, D, ctx, bits_list, value_group="head", dtype=torch.bfloat16, chunk=16384, want_fp16=True,
                   frac=0.01, n_sinks=1):
-    """fp16 K/V [B, H, ctx, D] (post-RoPE) and one LayerStorage per bit width filled through quantize_append."""
+    """fp16 K/V [B, H, ctx, D] (post-RoPE) and one LayerStorage per entry of ``bits_list`` filled through
+    quantize_append; an entry is a bit width (storage of ``value_group``) or a (bits, value_group) pair."""
     rope = synthetic_rope(D, base=500000.0)
-    codecs = {b: synthetic_codec(H, D, b, frac, value_group, seed=b) for b in bits_list}
-    sts = {b: LayerStorage(codecs[b], rope, n_sinks, 0, B, dtype, DEV, initial_capacity=ctx) for b in bits_list}
+    spec = {e: (e if isinstance(e, tuple) else (e, value_group)) for e in bits_list}
+    codecs = {e: synthetic_codec(H, D, b, frac, vg, seed=b) for e, (b, vg) in spec.items()}
+    sts = {e: LayerStorage(codecs[e], rope, n_sinks, 0, B, dtype, DEV, initial_capacity=ctx) for e in bits_list}
     kf = torch.empty(B, H, ctx, D, dtype=dtype, device=DEV) if want_fp16 else None
     vf = torch.empty_like(kf) if want_fp16 else None
     t = 0
     while t < ctx:
         n = min(chunk, ctx - t)
         pos = torch.arange(t, t + n, device=DEV)[None, :].expand(B, n)
-        k, v = synthetic_kv(codecs[bits_list[0]] if bits_list else synthetic_codec(H, D, 3, frac, value_group),
+        k, v = synthetic_kv(codecs[bits_list[0]] if bits_list else synthetic_codec(H, D, 3, frac, "head"),
                             rope, B, n, pos, dtype=dtype, device=DEV, seed=t)
         if want_fp16:
             kf[:, :, t:t + n] = k
@@ -145,7 +149,7 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
                     continue
                 cmax = max(ctxs)
             t0 = time.time()
-            kf, vf, sts, rope = fill_storages(B, H, D, cmax, BITS)
+            kf, vf, sts, rope = fill_storages(B, H, D, cmax, METHODS)
             log(f"filled {shape} B={B} ctx={cmax} in {time.time() - t0:.1f}s")
             scaling = D**-0.5
             g = torch.Generator(device=DEV).manual_seed(1)
@@ -170,19 +174,22 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
                                        rel_err=rel(kernels.fp16_decode_attention(q, ks, vs, scaling).float(),
                                                    ref.float()),
                                        sdpa_rel_err=rel(sdpa_decode(q, ks, vs, scaling, gqa).float(), ref.float())))
-                for b, st in sts.items():
+                for (b, vg), st in sts.items():
                     st.n_q = ctx - st.n_s
                     nbytes, _ = storage_bytes_read(st, st.n_q)
-                    us = bench(lambda: kernels.decode_attention(q, st, scaling))  # noqa: B023
-                    rows.append(dict(shape=shape, context=ctx, batch=B, method=f"nuq{b}-1pct", impl="kvquant",
+                    kw = dict(KV_OPTS) if vg == "head" else {}
+                    impl = "kvquant-fields" if vg == "head" else "kvquant-tiles"
+                    us = bench(lambda: kernels.decode_attention(q, st, scaling, **kw))  # noqa: B023
+                    name = f"nuq{b}-1pct" + ("" if vg == "head" else "-tokengroup")
+                    rows.append(dict(shape=shape, context=ctx, batch=B, method=name, impl=impl, value_group=vg,
                                      bits=round(effective_bits(st), 3), outlier_fraction=0.01,
                                      latency_us=round(us, 2), gbps=round(nbytes / (us * 1e-6) / 1e9, 1),
                                      bw_fraction=round(nbytes / (us * 1e-6) / 1e9 / copy_bw, 3),
                                      speedup_vs_best_fp16=round(best / us, 3)))
                     if check and ctx == min(ctxs):
-                        out = kernels.decode_attention(q, st, scaling)
+                        out = kernels.decode_attention(q, st, scaling, **kw)
                         ref = reference_decode_attention(q, st, scaling)
-                        checks.append(dict(kernel=f"kvquant_nuq{b}", shape=shape, batch=B, context=ctx,
+                        checks.append(dict(kernel=f"{impl}_{name}", shape=shape, batch=B, context=ctx,
                                            rel_err=rel(out.float(), ref.float())))
                     st.n_q = cmax - st.n_s
                 log(rows[-5:])
@@ -191,30 +198,50 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
 
 
 def diag_section(res, copy_bw):
-    """Where the time goes at Llama-3-8B 128K batch 1, nuq3: value outliers per token vs per head, split counts."""
+    """Launch-parameter sweep of the fields kernel at Llama-3-8B 128K batch 1, nuq3-1% (head-group values): tokens per
+    block, warps, register cap; plus the tiles kernel on token-group storage with/without the value-slot correction.
+    The fastest fields configuration becomes KV_OPTS for the decode rows."""
     rows = res.setdefault("diag", [])
     Hq, H, D = SHAPES["llama3-8b"]
     ctx = 131072
     q = torch.randn(1, Hq, 1, D, device=DEV).bfloat16()
-    for vg in ("token", "head"):
-        for frac in (0.01, 0.0):
-            if frac == 0.0 and vg == "head":
+    _, _, sts, _ = fill_storages(1, H, D, ctx, [(3, "head"), (3, "token")], want_fp16=False)
+    best = None
+    st = sts[(3, "head")]
+    nbytes, _ = storage_bytes_read(st, st.n_q)
+    for bt in (32, 64):
+        for nw in (4, 8):
+            for mr in (None, 128):
+                kw = dict(block_t=bt, num_warps=nw, maxnreg=mr)
+                try:
+                    us = bench(lambda: kernels.decode_attention(q, st, D**-0.5, **kw))  # noqa: B023
+                except Exception as e:  # noqa: BLE001
+                    log("diag fail", kw, repr(e)[:200])
+                    continue
+                rows.append(dict(kernel="fields", value_group="head", **kw, latency_us=round(us, 2),
+                                 gbps=round(nbytes / (us * 1e-6) / 1e9, 1)))
+                log(rows[-1])
+                if best is None or us < best[0]:
+                    best = (us, kw)
+    st = sts[(3, "token")]
+    nbytes, _ = storage_bytes_read(st, st.n_q)
+    for vc in (True, False):
+        for bt in (32, 64):
+            kw = dict(block_t=bt, value_correction=vc)
+            try:
+                us = bench(lambda: kernels.decode_attention(q, st, D**-0.5, **kw))  # noqa: B023
+            except Exception as e:  # noqa: BLE001
+                log("diag fail", kw, repr(e)[:200])
                 continue
-            _, _, sts, _ = fill_storages(1, H, D, ctx, [3], value_group=vg, want_fp16=False, frac=frac)
-            st = sts[3]
-            nbytes, _ = storage_bytes_read(st, st.n_q)
-            for ns in (None, 64, 256):
-                for bt in (32, 64):
-                    try:
-                        us = bench(lambda: kernels.decode_attention(q, st, D**-0.5, num_splits=ns, block_t=bt))  # noqa: B023
-                    except Exception as e:  # noqa: BLE001
-                        log("diag fail", vg, frac, ns, bt, repr(e)[:200])
-                        continue
-                    rows.append(dict(value_group=vg, outlier_fraction=frac, num_splits=ns, block_t=bt,
-                                     latency_us=round(us, 2), gbps=round(nbytes / (us * 1e-6) / 1e9, 1)))
-                    log(rows[-1])
-            del sts
-            torch.cuda.empty_cache()
+            rows.append(dict(kernel="tiles", value_group="token", **kw, latency_us=round(us, 2),
+                             gbps=round(nbytes / (us * 1e-6) / 1e9, 1)))
+            log(rows[-1])
+    if best is not None:
+        KV_OPTS.clear()
+        KV_OPTS.update(best[1])
+        res["fields_launch"] = dict(best[1])
+    del sts
+    torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,9 +305,9 @@ def capacity_section(res, out_dir, mem_bytes):
         step["fill_s_one_layer"] = round(time.time() - t0, 1)
         st0 = sts[2]
         q = torch.randn(1, Hq, 1, D, device=DEV).bfloat16()
-        out = kernels.decode_attention(q, st0, D**-0.5)
+        out = kernels.decode_attention(q, st0, D**-0.5, **KV_OPTS)
         step["finite"] = bool(torch.isfinite(out).all())
-        step["layer_latency_us"] = round(bench(lambda: kernels.decode_attention(q, st0, D**-0.5)), 1)  # noqa: B023
+        step["layer_latency_us"] = round(bench(lambda: kernels.decode_attention(q, st0, D**-0.5, **KV_OPTS)), 1)
         stores = [st0]
         # the other 31 layers: copies of layer 0's tensors (real allocations; filling each through the kernel would
         # only repeat the same work)
@@ -297,11 +324,11 @@ def capacity_section(res, out_dir, mem_bytes):
 
         def all_layers():
             for s in stores:
-                kernels.decode_attention(q, s, D**-0.5)
+                kernels.decode_attention(q, s, D**-0.5, **KV_OPTS)
 
         step["all_layers_attention_ms"] = round(bench(all_layers, rep=500) / 1e3, 3)
         step["context"] = ctx
-        step["cache"] = "nuq2-1pct"
+        step["cache"] = "nuq2-1pct (head-group values, fields kernel)"
     except Exception as e:  # noqa: BLE001
         step["error"] = repr(e)[:500]
         traceback.print_exc()
@@ -311,39 +338,72 @@ def capacity_section(res, out_dir, mem_bytes):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def generate_section(res, contexts, n_layers=32, new_tokens=16):
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-
-    from kvquant.cache import KVQuantCache
-    from kvquant.models import model_identity
-    from kvquant.quantizer import Quantizer, QuantizerConfig
+def llama3_8b_config(n_layers=32):
+    from transformers import LlamaConfig
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=n_layers, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=262144,
                       rope_theta=500000.0, torch_dtype="bfloat16")
     cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def random_llama3(n_layers=32):
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(0)
     with torch.device(DEV):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    qcfg = QuantizerConfig(bits=3, outlier_fraction=0.01, n_sinks=1, recent_window=0)
+        model = LlamaForCausalLM(llama3_8b_config(n_layers)).to(torch.bfloat16).eval()
+    return model
+
+
+GEN_CACHES = ("dynamic", "quanto-int4", "quanto-int2", "kvquant-nuq3-1pct-reference", "kvquant-nuq3-1pct-fused")
+# (value_group "head": the fields kernel)
+
+
+def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHES):
+    from transformers import DynamicCache, QuantizedCache
+
+    from kvquant.cache import KVQuantCache
+    from kvquant.models import model_identity
+    from kvquant.quantizer import Quantizer, QuantizerConfig
+
+    model = random_llama3(n_layers)
+    qcfg = QuantizerConfig(bits=3, outlier_fraction=0.01, n_sinks=1, recent_window=0, value_group="head")
     ident = model_identity(model)
-    layers = [synthetic_codec(8, 128, 3, 0.01, "token", seed=i) for i in range(n_layers)]
+    layers = [synthetic_codec(8, 128, 3, 0.01, "head", seed=i) for i in range(n_layers)]
     quant = Quantizer(qcfg, ident, layers)
     rows = []
+
+    def make_cache(name):
+        os.environ["KVQUANT_FUSED_DECODE"] = "0" if name.endswith("-reference") else "1"
+        if name == "dynamic":
+            return DynamicCache(config=model.config)
+        if name.startswith("quanto"):
+            # transformers' QuantizedCache (quanto backend, per-token int groups of 64, 128-token fp16 residual)
+            return QuantizedCache("quanto", model.config, nbits=int(name[-1]), q_group_size=64, residual_length=128)
+        return KVQuantCache(quant, model)
+
+    for name in caches:  # warm-up (kernel compilation) on a short prompt
+        try:
+            with torch.no_grad():
+                cache = make_cache(name)
+                out = model(torch.randint(0, 32000, (1, 600), device=DEV), past_key_values=cache, use_cache=True,
+                            logits_to_keep=1)
+                for _ in range(3):
+                    out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+        except Exception as e:  # noqa: BLE001
+            log("warm-up failed", name, repr(e)[:300])
     for ctx in contexts:
         ids = torch.randint(0, 32000, (1, ctx), device=DEV)
-        for name in ("dynamic", "kvquant-nuq3-1pct", "kvquant-nuq3-1pct+kernel-append"):
+        for name in caches:
+            if time.time() > DEADLINE[0]:
+                log(f"deadline: skip generate {ctx} {name}")
+                continue
             try:
                 torch.cuda.empty_cache()
-                if name == "dynamic":
-                    model.set_attn_implementation("sdpa")
-                    cache = DynamicCache(config=model.config)
-                else:
-                    cache = KVQuantCache(quant, model)
-                if name.endswith("+kernel-append"):  # proposed storage change: encode through quantize_append
-                    LayerStorage._quantize = lambda self, k, v, pos: kernels.quantize_append(self, k, v, pos)
-                else:
-                    LayerStorage._quantize = ORIG_QUANTIZE
+                torch.cuda.reset_peak_memory_stats()
+                cache = make_cache(name)
                 t0 = time.time()
                 with torch.no_grad():
                     out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -362,30 +422,60 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16):
                 dt = sorted(times[2:])[len(times[2:]) // 2]
                 rows.append(dict(context=ctx, cache=name, tokens_per_s=round(1 / dt, 2), step_ms=round(dt * 1e3, 2),
                                  prefill_s=round(prefill, 2), layers=n_layers,
-                                 mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1)))
+                                 peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1)))
                 log(rows[-1])
                 del cache, out
             except Exception as e:  # noqa: BLE001
                 rows.append(dict(context=ctx, cache=name, error=repr(e)[:400]))
                 traceback.print_exc()
-            torch.cuda.reset_peak_memory_stats()
+    os.environ.pop("KVQUANT_FUSED_DECODE", None)
     res["generate"] = dict(model="random-weight Llama-3-8B shape (bf16)", layers=n_layers, new_tokens=new_tokens,
                            rows=rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def calibration_section(res, n_windows=16, window=2048):
+    """Calibration wall time on the GPU for a random-weight Llama-3-8B-shaped model (time only: random weights)."""
+    from kvquant.calibration import CalibrationSettings, build_quantizer, collect_statistics
+    from kvquant.quantizer import QuantizerConfig
+
+    model = random_llama3()
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, 32000, (n_windows, window), generator=g)
+    torch.cuda.synchronize()
+    t0 = time.time()
+    stats = collect_statistics(model, windows, CalibrationSettings(outlier_fractions=(0.0, 0.01)), progress=False)
+    torch.cuda.synchronize()
+    t_stats = time.time() - t0
+    t1 = time.time()
+    for bits in BITS:
+        build_quantizer(stats, QuantizerConfig(bits=bits, outlier_fraction=0.01))
+    t_fit = time.time() - t1
+    res["calibration"] = dict(model="random-weight Llama-3-8B shape (bf16, 32 layers)", windows=n_windows,
+                              window=window, statistics_s=round(t_stats, 1), fit_s_nuq4_3_2=round(t_fit, 1),
+                              total_s=round(t_stats + t_fit, 1),
+                              peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))
+    log(res["calibration"])
+    del model, stats
+    torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--sections", default="bw,decode,quant,diag,capacity,generate")
+    ap.add_argument("--sections", default="bw,decode,quant,capacity,generate,calib")
     ap.add_argument("--shapes", default="llama3-8b,llama2-7b")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--gen-contexts", default="32768,131072")
     ap.add_argument("--gen-layers", type=int, default=32)
+    ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
+    ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     secs = args.sections.split(",")
+    only_ctx = [int(c) for c in args.contexts.split(",")] if args.contexts else None
     res = {"env": env_info()}
     log(res["env"])
     t_start = time.time()
@@ -398,14 +488,16 @@ def main():
     res["copy_bandwidth_gbps"] = round(copy_bandwidth(), 1) if "bw" in secs else 4213.0
     log("copy bandwidth GB/s", res["copy_bandwidth_gbps"])
     for name, fn in (
+        ("diag", lambda: diag_section(res, res["copy_bandwidth_gbps"])),
         ("quant", lambda: quant_speed(res)),
         ("capacity_first", None),
         ("decode", lambda: decode_section(res, res["copy_bandwidth_gbps"], args.shapes.split(","),
-                                          [int(b) for b in args.batches.split(",")])),
+                                          [int(b) for b in args.batches.split(",")],
+                                          only_ctx=only_ctx)),
         ("capacity", lambda: capacity_section(res, args.out, torch.cuda.get_device_properties(0).total_memory)),
-        ("diag", lambda: diag_section(res, res["copy_bandwidth_gbps"])),
         ("generate", lambda: generate_section(res, [int(c) for c in args.gen_contexts.split(",")],
-                                              args.gen_layers)),
+                                              args.gen_layers, caches=args.gen_caches.split(","))),
+        ("calib", lambda: calibration_section(res)),
     ):
         if fn is None:
             continue

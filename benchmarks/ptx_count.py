@@ -47,14 +47,18 @@ def signature(fn, const):
     return sig
 
 
-def compile_decode(bits=3, cv=10, ck=1, has_mask=False, v_token=True, extra=None, bt=64, num_warps=4):
+def compile_decode(bits=3, cv=10, ck=1, has_mask=False, v_token=True, extra=None, bt=64, num_warps=4, fn=None,
+                   maxnreg=None):
     const = dict(H_KV=8, GROUP=4, GP=16, BITS=bits, D=128, CK=ck, CV=cv, V_TOKEN=v_token, BT=bt,
                  HAS_MASK=has_mask, USE_DOT=True, F32=False, K_AFFINE=True, GR=4, VCORR=cv > 0, VA=16)
     const.update(extra or {})
-    params = inspect.signature(K._kvq_decode_kernel.fn).parameters
+    fn = fn or K._kvq_decode_kernel
+    params = inspect.signature(fn.fn).parameters
     const = {k: v for k, v in const.items() if k in params}
-    src = ASTSource(K._kvq_decode_kernel, signature(K._kvq_decode_kernel, const), constexprs=const)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
+    src = ASTSource(fn, signature(fn, const), constexprs=const)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1,
+                                                                      **({} if maxnreg is None else
+                                                                         {"maxnreg": maxnreg})))
 
 
 def ptx_stats(ptx: str):

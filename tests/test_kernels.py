@@ -31,13 +31,15 @@ def rel(a, b):
 
 
 def make_storage(B, H, D, bits, n_q, n_s=1, n_w=0, value_group="token", device="cpu", dtype=torch.bfloat16,
-                 seed=0, fill="kernel", frac=0.01, offsets=None):
+                 seed=0, fill="kernel", frac=0.01, offsets=None, gap_at=None):
     codec = synthetic_codec(H, D, bits, frac, value_group, seed=seed)
     rope = synthetic_rope(D)
     st = LayerStorage(codec, rope, n_s, n_w, B, dtype, device)
     total = n_s + n_q + n_w
     off = torch.zeros(B, dtype=torch.long) if offsets is None else torch.as_tensor(offsets)
     pos = (torch.arange(total)[None, :] + 0 * off[:, None]).to(device)
+    if gap_at is not None:  # non-consecutive positions (a jump of 5 after token gap_at, then per-row offsets)
+        pos = pos + 5 * (pos >= gap_at) + off[:, None].to(device)
     k, v = synthetic_kv(codec, rope, B, total, pos.cpu(), dtype=dtype, device="cpu", seed=seed + 1)
     k, v = k.to(device), v.to(device)
     # sinks through the normal path
@@ -105,8 +107,10 @@ def test_quantize_append_head_group_d128_interpret():
 # decode attention vs reference
 # ---------------------------------------------------------------------------------------------------------------
 def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_lens=None, dtype=torch.bfloat16,
-                 fill="kernel", use_dot=None, num_splits=None, tol=1e-2, frac=0.01):
-    st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill, frac=frac)
+                 fill="kernel", use_dot=None, num_splits=None, tol=1e-2, frac=0.01, kernel=None, offsets=None,
+                 gap_at=None):
+    st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill, frac=frac,
+                                   offsets=offsets, gap_at=gap_at)
     g = torch.Generator().manual_seed(7)
     q = (torch.randn(B, Hq, 1, D, generator=g) * 2).to(dtype).to(device)
     total = n_s + n_q + n_w
@@ -114,7 +118,7 @@ def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_len
     if mask_lens is not None:
         keep = torch.arange(total)[None, :] >= (total - torch.tensor(mask_lens))[:, None]  # left padding
         mask = keep.to(device)
-    out = kernels.decode_attention(q, st, D**-0.5, mask, num_splits=num_splits, use_dot=use_dot)
+    out = kernels.decode_attention(q, st, D**-0.5, mask, num_splits=num_splits, use_dot=use_dot, kernel=kernel)
     ref = reference_decode_attention(q, st, D**-0.5, mask)
     assert out.shape == (B, Hq, 1, D) and out.dtype == dtype
     assert torch.isfinite(out).all()
@@ -139,6 +143,20 @@ def test_decode_gqa4_value_correction_interpret(bits):
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
 def test_decode_gqa2_d128_head_group_correction_interpret():
     check_decode(1, 4, 2, 128, 3, 70, 2, 3, "head", "cpu", fill="reference", num_splits=2, frac=0.05)
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_decode_fields_kernel_interpret(bits):
+    # the "fields" kernel (in-place bit fields, per-block RoPE table): GQA 4, head-group values, padded batch
+    check_decode(2, 8, 2, 128, bits, 100, 1, 3, "head", "cpu", mask_lens=[104, 60], num_splits=2, kernel="fields")
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_decode_fields_kernel_gappy_positions_mha_interpret():
+    # non-consecutive positions inside a block (per-element RoPE fallback), per-row offsets, MHA, 2% outliers
+    check_decode(2, 2, 2, 128, 3, 90, 1, 0, "head", "cpu", num_splits=2, kernel="fields", frac=0.02,
+                 offsets=[0, 40], gap_at=37)
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
@@ -239,10 +257,7 @@ def test_fused_cache_path_matches_reference_path(monkeypatch):
     ids = torch.randint(0, 128, (2, 40), generator=g)
 
     def run(fused: bool):
-        if fused:
-            monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1")
-        else:
-            monkeypatch.delenv("KVQUANT_FUSED_DECODE", raising=False)
+        monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1" if fused else "0")
         monkeypatch.setattr(kc, "_KERNEL_OK", {})
         cache = KVQuantCache(q, model)
         outs = []

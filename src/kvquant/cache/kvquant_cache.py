@@ -58,11 +58,15 @@ _KERNEL_OK: dict[str, bool] = {}
 
 
 def kernels_available(device: torch.device) -> bool:
-    """Whether decode steps go through the fused Triton kernel: opt-in with ``KVQUANT_FUSED_DECODE=1``.
+    """Whether decode steps (and encoding) go through the fused Triton kernels.
 
-    The fused decode kernel is correct (tests/test_kernels.py) but still slower than SDPA over the dequantized layer on
-    an H200 (benchmarks/gpu_decode.md), so it is off by default. ``KVQUANT_DISABLE_KERNELS=1`` always disables it."""
-    if os.environ.get("KVQUANT_DISABLE_KERNELS") == "1" or os.environ.get("KVQUANT_FUSED_DECODE") != "1":
+    On by default on CUDA devices (benchmarks/gpu_generate.md: faster end to end than the reference path);
+    ``KVQUANT_FUSED_DECODE=0`` or ``KVQUANT_DISABLE_KERNELS=1`` turns it off. On CPU the reference path runs, unless
+    ``KVQUANT_FUSED_DECODE=1`` under ``TRITON_INTERPRET=1`` (tests)."""
+    flag = os.environ.get("KVQUANT_FUSED_DECODE")
+    if os.environ.get("KVQUANT_DISABLE_KERNELS") == "1" or flag == "0":
+        return False
+    if torch.device(device).type != "cuda" and flag != "1":
         return False
     key = str(device)
     if key not in _KERNEL_OK:

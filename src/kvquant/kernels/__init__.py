@@ -130,8 +130,14 @@ def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int =
 # ----------------------------------------------------------------------------------------------------------------
 # decode attention
 # ----------------------------------------------------------------------------------------------------------------
-def decode_attention(query, storage, scaling, attention_mask=None, num_splits=None, block_t=None, use_dot=None):
-    """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D]."""
+def decode_attention(query, storage, scaling, attention_mask=None, num_splits=None, block_t=None, use_dot=None,
+                     num_warps=None, kernel=None, value_correction=None, maxnreg=None):
+    """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
+
+    ``kernel``: ``"fields"`` (bytes split into bit fields in place, RoPE from a per-block table; head_dim >= 128, a
+    per-channel affine key table and at most 4 value outlier slots per vector), ``"tiles"`` (interleave unpack; any
+    head_dim / slot count) or None (``"fields"`` where it applies). ``value_correction``: force the tiles kernel's
+    value-slot correction on/off (None: on where it applies)."""
     from . import _triton as K
 
     st = storage
@@ -186,6 +192,20 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     # value slots as a post-P@V correction (factorised one-hot dot [VA, BT] @ [BT, GR * D / VA]; tl.dot needs >= 16)
     va = 16
     vcorr = bool(use_dot and cv and gr * D // va >= 16 and bt >= 16)
+    if value_correction is not None:
+        vcorr = bool(value_correction and vcorr)
+    fields_ok = D >= 128 and kaff is not None and cv <= 4
+    if kernel is None:
+        kernel = "fields" if fields_ok else "tiles"
+    if kernel == "fields":
+        if not fields_ok:
+            raise ValueError("the fields kernel needs head_dim >= 128, an affine key table and <= 4 value slots.")
+        use_dot = True
+        gp = max(16, triton_next_pow2(group))
+        bt = block_t or 32
+        num_warps = num_warps or 4
+    elif kernel != "tiles":
+        raise ValueError(f"kernel must be 'fields', 'tiles' or None, got {kernel!r}.")
     if num_splits is None:
         nsq, chunk = _splits(n_q, B * H, dev, bt)
     else:
@@ -212,7 +232,9 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
         if t is not q and t.stride(-1) != 1:
             raise ValueError("sink/window tensors must have a contiguous last dimension.")
     mask_t = bias if bias is not None else pm
-    K._kvq_decode_kernel[(B * H, nsplit)](
+    fn = K._kvq_decode_fields_kernel if kernel == "fields" else K._kvq_decode_kernel
+    opts = {} if maxnreg is None or interpreting() else {"maxnreg": int(maxnreg)}
+    fn[(B * H, nsplit)](
         q, pacc, pm, pl,
         *quant, klut, vlev, invf, *(kaff if kaff is not None else (klut, klut, klut)), vlevh,
         sk, sv, wk, wv, mask_t,
@@ -225,7 +247,7 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
         n_s, n_q, n_w, chunk, nsq,
         H_KV=H, GROUP=group, GP=gp, BITS=bits, D=D, CK=ck, CV=cv, V_TOKEN=v_token, BT=bt,
         HAS_MASK=bias is not None, USE_DOT=use_dot, F32=interpreting(), K_AFFINE=kaff is not None, GR=gr,
-        VCORR=vcorr, VA=va, num_warps=4, num_stages=1,
+        VCORR=vcorr, VA=va, num_warps=num_warps or 4, num_stages=1, **opts,
     )
     return _reduce(pacc, pm, pl, B, Hq, nsplit, D, query.dtype, dev)
 

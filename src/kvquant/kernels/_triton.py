@@ -585,3 +585,265 @@ def _quant_values_kernel(
     code = tl.where(emask[None, :], code, 0)
     row = VC + b * svc_b + gi * svc_g + (t + t_off) * svc_t
     _pack_store(code, row, BITS, BT, NVP, NV, 0, NV // 4, tmask)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# decode attention, "field" layout (v4): no interleave. The packed bytes are read as they lie and split into four
+# fields, field f of column j holding channel 4 j + f (2/3-bit: 2-bit field f of low-plane byte j, plus bit f of the
+# high-plane byte j // 2 shifted by 4 (j % 2); 4-bit: nibble f of the 16-bit word j). A dot product does not care
+# about channel order, so the query, the per-channel key scale/zero and the RoPE frequencies are gathered in the same
+# order, and P@V accumulates four [GP, D/4] tiles stored at channels 4 j + f at the end.
+# RoPE: positions inside a block of BT tokens are almost always consecutive (p0 + tau): R(p0 + tau) = R(p0) R(tau),
+# so the query is rotated by R(p0)^T once per block and the keys by a fixed [BT, D/8] cos/sin table of tau (no
+# per-element sin/cos); a block with non-consecutive positions (padding, custom position ids) computes them per
+# element.
+# ------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _planes(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask):
+    j = tl.arange(0, W)
+    m = tmask[:, None]
+    if BITS == 4:
+        w = tl.load((rows[:, None] + lo_off + 2 * j[None, :]).to(tl.pointer_type(tl.uint16)), mask=m,
+                    other=0).to(tl.int32)
+        return w, w
+    else:
+        lo = tl.load(rows[:, None] + lo_off + j[None, :], mask=m, other=0).to(tl.int32)
+        if BITS == 3:
+            hi = tl.load(rows[:, None] + hi_off + (j // 2)[None, :], mask=m, other=0).to(tl.int32)
+            hi = hi >> (4 * (j % 2))[None, :]
+        else:
+            hi = lo
+        return lo, hi
+
+
+@triton.jit
+def _field_codes(lo, hi, f: tl.constexpr, BITS: tl.constexpr):
+    if BITS == 4:
+        return (lo >> (4 * f)) & 15
+    else:
+        c = (lo >> (2 * f)) & 3
+        if BITS == 3:
+            if f <= 2:
+                c = c | ((hi << (2 - f)) & 4)
+            else:
+                c = c | ((hi >> 1) & 4)
+        return c
+
+
+@triton.jit
+def _key_field(lo1, hi1, lo2, hi2, f: tl.constexpr, BITS: tl.constexpr, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
+               C, S, qa1, qa2, D: tl.constexpr, W: tl.constexpr, CK: tl.constexpr, F32: tl.constexpr):
+    """scores [GP, BT] of field f (channels 4 j + f of both halves), keys rotated by C/S (cos/sin of tau)."""
+    HALF: tl.constexpr = D // 2
+    ch = 4 * tl.arange(0, W) + f
+    k1 = tl.load(KDL + _field_codes(lo1, hi1, f, BITS)) * tl.load(KSC + h * D + ch)[None, :] + \
+        tl.load(KZR + h * D + ch)[None, :]
+    k2 = tl.load(KDL + _field_codes(lo2, hi2, f, BITS)) * tl.load(KSC + h * D + HALF + ch)[None, :] + \
+        tl.load(KZR + h * D + HALF + ch)[None, :]
+    for j in tl.static_range(CK):
+        oi = tl.load(KOI + ko_row + j, mask=tmask, other=0).to(tl.int32)
+        ov = tl.load(KOV + ko_row + j, mask=tmask, other=0.0).to(tl.float32)
+        k1 = tl.where(oi[:, None] == ch[None, :], ov[:, None], k1)
+        k2 = tl.where(oi[:, None] == (ch + HALF)[None, :], ov[:, None], k2)
+    r1 = k1 * C - k2 * S
+    r2 = k2 * C + k1 * S
+    return _mm(qa1, tl.trans(r1.to(tl.float16)), F32) + _mm(qa2, tl.trans(r2.to(tl.float16)), F32)
+
+
+@triton.jit
+def _value_field(acc, p16, lo, hi, f: tl.constexpr, BITS: tl.constexpr, VLEV, vsc, vz, VOI, VOV, vo_row, v_idx_off,
+                 tmask, W: tl.constexpr, CV: tl.constexpr, F32: tl.constexpr):
+    ch = 4 * tl.arange(0, W) + f
+    v = tl.load(VLEV + _field_codes(lo, hi, f, BITS)) * vsc[:, None] + vz[:, None]
+    for j in tl.static_range(CV):
+        oi = tl.load(VOI + vo_row + j, mask=tmask, other=0).to(tl.int32) - v_idx_off
+        ov = tl.load(VOV + vo_row + j, mask=tmask, other=0.0).to(tl.float32)
+        v = tl.where(oi[:, None] == ch[None, :], ov[:, None], v)
+    v = tl.where(tmask[:, None], v, 0.0)
+    return acc + _mm(p16, v.to(tl.float16), F32)
+
+
+@triton.jit
+def _rot_q(q1, q2, om, p0, F32: tl.constexpr):
+    """R(p0)^T applied to the query pair tiles [GP, W] (om: the field's inverse frequencies [W]) -> fp16."""
+    c0, s0 = _cos_sin(p0 * om, F32)
+    c0 = c0[None, :]
+    s0 = s0[None, :]
+    return (q1 * c0 + q2 * s0).to(tl.float16), (q2 * c0 - q1 * s0).to(tl.float16)
+
+
+@triton.jit
+def _tau_cs(rel, om, F32: tl.constexpr):
+    return _cos_sin(rel[:, None] * om[None, :], F32)
+
+
+@triton.jit
+def _kvq_decode_fields_kernel(
+    Q, PACC, PM, PL,
+    KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS,
+    KLUT, VLEV, INVF, KDL, KSC, KZR, VLEVH,
+    SK, SV, WK, WV, MASK,
+    qk_scale, rope_scale,
+    sqb, sqh,
+    skc_b, skc_h, skc_t, sko_b, sko_h, sko_t,
+    svc_b, svc_g, svc_t, svs_b, svs_g, svs_t, svo_b, svo_g, svo_t,
+    sqp_b,
+    ssk_b, ssk_h, ssk_t, ssv_b, ssv_h, ssv_t,
+    swk_b, swk_h, swk_t, swv_b, swv_h, swv_t,
+    smask_b,
+    n_s, n_q, n_w, chunk, NSPLIT_Q,
+    H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
+    BITS: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
+    V_TOKEN: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
+    F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
+):
+    HALF: tl.constexpr = D // 2
+    NKC: tl.constexpr = D // 8  # columns per key half and field
+    NVC: tl.constexpr = D // 4  # columns per value field
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H_KV
+    h = pid_bh % H_KV
+    nsplit = NSPLIT_Q + 1
+    g = tl.arange(0, GP)
+    gmask = g < GROUP
+    row = (b * H_KV * GROUP + h * GROUP + g) * nsplit + pid_s
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    mask_row = MASK + b * smask_b
+    if pid_s < NSPLIT_Q:
+        jk = tl.arange(0, NKC)
+        jv = tl.arange(0, NVC)
+        qrow = Q + b * sqb + (h * GROUP + g)[:, None] * sqh
+        gm = gmask[:, None]
+        # query (RoPE attention_scaling folded in), per field f: channels 4 j + f of each half
+        q10 = tl.load(qrow + (4 * jk + 0)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+        q11 = tl.load(qrow + (4 * jk + 1)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+        q12 = tl.load(qrow + (4 * jk + 2)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+        q13 = tl.load(qrow + (4 * jk + 3)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+        q20 = tl.load(qrow + HALF + (4 * jk + 0)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+        q21 = tl.load(qrow + HALF + (4 * jk + 1)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+        q22 = tl.load(qrow + HALF + (4 * jk + 2)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+        q23 = tl.load(qrow + HALF + (4 * jk + 3)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+        om0 = tl.load(INVF + 4 * jk + 0)
+        om1 = tl.load(INVF + 4 * jk + 1)
+        om2 = tl.load(INVF + 4 * jk + 2)
+        om3 = tl.load(INVF + 4 * jk + 3)
+        tau = tl.arange(0, BT).to(tl.float32)
+        C0, S0 = _tau_cs(tau, om0, F32)
+        C1, S1 = _tau_cs(tau, om1, F32)
+        C2, S2 = _tau_cs(tau, om2, F32)
+        C3, S3 = _tau_cs(tau, om3, F32)
+        acc0 = tl.zeros([GP, NVC], tl.float32)
+        acc1 = tl.zeros([GP, NVC], tl.float32)
+        acc2 = tl.zeros([GP, NVC], tl.float32)
+        acc3 = tl.zeros([GP, NVC], tl.float32)
+        kc_base = KC + b * skc_b + h * skc_h
+        ko_base = b * sko_b + h * sko_h
+        if V_TOKEN:
+            vc_base = VC + b * svc_b
+            vs_base = b * svs_b
+            vo_base = b * svo_b
+            if BITS == 4:
+                v_lo_off = h * (D // 2)
+            else:
+                v_lo_off = h * (D // 4)
+            v_hi_off = H_KV * D // 4 + h * (D // 8)
+            v_idx_off = h * D
+        else:
+            vc_base = VC + b * svc_b + h * svc_g
+            vs_base = b * svs_b + h * svs_g
+            vo_base = b * svo_b + h * svo_g
+            v_lo_off = 0
+            v_hi_off = D // 4
+            v_idx_off = 0
+        if BITS == 4:
+            k_half = D // 4
+        else:
+            k_half = D // 8
+        q_lo = pid_s * chunk
+        q_hi = tl.minimum(q_lo + chunk, n_q)
+        taui = tl.arange(0, BT)
+        for t0 in range(q_lo, q_hi, BT):
+            t = t0 + taui
+            tmask = t < q_hi
+            pos = tl.load(QPOS + b * sqp_b + t, mask=tmask, other=0)
+            d = pos - taui
+            p0 = tl.min(tl.where(tmask, d, 2147483647), 0)
+            contig = p0 == tl.max(tl.where(tmask, d, -2147483647), 0)
+            p0f = p0.to(tl.float32)
+            if contig:
+                c0, s0, c1, s1, c2, s2, c3, s3 = C0, S0, C1, S1, C2, S2, C3, S3
+            else:
+                rel = (pos - p0).to(tl.float32)
+                c0, s0 = _tau_cs(rel, om0, F32)
+                c1, s1 = _tau_cs(rel, om1, F32)
+                c2, s2 = _tau_cs(rel, om2, F32)
+                c3, s3 = _tau_cs(rel, om3, F32)
+            krow = kc_base + t * skc_t
+            lo1, hi1 = _planes(krow, 0, D // 4, NKC, BITS, tmask)
+            lo2, hi2 = _planes(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask)
+            ko_row = ko_base + t * sko_t
+            a1, a2 = _rot_q(q10, q20, om0, p0f, F32)
+            s = _key_field(lo1, hi1, lo2, hi2, 0, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask, c0, s0, a1, a2,
+                           D, NKC, CK, F32)
+            a1, a2 = _rot_q(q11, q21, om1, p0f, F32)
+            s += _key_field(lo1, hi1, lo2, hi2, 1, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask, c1, s1, a1, a2,
+                            D, NKC, CK, F32)
+            a1, a2 = _rot_q(q12, q22, om2, p0f, F32)
+            s += _key_field(lo1, hi1, lo2, hi2, 2, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask, c2, s2, a1, a2,
+                            D, NKC, CK, F32)
+            a1, a2 = _rot_q(q13, q23, om3, p0f, F32)
+            s += _key_field(lo1, hi1, lo2, hi2, 3, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask, c3, s3, a1, a2,
+                            D, NKC, CK, F32)
+            s = s * qk_scale
+            if HAS_MASK:
+                bias = tl.load(mask_row + n_s + t, mask=tmask, other=0.0)
+                s = s + bias[None, :] * 1.4426950408889634
+            s = tl.where(tmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            p16 = p.to(tl.float16)
+            vrow = vc_base + t * svc_t
+            vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
+            vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
+            vlo, vhi = _planes(vrow, v_lo_off, v_hi_off, NVC, BITS, tmask)
+            vo_row = vo_base + t * svo_t
+            acc0 = _value_field(acc0 * alpha[:, None], p16, vlo, vhi, 0, BITS, VLEV, vsc, vz, VOI, VOV, vo_row,
+                                v_idx_off, tmask, NVC, CV, F32)
+            acc1 = _value_field(acc1 * alpha[:, None], p16, vlo, vhi, 1, BITS, VLEV, vsc, vz, VOI, VOV, vo_row,
+                                v_idx_off, tmask, NVC, CV, F32)
+            acc2 = _value_field(acc2 * alpha[:, None], p16, vlo, vhi, 2, BITS, VLEV, vsc, vz, VOI, VOV, vo_row,
+                                v_idx_off, tmask, NVC, CV, F32)
+            acc3 = _value_field(acc3 * alpha[:, None], p16, vlo, vhi, 3, BITS, VLEV, vsc, vz, VOI, VOV, vo_row,
+                                v_idx_off, tmask, NVC, CV, F32)
+        out = PACC + row[:, None] * D + 4 * jv[None, :]
+        tl.store(out + 0, acc0, mask=gmask[:, None])
+        tl.store(out + 1, acc1, mask=gmask[:, None])
+        tl.store(out + 2, acc2, mask=gmask[:, None])
+        tl.store(out + 3, acc3, mask=gmask[:, None])
+    else:
+        # fp16 sinks and recent window (the last split), natural channel order
+        ch = tl.arange(0, HALF)
+        chd = tl.arange(0, D)
+        qp = Q + b * sqb + (h * GROUP + g)[:, None] * sqh + ch[None, :]
+        q1 = tl.load(qp, mask=gmask[:, None], other=0.0)
+        q2 = tl.load(qp + HALF, mask=gmask[:, None], other=0.0)
+        acc = tl.zeros([GP, D], tl.float32)
+        sk_base = SK + b * ssk_b + h * ssk_h
+        sv_base = SV + b * ssv_b + h * ssv_h
+        for t0 in range(0, n_s, BT):
+            m_i, l_i, acc = _dense_block(q1, q2, sk_base, sv_base, t0, n_s, ssk_t, ssv_t, mask_row, 0,
+                                         m_i, l_i, acc, qk_scale, D, BT, HAS_MASK, True, F32)
+        wk_base = WK + b * swk_b + h * swk_h
+        wv_base = WV + b * swv_b + h * swv_h
+        for t0 in range(0, n_w, BT):
+            m_i, l_i, acc = _dense_block(q1, q2, wk_base, wv_base, t0, n_w, swk_t, swv_t, mask_row, n_s + n_q,
+                                         m_i, l_i, acc, qk_scale, D, BT, HAS_MASK, True, F32)
+        tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
+    tl.store(PM + row, m_i, mask=gmask)
+    tl.store(PL + row, l_i, mask=gmask)
