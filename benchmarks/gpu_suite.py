@@ -361,7 +361,7 @@ GEN_CACHES = ("dynamic", "quanto-int4", "quanto-int2", "kvquant-nuq3-1pct-refere
 # (value_group "head": the fields kernel)
 
 
-def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHES):
+def generate_section(res, contexts, n_layers=32, new_tokens=10, caches=GEN_CACHES):
     from transformers import DynamicCache, QuantizedCache
 
     from kvquant.cache import KVQuantCache
@@ -464,7 +464,7 @@ def calibration_section(res, n_windows=16, window=2048):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--sections", default="bw,decode,quant,capacity,generate,calib")
+    ap.add_argument("--sections", default="bw,diag,quant,decode,capacity,calib,generate")
     ap.add_argument("--shapes", default="llama3-8b,llama2-7b")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--gen-contexts", default="32768,131072")
@@ -495,9 +495,9 @@ def main():
                                           [int(b) for b in args.batches.split(",")],
                                           only_ctx=only_ctx)),
         ("capacity", lambda: capacity_section(res, args.out, torch.cuda.get_device_properties(0).total_memory)),
+        ("calib", lambda: calibration_section(res)),
         ("generate", lambda: generate_section(res, [int(c) for c in args.gen_contexts.split(",")],
                                               args.gen_layers, caches=args.gen_caches.split(","))),
-        ("calib", lambda: calibration_section(res)),
     ):
         if fn is None:
             continue
