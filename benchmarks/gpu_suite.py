@@ -357,12 +357,12 @@ def random_llama3(n_layers=32):
     return model
 
 
-GEN_CACHES = ("dynamic", "quanto-int4", "quanto-int2", "kvquant-nuq3-1pct-reference", "kvquant-nuq3-1pct-fused")
+GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1pct-reference", "kvquant-nuq3-1pct-fused")
 # (value_group "head": the fields kernel)
 
 
 def generate_section(res, contexts, n_layers=32, new_tokens=10, caches=GEN_CACHES):
-    from transformers import DynamicCache, QuantizedCache
+    from transformers import DynamicCache, QuantizedCache, StaticCache
 
     from kvquant.cache import KVQuantCache
     from kvquant.models import model_identity
@@ -379,11 +379,14 @@ def generate_section(res, contexts, n_layers=32, new_tokens=10, caches=GEN_CACHE
         os.environ["KVQUANT_FUSED_DECODE"] = "0" if name.endswith("-reference") else "1"
         if name == "dynamic":
             return DynamicCache(config=model.config)
+        if name == "static":  # preallocated fp16 cache (no per-step concatenation)
+            return StaticCache(config=model.config, max_cache_len=max_len)
         if name.startswith("quanto"):
             # transformers' QuantizedCache (quanto backend, per-token int groups of 64, 128-token fp16 residual)
             return QuantizedCache("quanto", model.config, nbits=int(name[-1]), q_group_size=64, residual_length=128)
         return KVQuantCache(quant, model)
 
+    max_len = 1024
     for name in caches:  # warm-up (kernel compilation) on a short prompt
         try:
             with torch.no_grad():
@@ -396,6 +399,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=10, caches=GEN_CACHE
             log("warm-up failed", name, repr(e)[:300])
     for ctx in contexts:
         ids = torch.randint(0, 32000, (1, ctx), device=DEV)
+        max_len = ctx + new_tokens + 2
         for name in caches:
             if time.time() > DEADLINE[0]:
                 log(f"deadline: skip generate {ctx} {name}")

@@ -226,6 +226,11 @@ def test_decode_gpu(bits, D, dtype):
     check_decode(3, 32, 8, D, bits, 3000, 1, 17, "token", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype)
     check_decode(2, 8, 8, D, bits, 2000, 1, 0, "head", "cuda", dtype=dtype)
     check_decode(1, 8, 1, D, bits, 1000, 0, 5, "token", "cuda", dtype=dtype)  # MQA
+    if D >= 128:  # the fields kernel: GQA 4 with padding, and non-consecutive positions (per-element RoPE fallback)
+        check_decode(3, 32, 8, D, bits, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype,
+                     kernel="fields")
+        check_decode(2, 8, 8, D, bits, 700, 1, 0, "head", "cuda", dtype=dtype, kernel="fields", offsets=[0, 77],
+                     gap_at=300)
 
 
 @pytest.mark.gpu

@@ -204,6 +204,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
         gp = max(16, triton_next_pow2(group))
         bt = block_t or 32
         num_warps = num_warps or 4
+        if maxnreg is None and bt == 32 and num_warps == 4:
+            maxnreg = 128  # H200 sweep (benchmarks/gpu_decode.md): 630 us vs 653 us at 128K, Llama-3-8B shape
     elif kernel != "tiles":
         raise ValueError(f"kernel must be 'fields', 'tiles' or None, got {kernel!r}.")
     if num_splits is None:

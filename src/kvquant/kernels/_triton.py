@@ -195,8 +195,8 @@ def _kvq_decode_kernel(
     VDB: tl.constexpr = D // VA
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bh // H_KV
-    h = pid_bh % H_KV
+    b = (pid_bh // H_KV).to(tl.int64)  # 64-bit base offsets: caches of > 2^31 bytes
+    h = (pid_bh % H_KV).to(tl.int64)
     nsplit = NSPLIT_Q + 1
 
     g = tl.arange(0, GP)
@@ -366,8 +366,8 @@ def _fp16_decode_kernel(
     HALF: tl.constexpr = D // 2
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bh // H_KV
-    h = pid_bh % H_KV
+    b = (pid_bh // H_KV).to(tl.int64)  # 64-bit base offsets: caches of > 2^31 bytes
+    h = (pid_bh % H_KV).to(tl.int64)
     g = tl.arange(0, GP)
     gmask = g < GROUP
     ch = tl.arange(0, HALF)
@@ -465,8 +465,8 @@ def _quant_keys_kernel(
 ):
     L: tl.constexpr = 1 << BITS
     pid_bh = tl.program_id(0)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
     tmask = t < T
     c = tl.arange(0, D)
@@ -521,8 +521,8 @@ def _quant_values_kernel(
 ):
     L: tl.constexpr = 1 << BITS
     pid_bg = tl.program_id(0)
-    b = pid_bg // G
-    gi = pid_bg % G
+    b = (pid_bg // G).to(tl.int64)
+    gi = (pid_bg % G).to(tl.int64)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
     tmask = t < T
     e = tl.arange(0, NVP)
@@ -702,8 +702,8 @@ def _kvq_decode_fields_kernel(
     NVC: tl.constexpr = D // 4  # columns per value field
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bh // H_KV
-    h = pid_bh % H_KV
+    b = (pid_bh // H_KV).to(tl.int64)  # 64-bit base offsets: caches of > 2^31 bytes
+    h = (pid_bh % H_KV).to(tl.int64)
     nsplit = NSPLIT_Q + 1
     g = tl.arange(0, GP)
     gmask = g < GROUP
