@@ -357,7 +357,8 @@ def random_llama3(n_layers=32):
     return model
 
 
-GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1pct-reference", "kvquant-nuq3-1pct-fused")
+GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1pct-reference",
+              "kvquant-nuq3-1pct-fused")
 # (value_group "head": the fields kernel)
 
 
