@@ -1,6 +1,10 @@
-"""Turn gpu_suite.py's JSON into benchmarks/gpu_decode.{md,json,png}, gpu_capacity.{md,json}, gpu_generate.{md,json}.
+"""Turn gpu_suite.py's JSON files into benchmarks/gpu_decode.{md,json,png}, gpu_capacity.{md,json} and
+gpu_generate.{md,json}.
 
-    python benchmarks/gpu_report.py PATH/TO/gpu_suite.json [--out benchmarks]
+    python benchmarks/gpu_report.py RUN.json [RUN.json ...] [--out benchmarks]
+
+Each run's JSON (benchmarks/gpu_runs/) keeps its own command, versions and date; every row below names its run.
+Within one (shape, context, batch) all rows come from the same run, measured side by side.
 """
 
 from __future__ import annotations
@@ -9,50 +13,81 @@ import argparse
 import json
 import os
 
+COMMITS = {  # code each committed run measured (gpu_suite.py was run from a checkout of this commit)
+    "run1_2026-11-29": "b83d9ab + uncommitted suite changes (tiles kernel only; value-slot correction on)",
+    "run2_2026-11-29": "569f923 (fields kernel added)",
+    "run3_2026-11-29": "e65c302 (64-bit offsets; fields kernel register cap 128)",
+}
 
-def header(env, title):
-    return (f"# {title}\n\nCommand: `{env['command']}`  \n"
-            f"GPU: {env['gpu']} ({env['sms']} SMs, {env['memory_gib']} GiB); torch {env['torch']}, "
-            f"triton {env['triton']}, python {env['python']}; date {env['date']}.\n\n")
+
+def env_line(name, env):
+    return (f"- `{name}`: `{env['command']}`; {env['gpu']} ({env['sms']} SMs, {env['memory_gib']} GiB), torch "
+            f"{env['torch']}, triton {env['triton']}, python {env['python']}; {env['date']}; code "
+            f"{COMMITS.get(name, '?')}\n")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("suite_json")
-    ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
-    a = ap.parse_args()
-    r = json.load(open(a.suite_json))
-    env = r["env"]
-    out = a.out
-    # ---- decode
-    dec = {"gpu": env["gpu"], "copy_bandwidth_gbps": r["copy_bandwidth_gbps"], "env": env,
-           "rows": r.get("rows", []), "checks": r.get("checks", []), "diag": r.get("diag", []),
-           "quantize_append": r.get("quantize_append")}
+def load(paths):
+    runs = []
+    for p in paths:
+        name = os.path.splitext(os.path.basename(p))[0]
+        runs.append((name, json.load(open(p))))
+    return runs
+
+
+def decode_report(runs, out):
+    rows, checks, diag, envs, qa = [], [], [], [], None
+    bw = None
+    for name, r in runs:
+        if not r.get("rows"):
+            continue
+        envs.append((name, r["env"]))
+        bw = r["copy_bandwidth_gbps"] if bw is None else max(bw, r["copy_bandwidth_gbps"])
+        for x in r["rows"]:
+            rows.append({**x, "run": name, "copy_bandwidth_gbps": r["copy_bandwidth_gbps"]})
+        checks += [{**c, "run": name} for c in r.get("checks", [])]
+        diag += [{**d, "run": name} for d in r.get("diag", [])]
+        qa = r.get("quantize_append") or qa
+    rows.sort(key=lambda x: (x["shape"] != "llama3-8b", x["batch"], x["context"]))
+    dec = {"gpu": envs[0][1]["gpu"], "copy_bandwidth_gbps": bw, "runs": {n: e for n, e in envs}, "rows": rows,
+           "checks": checks, "diag": diag, "quantize_append": qa}
     json.dump(dec, open(os.path.join(out, "gpu_decode.json"), "w"), indent=1)
-    md = header(env, "Decode attention per layer on the H200")
-    md += (f"Measured device copy bandwidth: **{r['copy_bandwidth_gbps']} GB/s** (read + write of a 2 GiB copy). "
-           "Latency: `triton.testing.do_bench` median (L2 flushed before each call). GB/s = bytes the kernel must read "
-           "(fp16: K+V; KVQuant: every quantized field incl. outliers, scales, q_pos, plus the fp16 sink) / time. "
-           "Speedup = best fp16 (SDPA flash or our split-K) / this row. Synthetic quantizers (random sorted "
-           "codebooks, random per-channel ranges with outlier channels); storages filled through `quantize_append` "
-           "on random keys with outlier channels; value outliers per token across KV heads (the default config).\n\n")
-    md += "| shape | context | batch | method | impl | bits | latency (us) | GB/s | % copy BW | speedup |\n"
+    md = "# Decode attention per layer on one H200\n\nRuns:\n\n" + "".join(env_line(n, e) for n, e in envs)
+    md += (f"\nDevice copy bandwidth (read + write of a 2 GiB copy), measured in each run: up to **{bw} GB/s**. "
+           "Latency: `triton.testing.do_bench` median. GB/s = bytes the kernel must read (fp16: K + V; KVQuant: "
+           "every quantized field incl. outliers, scales and q_pos, plus the fp16 sink) / time; bits = that storage "
+           "per K/V element, measured from the allocated tensors. Speedup = best fp16 (PyTorch SDPA or our split-K "
+           "kernel) / this row. Synthetic quantizers (random sorted codebooks, random per-channel key ranges with "
+           "outlier channels), storages filled through `quantize_append`; 1 fp16 sink. `nuqN-1pct` = head-group "
+           "value ranges (one value slot per head and token), read by the **fields** kernel (the default on CUDA); "
+           "`-tokengroup` = value ranges and 1% slots over all KV heads of a token (the CPU default), read by the "
+           "**tiles** kernel.\n\n")
+    md += ("| shape | context | batch | method | kernel | bits | latency (us) | GB/s | % copy BW | "
+           "speedup vs best fp16 |\n")
     md += "|---|---|---|---|---|---|---|---|---|---|\n"
-    for x in dec["rows"]:
-        md += (f"| {x['shape']} | {x['context']} | {x['batch']} | {x['method']} | {x['impl']} | {x['bits']} | "
-               f"{x['latency_us']} | {x['gbps']} | {100 * x['bw_fraction']:.1f}% | {x['speedup_vs_best_fp16']}x |\n")
-    if dec["checks"]:
-        md += "\nCorrectness (relative L2 error vs the float32 PyTorch reference over core.codec):\n\n"
-        for c in dec["checks"]:
-            md += f"- {c}\n"
-    if dec["diag"]:
-        md += ("\nDiagnostics (Llama-3-8B, 128K, batch 1, nuq3):\n\n"
-               "| value group | outlier fraction | splits | BT | us | GB/s |\n|---|---|---|---|---|---|\n")
-        for d in dec["diag"]:
-            md += (f"| {d['value_group']} | {d['outlier_fraction']} | {d['num_splits']} | {d['block_t']} | "
-                   f"{d['latency_us']} | {d['gbps']} |\n")
-    if dec["quantize_append"]:
-        md += f"\nquantize_append: {dec['quantize_append']}\n"
+    for x in rows:
+        md += (f"| {x['shape']} | {x['context']:,} | {x['batch']} | {x['method']} | {x['impl']} | {x['bits']} | "
+               f"{x['latency_us']:,} | {x['gbps']:,} | {100 * x['bw_fraction']:.1f}% | "
+               f"**{x['speedup_vs_best_fp16']}x** |\n")
+    if checks:
+        md += ("\nCorrectness on the GPU (relative L2 error vs the float32 PyTorch reference over core.codec, at the "
+               "smallest context of each block):\n\n| run | kernel | shape | batch | context | rel. error |\n"
+               "|---|---|---|---|---|---|\n")
+        for c in checks:
+            md += (f"| {c['run']} | {c['kernel']} | {c['shape']} | {c['batch']} | {c['context']} | "
+                   f"{c['rel_err']:.2e} |\n")
+    if diag:
+        md += ("\nLaunch sweep (Llama-3-8B shape, 128K, batch 1, nuq3-1%); the fastest fields configuration is the "
+               "library default:\n\n| run | kernel | value group | BT | warps | max regs | value-slot correction | "
+               "us | GB/s |\n|---|---|---|---|---|---|---|---|---|\n")
+        for d in diag:
+            md += (f"| {d['run']} | {d.get('kernel', 'tiles')} | {d.get('value_group', '')} | "
+                   f"{d.get('block_t', '')} | {d.get('num_warps', '')} | {d.get('maxnreg', '')} | "
+                   f"{d.get('value_correction', '')} | {d['latency_us']} | {d['gbps']} |\n")
+    if qa:
+        md += (f"\n`quantize_append` (Llama-3-8B shape, {qa['tokens']} tokens, nuq3-1%): {qa['kernel_us']} us = "
+               f"{qa['tokens_per_s'] / 1e6:.1f}M tokens/s vs {qa['torch_codec_us'] / 1e3:.0f} ms for the PyTorch "
+               f"codec on the same GPU; key-code mismatch {qa['key_code_mismatch']:.1e}, value-code mismatch "
+               f"{qa['value_code_mismatch']:.1e}.\n")
     open(os.path.join(out, "gpu_decode.md"), "w").write(md)
     try:
         import matplotlib
@@ -62,14 +97,14 @@ def main():
 
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for ax, shape in zip(axes, ("llama3-8b", "llama2-7b")):
-            for meth in sorted({(x["method"], x["impl"]) for x in dec["rows"]}):
-                pts = sorted((x["context"], x["latency_us"]) for x in dec["rows"]
+            for meth in sorted({(x["method"], x["impl"]) for x in rows}):
+                pts = sorted((x["context"], x["latency_us"]) for x in rows
                              if x["shape"] == shape and x["batch"] == 1 and (x["method"], x["impl"]) == meth)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{meth[0]} ({meth[1]})")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_title(f"{shape}, batch 1, one layer")
+            ax.set_title(f"{shape}, batch 1, one layer (H200)")
             ax.set_xlabel("context (tokens)")
             ax.set_ylabel("decode attention latency (us)")
             ax.legend(fontsize=7)
@@ -77,33 +112,78 @@ def main():
         fig.savefig(os.path.join(out, "gpu_decode.png"), dpi=110)
     except Exception as e:  # noqa: BLE001
         print("no plot:", e)
-    # ---- capacity
-    cap = r.get("capacity")
-    if cap:
-        json.dump({"env": env, **cap}, open(os.path.join(out, "gpu_capacity.json"), "w"), indent=1)
-        md = header(env, "Capacity: longest context on one H200, Llama-2-7B shape (32 layers, 32 KV heads, d128)")
-        md += (f"Budget = {cap['memory_bytes'] / 2**30:.1f} GiB GPU memory - {cap['weights_bytes'] / 1e9:.1f} GB bf16 "
-               f"weights - {cap['reserve_bytes'] / 2**30:.0f} GiB workspace. Bytes/token from the real allocated "
-               "LayerStorage (all quantized fields, q_pos), x 32 layers.\n\n"
-               "| cache | bytes/token | max context |\n|---|---|---|\n")
+
+
+def capacity_report(runs, out):
+    for name, r in runs[::-1]:
+        cap = r.get("capacity")
+        if not cap:
+            continue
+        env = r["env"]
+        json.dump({"env": env, "run": name, **cap}, open(os.path.join(out, "gpu_capacity.json"), "w"), indent=1)
+        md = "# Capacity: longest context on one H200, Llama-2-7B shape (32 layers, 32 KV heads, d128)\n\n"
+        md += "Run:\n\n" + env_line(name, env)
+        md += (f"\nBudget = {cap['memory_bytes'] / 2**30:.1f} GiB GPU memory - {cap['weights_bytes'] / 1e9:.1f} GB "
+               f"bf16 weights - {cap['reserve_bytes'] / 2**30:.0f} GiB workspace. Bytes/token from the real allocated "
+               "LayerStorage (every quantized field and q_pos) x 32 layers.\n\n"
+               "| cache | bits | bytes/token | max context | vs fp16 |\n|---|---|---|---|---|\n")
+        base = cap["rows"][0]["max_context"]
         for x in cap["rows"]:
-            md += f"| {x['cache']} | {x['bytes_per_token']} | {x['max_context']:,} |\n"
-        md += f"\n1M-token decode step: {cap.get('decode_1m')}\n"
+            md += (f"| {x['cache']} | {x.get('effective_bits', 16)} | {x['bytes_per_token']:,.0f} | "
+                   f"{x['max_context']:,} | {x['max_context'] / base:.2f}x |\n")
+        d = cap.get("decode_1m") or {}
+        if "error" in d:
+            md += f"\n1M-token decode step failed: {d['error']}\n"
+        elif d:
+            md += (f"\n**A real 1M-token decode step** ({d['context']:,} tokens, {d['cache']}): layer 0 filled through "
+                   f"the real `quantize_append` kernel with synthetic keys/values ({d['fill_s_one_layer']} s; a "
+                   "1M-token prefill does not fit in one device call), the other 31 layers hold copies of its tensors "
+                   f"(real allocations). All 32 layers allocate {d['allocated_gib_all_layers']} GiB "
+                   f"(GPU memory in use {d['gpu_memory_used_gib']} GiB, so the bf16 weights fit beside it). Decode "
+                   f"attention: {d['layer_latency_us'] / 1e3:.1f} ms per layer, {d['all_layers_attention_ms']:.0f} ms "
+                   f"for all 32 layers; output finite: {d['finite']}. The fp16 cache of this context would need "
+                   f"{32 * 2 * 32 * 128 * 2 * d['context'] / 2**30:.0f} GiB.\n")
         open(os.path.join(out, "gpu_capacity.md"), "w").write(md)
-    gen = r.get("generate")
-    if gen:
-        json.dump({"env": env, **gen}, open(os.path.join(out, "gpu_generate.json"), "w"), indent=1)
-        md = header(env, "End-to-end decode tokens/s (generate loop)")
-        md += (f"Model: {gen['model']}, {gen['layers']} layers, batch 1; {gen['new_tokens']} greedy decode steps after "
-               "the prefill, median step time.\n\n| context | cache | tokens/s | step ms | prefill s | peak GiB |\n"
-               "|---|---|---|---|---|---|\n")
+        return
+
+
+def generate_report(runs, out):
+    for name, r in runs[::-1]:
+        gen = r.get("generate")
+        if not gen or not gen.get("rows"):
+            continue
+        env = r["env"]
+        json.dump({"env": env, "run": name, **gen}, open(os.path.join(out, "gpu_generate.json"), "w"), indent=1)
+        md = "# End-to-end decode tokens/s (model forward loop with each cache)\n\nRun:\n\n" + env_line(name, env)
+        md += (f"\nModel: {gen['model']}, {gen['layers']} layers, batch 1, prompt of random token ids; "
+               f"{gen['new_tokens']} greedy decode steps after the prefill, median step time (the first two dropped). "
+               "quanto = transformers' `QuantizedCache` (quanto backend, q_group_size 64, 128-token fp16 residual).\n\n"
+               "| context | cache | tokens/s | vs dynamic fp16 | step ms | prefill s | peak GiB |\n"
+               "|---|---|---|---|---|---|---|\n")
+        base = {x["context"]: x["tokens_per_s"] for x in gen["rows"] if x.get("cache") == "dynamic" and
+                "tokens_per_s" in x}
         for x in gen["rows"]:
             if "error" in x:
-                md += f"| {x['context']} | {x['cache']} | error: {x['error'][:120]} | | | |\n"
-            else:
-                md += (f"| {x['context']} | {x['cache']} | {x['tokens_per_s']} | {x['step_ms']} | {x['prefill_s']} | "
-                       f"{x['mem_gib']} |\n")
+                md += f"| {x['context']} | {x['cache']} | error: {x['error'][:120]} | | | | |\n"
+                continue
+            ratio = f"{x['tokens_per_s'] / base[x['context']]:.2f}x" if x["context"] in base else ""
+            mem = x.get("peak_mem_gib", x.get("mem_gib", ""))
+            md += (f"| {x['context']:,} | {x['cache']} | {x['tokens_per_s']} | {ratio} | {x['step_ms']} | "
+                   f"{x['prefill_s']} | {mem} |\n")
         open(os.path.join(out, "gpu_generate.md"), "w").write(md)
+        return
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    a = ap.parse_args()
+    runs = load(a.runs)
+    decode_report([(n, r) for n, r in runs if any("fields" in x.get("impl", "") for x in r.get("rows", []))]
+                  or runs, a.out)
+    capacity_report(runs, a.out)
+    generate_report(runs, a.out)
 
 
 if __name__ == "__main__":
