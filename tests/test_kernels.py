@@ -108,7 +108,7 @@ def test_quantize_append_head_group_d128_interpret():
 # ---------------------------------------------------------------------------------------------------------------
 def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_lens=None, dtype=torch.bfloat16,
                  fill="kernel", use_dot=None, num_splits=None, tol=1e-2, frac=0.01, kernel=None, offsets=None,
-                 gap_at=None):
+                 gap_at=None, value_correction=None):
     st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill, frac=frac,
                                    offsets=offsets, gap_at=gap_at)
     g = torch.Generator().manual_seed(7)
@@ -118,7 +118,8 @@ def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_len
     if mask_lens is not None:
         keep = torch.arange(total)[None, :] >= (total - torch.tensor(mask_lens))[:, None]  # left padding
         mask = keep.to(device)
-    out = kernels.decode_attention(q, st, D**-0.5, mask, num_splits=num_splits, use_dot=use_dot, kernel=kernel)
+    out = kernels.decode_attention(q, st, D**-0.5, mask, num_splits=num_splits, use_dot=use_dot, kernel=kernel,
+                                   value_correction=value_correction)
     ref = reference_decode_attention(q, st, D**-0.5, mask)
     assert out.shape == (B, Hq, 1, D) and out.dtype == dtype
     assert torch.isfinite(out).all()
@@ -137,12 +138,14 @@ def test_decode_gqa_interpret(bits):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_decode_gqa4_value_correction_interpret(bits):
     # GQA group 4: the value-slot correction path (VCORR) and the affine key dequant; padded batch, 3 splits
-    check_decode(2, 8, 2, 64, bits, 150, 1, 5, "token", "cpu", mask_lens=[156, 100], num_splits=3, frac=0.05)
+    check_decode(2, 8, 2, 64, bits, 150, 1, 5, "token", "cpu", mask_lens=[156, 100], num_splits=3, frac=0.05,
+                 value_correction=True)
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
 def test_decode_gqa2_d128_head_group_correction_interpret():
-    check_decode(1, 4, 2, 128, 3, 70, 2, 3, "head", "cpu", fill="reference", num_splits=2, frac=0.05)
+    check_decode(1, 4, 2, 128, 3, 70, 2, 3, "head", "cpu", fill="reference", num_splits=2, frac=0.05,
+                 kernel="tiles", value_correction=True)
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")

@@ -247,6 +247,11 @@ def collect_statistics(
     layer_stats = _pass_ranges(model, windows, specs, settings, n_tokens, progress)
     stats = CalibrationStats(settings, model_identity(model), n_tokens, layer_stats, fingerprint(windows))
     _pass_fisher(model, windows, specs, settings, stats, progress)
+    for st in stats.layers:  # statistics were accumulated on the model's device: keep the result on the host
+        for h in st.hist.values():
+            h.cpu()
+        st.hi = {k: v.cpu() for k, v in st.hi.items()}
+        st.lo = {k: v.cpu() for k, v in st.lo.items()}
     return stats
 
 

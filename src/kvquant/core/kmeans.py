@@ -36,17 +36,24 @@ class WeightedHistogram:
 
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Accumulate values ``x`` (any shape, inside [lo, hi]) with optional same-shape weights."""
+        if self.w.device != x.device:
+            # accumulate where the data is (a GPU calibration would otherwise copy every batch to the host and bin
+            # it there); :meth:`cpu` brings the sums back for fitting and saving
+            self.w, self.wx, self.wx2 = (t.to(x.device) for t in (self.w, self.wx, self.wx2))
         x = x.reshape(-1).double()
         w = torch.ones_like(x) if weight is None else weight.reshape(-1).double()
         idx = ((x - self.lo) / (self.hi - self.lo) * self.bins).long().clamp_(0, self.bins - 1)
-        dev = self.w.device
-        idx, x, w = idx.to(dev), x.to(dev), w.to(dev)
         self.w += torch.bincount(idx, w, self.bins)
         self.wx += torch.bincount(idx, w * x, self.bins)
         self.wx2 += torch.bincount(idx, w * x * x, self.bins)
 
     def total(self) -> float:
         return float(self.w.sum())
+
+    def cpu(self) -> WeightedHistogram:
+        """Move the sums to the host in place (returns self)."""
+        self.w, self.wx, self.wx2 = self.w.cpu(), self.wx.cpu(), self.wx2.cpu()
+        return self
 
 
 def weighted_kmeans_1d(hist: WeightedHistogram, k: int, max_cells: int = 1024) -> torch.Tensor:

@@ -137,7 +137,7 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     ``kernel``: ``"fields"`` (bytes split into bit fields in place, RoPE from a per-block table; head_dim >= 128, a
     per-channel affine key table and at most 4 value outlier slots per vector), ``"tiles"`` (interleave unpack; any
     head_dim / slot count) or None (``"fields"`` where it applies). ``value_correction``: force the tiles kernel's
-    value-slot correction on/off (None: on where it applies)."""
+    value-slot correction (a one-hot dot after P@V) instead of the per-slot overwrite (default off: slower on the H200)."""
     from . import _triton as K
 
     st = storage
@@ -191,9 +191,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     bt = block_t or (64 if D <= 128 else 32)
     # value slots as a post-P@V correction (factorised one-hot dot [VA, BT] @ [BT, GR * D / VA]; tl.dot needs >= 16)
     va = 16
-    vcorr = bool(use_dot and cv and gr * D // va >= 16 and bt >= 16)
-    if value_correction is not None:
-        vcorr = bool(value_correction and vcorr)
+    # off by default: on the H200 the overwrite is faster (819 vs 1785 us at 128K, benchmarks/gpu_decode.md)
+    vcorr = bool(value_correction and use_dot and cv and gr * D // va >= 16 and bt >= 16)
     fields_ok = D >= 128 and kaff is not None and cv <= 4
     if kernel is None:
         kernel = "fields" if fields_ok else "tiles"
