@@ -136,8 +136,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
 
     ``kernel``: ``"fields"`` (bytes split into bit fields in place, RoPE from a per-block table; head_dim >= 128, a
     per-channel affine key table and at most 4 value outlier slots per vector), ``"tiles"`` (interleave unpack; any
-    head_dim / slot count) or None (``"fields"`` where it applies). ``value_correction``: force the tiles kernel's
-    value-slot correction (a one-hot dot after P@V) instead of the per-slot overwrite (default off: slower on the H200)."""
+    head_dim / slot count) or None (``"fields"`` where it applies). ``value_correction=True``: the tiles kernel's
+    value-slot correction (a one-hot dot after P@V) instead of the per-slot overwrite (slower on the H200)."""
     from . import _triton as K
 
     st = storage
