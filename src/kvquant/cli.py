@@ -76,12 +76,14 @@ def cmd_calibrate(args) -> int:
     bits = [args.bits] if args.bits else [2, 3, 4]
     configs = [  # validated before the (slow) model load
         QuantizerConfig(bits=b, outlier_fraction=args.outlier_fraction, n_sinks=args.n_sinks, qnorm=args.qnorm,
-                        fisher_weighting=args.weighting, recent_window=args.recent_window)
+                        fisher_weighting=args.weighting, recent_window=args.recent_window,
+                        value_group=args.value_group)
         for b in bits
     ]
     model, tok = _load(args)
     window = _context_window(model, args.window)
-    stats, _ = _stats(args, model, tok, args.windows, window, (args.outlier_fraction,))
+    stats, _ = _stats(args, model, tok, args.windows, window, (args.outlier_fraction,),
+                      value_groups=(args.value_group,))
     out = Path(args.out)
     for cfg in configs:
         q = build_quantizer(stats, cfg, name=f"{Path(args.model).name}-{cfg.name}")
@@ -227,6 +229,9 @@ def main(argv=None) -> int:
     p.add_argument("--recent-window", type=int, default=0)
     p.add_argument("--qnorm", action="store_true")
     p.add_argument("--weighting", choices=("fs2", "f", "none"), default="fs2")
+    p.add_argument("--value-group", choices=("token", "head"), default="token",
+                   help="value ranges and outlier slots per token over all KV heads (default; smallest storage) or per "
+                        "head ('head': the fast fused GPU kernel, benchmarks/gpu_decode.md)")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--out", required=True)
