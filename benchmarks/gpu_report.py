@@ -77,11 +77,12 @@ def decode_report(runs, out):
                    f"{c['rel_err']:.2e} |\n")
     if diag:
         md += ("\nLaunch sweep (Llama-3-8B shape, 128K, batch 1, nuq3-1%); the fastest fields configuration is the "
-               "library default:\n\n| run | kernel | value group | BT | warps | max regs | value-slot correction | "
-               "us | GB/s |\n|---|---|---|---|---|---|---|---|---|\n")
+               "library default:\n\n| run | kernel | value group | BT | warps | max regs | prefetch | "
+               "value-slot correction | us | GB/s |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for d in diag:
             md += (f"| {d['run']} | {d.get('kernel', 'tiles')} | {d.get('value_group', '')} | "
                    f"{d.get('block_t', '')} | {d.get('num_warps', '')} | {d.get('maxnreg', '')} | "
+                   f"{d.get('prefetch', '')} | "
                    f"{d.get('value_correction', '')} | {d['latency_us']} | {d['gbps']} |\n")
     if qa:
         md += (f"\n`quantize_append` (Llama-3-8B shape, {qa['tokens']} tokens, nuq3-1%): {qa['kernel_us']} us = "

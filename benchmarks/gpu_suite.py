@@ -198,8 +198,8 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
 
 
 def diag_section(res, copy_bw):
-    """Launch-parameter sweep of the fields kernel at Llama-3-8B 128K batch 1, nuq3-1% (head-group values): tokens per
-    block, warps, register cap; plus the tiles kernel on token-group storage with/without the value-slot correction.
+    """Launch-parameter sweep of the fields kernel at Llama-3-8B 128K batch 1, nuq3-1% (head-group values): prefetch,
+    tokens per block, warps, register cap; plus the tiles kernel on token-group storage with/without the value-slot correction.
     The fastest fields configuration becomes KV_OPTS for the decode rows."""
     rows = res.setdefault("diag", [])
     Hq, H, D = SHAPES["llama3-8b"]
@@ -209,20 +209,19 @@ def diag_section(res, copy_bw):
     best = None
     st = sts[(3, "head")]
     nbytes, _ = storage_bytes_read(st, st.n_q)
-    for bt in (32, 64):
-        for nw in (4, 8):
-            for mr in (None, 128):
-                kw = dict(block_t=bt, num_warps=nw, maxnreg=mr)
-                try:
-                    us = bench(lambda: kernels.decode_attention(q, st, D**-0.5, **kw))  # noqa: B023
-                except Exception as e:  # noqa: BLE001
-                    log("diag fail", kw, repr(e)[:200])
-                    continue
-                rows.append(dict(kernel="fields", value_group="head", **kw, latency_us=round(us, 2),
-                                 gbps=round(nbytes / (us * 1e-6) / 1e9, 1)))
-                log(rows[-1])
-                if best is None or us < best[0]:
-                    best = (us, kw)
+    configs = [dict(block_t=bt, num_warps=nw, maxnreg=mr, prefetch=pf)
+               for pf in (False, True) for bt in (32, 64) for nw in (4, 8) for mr in (None, 128)]
+    for kw in configs:
+        try:
+            us = bench(lambda: kernels.decode_attention(q, st, D**-0.5, **kw))  # noqa: B023
+        except Exception as e:  # noqa: BLE001
+            log("diag fail", kw, repr(e)[:200])
+            continue
+        rows.append(dict(kernel="fields", value_group="head", **kw, latency_us=round(us, 2),
+                         gbps=round(nbytes / (us * 1e-6) / 1e9, 1)))
+        log(rows[-1])
+        if best is None or us < best[0]:
+            best = (us, kw)
     st = sts[(3, "token")]
     nbytes, _ = storage_bytes_read(st, st.n_q)
     for vc in (True, False):

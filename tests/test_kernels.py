@@ -108,7 +108,7 @@ def test_quantize_append_head_group_d128_interpret():
 # ---------------------------------------------------------------------------------------------------------------
 def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_lens=None, dtype=torch.bfloat16,
                  fill="kernel", use_dot=None, num_splits=None, tol=1e-2, frac=0.01, kernel=None, offsets=None,
-                 gap_at=None, value_correction=None):
+                 gap_at=None, value_correction=None, prefetch=False):
     st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill, frac=frac,
                                    offsets=offsets, gap_at=gap_at)
     g = torch.Generator().manual_seed(7)
@@ -119,7 +119,7 @@ def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_len
         keep = torch.arange(total)[None, :] >= (total - torch.tensor(mask_lens))[:, None]  # left padding
         mask = keep.to(device)
     out = kernels.decode_attention(q, st, D**-0.5, mask, num_splits=num_splits, use_dot=use_dot, kernel=kernel,
-                                   value_correction=value_correction)
+                                   value_correction=value_correction, prefetch=prefetch)
     ref = reference_decode_attention(q, st, D**-0.5, mask)
     assert out.shape == (B, Hq, 1, D) and out.dtype == dtype
     assert torch.isfinite(out).all()
@@ -149,17 +149,20 @@ def test_decode_gqa2_d128_head_group_correction_interpret():
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_decode_fields_kernel_interpret(bits):
+def test_decode_fields_kernel_interpret(bits, prefetch):
     # the "fields" kernel (in-place bit fields, per-block RoPE table): GQA 4, head-group values, padded batch
-    check_decode(2, 8, 2, 128, bits, 100, 1, 3, "head", "cpu", mask_lens=[104, 60], num_splits=2, kernel="fields")
+    check_decode(2, 8, 2, 128, bits, 100, 1, 3, "head", "cpu", mask_lens=[104, 60], num_splits=2, kernel="fields",
+                 prefetch=prefetch)
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
-def test_decode_fields_kernel_gappy_positions_mha_interpret():
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_decode_fields_kernel_gappy_positions_mha_interpret(prefetch):
     # non-consecutive positions inside a block (per-element RoPE fallback), per-row offsets, MHA, 2% outliers
     check_decode(2, 2, 2, 128, 3, 90, 1, 0, "head", "cpu", num_splits=2, kernel="fields", frac=0.02,
-                 offsets=[0, 40], gap_at=37)
+                 offsets=[0, 40], gap_at=37, prefetch=prefetch)
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
@@ -233,7 +236,7 @@ def test_decode_gpu(bits, D, dtype):
         check_decode(3, 32, 8, D, bits, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype,
                      kernel="fields")
         check_decode(2, 8, 8, D, bits, 700, 1, 0, "head", "cuda", dtype=dtype, kernel="fields", offsets=[0, 77],
-                     gap_at=300)
+                     gap_at=300, prefetch=True)
 
 
 @pytest.mark.gpu

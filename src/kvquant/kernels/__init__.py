@@ -131,13 +131,14 @@ def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int =
 # decode attention
 # ----------------------------------------------------------------------------------------------------------------
 def decode_attention(query, storage, scaling, attention_mask=None, num_splits=None, block_t=None, use_dot=None,
-                     num_warps=None, kernel=None, value_correction=None, maxnreg=None):
+                     num_warps=None, kernel=None, value_correction=None, maxnreg=None, prefetch=False):
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
     ``kernel``: ``"fields"`` (bytes split into bit fields in place, RoPE from a per-block table; head_dim >= 128, a
     per-channel affine key table and at most 4 value outlier slots per vector), ``"tiles"`` (interleave unpack; any
     head_dim / slot count) or None (``"fields"`` where it applies). ``value_correction=True``: the tiles kernel's
-    value-slot correction (a one-hot dot after P@V) instead of the per-slot overwrite (slower on the H200)."""
+    value-slot correction (a one-hot dot after P@V) instead of the per-slot overwrite (slower on the H200).
+    ``prefetch=True``: the fields kernel loads block i + 1 while block i computes (not yet measured on a GPU)."""
     from . import _triton as K
 
     st = storage
@@ -235,6 +236,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     mask_t = bias if bias is not None else pm
     fn = K._kvq_decode_fields_kernel if kernel == "fields" else K._kvq_decode_kernel
     opts = {} if maxnreg is None or interpreting() else {"maxnreg": int(maxnreg)}
+    if kernel == "fields":
+        opts["PREFETCH"] = bool(prefetch)
     fn[(B * H, nsplit)](
         q, pacc, pm, pl,
         *quant, klut, vlev, invf, *(kaff if kaff is not None else (klut, klut, klut)), vlevh,

@@ -678,6 +678,31 @@ def _tau_cs(rel, om, F32: tl.constexpr):
 
 
 @triton.jit
+def _fetch_keys(t0, q_hi, taui, QPOS, qpos_row, kc_base, skc_t, k_half, D: tl.constexpr, NKC: tl.constexpr,
+                BITS: tl.constexpr):
+    """Positions and packed key bytes of one block of the fields kernel."""
+    t = t0 + taui
+    tmask = t < q_hi
+    pos = tl.load(QPOS + qpos_row + t, mask=tmask, other=0)
+    krow = kc_base + t * skc_t
+    lo1, hi1 = _planes(krow, 0, D // 4, NKC, BITS, tmask)
+    lo2, hi2 = _planes(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask)
+    return pos, lo1, hi1, lo2, hi2
+
+
+@triton.jit
+def _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base, svs_t, NVC: tl.constexpr,
+                  BITS: tl.constexpr):
+    """Packed value bytes and per-token zero/scale of one block of the fields kernel."""
+    t = t0 + taui
+    tmask = t < q_hi
+    vlo, vhi = _planes(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask)
+    vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
+    vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
+    return vlo, vhi, vz, vsc
+
+
+@triton.jit
 def _kvq_decode_fields_kernel(
     Q, PACC, PM, PL,
     KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS,
@@ -696,6 +721,7 @@ def _kvq_decode_fields_kernel(
     BITS: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
     V_TOKEN: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
     F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     HALF: tl.constexpr = D // 2
     NKC: tl.constexpr = D // 8  # columns per key half and field
@@ -764,38 +790,49 @@ def _kvq_decode_fields_kernel(
         q_lo = pid_s * chunk
         q_hi = tl.minimum(q_lo + chunk, n_q)
         taui = tl.arange(0, BT)
+        if PREFETCH:  # software double buffering: block i + 1's loads are in flight while block i computes
+            pos, lo1, hi1, lo2, hi2 = _fetch_keys(q_lo, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D, NKC,
+                                                  BITS)
+            vlo, vhi, vz, vsc = _fetch_values(q_lo, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base,
+                                              svs_t, NVC, BITS)
         for t0 in range(q_lo, q_hi, BT):
             t = t0 + taui
             tmask = t < q_hi
-            pos = tl.load(QPOS + b * sqp_b + t, mask=tmask, other=0)
-            d = pos - taui
+            if PREFETCH:
+                c_pos, c_lo1, c_hi1, c_lo2, c_hi2 = pos, lo1, hi1, lo2, hi2
+                c_vlo, c_vhi, c_vz, c_vsc = vlo, vhi, vz, vsc
+                pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0 + BT, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half,
+                                                      D, NKC, BITS)
+                vlo, vhi, vz, vsc = _fetch_values(t0 + BT, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
+                                                  vs_base, svs_t, NVC, BITS)
+            else:
+                c_pos, c_lo1, c_hi1, c_lo2, c_hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t,
+                                                                k_half, D, NKC, BITS)
+            d = c_pos - taui
             p0 = tl.min(tl.where(tmask, d, 2147483647), 0)
             contig = p0 == tl.max(tl.where(tmask, d, -2147483647), 0)
             p0f = p0.to(tl.float32)
             if contig:
                 c0, s0, c1, s1, c2, s2, c3, s3 = C0, S0, C1, S1, C2, S2, C3, S3
             else:
-                rel = (pos - p0).to(tl.float32)
+                rel = (c_pos - p0).to(tl.float32)
                 c0, s0 = _tau_cs(rel, om0, F32)
                 c1, s1 = _tau_cs(rel, om1, F32)
                 c2, s2 = _tau_cs(rel, om2, F32)
                 c3, s3 = _tau_cs(rel, om3, F32)
-            krow = kc_base + t * skc_t
-            lo1, hi1 = _planes(krow, 0, D // 4, NKC, BITS, tmask)
-            lo2, hi2 = _planes(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask)
             ko_row = ko_base + t * sko_t
             a1, a2 = _rot_q(q10, q20, om0, p0f, F32)
-            s = _key_field(lo1, hi1, lo2, hi2, 0, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask, c0, s0, a1, a2,
-                           D, NKC, CK, F32)
+            s = _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 0, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
+                           c0, s0, a1, a2, D, NKC, CK, F32)
             a1, a2 = _rot_q(q11, q21, om1, p0f, F32)
-            s += _key_field(lo1, hi1, lo2, hi2, 1, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask, c1, s1, a1, a2,
-                            D, NKC, CK, F32)
+            s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 1, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
+                            c1, s1, a1, a2, D, NKC, CK, F32)
             a1, a2 = _rot_q(q12, q22, om2, p0f, F32)
-            s += _key_field(lo1, hi1, lo2, hi2, 2, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask, c2, s2, a1, a2,
-                            D, NKC, CK, F32)
+            s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 2, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
+                            c2, s2, a1, a2, D, NKC, CK, F32)
             a1, a2 = _rot_q(q13, q23, om3, p0f, F32)
-            s += _key_field(lo1, hi1, lo2, hi2, 3, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask, c3, s3, a1, a2,
-                            D, NKC, CK, F32)
+            s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 3, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
+                            c3, s3, a1, a2, D, NKC, CK, F32)
             s = s * qk_scale
             if HAS_MASK:
                 bias = tl.load(mask_row + n_s + t, mask=tmask, other=0.0)
@@ -808,19 +845,18 @@ def _kvq_decode_fields_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
             p16 = p.to(tl.float16)
-            vrow = vc_base + t * svc_t
-            vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
-            vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
-            vlo, vhi = _planes(vrow, v_lo_off, v_hi_off, NVC, BITS, tmask)
+            if not PREFETCH:
+                c_vlo, c_vhi, c_vz, c_vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
+                                                          vs_base, svs_t, NVC, BITS)
             vo_row = vo_base + t * svo_t
-            acc0 = _value_field(acc0 * alpha[:, None], p16, vlo, vhi, 0, BITS, VLEV, vsc, vz, VOI, VOV, vo_row,
-                                v_idx_off, tmask, NVC, CV, F32)
-            acc1 = _value_field(acc1 * alpha[:, None], p16, vlo, vhi, 1, BITS, VLEV, vsc, vz, VOI, VOV, vo_row,
-                                v_idx_off, tmask, NVC, CV, F32)
-            acc2 = _value_field(acc2 * alpha[:, None], p16, vlo, vhi, 2, BITS, VLEV, vsc, vz, VOI, VOV, vo_row,
-                                v_idx_off, tmask, NVC, CV, F32)
-            acc3 = _value_field(acc3 * alpha[:, None], p16, vlo, vhi, 3, BITS, VLEV, vsc, vz, VOI, VOV, vo_row,
-                                v_idx_off, tmask, NVC, CV, F32)
+            acc0 = _value_field(acc0 * alpha[:, None], p16, c_vlo, c_vhi, 0, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
+                                vo_row, v_idx_off, tmask, NVC, CV, F32)
+            acc1 = _value_field(acc1 * alpha[:, None], p16, c_vlo, c_vhi, 1, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
+                                vo_row, v_idx_off, tmask, NVC, CV, F32)
+            acc2 = _value_field(acc2 * alpha[:, None], p16, c_vlo, c_vhi, 2, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
+                                vo_row, v_idx_off, tmask, NVC, CV, F32)
+            acc3 = _value_field(acc3 * alpha[:, None], p16, c_vlo, c_vhi, 3, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
+                                vo_row, v_idx_off, tmask, NVC, CV, F32)
         out = PACC + row[:, None] * D + 4 * jv[None, :]
         tl.store(out + 0, acc0, mask=gmask[:, None])
         tl.store(out + 1, acc1, mask=gmask[:, None])
