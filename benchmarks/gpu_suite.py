@@ -198,9 +198,9 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
 
 
 def diag_section(res, copy_bw):
-    """Launch-parameter sweep of the fields kernel at Llama-3-8B 128K batch 1, nuq3-1% (head-group values): prefetch,
-    tokens per block, warps, register cap; plus the tiles kernel on token-group storage with/without the value-slot correction.
-    The fastest fields configuration becomes KV_OPTS for the decode rows."""
+    """Launch-parameter sweep at Llama-3-8B 128K batch 1, nuq3-1%: the fields kernel (head-group values) over prefetch,
+    tokens per block, warps and register cap; the tiles kernel (token-group values) with and without the value-slot
+    correction. The fastest fields configuration becomes KV_OPTS for the decode rows."""
     rows = res.setdefault("diag", [])
     Hq, H, D = SHAPES["llama3-8b"]
     ctx = 131072
