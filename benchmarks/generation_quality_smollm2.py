@@ -48,6 +48,8 @@ def main() -> None:
     for b in (2, 3):
         q = build_quantizer(stats, QuantizerConfig(bits=b, outlier_fraction=0.01, n_sinks=1))
         caches[f"nuq{b}-1%"] = lambda q=q: KVQuantCache(q, model, recent_window=0)
+        caches[f"nuq{b}-1% prefill=quantized"] = lambda q=q: KVQuantCache(q, model, recent_window=0,
+                                                                           prefill="quantized")
         caches[f"nuq{b}-1% window={args.recent}"] = lambda q=q: KVQuantCache(q, model, recent_window=args.recent)
     outs, rows = {}, []
     for name, make in caches.items():

@@ -91,10 +91,45 @@ def test_decode_logits_match_simulated_path(arch, R, bits):
     q = _quantizer(m, arch, bits=bits, recent_window=R)
     ids = _ids(1, 40)
     sim = _sim_logits(m, q, ids, R)
-    got = _teacher_forced(m, KVQuantCache(q, m), ids, prefill=8)
+    got = _teacher_forced(m, KVQuantCache(q, m, prefill="quantized"), ids, prefill=8)
     ref = m(ids).logits[0]
     assert (sim - ref).abs().max() > 1e-3  # quantization really happened
     torch.testing.assert_close(got, sim, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch,R", [("llama", 0), ("qwen3", 3), ("gemma3", 0)])
+def test_exact_prefill_attends_the_prompt_unquantized(arch, R):
+    """prefill="exact" (default): the prompt's logits are the fp16 model's; its tokens are stored compressed (layer 0
+    holds the same codes as with prefill="quantized", whose keys do not depend on attention); decoding then reads
+    the compressed tokens; a second multi-token chunk sees the first one as stored."""
+    m = _model(arch)
+    q = _quantizer(m, arch, bits=3, recent_window=R)
+    ids = _ids(2, 30)
+    kw = cache_kwarg(m)
+    exact, quant = KVQuantCache(q, m), KVQuantCache(q, m, prefill="quantized")
+    with torch.no_grad():
+        got = m(ids[:, :20], use_cache=True, **{kw: exact}).logits
+        m(ids[:, :20], use_cache=True, **{kw: quant})
+        ref = m(ids[:, :20]).logits
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    sa, sb = exact.layers[0].storage, quant.layers[0].storage
+    assert (sa.n_s, sa.n_q, sa.n_w) == (sb.n_s, sb.n_q, sb.n_w)
+    assert sa.n_q == (20 - 1 - R if not exact.layers[0].is_sliding else m.config.sliding_window - 1)
+    assert torch.equal(sa.k_codes[:, :, : sa.n_q], sb.k_codes[:, :, : sb.n_q])
+    with torch.no_grad():
+        step = m(ids[:, 20:21], use_cache=True, **{kw: exact}).logits[:, -1]
+        full = m(ids[:, :21]).logits[:, -1]
+        chunk = m(ids[:, 21:], use_cache=True, **{kw: exact}).logits
+        full2 = m(ids).logits[:, 21:]
+    assert torch.isfinite(step).all() and (step - full).abs().max() > 1e-4  # the cache really is quantized
+    assert chunk.shape == full2.shape and (chunk - full2).abs().max() > 1e-4
+    assert exact.get_seq_length() == 30
+
+
+def test_prefill_mode_is_validated():
+    m = _model("llama")
+    with pytest.raises(ValueError, match="prefill must be"):
+        KVQuantCache(_quantizer(m, "llama"), m, prefill="fp16")
 
 
 # ---- storage invariants -------------------------------------------------------------------------------------------
@@ -138,7 +173,7 @@ def test_model_prefill_equals_token_by_token_storage():
     q = _quantizer(m, "llama", recent_window=4)
     ids = _ids(1, 30)
     kw = cache_kwarg(m)
-    a, b = KVQuantCache(q, m), KVQuantCache(q, m)
+    a, b = KVQuantCache(q, m, prefill="quantized"), KVQuantCache(q, m)
     with torch.no_grad():
         m(ids, use_cache=True, **{kw: a})
         for i in range(30):
@@ -207,7 +242,7 @@ def test_generate_matches_simulated_greedy_and_beam(arch):
     q = _quantizer(m, arch, bits=2)
     ids = _ids(2, 10)
     for extra in (dict(do_sample=False), dict(num_beams=3, num_return_sequences=2, do_sample=False)):
-        out = _gen(m, KVQuantCache(q, m), ids, n=30, **extra)
+        out = _gen(m, KVQuantCache(q, m, prefill="quantized"), ids, n=30, **extra)
         ref = _gen(m, SimulatedCache(m, KVQuantMethod(q)), ids, n=30, **extra)
         assert torch.equal(out, ref)
 

@@ -284,6 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--stats-dir", default=None, help="calibration statistics cache (default ~/.cache/kvquant/stats)")
     p.add_argument("--batch-size", type=int, default=25, help="prompts per generate call")
     p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--prefill", choices=("exact", "quantized"), default="exact",
+                   help="KVQuantCache prefill: the prompt attends itself unquantized (exact) or as stored (quantized)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="model/cache dtype for generation (auto: bfloat16 on cuda, float32 on cpu)")
     p.set_defaults(fn=cmd_passkey)

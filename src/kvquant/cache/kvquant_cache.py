@@ -145,6 +145,20 @@ class KVQuantLayer(CacheLayerMixin):
         self.cumulative_length += t
 
         R = st.recent_window
+        if t > 1 and c.prefill == "exact":
+            # the step's own tokens are attended unquantized (plain SDPA over the prompt), earlier tokens as stored;
+            # the new tokens are compressed in the same step
+            old = st.dequantize() if len(st) else None
+            st.append(key_states, value_states, pos)
+            _attention.set_pending(self.layer_idx, None)
+            if old is None:
+                keys, values = key_states, value_states
+            else:
+                keys = torch.cat((old[0], key_states.to(old[0].dtype)), 2)
+                values = torch.cat((old[1], value_states.to(old[1].dtype)), 2)
+            if self.is_sliding:
+                st.drop_front(len(st) - (self.sliding_window - 1))
+            return keys, values
         band = R > 0 and t > 1 and c._uses_kvquant_attention()
         kernel = t == 1 and not self.is_sliding and c._uses_kvquant_attention() and kernels_available(
             key_states.device)
@@ -224,6 +238,11 @@ class KVQuantCache(Cache):
         set_attention: route the model's attention through the ``"kvquant"`` function (SDPA, plus the fp16-window
             band for multi-token steps and the fused GPU kernel for decode steps when available). Note this changes
             ``model.config._attn_implementation`` for later forwards too (it behaves as SDPA without this cache).
+        prefill: ``"exact"`` (default): a multi-token step (the prompt) attends over its own keys/values unquantized,
+            with plain SDPA, and earlier tokens as stored; its tokens are compressed in the same step, so every later
+            token sees them quantized. ``"quantized"``: the step attends over the quantized tokens, exactly as if
+            they had been decoded one by one; this is what the perplexity evaluation measures
+            (:mod:`kvquant.evaluation`), so use it to reproduce those numbers through the cache.
 
     Tokens are quantized once, when they leave the recent window; the first ``n_sinks`` tokens of each row stay in
     the model's dtype. With left padding the sinks are the first cache slots (pad tokens for the padded rows).
@@ -236,6 +255,7 @@ class KVQuantCache(Cache):
         recent_window: int | None = None,
         n_sinks: int | None = None,
         set_attention: bool = True,
+        prefill: str = "exact",
     ):
         if not isinstance(quantizer, Quantizer):
             quantizer = load_quantizer(quantizer)
@@ -254,6 +274,9 @@ class KVQuantCache(Cache):
         self.n_sinks = cfg.n_sinks if n_sinks is None else int(n_sinks)
         if self.recent_window < 0 or self.n_sinks < 0:
             raise ValueError("recent_window and n_sinks must be >= 0.")
+        if prefill not in ("exact", "quantized"):
+            raise ValueError(f"prefill must be 'exact' or 'quantized', got {prefill!r}.")
+        self.prefill = prefill
         text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
         self.max_positions = getattr(text, "max_position_embeddings", None)
         self._config = model.config

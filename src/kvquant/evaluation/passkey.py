@@ -259,8 +259,10 @@ def kvquant_bits(method_keys) -> list[int]:
     return sorted({int(k[3]) for k in method_keys if k.startswith("nuq")}, reverse=True)
 
 
-def make_methods(method_keys, quantizers: dict[int, Any] | None = None, window: int = 128) -> list[CacheMethod]:
-    """:class:`CacheMethod` objects for ``method_keys`` (see ``METHODS``); ``quantizers`` maps bits -> Quantizer."""
+def make_methods(method_keys, quantizers: dict[int, Any] | None = None, window: int = 128,
+                 prefill: str = "exact") -> list[CacheMethod]:
+    """:class:`CacheMethod` objects for ``method_keys`` (see ``METHODS``); ``quantizers`` maps bits -> Quantizer;
+    ``prefill``: :class:`KVQuantCache`'s prefill mode."""
     out = []
     for key in method_keys:
         if key == "fp16":
@@ -274,7 +276,7 @@ def make_methods(method_keys, quantizers: dict[int, Any] | None = None, window: 
             q = quantizers[bits]
             label = f"nuq{bits}-{q.config.outlier_fraction * 100:g}%" + (f" R{R}" if R else "")
             out.append(CacheMethod(key, label, "kvquant", bits, q.config.outlier_fraction, R,
-                                   lambda m, q=q, R=R: KVQuantCache(q, m, recent_window=R),
+                                   lambda m, q=q, R=R: KVQuantCache(q, m, recent_window=R, prefill=prefill),
                                    f"KVQuantCache (packed), {q.config.n_sinks} sink(s)"))
         elif re.fullmatch(r"kivi[24]", key):
             bits = int(key[4])
@@ -492,14 +494,15 @@ def cli_main(args) -> int:
                        f"{t_calib:.1f} s (about 0 if statistics were cached)" if bits else "none",
         "settings": f"contexts {list(args.contexts)} (prompt + new tokens), depths {depths}, {per_depth} trials per "
                     f"depth ({per_depth * len(depths)} per context), batch {args.batch_size}, prefill chunk "
-                    f"{args.prefill_chunk}, greedy",
+                    f"{args.prefill_chunk}, greedy; KVQuantCache prefill={getattr(args, 'prefill', 'exact')!r}",
     }
     t0 = time.perf_counter()
 
     def partial(rows):
         write_report(rows, args.out, {**meta, "status": f"partial ({time.perf_counter() - t0:.0f} s so far)"})
 
-    rows = run_passkey(model, tok, make_methods(keys, quantizers), args.contexts, depths, per_depth, tasks,
+    methods = make_methods(keys, quantizers, prefill=getattr(args, "prefill", "exact"))
+    rows = run_passkey(model, tok, methods, args.contexts, depths, per_depth, tasks,
                        args.batch_size, hay, args.seed, args.prefill_chunk, on_context=partial)
     t_run = time.perf_counter() - t0
     meta["timing"] = f"run {t_run:.1f} s, total {time.perf_counter() - t_start:.1f} s (model load and calibration " \
