@@ -398,30 +398,29 @@ def quantize_append(storage, k_post, v, positions, codec=None, pre_rope: bool = 
     if v.stride(-1) != 1:
         v = v.contiguous()
     bt = max(1, min(64, 4096 // D))
-    K._quant_keys_kernel[(B * H, triton.cdiv(T, bt))](
-        k_post, positions, kz, ks, klut, kbnd, invf, float(st.rope.attention_scaling),
-        st.k_codes, st.k_out_idx, st.k_out_val, st.q_pos,
-        k_post.stride(0), k_post.stride(1), k_post.stride(2), positions.stride(0), positions.stride(1),
-        st.k_codes.stride(0), st.k_codes.stride(1), st.k_codes.stride(2),
-        st.k_out_idx.stride(0), st.k_out_idx.stride(1), st.k_out_idx.stride(2), st.q_pos.stride(0),
-        T, n_q, st.rope.inv_freq.numel(),
-        H=H, D=D, BITS=kb, CK=int(st.k_out_idx.shape[-1]), BT=bt, UNDO_ROPE=not pre_rope, F32=interpreting(),
-        num_warps=4,
-    )
     G = int(st.v_codes.shape[1])
     token = G == 1 and H > 1
     nv = H * D if token else D
     nvp = triton_next_pow2(nv)
     cv = int(st.v_out_idx.shape[-1])
     btv = max(1, min(32, 4096 // nvp))
-    K._quant_values_kernel[(B * G, triton.cdiv(T, btv))](
+    n_tk, n_tv = triton.cdiv(T, bt), triton.cdiv(T, btv)
+    n_key_progs = B * H * n_tk
+    # one launch per layer step: key blocks and value blocks are programs of the same grid
+    K._quant_kv_kernel[(n_key_progs + B * G * n_tv,)](
+        k_post, positions, kz, ks, klut, kbnd, invf, float(st.rope.attention_scaling),
+        st.k_codes, st.k_out_idx, st.k_out_val, st.q_pos,
+        k_post.stride(0), k_post.stride(1), k_post.stride(2), positions.stride(0), positions.stride(1),
+        st.k_codes.stride(0), st.k_codes.stride(1), st.k_codes.stride(2),
+        st.k_out_idx.stride(0), st.k_out_idx.stride(1), st.k_out_idx.stride(2), st.q_pos.stride(0),
         v, vbnd, st.v_codes, st.v_zero, st.v_scale, st.v_out_idx, st.v_out_val,
         v.stride(0), v.stride(1), v.stride(2),
         st.v_codes.stride(0), st.v_codes.stride(1), st.v_codes.stride(2),
         st.v_zero.stride(0), st.v_zero.stride(1), st.v_zero.stride(2),
         st.v_out_idx.stride(0), st.v_out_idx.stride(1), st.v_out_idx.stride(2),
-        T, n_q,
-        G=G, NV=nv, NVP=nvp, D=D, BITS=vb, CV=cv, CVP=triton_next_pow2(cv + 1), BT=btv, TOKEN=token,
+        T, n_q, st.rope.inv_freq.numel(), n_key_progs, n_tk, n_tv,
+        H=H, D=D, KBITS=kb, CK=int(st.k_out_idx.shape[-1]), BTK=bt, UNDO_ROPE=not pre_rope, F32=interpreting(),
+        G=G, NV=nv, NVP=nvp, VBITS=vb, CV=cv, CVP=triton_next_pow2(cv + 1), BTV=btv, TOKEN=token,
         num_warps=8 if nvp >= 2048 else 4,
     )
     st.n_q = n_q + T

@@ -454,7 +454,8 @@ def _pack_store(codes, out_row, BITS: tl.constexpr, BT: tl.constexpr, N: tl.cons
 
 
 @triton.jit
-def _quant_keys_kernel(
+def _quant_keys(
+    pid_bh, pid_t,
     K, POS, KZ, KS, KLUT, BND, INVF, rope_scale,
     KC, KOI, KOV, QPOS,
     sk_b, sk_h, sk_t, sp_b, sp_t,
@@ -464,10 +465,9 @@ def _quant_keys_kernel(
     UNDO_ROPE: tl.constexpr, F32: tl.constexpr,
 ):
     L: tl.constexpr = 1 << BITS
-    pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    t = tl.program_id(1) * BT + tl.arange(0, BT)
+    t = pid_t * BT + tl.arange(0, BT)
     tmask = t < T
     c = tl.arange(0, D)
     kp = K + b * sk_b + h * sk_h + t[:, None] * sk_t
@@ -511,7 +511,8 @@ def _quant_keys_kernel(
 
 
 @triton.jit
-def _quant_values_kernel(
+def _quant_values(
+    pid_bg, pid_t,
     V, BND, VC, VZ, VS, VOI, VOV,
     sv_b, sv_h, sv_t,
     svc_b, svc_g, svc_t, svs_b, svs_g, svs_t, svo_b, svo_g, svo_t,
@@ -520,10 +521,9 @@ def _quant_values_kernel(
     CVP: tl.constexpr, BT: tl.constexpr, TOKEN: tl.constexpr,
 ):
     L: tl.constexpr = 1 << BITS
-    pid_bg = tl.program_id(0)
     b = (pid_bg // G).to(tl.int64)
     gi = (pid_bg % G).to(tl.int64)
-    t = tl.program_id(1) * BT + tl.arange(0, BT)
+    t = pid_t * BT + tl.arange(0, BT)
     tmask = t < T
     e = tl.arange(0, NVP)
     emask = e < NV
@@ -883,3 +883,34 @@ def _kvq_decode_fields_kernel(
         tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
     tl.store(PM + row, m_i, mask=gmask)
     tl.store(PL + row, l_i, mask=gmask)
+
+
+@triton.jit
+def _quant_kv_kernel(
+    K, POS, KZ, KS, KLUT, KBND, INVF, rope_scale,
+    KC, KOI, KOV, QPOS,
+    sk_b, sk_h, sk_t, sp_b, sp_t,
+    skc_b, skc_h, skc_t, sko_b, sko_h, sko_t, sqp_b,
+    V, VBND, VC, VZ, VS, VOI, VOV,
+    sv_b, sv_h, sv_t,
+    svc_b, svc_g, svc_t, svs_b, svs_g, svs_t, svo_b, svo_g, svo_t,
+    T, t_off, half_r, n_key_progs, n_tk, n_tv,
+    H: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, CK: tl.constexpr, BTK: tl.constexpr,
+    UNDO_ROPE: tl.constexpr, F32: tl.constexpr,
+    G: tl.constexpr, NV: tl.constexpr, NVP: tl.constexpr, VBITS: tl.constexpr, CV: tl.constexpr,
+    CVP: tl.constexpr, BTV: tl.constexpr, TOKEN: tl.constexpr,
+):
+    """Quantize-and-append of a whole layer step in one launch: programs [0, n_key_progs) encode key blocks
+    (B*H x n_tk), the rest value blocks (B*G x n_tv)."""
+    pid = tl.program_id(0)
+    if pid < n_key_progs:
+        _quant_keys(pid // n_tk, pid % n_tk,
+                    K, POS, KZ, KS, KLUT, KBND, INVF, rope_scale, KC, KOI, KOV, QPOS,
+                    sk_b, sk_h, sk_t, sp_b, sp_t, skc_b, skc_h, skc_t, sko_b, sko_h, sko_t, sqp_b,
+                    T, t_off, half_r, H, D, KBITS, CK, BTK, UNDO_ROPE, F32)
+    else:
+        p = pid - n_key_progs
+        _quant_values(p // n_tv, p % n_tv,
+                      V, VBND, VC, VZ, VS, VOI, VOV, sv_b, sv_h, sv_t,
+                      svc_b, svc_g, svc_t, svs_b, svs_g, svs_t, svo_b, svo_g, svo_t,
+                      T, t_off, G, NV, NVP, D, VBITS, CV, CVP, BTV, TOKEN)
