@@ -197,13 +197,12 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
             torch.cuda.empty_cache()
 
 
-def diag_section(res, copy_bw):
+def diag_section(res, copy_bw, ctx=131072):
     """Launch-parameter sweep at Llama-3-8B 128K batch 1, nuq3-1%: the fields kernel (head-group values) over prefetch,
     tokens per block, warps and register cap; the tiles kernel (token-group values) with and without the value-slot
     correction. The fastest fields configuration becomes KV_OPTS for the decode rows."""
     rows = res.setdefault("diag", [])
     Hq, H, D = SHAPES["llama3-8b"]
-    ctx = 131072
     q = torch.randn(1, Hq, 1, D, device=DEV).bfloat16()
     _, _, sts, _ = fill_storages(1, H, D, ctx, [(3, "head"), (3, "token")], want_fp16=False)
     best = None
