@@ -171,6 +171,40 @@ def _dense_block(q1, q2, k_base, v_base, t0, n_tok, skt, svt, mask_ptr, mask_off
 
 
 @triton.jit
+def _value_bases(VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV: tl.constexpr, D: tl.constexpr,
+                 BITS: tl.constexpr, V_TOKEN: tl.constexpr):
+    """Where KV head h's values lie: (code row base, zero/scale offset, slot offset, low-plane byte offset, high-plane
+    byte offset, first element index) for token-group (all heads in one row) or head-group storage."""
+    if V_TOKEN:
+        if BITS == 4:
+            v_lo_off = h * (D // 2)
+        else:
+            v_lo_off = h * (D // 4)
+        return (VC + b * svc_b, b * svs_b, b * svo_b, v_lo_off, H_KV * D // 4 + h * (D // 8), h * D)
+    else:
+        return VC + b * svc_b + h * svc_g, b * svs_b + h * svs_g, b * svo_b + h * svo_g, 0, D // 4, 0
+
+
+@triton.jit
+def _dense_regions(q1, q2, m_i, l_i, acc, b, h, ns_hi, nw_hi, n_s, n_q, SK, SV, WK, WV, mask_row, qk_scale,
+                   ssk_b, ssk_h, ssk_t, ssv_b, ssv_h, ssv_t, swk_b, swk_h, swk_t, swv_b, swv_h, swv_t,
+                   D: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
+                   F32: tl.constexpr):
+    """The fp16 sinks (ns_hi tokens) and recent window (nw_hi tokens) of KV head h, natural channel order."""
+    sk_base = SK + b * ssk_b + h * ssk_h
+    sv_base = SV + b * ssv_b + h * ssv_h
+    for t0 in range(0, ns_hi, BT):
+        m_i, l_i, acc = _dense_block(q1, q2, sk_base, sv_base, t0, ns_hi, ssk_t, ssv_t, mask_row, 0,
+                                     m_i, l_i, acc, qk_scale, D, BT, HAS_MASK, USE_DOT, F32)
+    wk_base = WK + b * swk_b + h * swk_h
+    wv_base = WV + b * swv_b + h * swv_h
+    for t0 in range(0, nw_hi, BT):
+        m_i, l_i, acc = _dense_block(q1, q2, wk_base, wv_base, t0, nw_hi, swk_t, swv_t, mask_row, n_s + n_q,
+                                     m_i, l_i, acc, qk_scale, D, BT, HAS_MASK, USE_DOT, F32)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _kvq_decode_kernel(
     Q, PACC, PM, PL,
     KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS,
@@ -236,25 +270,9 @@ def _kvq_decode_kernel(
         lut2 = KLUT + (h * D + HALF + ch)[None, :] * L
     kc_base = KC + b * skc_b + h * skc_h
     ko_base = b * sko_b + h * sko_h
-    if V_TOKEN:
-        vc_base = VC + b * svc_b
-        vs_base = b * svs_b
-        vo_base = b * svo_b
-        if BITS == 4:
-            v_lo_off = h * (D // 2)
-        else:
-            v_lo_off = h * (D // 4)
-        v_hi_off = H_KV * D // 4 + h * (D // 8)
-        v_idx_off = h * D
-        NVV: tl.constexpr = H_KV * D
-    else:
-        vc_base = VC + b * svc_b + h * svc_g
-        vs_base = b * svs_b + h * svs_g
-        vo_base = b * svo_b + h * svo_g
-        v_lo_off = 0
-        v_hi_off = D // 4
-        v_idx_off = 0
-        NVV: tl.constexpr = D
+    vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
+        VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV, D, BITS, V_TOKEN)
+    NVV: tl.constexpr = H_KV * D if V_TOKEN else D
     if VCORR:
         # value slots as a correction after P@V: corr[a, (r, e)] accumulates sum_t p[r, t] * delta_t at channel
         # a * VDB + e through a one-hot x one-hot factorised dot ([VA, BT] @ [BT, GR * VDB]) per slot
@@ -335,18 +353,9 @@ def _kvq_decode_kernel(
 
     # ---------------- fp16 sinks and recent window (last split only) ----------------
     last = pid_s == NSPLIT_Q
-    ns_hi = tl.where(last, n_s, 0)
-    nw_hi = tl.where(last, n_w, 0)
-    sk_base = SK + b * ssk_b + h * ssk_h
-    sv_base = SV + b * ssv_b + h * ssv_h
-    for t0 in range(0, ns_hi, BT):
-        m_i, l_i, acc = _dense_block(q1, q2, sk_base, sv_base, t0, ns_hi, ssk_t, ssv_t, mask_row, 0,
-                                     m_i, l_i, acc, qk_scale, D, BT, HAS_MASK, USE_DOT, F32)
-    wk_base = WK + b * swk_b + h * swk_h
-    wv_base = WV + b * swv_b + h * swv_h
-    for t0 in range(0, nw_hi, BT):
-        m_i, l_i, acc = _dense_block(q1, q2, wk_base, wv_base, t0, nw_hi, swk_t, swv_t, mask_row, n_s + n_q,
-                                     m_i, l_i, acc, qk_scale, D, BT, HAS_MASK, USE_DOT, F32)
+    m_i, l_i, acc = _dense_regions(q1, q2, m_i, l_i, acc, b, h, tl.where(last, n_s, 0), tl.where(last, n_w, 0),
+                                   n_s, n_q, SK, SV, WK, WV, mask_row, qk_scale, ssk_b, ssk_h, ssk_t, ssv_b, ssv_h,
+                                   ssv_t, swk_b, swk_h, swk_t, swv_b, swv_h, swv_t, D, BT, HAS_MASK, USE_DOT, F32)
 
     # partials: [B, Hq, nsplit, D], [B, Hq, nsplit]
     row = (b * H_KV * GROUP + h * GROUP + g) * nsplit + pid_s
@@ -766,23 +775,8 @@ def _kvq_decode_fields_kernel(
         acc3 = tl.zeros([GP, NVC], tl.float32)
         kc_base = KC + b * skc_b + h * skc_h
         ko_base = b * sko_b + h * sko_h
-        if V_TOKEN:
-            vc_base = VC + b * svc_b
-            vs_base = b * svs_b
-            vo_base = b * svo_b
-            if BITS == 4:
-                v_lo_off = h * (D // 2)
-            else:
-                v_lo_off = h * (D // 4)
-            v_hi_off = H_KV * D // 4 + h * (D // 8)
-            v_idx_off = h * D
-        else:
-            vc_base = VC + b * svc_b + h * svc_g
-            vs_base = b * svs_b + h * svs_g
-            vo_base = b * svo_b + h * svo_g
-            v_lo_off = 0
-            v_hi_off = D // 4
-            v_idx_off = 0
+        vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
+            VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV, D, BITS, V_TOKEN)
         if BITS == 4:
             k_half = D // 4
         else:
@@ -870,16 +864,9 @@ def _kvq_decode_fields_kernel(
         q1 = tl.load(qp, mask=gmask[:, None], other=0.0)
         q2 = tl.load(qp + HALF, mask=gmask[:, None], other=0.0)
         acc = tl.zeros([GP, D], tl.float32)
-        sk_base = SK + b * ssk_b + h * ssk_h
-        sv_base = SV + b * ssv_b + h * ssv_h
-        for t0 in range(0, n_s, BT):
-            m_i, l_i, acc = _dense_block(q1, q2, sk_base, sv_base, t0, n_s, ssk_t, ssv_t, mask_row, 0,
-                                         m_i, l_i, acc, qk_scale, D, BT, HAS_MASK, True, F32)
-        wk_base = WK + b * swk_b + h * swk_h
-        wv_base = WV + b * swv_b + h * swv_h
-        for t0 in range(0, n_w, BT):
-            m_i, l_i, acc = _dense_block(q1, q2, wk_base, wv_base, t0, n_w, swk_t, swv_t, mask_row, n_s + n_q,
-                                         m_i, l_i, acc, qk_scale, D, BT, HAS_MASK, True, F32)
+        m_i, l_i, acc = _dense_regions(q1, q2, m_i, l_i, acc, b, h, n_s, n_w, n_s, n_q, SK, SV, WK, WV, mask_row,
+                                       qk_scale, ssk_b, ssk_h, ssk_t, ssv_b, ssv_h, ssv_t, swk_b, swk_h, swk_t,
+                                       swv_b, swv_h, swv_t, D, BT, HAS_MASK, True, F32)
         tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
     tl.store(PM + row, m_i, mask=gmask)
     tl.store(PL + row, l_i, mask=gmask)
