@@ -152,7 +152,7 @@ class LayerStorage:
             k.shape[0], k.shape[2]))
 
     def _fused_encode(self, k_post: torch.Tensor) -> bool:
-        """Encode on the GPU with ``kernels.quantize_append`` (same format, opt-in like the fused decode kernel)."""
+        """Encode on the GPU with ``kernels.quantize_append`` (same format; on with the fused decode kernel)."""
         from .kvquant_cache import kernels_available
 
         return (self.pre_rope and self.codec.key_mode == "channel" and self.rope.rotary_dim == k_post.shape[-1]
