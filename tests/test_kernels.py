@@ -31,9 +31,9 @@ def rel(a, b):
 
 
 def make_storage(B, H, D, bits, n_q, n_s=1, n_w=0, value_group="token", device="cpu", dtype=torch.bfloat16,
-                 seed=0, fill="kernel", frac=0.01, offsets=None, gap_at=None):
+                 seed=0, fill="kernel", frac=0.01, offsets=None, gap_at=None, attention_scaling=1.0):
     codec = synthetic_codec(H, D, bits, frac, value_group, seed=seed)
-    rope = synthetic_rope(D)
+    rope = synthetic_rope(D, attention_scaling=attention_scaling)
     st = LayerStorage(codec, rope, n_s, n_w, B, dtype, device)
     total = n_s + n_q + n_w
     off = torch.zeros(B, dtype=torch.long) if offsets is None else torch.as_tensor(offsets)
@@ -108,9 +108,9 @@ def test_quantize_append_head_group_d128_interpret():
 # ---------------------------------------------------------------------------------------------------------------
 def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_lens=None, dtype=torch.bfloat16,
                  fill="kernel", use_dot=None, num_splits=None, tol=1e-2, frac=0.01, kernel=None, offsets=None,
-                 gap_at=None, value_correction=None, prefetch=False):
+                 gap_at=None, value_correction=None, prefetch=False, attention_scaling=1.0):
     st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill, frac=frac,
-                                   offsets=offsets, gap_at=gap_at)
+                                   offsets=offsets, gap_at=gap_at, attention_scaling=attention_scaling)
     g = torch.Generator().manual_seed(7)
     q = (torch.randn(B, Hq, 1, D, generator=g) * 2).to(dtype).to(device)
     total = n_s + n_q + n_w
@@ -163,6 +163,14 @@ def test_decode_fields_kernel_gappy_positions_mha_interpret(prefetch):
     # non-consecutive positions inside a block (per-element RoPE fallback), per-row offsets, MHA, 2% outliers
     check_decode(2, 2, 2, 128, 3, 90, 1, 0, "head", "cpu", num_splits=2, kernel="fields", frac=0.02,
                  offsets=[0, 40], gap_at=37, prefetch=prefetch)
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("kernel,group", [("fields", "head"), ("tiles", "token")])
+def test_decode_rope_attention_scaling_interpret(kernel, group):
+    # YaRN / LongRoPE-style attention_scaling multiplies cos and sin: the kernels fold it into the query, and
+    # quantize_append divides it out when it undoes RoPE
+    check_decode(1, 8, 2, 128, 3, 70, 1, 2, group, "cpu", num_splits=2, kernel=kernel, attention_scaling=1.25)
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
