@@ -191,11 +191,12 @@ def test_decode_hf_4d_mask_fp16_interpret():
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
-def test_decode_only_fp16_regions_interpret():
-    st, _, _ = make_storage(1, 2, 64, 3, 0, 1, 4, "token", "cpu")
-    q = torch.randn(1, 4, 1, 64).bfloat16()
-    out = kernels.decode_attention(q, st, 0.125)
-    assert rel(out.float(), reference_decode_attention(q, st, 0.125).float()) < 1e-2
+@pytest.mark.parametrize("D,group", [(64, "token"), (128, "head")])
+def test_decode_only_fp16_regions_interpret(D, group):
+    st, _, _ = make_storage(1, 2, D, 3, 0, 1, 4, group, "cpu")
+    q = torch.randn(1, 4, 1, D).bfloat16()
+    out = kernels.decode_attention(q, st, D**-0.5)
+    assert rel(out.float(), reference_decode_attention(q, st, D**-0.5).float()) < 1e-2
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
