@@ -20,6 +20,14 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
 }
 
 
+RUN_NOTES = {  # what a reader must know about a run's rows
+    "run1_2026-11-29": "No warm-up before the generate rows: the fused row's prefill includes Triton compilation. "
+                       "KVQuantCache used token-group values and the tiles kernel with the value-slot correction "
+                       "(the fields kernel did not exist yet), and attended the prompt quantized (prefill='exact' "
+                       "came later). The 128K rows and a StaticCache row were not run.",
+}
+
+
 def env_line(name, env):
     return (f"- `{name}`: `{env['command']}`; {env['gpu']} ({env['sms']} SMs, {env['memory_gib']} GiB), torch "
             f"{env['torch']}, triton {env['triton']}, python {env['python']}; {env['date']}; code "
@@ -156,6 +164,8 @@ def generate_report(runs, out):
         env = r["env"]
         json.dump({"env": env, "run": name, **gen}, open(os.path.join(out, "gpu_generate.json"), "w"), indent=1)
         md = "# End-to-end decode tokens/s (model forward loop with each cache)\n\nRun:\n\n" + env_line(name, env)
+        if name in RUN_NOTES:
+            md += f"\n**Note.** {RUN_NOTES[name]}\n"
         md += (f"\nModel: {gen['model']}, {gen['layers']} layers, batch 1, prompt of random token ids; "
                f"{gen['new_tokens']} greedy decode steps after the prefill, median step time (the first two dropped). "
                "quanto = transformers' `QuantizedCache` (quanto backend, q_group_size 64, 128-token fp16 residual).\n\n"
