@@ -102,25 +102,15 @@ def _mm(a, b, F32: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(s, m_i, l_i, acc):
+def _softmax_update(s, m_i, l_i):
+    """One online-softmax step over scores s [GP, BT] (log2 units): (p, new running max, new running sum, the factor
+    alpha every accumulator must be multiplied by)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    return p, m_new, l_i, acc
-
-
-@triton.jit
-def _softmax_step2(s, m_i, l_i, acc):
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    return p, m_new, l_i, acc, alpha
+    return p, m_new, l_i, alpha
 
 
 @triton.jit
@@ -160,7 +150,8 @@ def _dense_block(q1, q2, k_base, v_base, t0, n_tok, skt, svt, mask_ptr, mask_off
         bias = tl.load(mask_ptr + mask_off + t, mask=tmask, other=0.0)
         s = s + bias[None, :] * 1.4426950408889634
     s = tl.where(tmask[None, :], s, float("-inf"))
-    p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
+    p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i)
+    acc = acc * alpha[:, None]
     chd = tl.arange(0, D)
     v = tl.load(v_base + t[:, None] * svt + chd[None, :], mask=tmask[:, None], other=0.0)
     if USE_DOT:
@@ -311,7 +302,8 @@ def _kvq_decode_kernel(
             bias = tl.load(mask_row + n_s + t, mask=tmask, other=0.0)
             s = s + bias[None, :] * 1.4426950408889634
         s = tl.where(tmask[None, :], s, float("-inf"))
-        p, m_i, l_i, acc, alpha = _softmax_step2(s, m_i, l_i, acc)
+        p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i)
+        acc = acc * alpha[:, None]
         # values: v = level[code] * scale_t + zero_t -> p @ v = (p * scale) @ level + (p . zero)
         vrow = vc_base + t * svc_t
         vcodes = _unpack_full(vrow, v_lo_off, v_hi_off, BITS, D, tmask)
@@ -832,12 +824,7 @@ def _kvq_decode_fields_kernel(
                 bias = tl.load(mask_row + n_s + t, mask=tmask, other=0.0)
                 s = s + bias[None, :] * 1.4426950408889634
             s = tl.where(tmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+            p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i)
             p16 = p.to(tl.float16)
             if not PREFETCH:
                 c_vlo, c_vhi, c_vz, c_vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
