@@ -185,29 +185,26 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     v_token = G == 1 and H > 1
     if use_dot is None:
         use_dot = group > 1
-    gp = max(16, triton_next_pow2(group)) if use_dot else 1
     if not use_dot and group != 1:
         raise ValueError("use_dot=False needs MHA (one query head per KV head).")
-    gr = triton_next_pow2(group)
-    bt = block_t or (64 if D <= 128 else 32)
-    # value slots as a post-P@V correction (factorised one-hot dot [VA, BT] @ [BT, GR * D / VA]; tl.dot needs >= 16)
-    va = 16
-    # off by default: on the H200 the overwrite is faster (819 vs 1785 us at 128K, benchmarks/gpu_decode.md)
-    vcorr = bool(value_correction and use_dot and cv and gr * D // va >= 16 and bt >= 16)
     fields_ok = D >= 128 and kaff is not None and cv <= 4
     if kernel is None:
         kernel = "fields" if fields_ok else "tiles"
-    if kernel == "fields":
-        if not fields_ok:
-            raise ValueError("the fields kernel needs head_dim >= 128, an affine key table and <= 4 value slots.")
-        use_dot = True
-        gp = max(16, triton_next_pow2(group))
-        bt = block_t or 32
-        num_warps = num_warps or 4
-        if maxnreg is None and bt == 32 and num_warps == 4:
-            maxnreg = 128  # H200 sweep (benchmarks/gpu_decode.md): 630 us vs 653 us at 128K, Llama-3-8B shape
-    elif kernel != "tiles":
+    if kernel not in ("fields", "tiles"):
         raise ValueError(f"kernel must be 'fields', 'tiles' or None, got {kernel!r}.")
+    if kernel == "fields" and not fields_ok:
+        raise ValueError("the fields kernel needs head_dim >= 128, an affine key table and <= 4 value slots.")
+    use_dot = use_dot or kernel == "fields"
+    gp = max(16, triton_next_pow2(group)) if use_dot else 1
+    gr = triton_next_pow2(group)
+    bt = block_t or (32 if kernel == "fields" or D > 128 else 64)
+    num_warps = num_warps or 4
+    if kernel == "fields" and maxnreg is None and bt == 32 and num_warps == 4:
+        maxnreg = 128  # H200 sweep (benchmarks/gpu_decode.md): 630 us vs 653 us at 128K, Llama-3-8B shape
+    # tiles kernel: value slots as a post-P@V correction (factorised one-hot dot [VA, BT] @ [BT, GR * D / VA]; tl.dot
+    # needs >= 16); off by default: on the H200 the overwrite is faster (819 vs 1785 us at 128K, gpu_decode.md)
+    va = 16
+    vcorr = bool(value_correction and use_dot and cv and gr * D // va >= 16 and bt >= 16)
     if num_splits is None:
         nsq, chunk = _splits(n_q, B * H, dev, bt)
     else:
@@ -251,7 +248,7 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
         n_s, n_q, n_w, chunk, nsq,
         H_KV=H, GROUP=group, GP=gp, BITS=bits, D=D, CK=ck, CV=cv, V_TOKEN=v_token, BT=bt,
         HAS_MASK=bias is not None, USE_DOT=use_dot, F32=interpreting(), K_AFFINE=kaff is not None, GR=gr,
-        VCORR=vcorr, VA=va, num_warps=num_warps or 4, num_stages=1, **opts,
+        VCORR=vcorr, VA=va, num_warps=num_warps, num_stages=1, **opts,
     )
     return _reduce(pacc, pm, pl, B, Hq, nsplit, D, query.dtype, dev)
 
