@@ -145,36 +145,33 @@ class KVQuantLayer(CacheLayerMixin):
         self.cumulative_length += t
 
         R = st.recent_window
-        if t > 1 and c.prefill == "exact":
-            # the step's own tokens are attended unquantized (plain SDPA over the prompt), earlier tokens as stored;
-            # the new tokens are compressed in the same step
-            old = st.dequantize() if len(st) else None
-            st.append(key_states, value_states, pos)
-            _attention.set_pending(self.layer_idx, None)
-            if old is None:
-                keys, values = key_states, value_states
-            else:
-                keys = torch.cat((old[0], key_states.to(old[0].dtype)), 2)
-                values = torch.cat((old[1], value_states.to(old[1].dtype)), 2)
-            if self.is_sliding:
-                st.drop_front(len(st) - (self.sliding_window - 1))
-            return keys, values
-        band = R > 0 and t > 1 and c._uses_kvquant_attention()
+        # prefill="exact": a multi-token step attends its own tokens unquantized (plain SDPA over the prompt) and
+        # earlier tokens as stored; its tokens are compressed in the same step
+        exact = t > 1 and c.prefill == "exact"
+        band = R > 0 and t > 1 and not exact and c._uses_kvquant_attention()
         kernel = t == 1 and not self.is_sliding and c._uses_kvquant_attention() and kernels_available(
             key_states.device)
-        if band:
+        if exact:
+            old = st.dequantize() if len(st) else None
+        elif band:
             old_win_k, old_win_v, n_old = st.win_k, st.win_v, st.n_s + st.n_q
         st.append(key_states, value_states, pos)
         if kernel:
             _attention.set_pending(self.layer_idx, ("kernel", st))
             return key_states, value_states  # placeholders: the kernel reads the storage
-        keys, values = st.dequantize()
-        if band:
-            k_fp = torch.cat((keys[:, :, :n_old], old_win_k, key_states.to(keys.dtype)), 2)
-            v_fp = torch.cat((values[:, :, :n_old], old_win_v, value_states.to(values.dtype)), 2)
-            _attention.set_pending(self.layer_idx, ("band", k_fp, v_fp, R))
+        pending = None
+        if exact and old is None:
+            keys, values = key_states, value_states
+        elif exact:
+            keys = torch.cat((old[0], key_states.to(old[0].dtype)), 2)
+            values = torch.cat((old[1], value_states.to(old[1].dtype)), 2)
         else:
-            _attention.set_pending(self.layer_idx, None)
+            keys, values = st.dequantize()
+            if band:
+                k_fp = torch.cat((keys[:, :, :n_old], old_win_k, key_states.to(keys.dtype)), 2)
+                v_fp = torch.cat((values[:, :, :n_old], old_win_v, value_states.to(values.dtype)), 2)
+                pending = ("band", k_fp, v_fp, R)
+        _attention.set_pending(self.layer_idx, pending)
         if self.is_sliding:
             st.drop_front(len(st) - (self.sliding_window - 1))
         return keys, values
