@@ -102,9 +102,15 @@ def _mm(a, b, F32: tl.constexpr):
 
 
 @triton.jit
-def _softmax_update(s, m_i, l_i):
-    """One online-softmax step over scores s [GP, BT] (log2 units): (p, new running max, new running sum, the factor
+def _softmax_update(s, m_i, l_i, qk_scale, mask_ptr, mask_off, t, tmask, HAS_MASK: tl.constexpr):
+    """One online-softmax step over raw scores s [GP, BT] of tokens t [BT]: scale to log2 units, add the additive
+    mask (mask_ptr + mask_off + t), drop tokens outside tmask; -> (p, new running max, new running sum, the factor
     alpha every accumulator must be multiplied by)."""
+    s = s * qk_scale
+    if HAS_MASK:
+        bias = tl.load(mask_ptr + mask_off + t, mask=tmask, other=0.0)
+        s = s + bias[None, :] * 1.4426950408889634
+    s = tl.where(tmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
@@ -145,12 +151,7 @@ def _dense_block(q1, q2, k_base, v_base, t0, n_tok, skt, svt, mask_ptr, mask_off
     else:
         s = tl.sum(q1.to(tl.float32) * k1.to(tl.float32), 1)[None, :] + \
             tl.sum(q2.to(tl.float32) * k2.to(tl.float32), 1)[None, :]
-    s = s * qk_scale
-    if HAS_MASK:
-        bias = tl.load(mask_ptr + mask_off + t, mask=tmask, other=0.0)
-        s = s + bias[None, :] * 1.4426950408889634
-    s = tl.where(tmask[None, :], s, float("-inf"))
-    p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i)
+    p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, mask_ptr, mask_off, t, tmask, HAS_MASK)
     acc = acc * alpha[:, None]
     chd = tl.arange(0, D)
     v = tl.load(v_base + t[:, None] * svt + chd[None, :], mask=tmask[:, None], other=0.0)
@@ -297,12 +298,7 @@ def _kvq_decode_kernel(
         else:
             s = tl.sum(q1.to(tl.float32) * r1, 1)[None, :] + tl.sum(q2.to(tl.float32) * r2, 1)[None, :]
             s = s * rope_scale
-        s = s * qk_scale
-        if HAS_MASK:
-            bias = tl.load(mask_row + n_s + t, mask=tmask, other=0.0)
-            s = s + bias[None, :] * 1.4426950408889634
-        s = tl.where(tmask[None, :], s, float("-inf"))
-        p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i)
+        p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, mask_row, n_s, t, tmask, HAS_MASK)
         acc = acc * alpha[:, None]
         # values: v = level[code] * scale_t + zero_t -> p @ v = (p * scale) @ level + (p . zero)
         vrow = vc_base + t * svc_t
@@ -819,12 +815,7 @@ def _kvq_decode_fields_kernel(
             a1, a2 = _rot_q(q13, q23, om3, p0f, F32)
             s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 3, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
                             c3, s3, a1, a2, D, NKC, CK, F32)
-            s = s * qk_scale
-            if HAS_MASK:
-                bias = tl.load(mask_row + n_s + t, mask=tmask, other=0.0)
-                s = s + bias[None, :] * 1.4426950408889634
-            s = tl.where(tmask[None, :], s, float("-inf"))
-            p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i)
+            p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, mask_row, n_s, t, tmask, HAS_MASK)
             p16 = p.to(tl.float16)
             if not PREFETCH:
                 c_vlo, c_vhi, c_vz, c_vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
