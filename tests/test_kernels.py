@@ -108,7 +108,7 @@ def test_quantize_append_head_group_d128_interpret():
 # ---------------------------------------------------------------------------------------------------------------
 def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_lens=None, dtype=torch.bfloat16,
                  fill="kernel", use_dot=None, num_splits=None, tol=1e-2, frac=0.01, kernel=None, offsets=None,
-                 gap_at=None, value_correction=None, prefetch=False, attention_scaling=1.0):
+                 gap_at=None, value_correction=None, prefetch=False, attention_scaling=1.0, lutx=None):
     st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill, frac=frac,
                                    offsets=offsets, gap_at=gap_at, attention_scaling=attention_scaling)
     g = torch.Generator().manual_seed(7)
@@ -119,7 +119,7 @@ def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_len
         keep = torch.arange(total)[None, :] >= (total - torch.tensor(mask_lens))[:, None]  # left padding
         mask = keep.to(device)
     out = kernels.decode_attention(q, st, D**-0.5, mask, num_splits=num_splits, use_dot=use_dot, kernel=kernel,
-                                   value_correction=value_correction, prefetch=prefetch)
+                                   value_correction=value_correction, prefetch=prefetch, lutx=lutx)
     ref = reference_decode_attention(q, st, D**-0.5, mask)
     assert out.shape == (B, Hq, 1, D) and out.dtype == dtype
     assert torch.isfinite(out).all()
@@ -149,20 +149,21 @@ def test_decode_gqa2_d128_head_group_correction_interpret():
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("prefetch,lutx", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_decode_fields_kernel_interpret(bits, prefetch):
-    # the "fields" kernel (in-place bit fields, per-block RoPE table): GQA 4, head-group values, padded batch
+def test_decode_fields_kernel_interpret(bits, prefetch, lutx):
+    # the "fields" kernel (in-place bit fields, per-block RoPE table): GQA 4, head-group values, padded batch;
+    # lutx: fp16 dequantisation/RoPE (the register lookup itself is inline PTX: GPU tests only)
     check_decode(2, 8, 2, 128, bits, 100, 1, 3, "head", "cpu", mask_lens=[104, 60], num_splits=2, kernel="fields",
-                 prefetch=prefetch)
+                 prefetch=prefetch, lutx=lutx)
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_decode_fields_kernel_gappy_positions_mha_interpret(prefetch):
+@pytest.mark.parametrize("prefetch,lutx", [(False, False), (True, True)])
+def test_decode_fields_kernel_gappy_positions_mha_interpret(prefetch, lutx):
     # non-consecutive positions inside a block (per-element RoPE fallback), per-row offsets, MHA, 2% outliers
     check_decode(2, 2, 2, 128, 3, 90, 1, 0, "head", "cpu", num_splits=2, kernel="fields", frac=0.02,
-                 offsets=[0, 40], gap_at=37, prefetch=prefetch)
+                 offsets=[0, 40], gap_at=37, prefetch=prefetch, lutx=lutx)
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
@@ -242,10 +243,11 @@ def test_decode_gpu(bits, D, dtype):
     check_decode(2, 8, 8, D, bits, 2000, 1, 0, "head", "cuda", dtype=dtype)
     check_decode(1, 8, 1, D, bits, 1000, 0, 5, "token", "cuda", dtype=dtype)  # MQA
     if D >= 128:  # the fields kernel: GQA 4 with padding, and non-consecutive positions (per-element RoPE fallback)
-        check_decode(3, 32, 8, D, bits, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype,
-                     kernel="fields")
-        check_decode(2, 8, 8, D, bits, 700, 1, 0, "head", "cuda", dtype=dtype, kernel="fields", offsets=[0, 77],
-                     gap_at=300, prefetch=True)
+        for lutx in (False, True):  # lutx: the inline-PTX register lookup table
+            check_decode(3, 32, 8, D, bits, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype,
+                         kernel="fields", lutx=lutx)
+            check_decode(2, 8, 8, D, bits, 700, 1, 0, "head", "cuda", dtype=dtype, kernel="fields", offsets=[0, 77],
+                         gap_at=300, prefetch=True, lutx=lutx)
 
 
 @pytest.mark.gpu

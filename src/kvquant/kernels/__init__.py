@@ -131,14 +131,17 @@ def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int =
 # decode attention
 # ----------------------------------------------------------------------------------------------------------------
 def decode_attention(query, storage, scaling, attention_mask=None, num_splits=None, block_t=None, use_dot=None,
-                     num_warps=None, kernel=None, value_correction=None, maxnreg=None, prefetch=False):
+                     num_warps=None, kernel=None, value_correction=None, maxnreg=None, prefetch=False, lutx=None):
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
     ``kernel``: ``"fields"`` (bytes split into bit fields in place, RoPE from a per-block table; head_dim >= 128, a
     per-channel affine key table and at most 4 value outlier slots per vector), ``"tiles"`` (interleave unpack; any
     head_dim / slot count) or None (``"fields"`` where it applies). ``value_correction=True``: the tiles kernel's
     value-slot correction (a one-hot dot after P@V) instead of the per-slot overwrite (slower on the H200).
-    ``prefetch=True``: the fields kernel loads block i + 1 while block i computes (not yet measured on a GPU)."""
+    ``prefetch=True``: the fields kernel loads block i + 1 while block i computes (not yet measured on a GPU).
+    ``lutx`` (fields kernel): levels from a register lookup table (PRMT through inline PTX; the interpreter gathers
+    from an fp16 table instead) and fp16 dequantisation/RoPE arithmetic; None = the default (on).
+    ``maxnreg``: register cap per thread (0 = none; None = the measured default)."""
     from . import _triton as K
 
     st = storage
@@ -199,7 +202,11 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     gr = triton_next_pow2(group)
     bt = block_t or (32 if kernel == "fields" or D > 128 else 64)
     num_warps = num_warps or 4
-    if kernel == "fields" and maxnreg is None and bt == 32 and num_warps == 4:
+    lutx = bool(kernel == "fields" and (LUTX_DEFAULT and ck <= 4 if lutx is None else lutx))
+    if lutx and ck > 4:
+        raise ValueError(f"lutx=True handles <= 4 key outlier slots per vector (this storage has {ck}); "
+                         "pass lutx=False.")
+    if kernel == "fields" and maxnreg is None and bt == 32 and num_warps == 4 and not lutx:
         maxnreg = 128  # H200 sweep (benchmarks/gpu_decode.md): 630 us vs 653 us at 128K, Llama-3-8B shape
     # tiles kernel: value slots as a post-P@V correction (factorised one-hot dot [VA, BT] @ [BT, GR * D / VA]; tl.dot
     # needs >= 16); off by default: on the H200 the overwrite is faster (819 vs 1785 us at 128K, gpu_decode.md)
@@ -232,9 +239,14 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
             raise ValueError("sink/window tensors must have a contiguous last dimension.")
     mask_t = bias if bias is not None else pm
     fn = K._kvq_decode_fields_kernel if kernel == "fields" else K._kvq_decode_kernel
-    opts = {} if maxnreg is None or interpreting() else {"maxnreg": int(maxnreg)}
+    opts = {} if not maxnreg or interpreting() else {"maxnreg": int(maxnreg)}  # 0: no register cap
     if kernel == "fields":
         opts["PREFETCH"] = bool(prefetch)
+        opts["LUTX"] = lutx
+        if lutx:
+            opts["KW"] = _cached(st, ("key_words", dev), lambda: _lut_words(kaff[0]))
+            opts["VW"] = _cached(st, ("value_words", dev), lambda: _lut_words(vlev))
+            opts["KDLH"] = _cached(st, ("key_levels_h", dev), lambda: kaff[0].to(torch.float16).contiguous())
     fn[(B * H, nsplit)](
         q, pacc, pm, pl,
         *quant, klut, vlev, invf, *(kaff if kaff is not None else (klut, klut, klut)), vlevh,
@@ -251,6 +263,25 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
         VCORR=vcorr, VA=va, num_warps=num_warps, num_stages=1, **opts,
     )
     return _reduce(pacc, pm, pl, B, Hq, nsplit, D, query.dtype, dev)
+
+
+LUTX_DEFAULT = True
+
+
+def _lut_words(levels: torch.Tensor) -> torch.Tensor:
+    """The <= 16 fp16 levels as 8 int32 words for the kernels' PRMT lookup: [lo bytes of entries 0-3, 4-7, hi bytes
+    of 0-3, 4-7, lo bytes of 8-11, 12-15, hi bytes of 8-11, 12-15] (byte i of a word = entry 4 k + i)."""
+    n = levels.numel()
+    if n > 16:
+        raise ValueError(f"a register lookup table holds at most 16 levels, got {n}.")
+    h = levels.detach().reshape(-1).to(torch.float16).view(torch.int16).to(torch.int64).cpu() & 0xFFFF
+    h = torch.cat([h, torch.zeros(16 - n, dtype=torch.int64)])
+    lo, hi = (h & 0xFF).reshape(4, 4), (h >> 8).reshape(4, 4)
+    sh = torch.tensor([0, 8, 16, 24])
+    wl, wh = (lo << sh).sum(1), (hi << sh).sum(1)
+    words = torch.stack([wl[0], wl[1], wh[0], wh[1], wl[2], wl[3], wh[2], wh[3]])
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)
+    return words.to(torch.int32).to(levels.device)
 
 
 def _key_affine(klut: torch.Tensor):

@@ -660,6 +660,169 @@ def _value_field(acc, p16, lo, hi, f: tl.constexpr, BITS: tl.constexpr, VLEV, vs
     return acc + _mm(p16, v.to(tl.float16), F32)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Register lookup table (LUTX): the 2^bits fp16 levels live in 2-8 32-bit words (low bytes and high bytes of the
+# entries), and PRMT (byte permute) looks up four codes per instruction: one inline-PTX call turns 4 packed bytes
+# (16 codes) into the four fields' fp16 values, with no memory gather. Words (host: kernels._lut_words):
+# [lo(0-3), lo(4-7), hi(0-3), hi(4-7), lo(8-11), lo(12-15), hi(8-11), hi(12-15)].
+# Operands with pack=4: $0-$7 the four fp16 outputs (2 registers each), then the packed input(s) ($8; $8-$9 for the
+# 4-bit u16 words or 2/3-bit low + high planes), then the words (each a broadcast scalar: 4 registers, first used).
+# ------------------------------------------------------------------------------------------------------------------
+def _asm_lut23(bits: int) -> str:
+    w = (10, 14, 18, 22)  # lo(0-3), lo(4-7), hi(0-3), hi(4-7)
+    out = ["{", ".reg .b32 c, s, l, h;"]
+    for f in range(4):
+        out.append(f"shr.b32 c, $8, {2 * f};")
+        out.append("and.b32 c, c, 0x03030303;")
+        if bits == 3:  # high bit of field f: bit f of the high-plane nibble -> bit 2 of each byte
+            out.append(f"shl.b32 s, $9, {2 - f};" if f < 3 else "shr.b32 s, $9, 1;")
+            out.append("and.b32 s, s, 0x04040404;")
+            out.append("or.b32 c, c, s;")
+        out.append("shr.b32 s, c, 12;")  # byte codes (b0, b1, b2, b3) -> selector nibbles (b0, b2, b1, b3)
+        out.append("or.b32 s, s, c;")
+        out.append(f"prmt.b32 l, ${w[0]}, ${w[1]}, s;")
+        out.append(f"prmt.b32 h, ${w[2]}, ${w[3]}, s;")
+        out.append(f"prmt.b32 ${2 * f}, l, h, 0x6240;")  # (lo b0, hi b0, lo b1, hi b1)
+        out.append(f"prmt.b32 ${2 * f + 1}, l, h, 0x7351;")
+    out.append("}")
+    return " ".join(out)
+
+
+def _asm_lut4() -> str:
+    w = (10, 14, 18, 22, 26, 30, 34, 38)
+    out = ["{", ".reg .b32 a, b, s, t, i, m, la, lb, ha, hb, k;", "mov.b32 k, 0x00008000;"]
+    for f in range(4):
+        out += [f"shr.b32 a, $8, {4 * f};", "and.b32 a, a, 0x000F000F;",  # e0 @ 0, e1 @ 16
+                f"shr.b32 b, $9, {4 * f};", "and.b32 b, b, 0x000F000F;",  # e2 @ 0, e3 @ 16
+                "shr.b32 s, a, 12;", "or.b32 s, s, a;", "shl.b32 t, b, 8;", "or.b32 s, s, t;",
+                "shr.b32 t, b, 4;", "or.b32 s, s, t;",  # nibbles (e0, e1, e2, e3)
+                "and.b32 i, s, 0x7777;",
+                "and.b32 m, s, 0x8888;", "shr.b32 t, m, 3;", "or.b32 m, m, t;",
+                "prmt.b32 m, k, k, m;",  # 0xFF per byte whose code has bit 3 (sign-replicate of byte 1 = 0x80)
+                f"prmt.b32 la, ${w[0]}, ${w[1]}, i;", f"prmt.b32 lb, ${w[4]}, ${w[5]}, i;",
+                f"prmt.b32 ha, ${w[2]}, ${w[3]}, i;", f"prmt.b32 hb, ${w[6]}, ${w[7]}, i;",
+                "xor.b32 t, la, lb;", "and.b32 t, t, m;", "xor.b32 la, la, t;",
+                "xor.b32 t, ha, hb;", "and.b32 t, t, m;", "xor.b32 ha, ha, t;",
+                f"prmt.b32 ${2 * f}, la, ha, 0x5140;", f"prmt.b32 ${2 * f + 1}, la, ha, 0x7362;"]
+    out.append("}")
+    return " ".join(out)
+
+
+_ASM_LUT2 = tl.constexpr(_asm_lut23(2))
+_ASM_LUT3 = tl.constexpr(_asm_lut23(3))
+_ASM_LUT4 = tl.constexpr(_asm_lut4())
+_CONS_LUT23 = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 18))
+_CONS_LUT4 = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 34))
+
+
+@triton.jit
+def _planes_raw(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask):
+    """Packed bytes of a [BT, W] block as loaded (u8; 4-bit: u16 words), and for 3 bits the high-plane nibble of
+    each low byte in the low bits of a u8."""
+    j = tl.arange(0, W)
+    m = tmask[:, None]
+    if BITS == 4:
+        w = tl.load((rows[:, None] + lo_off + 2 * j[None, :]).to(tl.pointer_type(tl.uint16)), mask=m, other=0)
+        return w, w
+    else:
+        lo = tl.load(rows[:, None] + lo_off + j[None, :], mask=m, other=0)
+        if BITS == 3:
+            hi = tl.load(rows[:, None] + hi_off + (j // 2)[None, :], mask=m, other=0).to(tl.int32)
+            hi = (hi >> (4 * (j % 2))[None, :]).to(tl.uint8)
+        else:
+            hi = lo
+        return lo, hi
+
+
+@triton.jit
+def _lut_fields(lo, hi, WP, LEVH, BITS: tl.constexpr, INTERP: tl.constexpr):
+    """fp16 levels of the four fields of packed bytes (lo, hi from _planes_raw) -> four [BT, W] fp16 tiles.
+    INTERP (no inline PTX): gathers from the fp16 level table LEVH instead of the register words WP."""
+    if INTERP:
+        lo32 = lo.to(tl.int32)
+        hi32 = hi.to(tl.int32)
+        return (tl.load(LEVH + _field_codes(lo32, hi32, 0, BITS)), tl.load(LEVH + _field_codes(lo32, hi32, 1, BITS)),
+                tl.load(LEVH + _field_codes(lo32, hi32, 2, BITS)), tl.load(LEVH + _field_codes(lo32, hi32, 3, BITS)))
+    else:
+        w0 = tl.load(WP + 0)
+        w1 = tl.load(WP + 1)
+        w2 = tl.load(WP + 2)
+        w3 = tl.load(WP + 3)
+        if BITS == 4:
+            w4 = tl.load(WP + 4)
+            w5 = tl.load(WP + 5)
+            w6 = tl.load(WP + 6)
+            w7 = tl.load(WP + 7)
+            return tl.inline_asm_elementwise(_ASM_LUT4, _CONS_LUT4, [lo, w0, w1, w2, w3, w4, w5, w6, w7],
+                                             dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True,
+                                             pack=4)
+        elif BITS == 3:
+            return tl.inline_asm_elementwise(_ASM_LUT3, _CONS_LUT23, [lo, hi, w0, w1, w2, w3],
+                                             dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True,
+                                             pack=4)
+        else:
+            return tl.inline_asm_elementwise(_ASM_LUT2, _CONS_LUT23, [lo, hi, w0, w1, w2, w3],
+                                             dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True,
+                                             pack=4)
+
+
+@triton.jit
+def _slot(OI, OV, row, j: tl.constexpr, C: tl.constexpr, idx_off, tmask):
+    """Outlier slot j of a block's rows: (index - idx_off as int32, fp16 value); a zero dummy when j >= C."""
+    if j < C:
+        return (tl.load(OI + row + j, mask=tmask, other=0).to(tl.int32) - idx_off,
+                tl.load(OV + row + j, mask=tmask, other=0.0).to(tl.float16))
+    else:
+        return tl.zeros_like(row).to(tl.int32), tl.zeros_like(row).to(tl.float16)
+
+
+@triton.jit
+def _slots(OI, OV, row, C: tl.constexpr, idx_off, tmask):
+    """The (<= 4) outlier slots of a block's rows, loaded once per block: a flat tuple (i0, v0, ..., i3, v3)."""
+    i0, v0 = _slot(OI, OV, row, 0, C, idx_off, tmask)
+    i1, v1 = _slot(OI, OV, row, 1, C, idx_off, tmask)
+    i2, v2 = _slot(OI, OV, row, 2, C, idx_off, tmask)
+    i3, v3 = _slot(OI, OV, row, 3, C, idx_off, tmask)
+    return i0, v0, i1, v1, i2, v2, i3, v3
+
+
+@triton.jit
+def _overwrite(x, ch, sl, C: tl.constexpr):
+    """x [BT, W] with the element at channel sl.i_j[t] (ch: the tile's channels [W]) set to sl.v_j[t], j < C."""
+    if C > 0:
+        x = tl.where(sl[0][:, None] == ch[None, :], sl[1][:, None], x)
+    if C > 1:
+        x = tl.where(sl[2][:, None] == ch[None, :], sl[3][:, None], x)
+    if C > 2:
+        x = tl.where(sl[4][:, None] == ch[None, :], sl[5][:, None], x)
+    if C > 3:
+        x = tl.where(sl[6][:, None] == ch[None, :], sl[7][:, None], x)
+    return x
+
+
+@triton.jit
+def _key_field_x(l1, l2, f: tl.constexpr, s1, z1, s2, z2, sl, C, S, qa1, qa2,
+                 D: tl.constexpr, W: tl.constexpr, CK: tl.constexpr, F32: tl.constexpr):
+    """LUTX scores [GP, BT] of field f: levels l1/l2 (fp16) -> per-channel affine, slot overwrite (slots sl
+    preloaded by _slots), RoPE, all in fp16."""
+    HALF: tl.constexpr = D // 2
+    ch = 4 * tl.arange(0, W) + f
+    k1 = _overwrite(l1 * s1[None, :] + z1[None, :], ch, sl, CK)
+    k2 = _overwrite(l2 * s2[None, :] + z2[None, :], ch + HALF, sl, CK)
+    r1 = k1 * C - k2 * S
+    r2 = k2 * C + k1 * S
+    return _mm(qa1, tl.trans(r1), F32) + _mm(qa2, tl.trans(r2), F32)
+
+
+@triton.jit
+def _value_field_x(acc, p16, lv, f: tl.constexpr, vsc, vz, sl, W: tl.constexpr, CV: tl.constexpr,
+                   F32: tl.constexpr):
+    """LUTX P@V of field f: levels lv (fp16) -> per-token affine (fp16 vsc/vz; masked tokens load scale 0 and zero 0,
+    so their values are 0 and p = 0), slot overwrite."""
+    v = _overwrite(lv * vsc[:, None] + vz[:, None], 4 * tl.arange(0, W) + f, sl, CV)
+    return acc + _mm(p16, v, F32)
+
+
 @triton.jit
 def _rot_q(q1, q2, om, p0, F32: tl.constexpr):
     """R(p0)^T applied to the query pair tiles [GP, W] (om: the field's inverse frequencies [W]) -> fp16."""
@@ -676,26 +839,35 @@ def _tau_cs(rel, om, F32: tl.constexpr):
 
 @triton.jit
 def _fetch_keys(t0, q_hi, taui, QPOS, qpos_row, kc_base, skc_t, k_half, D: tl.constexpr, NKC: tl.constexpr,
-                BITS: tl.constexpr):
+                BITS: tl.constexpr, LUTX: tl.constexpr):
     """Positions and packed key bytes of one block of the fields kernel."""
     t = t0 + taui
     tmask = t < q_hi
     pos = tl.load(QPOS + qpos_row + t, mask=tmask, other=0)
     krow = kc_base + t * skc_t
-    lo1, hi1 = _planes(krow, 0, D // 4, NKC, BITS, tmask)
-    lo2, hi2 = _planes(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask)
+    if LUTX:
+        lo1, hi1 = _planes_raw(krow, 0, D // 4, NKC, BITS, tmask)
+        lo2, hi2 = _planes_raw(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask)
+    else:
+        lo1, hi1 = _planes(krow, 0, D // 4, NKC, BITS, tmask)
+        lo2, hi2 = _planes(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask)
     return pos, lo1, hi1, lo2, hi2
 
 
 @triton.jit
 def _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base, svs_t, NVC: tl.constexpr,
-                  BITS: tl.constexpr):
-    """Packed value bytes and per-token zero/scale of one block of the fields kernel."""
+                  BITS: tl.constexpr, LUTX: tl.constexpr):
+    """Packed value bytes and per-token zero/scale of one block of the fields kernel (LUTX: fp16 as stored)."""
     t = t0 + taui
     tmask = t < q_hi
-    vlo, vhi = _planes(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask)
-    vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
-    vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
+    if LUTX:
+        vlo, vhi = _planes_raw(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask)
+        vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
+        vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
+    else:
+        vlo, vhi = _planes(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask)
+        vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
+        vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
     return vlo, vhi, vz, vsc
 
 
@@ -718,7 +890,7 @@ def _kvq_decode_fields_kernel(
     BITS: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
     V_TOKEN: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
     F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, LUTX: tl.constexpr = False, KW=None, VW=None, KDLH=None,
 ):
     HALF: tl.constexpr = D // 2
     NKC: tl.constexpr = D // 8  # columns per key half and field
@@ -757,6 +929,19 @@ def _kvq_decode_fields_kernel(
         C1, S1 = _tau_cs(tau, om1, F32)
         C2, S2 = _tau_cs(tau, om2, F32)
         C3, S3 = _tau_cs(tau, om3, F32)
+        if LUTX:  # fp16 RoPE tables and per-channel key scale/zero, held for the whole program
+            C0, S0, C1, S1 = C0.to(tl.float16), S0.to(tl.float16), C1.to(tl.float16), S1.to(tl.float16)
+            C2, S2, C3, S3 = C2.to(tl.float16), S2.to(tl.float16), C3.to(tl.float16), S3.to(tl.float16)
+            kso = KSC + h * D + 4 * jk
+            kzo = KZR + h * D + 4 * jk
+            ks10, ks11, ks12, ks13 = (tl.load(kso + 0).to(tl.float16), tl.load(kso + 1).to(tl.float16),
+                                      tl.load(kso + 2).to(tl.float16), tl.load(kso + 3).to(tl.float16))
+            ks20, ks21, ks22, ks23 = (tl.load(kso + HALF + 0).to(tl.float16), tl.load(kso + HALF + 1).to(tl.float16),
+                                      tl.load(kso + HALF + 2).to(tl.float16), tl.load(kso + HALF + 3).to(tl.float16))
+            kz10, kz11, kz12, kz13 = (tl.load(kzo + 0).to(tl.float16), tl.load(kzo + 1).to(tl.float16),
+                                      tl.load(kzo + 2).to(tl.float16), tl.load(kzo + 3).to(tl.float16))
+            kz20, kz21, kz22, kz23 = (tl.load(kzo + HALF + 0).to(tl.float16), tl.load(kzo + HALF + 1).to(tl.float16),
+                                      tl.load(kzo + HALF + 2).to(tl.float16), tl.load(kzo + HALF + 3).to(tl.float16))
         acc0 = tl.zeros([GP, NVC], tl.float32)
         acc1 = tl.zeros([GP, NVC], tl.float32)
         acc2 = tl.zeros([GP, NVC], tl.float32)
@@ -774,9 +959,9 @@ def _kvq_decode_fields_kernel(
         taui = tl.arange(0, BT)
         if PREFETCH:  # software double buffering: block i + 1's loads are in flight while block i computes
             pos, lo1, hi1, lo2, hi2 = _fetch_keys(q_lo, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D, NKC,
-                                                  BITS)
+                                                  BITS, LUTX)
             vlo, vhi, vz, vsc = _fetch_values(q_lo, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base,
-                                              svs_t, NVC, BITS)
+                                              svs_t, NVC, BITS, LUTX)
         for t0 in range(q_lo, q_hi, BT):
             t = t0 + taui
             tmask = t < q_hi
@@ -784,12 +969,12 @@ def _kvq_decode_fields_kernel(
                 c_pos, c_lo1, c_hi1, c_lo2, c_hi2 = pos, lo1, hi1, lo2, hi2
                 c_vlo, c_vhi, c_vz, c_vsc = vlo, vhi, vz, vsc
                 pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0 + BT, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half,
-                                                      D, NKC, BITS)
+                                                      D, NKC, BITS, LUTX)
                 vlo, vhi, vz, vsc = _fetch_values(t0 + BT, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
-                                                  vs_base, svs_t, NVC, BITS)
+                                                  vs_base, svs_t, NVC, BITS, LUTX)
             else:
                 c_pos, c_lo1, c_hi1, c_lo2, c_hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t,
-                                                                k_half, D, NKC, BITS)
+                                                                k_half, D, NKC, BITS, LUTX)
             d = c_pos - taui
             p0 = tl.min(tl.where(tmask, d, 2147483647), 0)
             contig = p0 == tl.max(tl.where(tmask, d, -2147483647), 0)
@@ -802,33 +987,65 @@ def _kvq_decode_fields_kernel(
                 c1, s1 = _tau_cs(rel, om1, F32)
                 c2, s2 = _tau_cs(rel, om2, F32)
                 c3, s3 = _tau_cs(rel, om3, F32)
+                if LUTX:
+                    c0, s0, c1, s1 = c0.to(tl.float16), s0.to(tl.float16), c1.to(tl.float16), s1.to(tl.float16)
+                    c2, s2, c3, s3 = c2.to(tl.float16), s2.to(tl.float16), c3.to(tl.float16), s3.to(tl.float16)
             ko_row = ko_base + t * sko_t
-            a1, a2 = _rot_q(q10, q20, om0, p0f, F32)
-            s = _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 0, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
-                           c0, s0, a1, a2, D, NKC, CK, F32)
-            a1, a2 = _rot_q(q11, q21, om1, p0f, F32)
-            s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 1, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
-                            c1, s1, a1, a2, D, NKC, CK, F32)
-            a1, a2 = _rot_q(q12, q22, om2, p0f, F32)
-            s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 2, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
-                            c2, s2, a1, a2, D, NKC, CK, F32)
-            a1, a2 = _rot_q(q13, q23, om3, p0f, F32)
-            s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 3, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
-                            c3, s3, a1, a2, D, NKC, CK, F32)
+            if LUTX:
+                l10, l11, l12, l13 = _lut_fields(c_lo1, c_hi1, KW, KDLH, BITS, F32)
+                l20, l21, l22, l23 = _lut_fields(c_lo2, c_hi2, KW, KDLH, BITS, F32)
+                ksl = _slots(KOI, KOV, ko_row, CK, 0, tmask)
+                a1, a2 = _rot_q(q10, q20, om0, p0f, F32)
+                s = _key_field_x(l10, l20, 0, ks10, kz10, ks20, kz20, ksl, c0, s0, a1, a2,
+                                 D, NKC, CK, F32)
+                a1, a2 = _rot_q(q11, q21, om1, p0f, F32)
+                s += _key_field_x(l11, l21, 1, ks11, kz11, ks21, kz21, ksl, c1, s1, a1, a2,
+                                  D, NKC, CK, F32)
+                a1, a2 = _rot_q(q12, q22, om2, p0f, F32)
+                s += _key_field_x(l12, l22, 2, ks12, kz12, ks22, kz22, ksl, c2, s2, a1, a2,
+                                  D, NKC, CK, F32)
+                a1, a2 = _rot_q(q13, q23, om3, p0f, F32)
+                s += _key_field_x(l13, l23, 3, ks13, kz13, ks23, kz23, ksl, c3, s3, a1, a2,
+                                  D, NKC, CK, F32)
+            else:
+                a1, a2 = _rot_q(q10, q20, om0, p0f, F32)
+                s = _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 0, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
+                               c0, s0, a1, a2, D, NKC, CK, F32)
+                a1, a2 = _rot_q(q11, q21, om1, p0f, F32)
+                s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 1, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
+                                c1, s1, a1, a2, D, NKC, CK, F32)
+                a1, a2 = _rot_q(q12, q22, om2, p0f, F32)
+                s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 2, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
+                                c2, s2, a1, a2, D, NKC, CK, F32)
+                a1, a2 = _rot_q(q13, q23, om3, p0f, F32)
+                s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 3, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
+                                c3, s3, a1, a2, D, NKC, CK, F32)
             p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, mask_row, n_s, t, tmask, HAS_MASK)
             p16 = p.to(tl.float16)
             if not PREFETCH:
                 c_vlo, c_vhi, c_vz, c_vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
-                                                          vs_base, svs_t, NVC, BITS)
+                                                          vs_base, svs_t, NVC, BITS, LUTX)
             vo_row = vo_base + t * svo_t
-            acc0 = _value_field(acc0 * alpha[:, None], p16, c_vlo, c_vhi, 0, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
-                                vo_row, v_idx_off, tmask, NVC, CV, F32)
-            acc1 = _value_field(acc1 * alpha[:, None], p16, c_vlo, c_vhi, 1, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
-                                vo_row, v_idx_off, tmask, NVC, CV, F32)
-            acc2 = _value_field(acc2 * alpha[:, None], p16, c_vlo, c_vhi, 2, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
-                                vo_row, v_idx_off, tmask, NVC, CV, F32)
-            acc3 = _value_field(acc3 * alpha[:, None], p16, c_vlo, c_vhi, 3, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
-                                vo_row, v_idx_off, tmask, NVC, CV, F32)
+            if LUTX:
+                lv0, lv1, lv2, lv3 = _lut_fields(c_vlo, c_vhi, VW, VLEVH, BITS, F32)
+                vsl = _slots(VOI, VOV, vo_row, CV, v_idx_off, tmask)
+                acc0 = _value_field_x(acc0 * alpha[:, None], p16, lv0, 0, c_vsc, c_vz, vsl, NVC,
+                                      CV, F32)
+                acc1 = _value_field_x(acc1 * alpha[:, None], p16, lv1, 1, c_vsc, c_vz, vsl, NVC,
+                                      CV, F32)
+                acc2 = _value_field_x(acc2 * alpha[:, None], p16, lv2, 2, c_vsc, c_vz, vsl, NVC,
+                                      CV, F32)
+                acc3 = _value_field_x(acc3 * alpha[:, None], p16, lv3, 3, c_vsc, c_vz, vsl, NVC,
+                                      CV, F32)
+            else:
+                acc0 = _value_field(acc0 * alpha[:, None], p16, c_vlo, c_vhi, 0, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
+                                    vo_row, v_idx_off, tmask, NVC, CV, F32)
+                acc1 = _value_field(acc1 * alpha[:, None], p16, c_vlo, c_vhi, 1, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
+                                    vo_row, v_idx_off, tmask, NVC, CV, F32)
+                acc2 = _value_field(acc2 * alpha[:, None], p16, c_vlo, c_vhi, 2, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
+                                    vo_row, v_idx_off, tmask, NVC, CV, F32)
+                acc3 = _value_field(acc3 * alpha[:, None], p16, c_vlo, c_vhi, 3, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
+                                    vo_row, v_idx_off, tmask, NVC, CV, F32)
         out = PACC + row[:, None] * D + 4 * jv[None, :]
         tl.store(out + 0, acc0, mask=gmask[:, None])
         tl.store(out + 1, acc1, mask=gmask[:, None])
