@@ -140,11 +140,11 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
                 continue
             ctxs = [c for c in CONTEXTS[shape] if only_ctx is None or c in only_ctx]
             cmax = max(ctxs)
-            need = 2 * B * H * cmax * D * 2 * 1.6
+            need = 2 * B * H * cmax * D * 2 * 2.2  # fp16 K/V + 4 compressed storages + the fill's temporaries
             free = torch.cuda.mem_get_info()[0]
             if need > free:
                 log(f"skip {shape} B={B} ctx={cmax}: needs ~{need / 2**30:.0f} GiB of {free / 2**30:.0f} free")
-                ctxs = [c for c in ctxs if 2 * B * H * c * D * 2 * 1.6 < free]
+                ctxs = [c for c in ctxs if 2 * B * H * c * D * 2 * 2.2 < free]
                 if not ctxs:
                     continue
                 cmax = max(ctxs)
@@ -197,7 +197,7 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
             torch.cuda.empty_cache()
 
 
-def diag_section(res, copy_bw, ctx=131072):
+def diag_section(res, copy_bw, ctx=131072, sweep="full"):
     """Launch-parameter sweep at Llama-3-8B 128K batch 1, nuq3-1%: the fields kernel (head-group values) over prefetch,
     tokens per block, warps and register cap; the tiles kernel (token-group values) with and without the value-slot
     correction. The fastest fields configuration becomes KV_OPTS for the decode rows."""
@@ -213,6 +213,10 @@ def diag_section(res, copy_bw, ctx=131072):
                for pf in (False, True) for bt in (16, 32, 64) for nw in (4, 8)]
     sweeps += [("fields", "head", dict(lutx=True, block_t=32, num_warps=4, maxnreg=128, prefetch=False))]
     sweeps += [("tiles", "token", dict(block_t=bt, value_correction=False)) for bt in (32, 64)]
+    if sweep == "regs":  # second pass: prefetch x register cap x block (lutx), and the default launch
+        sweeps = [("fields", "head", dict(lutx=True, block_t=bt, num_warps=4, maxnreg=mr, prefetch=pf))
+                  for pf in (False, True) for bt in (32, 64) for mr in (128, 168)]
+        sweeps += [("fields", "head", {})]
     refs = {grp: reference_decode_attention(q, st, D**-0.5).float() for (_, grp), st in sts.items()}
     for kernel, group, kw in sweeps:
         st = sts[(3, group)]
@@ -469,6 +473,7 @@ def main():
     ap.add_argument("--gen-layers", type=int, default=32)
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
+    ap.add_argument("--diag-sweep", default="full", choices=["full", "regs"])
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -486,7 +491,7 @@ def main():
     res["copy_bandwidth_gbps"] = round(copy_bandwidth(), 1) if "bw" in secs else 4213.0
     log("copy bandwidth GB/s", res["copy_bandwidth_gbps"])
     for name, fn in (
-        ("diag", lambda: diag_section(res, res["copy_bandwidth_gbps"])),
+        ("diag", lambda: diag_section(res, res["copy_bandwidth_gbps"], sweep=args.diag_sweep)),
         ("quant", lambda: quant_speed(res)),
         ("capacity_first", None),
         ("decode", lambda: decode_section(res, res["copy_bandwidth_gbps"], args.shapes.split(","),

@@ -206,8 +206,10 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     if lutx and ck > 4:
         raise ValueError(f"lutx=True handles <= 4 key outlier slots per vector (this storage has {ck}); "
                          "pass lutx=False.")
-    if kernel == "fields" and maxnreg is None and bt == 32 and num_warps == 4 and not lutx:
-        maxnreg = 128  # H200 sweep (benchmarks/gpu_decode.md): 630 us vs 653 us at 128K, Llama-3-8B shape
+    if kernel == "fields" and maxnreg is None and bt == 32 and num_warps == 4:
+        # H200 launch sweep at 128K, Llama-3-8B shape, nuq3 (benchmarks/gpu_decode.md): lutx 435 us with a cap of 128
+        # registers vs 522 us without (more resident warps hide more latency); the gather path 611 vs 631 us
+        maxnreg = 128
     # tiles kernel: value slots as a post-P@V correction (factorised one-hot dot [VA, BT] @ [BT, GR * D / VA]; tl.dot
     # needs >= 16); off by default: on the H200 the overwrite is faster (819 vs 1785 us at 128K, gpu_decode.md)
     va = 16
