@@ -1,5 +1,5 @@
-"""Turn gpu_suite.py's JSON files into benchmarks/gpu_decode.{md,json,png}, gpu_capacity.{md,json} and
-gpu_generate.{md,json}.
+"""Turn gpu_suite.py's JSON files into benchmarks/gpu_decode.{md,json,png}, gpu_capacity.{md,json},
+gpu_generate.{md,json} and gpu_calibration.{md,json}.
 
     python benchmarks/gpu_report.py RUN.json [RUN.json ...] [--out benchmarks]
 
@@ -17,6 +17,9 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run1_2026-11-29": "b83d9ab + uncommitted suite changes (tiles kernel only; value-slot correction on)",
     "run2_2026-11-29": "569f923 (fields kernel added)",
     "run3_2026-11-29": "e65c302 (64-bit offsets; fields kernel register cap 128)",
+    "run4_2026-11-29": "26c9712 (fields kernel with the register lookup table and fp16 dequantisation, lutx)",
+    "run5_2026-11-29": "ee306ff (lutx default with the 128-register cap)",
+    "run6_2026-11-29": "ee306ff",
 }
 
 
@@ -25,6 +28,12 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                        "KVQuantCache used token-group values and the tiles kernel with the value-slot correction "
                        "(the fields kernel did not exist yet), and attended the prompt quantized (prefill='exact' "
                        "came later). The 128K rows and a StaticCache row were not run.",
+    "run4_2026-11-29": "The Llama-2-7B batch-8 block ran out of GPU memory (the suite's memory estimate was too low; "
+                       "fixed for later runs), so its rows come from run 3 (the fields kernel before lutx).",
+    "run5_2026-11-29": "Generate rows: fp16 DynamicCache/StaticCache attend through transformers' SDPA path, whose "
+                       "cuDNN attention re-plans for every new key length (benchmarks/gpu_runs/profile_2026-11-29: "
+                       "8.7 ms of host time per call); the KVQuant step is host-bound too (2.6 ms of GPU time in a "
+                       "23.7 ms 8-layer step at 32K). Eager mode, no CUDA graphs, for every cache.",
 }
 
 
@@ -45,14 +54,20 @@ def load(paths):
 def decode_report(runs, out):
     rows, checks, diag, envs, qa = [], [], [], [], None
     bw = None
+    # each (shape, batch) block comes whole from the last run (in argument order) that measured it
+    latest = {}
     for name, r in runs:
-        if not r.get("rows"):
-            continue
-        envs.append((name, r["env"]))
-        bw = r["copy_bandwidth_gbps"] if bw is None else max(bw, r["copy_bandwidth_gbps"])
-        for x in r["rows"]:
+        for x in r.get("rows", []):
+            latest[(x["shape"], x["batch"])] = name
+    for name, r in runs:
+        keep = [x for x in r.get("rows", []) if latest[(x["shape"], x["batch"])] == name]
+        if keep:
+            envs.append((name, r["env"]))
+            bw = r["copy_bandwidth_gbps"] if bw is None else max(bw, r["copy_bandwidth_gbps"])
+        for x in keep:
             rows.append({**x, "run": name, "copy_bandwidth_gbps": r["copy_bandwidth_gbps"]})
-        checks += [{**c, "run": name} for c in r.get("checks", [])]
+        checks += [{**c, "run": name} for c in r.get("checks", [])
+                   if latest.get((c["shape"], c["batch"])) == name]
         diag += [{**d, "run": name} for d in r.get("diag", [])]
         qa = r.get("quantize_append") or qa
     rows.sort(key=lambda x: (x["shape"] != "llama3-8b", x["batch"], x["context"]))
@@ -60,6 +75,7 @@ def decode_report(runs, out):
            "checks": checks, "diag": diag, "quantize_append": qa}
     json.dump(dec, open(os.path.join(out, "gpu_decode.json"), "w"), indent=1)
     md = "# Decode attention per layer on one H200\n\nRuns:\n\n" + "".join(env_line(n, e) for n, e in envs)
+    md += "".join(f"\n**Note ({n}).** {RUN_NOTES[n]}\n" for n, _ in envs if n in RUN_NOTES)
     md += (f"\nDevice copy bandwidth (read + write of a 2 GiB copy), measured in each run: up to **{bw} GB/s**. "
            "Latency: `triton.testing.do_bench` median. GB/s = bytes the kernel must read (fp16: K + V; KVQuant: "
            "every quantized field incl. outliers, scales and q_pos, plus the fp16 sink) / time; bits = that storage "
@@ -70,12 +86,12 @@ def decode_report(runs, out):
            "`-tokengroup` = value ranges and 1% slots over all KV heads of a token (the CPU default), read by the "
            "**tiles** kernel.\n\n")
     md += ("| shape | context | batch | method | kernel | bits | latency (us) | GB/s | % copy BW | "
-           "speedup vs best fp16 |\n")
-    md += "|---|---|---|---|---|---|---|---|---|---|\n"
+           "speedup vs best fp16 | run |\n")
+    md += "|---|---|---|---|---|---|---|---|---|---|---|\n"
     for x in rows:
         md += (f"| {x['shape']} | {x['context']:,} | {x['batch']} | {x['method']} | {x['impl']} | {x['bits']} | "
                f"{x['latency_us']:,} | {x['gbps']:,} | {100 * x['bw_fraction']:.1f}% | "
-               f"**{x['speedup_vs_best_fp16']}x** |\n")
+               f"**{x['speedup_vs_best_fp16']}x** | {x['run']} |\n")
     if checks:
         md += ("\nCorrectness on the GPU (relative L2 error vs the float32 PyTorch reference over core.codec, at the "
                "smallest context of each block):\n\n| run | kernel | shape | batch | context | rel. error |\n"
@@ -85,13 +101,18 @@ def decode_report(runs, out):
                    f"{c['rel_err']:.2e} |\n")
     if diag:
         md += ("\nLaunch sweep (Llama-3-8B shape, 128K, batch 1, nuq3-1%); the fastest fields configuration is the "
-               "library default:\n\n| run | kernel | value group | BT | warps | max regs | prefetch | "
-               "value-slot correction | us | GB/s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+               "library default. lutx = register lookup table + fp16 dequantisation (False: fp32 gathers); max regs "
+               "0 = no cap; an empty row = the library's default launch; rel. error vs the float32 reference:\n\n"
+               "| run | kernel | value group | lutx | BT | warps | max regs | prefetch | value-slot correction | us | "
+               "GB/s | rel. error |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for d in diag:
-            md += (f"| {d['run']} | {d.get('kernel', 'tiles')} | {d.get('value_group', '')} | "
+            if "latency_us" not in d:
+                continue
+            err = f"{d['rel_err']:.1e}" if "rel_err" in d else ""
+            md += (f"| {d['run']} | {d.get('kernel', 'tiles')} | {d.get('value_group', '')} | {d.get('lutx', '')} | "
                    f"{d.get('block_t', '')} | {d.get('num_warps', '')} | {d.get('maxnreg', '')} | "
                    f"{d.get('prefetch', '')} | "
-                   f"{d.get('value_correction', '')} | {d['latency_us']} | {d['gbps']} |\n")
+                   f"{d.get('value_correction', '')} | {d['latency_us']} | {d['gbps']} | {err} |\n")
     if qa:
         md += (f"\n`quantize_append` (Llama-3-8B shape, {qa['tokens']} tokens, nuq3-1%): {qa['kernel_us']} us = "
                f"{qa['tokens_per_s'] / 1e6:.1f}M tokens/s vs {qa['torch_codec_us'] / 1e3:.0f} ms for the PyTorch "
@@ -185,6 +206,24 @@ def generate_report(runs, out):
         return
 
 
+def calibration_report(runs, out):
+    for name, r in runs[::-1]:
+        cal = r.get("calibration")
+        if not cal:
+            continue
+        env = r["env"]
+        json.dump({"env": env, "run": name, **cal}, open(os.path.join(out, "gpu_calibration.json"), "w"), indent=1)
+        md = ("# Calibration time on one H200\n\nRun:\n\n" + env_line(name, env) +
+              f"\nModel: {cal['model']}; {cal['windows']} windows of {cal['window']} random token ids (time only: the "
+              "weights are random). Statistics = one pass that collects the pre-RoPE key ranges, value statistics "
+              "and Fisher-weighted histograms (forward + backward for the squared gradients); fit = the weighted "
+              "k-means codebooks and outlier thresholds of three quantizers (nuq4, nuq3, nuq2 at 1%).\n\n"
+              "| statistics (s) | fit nuq4+3+2 (s) | total (s) | peak GiB |\n|---|---|---|---|\n"
+              f"| {cal['statistics_s']} | {cal['fit_s_nuq4_3_2']} | {cal['total_s']} | {cal['peak_mem_gib']} |\n")
+        open(os.path.join(out, "gpu_calibration.md"), "w").write(md)
+        return
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
@@ -195,6 +234,7 @@ def main():
                   or runs, a.out)
     capacity_report(runs, a.out)
     generate_report(runs, a.out)
+    calibration_report(runs, a.out)
 
 
 if __name__ == "__main__":

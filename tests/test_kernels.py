@@ -296,3 +296,18 @@ def test_fused_cache_path_matches_reference_path(monkeypatch):
     assert torch.equal(st_ref.k_codes[:, :, :n], st_fused.k_codes[:, :, :n])
     assert torch.equal(st_ref.v_codes[:, :, :n], st_fused.v_codes[:, :, :n])
     assert (ref - fused).norm() / ref.norm() < 1e-2
+
+
+def test_lut_words_hold_the_fp16_levels():
+    # the register lookup table's words (kernels._lut_words): byte i of word k = low/high byte of entry 4 k + i
+    for n in (4, 8, 16):
+        lv = torch.linspace(-1.3, 2.1, n)
+        w = kernels._lut_words(lv).to(torch.int64) & 0xFFFFFFFF
+        lo = torch.cat([w[0:2], w[4:6]]) if n > 8 else w[0:2]
+        hi = torch.cat([w[2:4], w[6:8]]) if n > 8 else w[2:4]
+        b = lambda words: torch.stack([(words >> (8 * i)) & 0xFF for i in range(4)], 1).reshape(-1)  # noqa: E731
+        h = (b(lo) | (b(hi) << 8))[:n].to(torch.int32)
+        h = torch.where(h >= 2 ** 15, h - 2 ** 16, h).to(torch.int16)
+        assert torch.equal(h.view(torch.float16), lv.half())
+    with pytest.raises(ValueError, match="at most 16"):
+        kernels._lut_words(torch.zeros(32))
