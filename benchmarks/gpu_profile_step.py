@@ -37,8 +37,9 @@ def main():
     from kvquant.quantizer import Quantizer, QuantizerConfig
 
     model = gs.random_llama3(a.layers)
+    codecs = [synthetic_codec(8, 128, 3, 0.01, "head", seed=i) for i in range(a.layers)]
     quant = Quantizer(QuantizerConfig(bits=3, outlier_fraction=0.01, n_sinks=1, recent_window=0, value_group="head"),
-                      model_identity(model), [synthetic_codec(8, 128, 3, 0.01, "head", seed=i) for i in range(a.layers)])
+                      model_identity(model), codecs)
     ids = torch.randint(0, 32000, (1, a.context), device=gs.DEV)
     res = {"env": gs.env_info(), "context": a.context, "layers": a.layers}
     for name in ("dynamic", "kvquant-fused"):
