@@ -144,13 +144,21 @@ def decode_report(runs, out):
         print("no plot:", e)
 
 
-def capacity_report(runs, out):
+def last_with(runs, key, out, json_name):
+    """(run name, env, section) of the last run holding a non-empty ``key`` section (written to ``json_name`` with
+    its run and env), or None."""
     for name, r in runs[::-1]:
-        cap = r.get("capacity")
-        if not cap:
-            continue
-        env = r["env"]
-        json.dump({"env": env, "run": name, **cap}, open(os.path.join(out, "gpu_capacity.json"), "w"), indent=1)
+        sec = r.get(key)
+        if sec and (key != "generate" or sec.get("rows")):
+            json.dump({"env": r["env"], "run": name, **sec}, open(os.path.join(out, json_name), "w"), indent=1)
+            return name, r["env"], sec
+    return None
+
+
+def capacity_report(runs, out):
+    found = last_with(runs, "capacity", out, "gpu_capacity.json")
+    if found:
+        name, env, cap = found
         md = "# Capacity: longest context on one H200, Llama-2-7B shape (32 layers, 32 KV heads, d128)\n\n"
         md += "Run:\n\n" + env_line(name, env)
         md += (f"\nBudget = {cap['memory_bytes'] / 2**30:.1f} GiB GPU memory - {cap['weights_bytes'] / 1e9:.1f} GB "
@@ -174,16 +182,12 @@ def capacity_report(runs, out):
                    f"for all 32 layers; output finite: {d['finite']}. The fp16 cache of this context would need "
                    f"{32 * 2 * 32 * 128 * 2 * d['context'] / 2**30:.0f} GiB.\n")
         open(os.path.join(out, "gpu_capacity.md"), "w").write(md)
-        return
 
 
 def generate_report(runs, out):
-    for name, r in runs[::-1]:
-        gen = r.get("generate")
-        if not gen or not gen.get("rows"):
-            continue
-        env = r["env"]
-        json.dump({"env": env, "run": name, **gen}, open(os.path.join(out, "gpu_generate.json"), "w"), indent=1)
+    found = last_with(runs, "generate", out, "gpu_generate.json")
+    if found:
+        name, env, gen = found
         md = "# End-to-end decode tokens/s (model forward loop with each cache)\n\nRun:\n\n" + env_line(name, env)
         if name in RUN_NOTES:
             md += f"\n**Note.** {RUN_NOTES[name]}\n"
@@ -203,16 +207,12 @@ def generate_report(runs, out):
             md += (f"| {x['context']:,} | {x['cache']} | {x['tokens_per_s']} | {ratio} | {x['step_ms']} | "
                    f"{x['prefill_s']} | {mem} |\n")
         open(os.path.join(out, "gpu_generate.md"), "w").write(md)
-        return
 
 
 def calibration_report(runs, out):
-    for name, r in runs[::-1]:
-        cal = r.get("calibration")
-        if not cal:
-            continue
-        env = r["env"]
-        json.dump({"env": env, "run": name, **cal}, open(os.path.join(out, "gpu_calibration.json"), "w"), indent=1)
+    found = last_with(runs, "calibration", out, "gpu_calibration.json")
+    if found:
+        name, env, cal = found
         md = ("# Calibration time on one H200\n\nRun:\n\n" + env_line(name, env) +
               f"\nModel: {cal['model']}; {cal['windows']} windows of {cal['window']} random token ids (time only: the "
               "weights are random). Statistics = one pass that collects the pre-RoPE key ranges, value statistics "
@@ -221,7 +221,6 @@ def calibration_report(runs, out):
               "| statistics (s) | fit nuq4+3+2 (s) | total (s) | peak GiB |\n|---|---|---|---|\n"
               f"| {cal['statistics_s']} | {cal['fit_s_nuq4_3_2']} | {cal['total_s']} | {cal['peak_mem_gib']} |\n")
         open(os.path.join(out, "gpu_calibration.md"), "w").write(md)
-        return
 
 
 def main():

@@ -140,11 +140,13 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
                 continue
             ctxs = [c for c in CONTEXTS[shape] if only_ctx is None or c in only_ctx]
             cmax = max(ctxs)
-            need = 2 * B * H * cmax * D * 2 * 2.2  # fp16 K/V + 4 compressed storages + the fill's temporaries
+            def need(c):  # fp16 K/V + 4 compressed storages + the fill's temporaries
+                return 2 * B * H * c * D * 2 * 2.2  # noqa: B023
+
             free = torch.cuda.mem_get_info()[0]
-            if need > free:
-                log(f"skip {shape} B={B} ctx={cmax}: needs ~{need / 2**30:.0f} GiB of {free / 2**30:.0f} free")
-                ctxs = [c for c in ctxs if 2 * B * H * c * D * 2 * 2.2 < free]
+            if need(cmax) > free:
+                log(f"skip {shape} B={B} ctx={cmax}: needs ~{need(cmax) / 2**30:.0f} GiB of {free / 2**30:.0f} free")
+                ctxs = [c for c in ctxs if need(c) < free]
                 if not ctxs:
                     continue
                 cmax = max(ctxs)
@@ -198,9 +200,10 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
 
 
 def diag_section(res, copy_bw, ctx=131072, sweep="full"):
-    """Launch-parameter sweep at Llama-3-8B 128K batch 1, nuq3-1%: the fields kernel (head-group values) over prefetch,
-    tokens per block, warps and register cap; the tiles kernel (token-group values) with and without the value-slot
-    correction. The fastest fields configuration becomes KV_OPTS for the decode rows."""
+    """Launch-parameter sweep at Llama-3-8B 128K batch 1, nuq3-1%, each row with its error against the reference:
+    the fields kernel (head-group values) with the gather path and with the register lookup table (lutx) over
+    prefetch, tokens per block, warps and register cap ("regs": a second, narrower pass); the tiles kernel
+    (token-group values). The fastest correct fields configuration becomes KV_OPTS for the decode rows."""
     rows = res.setdefault("diag", [])
     Hq, H, D = SHAPES["llama3-8b"]
     q = torch.randn(1, Hq, 1, D, device=DEV).bfloat16()

@@ -138,7 +138,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     per-channel affine key table and at most 4 value outlier slots per vector), ``"tiles"`` (interleave unpack; any
     head_dim / slot count) or None (``"fields"`` where it applies). ``value_correction=True``: the tiles kernel's
     value-slot correction (a one-hot dot after P@V) instead of the per-slot overwrite (slower on the H200).
-    ``prefetch=True``: the fields kernel loads block i + 1 while block i computes (not yet measured on a GPU).
+    ``prefetch=True``: the fields kernel loads block i + 1 while block i computes (off by default: no faster on the
+    H200, benchmarks/gpu_decode.md).
     ``lutx`` (fields kernel): levels from a register lookup table (PRMT through inline PTX; the interpreter gathers
     from an fp16 table instead) and fp16 dequantisation/RoPE arithmetic; None = the default (on).
     ``maxnreg``: register cap per thread (0 = none; None = the measured default)."""

@@ -596,21 +596,29 @@ def _quant_values(
 # element.
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _planes(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask):
+def _planes_raw(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask):
+    """Packed bytes of a [BT, W] block as loaded (u8; 4-bit: u16 words), and for 3 bits the high-plane nibble of
+    each low byte in the low bits of a u8."""
     j = tl.arange(0, W)
     m = tmask[:, None]
     if BITS == 4:
-        w = tl.load((rows[:, None] + lo_off + 2 * j[None, :]).to(tl.pointer_type(tl.uint16)), mask=m,
-                    other=0).to(tl.int32)
+        w = tl.load((rows[:, None] + lo_off + 2 * j[None, :]).to(tl.pointer_type(tl.uint16)), mask=m, other=0)
         return w, w
     else:
-        lo = tl.load(rows[:, None] + lo_off + j[None, :], mask=m, other=0).to(tl.int32)
+        lo = tl.load(rows[:, None] + lo_off + j[None, :], mask=m, other=0)
         if BITS == 3:
             hi = tl.load(rows[:, None] + hi_off + (j // 2)[None, :], mask=m, other=0).to(tl.int32)
-            hi = hi >> (4 * (j % 2))[None, :]
+            hi = (hi >> (4 * (j % 2))[None, :]).to(tl.uint8)
         else:
             hi = lo
         return lo, hi
+
+
+@triton.jit
+def _planes(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask):
+    """_planes_raw as int32 (the gather path's code arithmetic)."""
+    lo, hi = _planes_raw(rows, lo_off, hi_off, W, BITS, tmask)
+    return lo.to(tl.int32), hi.to(tl.int32)
 
 
 @triton.jit
@@ -716,25 +724,6 @@ _CONS_LUT4 = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 34))
 
 
 @triton.jit
-def _planes_raw(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask):
-    """Packed bytes of a [BT, W] block as loaded (u8; 4-bit: u16 words), and for 3 bits the high-plane nibble of
-    each low byte in the low bits of a u8."""
-    j = tl.arange(0, W)
-    m = tmask[:, None]
-    if BITS == 4:
-        w = tl.load((rows[:, None] + lo_off + 2 * j[None, :]).to(tl.pointer_type(tl.uint16)), mask=m, other=0)
-        return w, w
-    else:
-        lo = tl.load(rows[:, None] + lo_off + j[None, :], mask=m, other=0)
-        if BITS == 3:
-            hi = tl.load(rows[:, None] + hi_off + (j // 2)[None, :], mask=m, other=0).to(tl.int32)
-            hi = (hi >> (4 * (j % 2))[None, :]).to(tl.uint8)
-        else:
-            hi = lo
-        return lo, hi
-
-
-@triton.jit
 def _lut_fields(lo, hi, WP, LEVH, BITS: tl.constexpr, INTERP: tl.constexpr):
     """fp16 levels of the four fields of packed bytes (lo, hi from _planes_raw) -> four [BT, W] fp16 tiles.
     INTERP (no inline PTX): gathers from the fp16 level table LEVH instead of the register words WP."""
@@ -764,6 +753,13 @@ def _lut_fields(lo, hi, WP, LEVH, BITS: tl.constexpr, INTERP: tl.constexpr):
             return tl.inline_asm_elementwise(_ASM_LUT2, _CONS_LUT23, [lo, hi, w0, w1, w2, w3],
                                              dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True,
                                              pack=4)
+
+
+@triton.jit
+def _fields_h(ptr):
+    """The four fields' per-channel values (channels 4 j + f at ptr + 4 j + f, f = 0..3) as fp16."""
+    return (tl.load(ptr + 0).to(tl.float16), tl.load(ptr + 1).to(tl.float16), tl.load(ptr + 2).to(tl.float16),
+            tl.load(ptr + 3).to(tl.float16))
 
 
 @triton.jit
@@ -934,14 +930,10 @@ def _kvq_decode_fields_kernel(
             C2, S2, C3, S3 = C2.to(tl.float16), S2.to(tl.float16), C3.to(tl.float16), S3.to(tl.float16)
             kso = KSC + h * D + 4 * jk
             kzo = KZR + h * D + 4 * jk
-            ks10, ks11, ks12, ks13 = (tl.load(kso + 0).to(tl.float16), tl.load(kso + 1).to(tl.float16),
-                                      tl.load(kso + 2).to(tl.float16), tl.load(kso + 3).to(tl.float16))
-            ks20, ks21, ks22, ks23 = (tl.load(kso + HALF + 0).to(tl.float16), tl.load(kso + HALF + 1).to(tl.float16),
-                                      tl.load(kso + HALF + 2).to(tl.float16), tl.load(kso + HALF + 3).to(tl.float16))
-            kz10, kz11, kz12, kz13 = (tl.load(kzo + 0).to(tl.float16), tl.load(kzo + 1).to(tl.float16),
-                                      tl.load(kzo + 2).to(tl.float16), tl.load(kzo + 3).to(tl.float16))
-            kz20, kz21, kz22, kz23 = (tl.load(kzo + HALF + 0).to(tl.float16), tl.load(kzo + HALF + 1).to(tl.float16),
-                                      tl.load(kzo + HALF + 2).to(tl.float16), tl.load(kzo + HALF + 3).to(tl.float16))
+            ks10, ks11, ks12, ks13 = _fields_h(kso)
+            ks20, ks21, ks22, ks23 = _fields_h(kso + HALF)
+            kz10, kz11, kz12, kz13 = _fields_h(kzo)
+            kz20, kz21, kz22, kz23 = _fields_h(kzo + HALF)
         acc0 = tl.zeros([GP, NVC], tl.float32)
         acc1 = tl.zeros([GP, NVC], tl.float32)
         acc2 = tl.zeros([GP, NVC], tl.float32)
