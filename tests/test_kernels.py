@@ -261,9 +261,10 @@ def test_fp16_decode_gpu():
         assert rel(out.float(), reference_attention(q, k, v, 0.088).float()) < 1e-2
 
 
-def test_fused_cache_path_matches_reference_path(monkeypatch):
+@pytest.mark.parametrize("R", [0, 3])
+def test_fused_cache_path_matches_reference_path(monkeypatch, R):
     """With the opt-in fused path (GPU encode + fused decode; here under the interpreter), a KVQuantCache stores the
-    same codes and gives the same logits as the reference path."""
+    same codes and gives the same logits as the reference path (R = 3: the steady-state window path)."""
     from kvquant import KVQuantCache
     from kvquant.cache import kvquant_cache as kc
     from kvquant.calibration import build_quantizer, collect_statistics
@@ -281,7 +282,7 @@ def test_fused_cache_path_matches_reference_path(monkeypatch):
     def run(fused: bool):
         monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1" if fused else "0")
         monkeypatch.setattr(kc, "_KERNEL_OK", {})
-        cache = KVQuantCache(q, model)
+        cache = KVQuantCache(q, model, recent_window=R)
         outs = []
         with torch.no_grad():
             outs.append(model(ids[:, :20], past_key_values=cache, use_cache=True).logits[:, -1])
@@ -291,8 +292,9 @@ def test_fused_cache_path_matches_reference_path(monkeypatch):
 
     ref, st_ref = run(False)
     fused, st_fused = run(True)
-    assert st_ref.n_q == st_fused.n_q == 39
+    assert st_ref.n_q == st_fused.n_q == 39 - R
     n = st_ref.n_q
+    assert torch.equal(st_ref.win_k, st_fused.win_k) and torch.equal(st_ref.win_pos, st_fused.win_pos)
     assert torch.equal(st_ref.k_codes[:, :, :n], st_fused.k_codes[:, :, :n])
     assert torch.equal(st_ref.v_codes[:, :, :n], st_fused.v_codes[:, :, :n])
     assert (ref - fused).norm() / ref.norm() < 1e-2
@@ -311,3 +313,24 @@ def test_lut_words_hold_the_fp16_levels():
         assert torch.equal(h.view(torch.float16), lv.half())
     with pytest.raises(ValueError, match="at most 16"):
         kernels._lut_words(torch.zeros(32))
+
+
+def test_decode_plan_follows_storage_growth_and_mask_changes():
+    """decode_attention caches its launch plan on the storage and the mask bias across layers: a reallocated storage
+    (capacity growth) and a mask changed in place must both be seen."""
+    B, H, Hq, D = 2, 2, 4, 64
+    codec = synthetic_codec(H, D, 3, 0.01, "token", seed=5)
+    rope = synthetic_rope(D)
+    st = LayerStorage(codec, rope, 1, 0, B, torch.float32, "cpu", initial_capacity=2)
+    k, v = synthetic_kv(codec, rope, B, 12, torch.arange(12)[None, :].expand(B, 12), dtype=torch.float32, seed=6)
+    q = torch.randn(B, Hq, 1, D, generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(B, 12, dtype=torch.bool)
+    for t in range(12):
+        st.append(k[:, :, t:t + 1], v[:, :, t:t + 1], torch.full((B, 1), t))
+        for change in ((False, True) if t == 8 else (False,)):
+            if change:
+                mask[1, 2] = False  # in place, same tensor and length: the memo must notice (version counter)
+            got = kernels.decode_attention(q, st, D ** -0.5, mask)
+            want = reference_decode_attention(q, st, D ** -0.5, mask)
+            assert rel(got, want) < 2e-3, (t, change)
+    assert st.capacity >= 11 and len({key for key in st._kernel_cache if key[0] == "plan"}) >= 2

@@ -124,6 +124,22 @@ class LayerStorage:
                 f"append expects keys/values [B={self.batch}, H={self.heads}, T, D={self.head_dim}], got "
                 f"{tuple(k.shape)} and {tuple(v.shape)}."
             )
+        R = self.recent_window
+        if self.n_seen >= self.n_sinks and self.n_w == R and (R == 0 or t <= R):
+            # Steady state (every decode step): no sink left to fill and the window full (or R = 0), so the t oldest
+            # of window + new tokens leave the window. Fewer launches than the general path below (a decode step is
+            # host-bound: benchmarks/gpu_notes.md); the same result.
+            self.n_seen += t
+            positions = positions.to(self.device).expand(b, t)
+            k, v = k.to(self.dtype), v.to(self.dtype)
+            if R == 0:
+                self._quantize(k, v, positions)
+                return t
+            self._quantize(self.win_k[:, :, :t], self.win_v[:, :, :t], self.win_pos[:, :t])
+            self.win_k = torch.cat((self.win_k[:, :, t:], k), 2)
+            self.win_v = torch.cat((self.win_v[:, :, t:], v), 2)
+            self.win_pos = torch.cat((self.win_pos[:, t:], positions.to(torch.int32)), 1)
+            return t
         positions = positions.to(self.device, torch.int32).expand(b, t)
         k, v = k.to(self.dtype), v.to(self.dtype)
         a = min(t, max(0, self.n_sinks - self.n_seen))

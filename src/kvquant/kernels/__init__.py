@@ -142,19 +142,82 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     H200, benchmarks/gpu_decode.md).
     ``lutx`` (fields kernel): levels from a register lookup table (PRMT through inline PTX; the interpreter gathers
     from an fp16 table instead) and fp16 dequantisation/RoPE arithmetic; None = the default (on).
-    ``maxnreg``: register cap per thread (0 = none; None = the measured default)."""
+    ``maxnreg``: register cap per thread (0 = none; None = the measured default).
+
+    A decode step is host-bound end to end, so everything that only changes when the storage is reallocated (the
+    launch configuration, derived tables, tensor arguments and strides) is computed once and cached on the storage
+    (:func:`_decode_plan`); a call only reads the current lengths, the mask and the query."""
     from . import _triton as K
 
-    st = storage
     B, Hq, q_len, D = query.shape
     if q_len != 1:
         raise ValueError("decode_attention handles one query token; run prefill with SDPA.")
-    codec = getattr(st, "codec", None)
-    if (st.key_lut is None or not getattr(st, "pre_rope", True)
-            or (codec is not None and codec.key_mode != "channel")):
+    st = storage
+    dev = query.device
+    plan = _decode_plan(st, B, Hq, D, dev, (num_splits, block_t, use_dot, num_warps, kernel, value_correction,
+                                            maxnreg, prefetch, lutx))
+    if plan is None:
         from .reference import reference_decode_attention
 
         return reference_decode_attention(query, st, scaling, attention_mask)
+    H, bt = plan.H, plan.bt
+    n_q = int(st.n_q) if st.k_codes is not None else 0
+    n_s, n_w = _n_tokens(st.sink_k), _n_tokens(st.win_k)
+    bias = _mask_bias_memo(attention_mask, B, n_s + n_q + n_w, dev)
+    if num_splits is None:
+        nsq, chunk = _splits(n_q, B * H, dev, bt)
+    else:
+        nsq = min(num_splits, max(1, math.ceil(n_q / bt))) if n_q else 0
+        chunk = math.ceil(math.ceil(max(n_q, 1) / max(nsq, 1)) / bt) * bt
+        nsq = math.ceil(n_q / chunk) if n_q else 0
+    nsplit = nsq + 1
+    q = query[:, :, 0, :]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    n = B * Hq * nsplit
+    part = torch.empty(n * (D + 2), device=dev, dtype=torch.float32)  # one allocation: acc | max | sum
+    pacc, pm, pl = part[: n * D], part[n * D: n * (D + 1)], part[n * (D + 1):]
+    sk, sv = (st.sink_k, st.sink_v) if n_s else (q, q)
+    wk, wv = (st.win_k, st.win_v) if n_w else (q, q)
+    for t in (sk, sv, wk, wv):
+        if t is not q and t.stride(-1) != 1:
+            raise ValueError("sink/window tensors must have a contiguous last dimension.")
+    plan.fn[(B * H, nsplit)](
+        q, pacc, pm, pl, *plan.tensors, sk, sv, wk, wv, bias if bias is not None else pm,
+        float(scaling) * K.LOG2E, plan.rope_scale, q.stride(0), q.stride(1), *plan.strides,
+        *_s3(sk, n_s), *_s3(sv, n_s), *_s3(wk, n_w), *_s3(wv, n_w), bias.stride(0) if bias is not None else 0,
+        n_s, n_q, n_w, chunk, nsq, HAS_MASK=bias is not None, **plan.consts,
+    )
+    return _reduce(pacc, pm, pl, B, Hq, nsplit, D, query.dtype, dev)
+
+
+def _s3(t, n):
+    return (t.stride(0), t.stride(1), t.stride(2)) if n else (0, 0, 0)
+
+
+class _Plan:
+    """The per-storage constant part of a decode launch (see :func:`_decode_plan`)."""
+
+    __slots__ = ("k_codes", "H", "bt", "fn", "tensors", "strides", "consts", "rope_scale")
+
+
+def _decode_plan(st, B, Hq, D, dev, options) -> _Plan | None:
+    """The launch configuration, derived tables and tensor arguments of :func:`decode_attention` for ``st``, or None
+    when the reference path must run. Cached on the storage; rebuilt when its quantized tensors are reallocated
+    (capacity growth, batch reordering) or the options change. Raises on invalid options / shapes."""
+    from . import _triton as K
+
+    num_splits, block_t, use_dot, num_warps, kernel, value_correction, maxnreg, prefetch, lutx = options
+    has_q = st.k_codes is not None and int(st.n_q) > 0
+    key = ("plan", dev, B, Hq, D, has_q, options)
+    cache = getattr(st, "_kernel_cache", None)
+    plan = cache.get(key) if cache is not None else None
+    if plan is not None and plan.k_codes is st.k_codes:
+        return plan
+    codec = getattr(st, "codec", None)
+    if (st.key_lut is None or not getattr(st, "pre_rope", True)
+            or (codec is not None and codec.key_mode != "channel")):
+        return None
     H = int(st.key_lut.shape[0])
     if Hq % H:
         raise ValueError(f"{Hq} query heads are not a multiple of {H} KV heads.")
@@ -164,20 +227,13 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
         raise NotImplementedError("the fused kernel needs the same bit width for keys and values.")
     inv_freq = st.rope.inv_freq
     if 2 * inv_freq.numel() != D or D not in (64, 128, 256):
-        from .reference import reference_decode_attention
-
-        return reference_decode_attention(query, st, scaling, attention_mask)
-    dev = query.device
-    n_q = int(st.n_q) if st.k_codes is not None else 0
-    n_s, n_w = _n_tokens(st.sink_k), _n_tokens(st.win_k)
-    total = n_s + n_q + n_w
-    bias = mask_bias(attention_mask, B, total, dev)
+        return None
     invf = _cached(st, ("inv_freq", dev), lambda: inv_freq.to(dev, torch.float32).contiguous())
     klut = _cached(st, ("key_lut", dev), lambda: st.key_lut.to(dev, torch.float32).contiguous())
     vlev = _cached(st, ("value_levels", dev), lambda: st.value_levels.to(dev, torch.float32).contiguous())
     vlevh = _cached(st, ("value_levels_h", dev), lambda: vlev.to(torch.float16).contiguous())
     kaff = _cached(st, ("key_affine", dev), lambda: _key_affine(klut))
-    if n_q:
+    if has_q:
         quant = (st.k_codes, st.k_out_idx, st.k_out_val, st.v_codes, st.v_zero, st.v_scale, st.v_out_idx,
                  st.v_out_val, st.q_pos)
         G = int(st.v_codes.shape[1])
@@ -215,57 +271,47 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     # needs >= 16); off by default: on the H200 the overwrite is faster (819 vs 1785 us at 128K, gpu_decode.md)
     va = 16
     vcorr = bool(value_correction and use_dot and cv and gr * D // va >= 16 and bt >= 16)
-    if num_splits is None:
-        nsq, chunk = _splits(n_q, B * H, dev, bt)
-    else:
-        nsq = min(num_splits, max(1, math.ceil(n_q / bt))) if n_q else 0
-        chunk = math.ceil(math.ceil(max(n_q, 1) / max(nsq, 1)) / bt) * bt
-        nsq = math.ceil(n_q / chunk) if n_q else 0
-    nsplit = nsq + 1
-    q = query[:, :, 0, :]
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    pacc = torch.empty(B * Hq * nsplit * D, device=dev, dtype=torch.float32)
-    pm = torch.empty(B * Hq * nsplit, device=dev, dtype=torch.float32)
-    pl = torch.empty(B * Hq * nsplit, device=dev, dtype=torch.float32)
-    sk = st.sink_k if n_s else q
-    sv = st.sink_v if n_s else q
-    wk = st.win_k if n_w else q
-    wv = st.win_v if n_w else q
-
-    def s4(t, n):
-        return (t.stride(0), t.stride(1), t.stride(2)) if n else (0, 0, 0)
-
-    kvs = [sk, sv, wk, wv]
-    for t in kvs:
-        if t is not q and t.stride(-1) != 1:
-            raise ValueError("sink/window tensors must have a contiguous last dimension.")
-    mask_t = bias if bias is not None else pm
-    fn = K._kvq_decode_fields_kernel if kernel == "fields" else K._kvq_decode_kernel
-    opts = {} if not maxnreg or interpreting() else {"maxnreg": int(maxnreg)}  # 0: no register cap
+    consts = dict(H_KV=H, GROUP=group, GP=gp, BITS=bits, D=D, CK=ck, CV=cv, V_TOKEN=v_token, BT=bt,
+                  USE_DOT=use_dot, F32=interpreting(), K_AFFINE=kaff is not None, GR=gr, VCORR=vcorr, VA=va,
+                  num_warps=num_warps, num_stages=1)
+    if maxnreg and not interpreting():  # 0: no register cap
+        consts["maxnreg"] = int(maxnreg)
     if kernel == "fields":
-        opts["PREFETCH"] = bool(prefetch)
-        opts["LUTX"] = lutx
+        consts["PREFETCH"] = bool(prefetch)
+        consts["LUTX"] = lutx
         if lutx:
-            opts["KW"] = _cached(st, ("key_words", dev), lambda: _lut_words(kaff[0]))
-            opts["VW"] = _cached(st, ("value_words", dev), lambda: _lut_words(vlev))
-            opts["KDLH"] = _cached(st, ("key_levels_h", dev), lambda: kaff[0].to(torch.float16).contiguous())
-    fn[(B * H, nsplit)](
-        q, pacc, pm, pl,
-        *quant, klut, vlev, invf, *(kaff if kaff is not None else (klut, klut, klut)), vlevh,
-        sk, sv, wk, wv, mask_t,
-        float(scaling) * K.LOG2E, float(st.rope.attention_scaling),
-        q.stride(0), q.stride(1),
-        *quant[0].stride()[:3], *quant[1].stride()[:3], *quant[3].stride()[:3], *quant[4].stride()[:3],
-        *quant[6].stride()[:3], quant[8].stride(0),
-        *s4(sk, n_s), *s4(sv, n_s), *s4(wk, n_w), *s4(wv, n_w),
-        bias.stride(0) if bias is not None else 0,
-        n_s, n_q, n_w, chunk, nsq,
-        H_KV=H, GROUP=group, GP=gp, BITS=bits, D=D, CK=ck, CV=cv, V_TOKEN=v_token, BT=bt,
-        HAS_MASK=bias is not None, USE_DOT=use_dot, F32=interpreting(), K_AFFINE=kaff is not None, GR=gr,
-        VCORR=vcorr, VA=va, num_warps=num_warps, num_stages=1, **opts,
-    )
-    return _reduce(pacc, pm, pl, B, Hq, nsplit, D, query.dtype, dev)
+            consts["KW"] = _cached(st, ("key_words", dev), lambda: _lut_words(kaff[0]))
+            consts["VW"] = _cached(st, ("value_words", dev), lambda: _lut_words(vlev))
+            consts["KDLH"] = _cached(st, ("key_levels_h", dev), lambda: kaff[0].to(torch.float16).contiguous())
+    plan = _Plan()
+    plan.k_codes, plan.H, plan.bt = st.k_codes, H, bt
+    plan.fn = K._kvq_decode_fields_kernel if kernel == "fields" else K._kvq_decode_kernel
+    plan.tensors = (*quant, klut, vlev, invf, *(kaff if kaff is not None else (klut, klut, klut)), vlevh)
+    plan.strides = (*quant[0].stride()[:3], *quant[1].stride()[:3], *quant[3].stride()[:3], *quant[4].stride()[:3],
+                    *quant[6].stride()[:3], quant[8].stride(0))
+    plan.consts = consts
+    plan.rope_scale = float(st.rope.attention_scaling)
+    _cached(st, ("plan-cache",), lambda: None)  # creates the storage's cache dict (where attributes can be set)
+    if getattr(st, "_kernel_cache", None) is not None:
+        st._kernel_cache[key] = plan
+    return plan
+
+
+_MASK_MEMO: list = [None]
+
+
+def _mask_bias_memo(attention_mask, batch: int, total: int, device):
+    """:func:`mask_bias`, computed once for all layers of a step: transformers hands every layer the same mask
+    tensor (the memo checks identity and the in-place version counter)."""
+    if attention_mask is None:
+        return None
+    memo = _MASK_MEMO[0]
+    if (memo is not None and memo[0] is attention_mask and memo[1] == attention_mask._version
+            and memo[2] == (batch, total, device)):
+        return memo[3]
+    bias = mask_bias(attention_mask, batch, total, device)
+    _MASK_MEMO[0] = (attention_mask, attention_mask._version, (batch, total, device), bias)
+    return bias
 
 
 LUTX_DEFAULT = True
@@ -315,8 +361,8 @@ def triton_next_pow2(n: int) -> int:
 def _reduce(pacc, pm, pl, B, Hq, nsplit, D, dtype, dev):
     from . import _triton as K
 
-    out = torch.empty(B, Hq, 1, D, device=dev, dtype=dtype)
-    K._reduce_kernel[(B * Hq,)](
+    out = torch.empty(B, 1, Hq, D, device=dev, dtype=dtype).transpose(1, 2)  # [B, Hq, 1, D], stored as the
+    K._reduce_kernel[(B * Hq,)](  # attention output layout [B, 1, Hq, D] (no transpose copy afterwards)
         pacc, pm, pl, out, out.stride(0), out.stride(1), Hq, nsplit, SP=triton_next_pow2(nsplit), D=D, num_warps=4
     )
     return out
@@ -396,9 +442,9 @@ def _ensure_capacity(storage, codec, batch: int, needed: int) -> None:
 def quantize_append(storage, k_post, v, positions, codec=None, pre_rope: bool = False):
     """Encode ``k_post``/``v`` [B, H, T, D] on the GPU and append them to the quantized region of ``storage``.
 
-    Keys are post-RoPE (``pre_rope=True``: already pre-RoPE) at ``positions`` [B, T] (or [T]). Matches
-    ``core.codec`` (channel-mode keys, token-mode values); writes codes/outliers/zero/scale/q_pos at ``storage.n_q``
-    and advances it. No host synchronisation."""
+    Keys are post-RoPE (``pre_rope=True``: already pre-RoPE) at ``positions`` [B, T] (or [T]; any integer dtype).
+    Matches ``core.codec`` (channel-mode keys, token-mode values); writes codes/outliers/zero/scale/q_pos at
+    ``storage.n_q`` and advances it. No host synchronisation; the launch constants are cached on the storage."""
     from . import _triton as K
 
     st = storage
@@ -417,45 +463,64 @@ def quantize_append(storage, k_post, v, positions, codec=None, pre_rope: bool = 
 
         return reference_quantize_append(st, k_post, v, positions, codec, pre_rope)
     _ensure_capacity(st, codec, B, n_q + T)
-    kb, vb = codec.key_cb.bits, codec.value_cb.bits
+    if k_post.stride(-1) != 1:
+        k_post = k_post.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    p = _quant_plan(st, codec, dev, D)
+    bt, btv = p["BTK"], p["BTV"]
+    n_tk, n_tv = triton.cdiv(T, bt), triton.cdiv(T, btv)
+    n_key_progs = B * H * n_tk
+    # one launch per layer step: key blocks and value blocks are programs of the same grid
+    K._quant_kv_kernel[(n_key_progs + B * p["G"] * n_tv,)](
+        k_post, positions, *p["key_tensors"], k_post.stride(0), k_post.stride(1), k_post.stride(2),
+        positions.stride(0), positions.stride(1), *p["key_strides"],
+        v, *p["value_tensors"], v.stride(0), v.stride(1), v.stride(2), *p["value_strides"],
+        T, n_q, p["n_freq"], n_key_progs, n_tk, n_tv, UNDO_ROPE=not pre_rope, **p["consts"],
+    )
+    st.n_q = n_q + T
+    return st
+
+
+def _quant_plan(st, codec, dev, D) -> dict:
+    """Constant arguments of :func:`quantize_append` for ``st`` (cached; rebuilt when the storage reallocates)."""
+    key = ("quant-plan", dev)
+    cache = getattr(st, "_kernel_cache", None)
+    p = cache.get(key) if cache is not None else None
+    if p is not None and p["k_codes"] is st.k_codes:
+        return p
+    H = codec.heads
     kz = _cached(st, ("kz", dev), lambda: codec.key_zero.to(dev, torch.float32).contiguous())
     ks = _cached(st, ("ks", dev), lambda: codec.key_scale.to(dev, torch.float32).contiguous())
     klut = _cached(st, ("key_lut", dev), lambda: st.key_lut.to(dev, torch.float32).contiguous())
     kbnd = _cached(st, ("kbnd", dev), lambda: codec.key_cb.boundaries.to(dev, torch.float32).contiguous())
     vbnd = _cached(st, ("vbnd", dev), lambda: codec.value_cb.boundaries.to(dev, torch.float32).contiguous())
     invf = _cached(st, ("inv_freq", dev), lambda: st.rope.inv_freq.to(dev, torch.float32).contiguous())
-    if k_post.stride(-1) != 1:
-        k_post = k_post.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    bt = max(1, min(64, 4096 // D))
     G = int(st.v_codes.shape[1])
     token = G == 1 and H > 1
     nv = H * D if token else D
     nvp = triton_next_pow2(nv)
     cv = int(st.v_out_idx.shape[-1])
-    btv = max(1, min(32, 4096 // nvp))
-    n_tk, n_tv = triton.cdiv(T, bt), triton.cdiv(T, btv)
-    n_key_progs = B * H * n_tk
-    # one launch per layer step: key blocks and value blocks are programs of the same grid
-    K._quant_kv_kernel[(n_key_progs + B * G * n_tv,)](
-        k_post, positions, kz, ks, klut, kbnd, invf, float(st.rope.attention_scaling),
-        st.k_codes, st.k_out_idx, st.k_out_val, st.q_pos,
-        k_post.stride(0), k_post.stride(1), k_post.stride(2), positions.stride(0), positions.stride(1),
-        st.k_codes.stride(0), st.k_codes.stride(1), st.k_codes.stride(2),
-        st.k_out_idx.stride(0), st.k_out_idx.stride(1), st.k_out_idx.stride(2), st.q_pos.stride(0),
-        v, vbnd, st.v_codes, st.v_zero, st.v_scale, st.v_out_idx, st.v_out_val,
-        v.stride(0), v.stride(1), v.stride(2),
-        st.v_codes.stride(0), st.v_codes.stride(1), st.v_codes.stride(2),
-        st.v_zero.stride(0), st.v_zero.stride(1), st.v_zero.stride(2),
-        st.v_out_idx.stride(0), st.v_out_idx.stride(1), st.v_out_idx.stride(2),
-        T, n_q, st.rope.inv_freq.numel(), n_key_progs, n_tk, n_tv,
-        H=H, D=D, KBITS=kb, CK=int(st.k_out_idx.shape[-1]), BTK=bt, UNDO_ROPE=not pre_rope, F32=interpreting(),
-        G=G, NV=nv, NVP=nvp, VBITS=vb, CV=cv, CVP=triton_next_pow2(cv + 1), BTV=btv, TOKEN=token,
-        num_warps=8 if nvp >= 2048 else 4,
+    p = dict(
+        k_codes=st.k_codes, G=G, n_freq=st.rope.inv_freq.numel(),
+        key_tensors=(kz, ks, klut, kbnd, invf, float(st.rope.attention_scaling), st.k_codes, st.k_out_idx,
+                     st.k_out_val, st.q_pos),
+        key_strides=(st.k_codes.stride(0), st.k_codes.stride(1), st.k_codes.stride(2), st.k_out_idx.stride(0),
+                     st.k_out_idx.stride(1), st.k_out_idx.stride(2), st.q_pos.stride(0)),
+        value_tensors=(vbnd, st.v_codes, st.v_zero, st.v_scale, st.v_out_idx, st.v_out_val),
+        value_strides=(st.v_codes.stride(0), st.v_codes.stride(1), st.v_codes.stride(2), st.v_zero.stride(0),
+                       st.v_zero.stride(1), st.v_zero.stride(2), st.v_out_idx.stride(0), st.v_out_idx.stride(1),
+                       st.v_out_idx.stride(2)),
+        consts=dict(H=H, D=D, KBITS=codec.key_cb.bits, CK=int(st.k_out_idx.shape[-1]), BTK=max(1, min(64, 4096 // D)),
+                    F32=interpreting(), G=G, NV=nv, NVP=nvp, VBITS=codec.value_cb.bits, CV=cv,
+                    CVP=triton_next_pow2(cv + 1), BTV=max(1, min(32, 4096 // nvp)), TOKEN=token,
+                    num_warps=8 if nvp >= 2048 else 4),
     )
-    st.n_q = n_q + T
-    return st
+    p["BTK"], p["BTV"] = p["consts"]["BTK"], p["consts"]["BTV"]
+    _cached(st, ("plan-cache",), lambda: None)
+    if getattr(st, "_kernel_cache", None) is not None:
+        st._kernel_cache[key] = p
+    return p
 
 
 try:  # the module stays importable without triton (available() is then False)
