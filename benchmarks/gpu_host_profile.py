@@ -244,7 +244,7 @@ def main():
     print(json.dumps(res["host_us_per_call"], indent=1), flush=True)
     with open(os.path.join(a.out, "host_profile.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print({k: res[k] for k in ("static", "dynamic", "kvquant-fused")})
+    print({k: res[k] for k in ("static", "dynamic", "kvquant-fused") if k in res})
 
 
 if __name__ == "__main__":

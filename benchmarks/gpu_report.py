@@ -20,6 +20,9 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run4_2026-11-29": "26c9712 (fields kernel with the register lookup table and fp16 dequantisation, lutx)",
     "run5_2026-11-29": "ee306ff (lutx default with the 128-register cap)",
     "run6_2026-11-29": "ee306ff",
+    "run7_2026-11-29": "eb709e5 (cached launch plans) + gpu_suite.py's generate section through model.generate",
+    "run8_2026-11-29": "eb709e5 + gpu_suite.py's generate through model.generate and the occupancy sweep",
+    "run9_2026-11-29": "eb709e5 + gpu_suite.py as committed after it (a new prompt length each round)",
 }
 
 
@@ -34,6 +37,17 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                        "cuDNN attention re-plans for every new key length (benchmarks/gpu_runs/profile_2026-11-29: "
                        "8.7 ms of host time per call); the KVQuant step is host-bound too (2.6 ms of GPU time in a "
                        "23.7 ms 8-layer step at 32K). Eager mode, no CUDA graphs, for every cache.",
+    "run7_2026-11-29": "quanto was not installed (its rows failed); both rounds used the same prompt, so round 2 "
+                       "repeated every key length of round 1. Superseded by run 9.",
+    "run8_2026-11-29": "Both generate rounds used the same prompt: round 2 repeated round 1's key lengths, and fp16 "
+                       "DynamicCache then ran 2.7-4x faster (cuDNN's SDPA reuses a plan per shape), which real "
+                       "generation never sees. Superseded by run 9 for the generate rows; its launch sweep stands.",
+    "run9_2026-11-29": "Run with `PYTHONPATH=src:/root/site` after installing the carried optimum-quanto and ninja "
+                       "wheels into /root/site. Every round has its own prompt length (ctx + 97 r), so no key length "
+                       "repeats. fp16 DynamicCache pays cuDNN's SDPA planning at every new key length (the default "
+                       "SDPA backend of torch 2.11 on the H200); that is what `generate` users get in eager mode, "
+                       "and it is most of DynamicCache's step time. A compiled StaticCache (CUDA graphs) was not "
+                       "measured.",
 }
 
 
@@ -69,6 +83,8 @@ def decode_report(runs, out):
         checks += [{**c, "run": name} for c in r.get("checks", [])
                    if latest.get((c["shape"], c["batch"])) == name]
         diag += [{**d, "run": name} for d in r.get("diag", [])]
+        if not keep and r.get("diag"):
+            envs.append((name, r["env"]))
         qa = r.get("quantize_append") or qa
     rows.sort(key=lambda x: (x["shape"] != "llama3-8b", x["batch"], x["context"]))
     dec = {"gpu": envs[0][1]["gpu"], "copy_bandwidth_gbps": bw, "runs": {n: e for n, e in envs}, "rows": rows,
@@ -102,16 +118,17 @@ def decode_report(runs, out):
     if diag:
         md += ("\nLaunch sweep (Llama-3-8B shape, 128K, batch 1, nuq3-1%); the fastest fields configuration is the "
                "library default. lutx = register lookup table + fp16 dequantisation (False: fp32 gathers); max regs "
-               "0 = no cap; an empty row = the library's default launch; rel. error vs the float32 reference:\n\n"
-               "| run | kernel | value group | lutx | BT | warps | max regs | prefetch | value-slot correction | us | "
-               "GB/s | rel. error |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+               "0 = no cap; splits empty = the default split count; an empty row = the library's default launch; rel. "
+               "error vs the float32 reference:\n\n"
+               "| run | kernel | value group | lutx | BT | warps | max regs | prefetch | splits | "
+               "value-slot correction | us | GB/s | rel. error |\n" + "|---" * 13 + "|\n")
         for d in diag:
             if "latency_us" not in d:
                 continue
             err = f"{d['rel_err']:.1e}" if "rel_err" in d else ""
             md += (f"| {d['run']} | {d.get('kernel', 'tiles')} | {d.get('value_group', '')} | {d.get('lutx', '')} | "
                    f"{d.get('block_t', '')} | {d.get('num_warps', '')} | {d.get('maxnreg', '')} | "
-                   f"{d.get('prefetch', '')} | "
+                   f"{d.get('prefetch', '')} | {d.get('num_splits') or ''} | "
                    f"{d.get('value_correction', '')} | {d['latency_us']} | {d['gbps']} | {err} |\n")
     if qa:
         md += (f"\n`quantize_append` (Llama-3-8B shape, {qa['tokens']} tokens, nuq3-1%): {qa['kernel_us']} us = "
@@ -188,14 +205,27 @@ def generate_report(runs, out):
     found = last_with(runs, "generate", out, "gpu_generate.json")
     if found:
         name, env, gen = found
-        md = "# End-to-end decode tokens/s (model forward loop with each cache)\n\nRun:\n\n" + env_line(name, env)
+        via_generate = gen.get("via") == "model.generate"
+        md = ("# End-to-end decode tokens/s of `model.generate` with each cache\n\nRun:\n\n" if via_generate else
+              "# End-to-end decode tokens/s (model forward loop with each cache)\n\nRun:\n\n") + env_line(name, env)
         if name in RUN_NOTES:
             md += f"\n**Note.** {RUN_NOTES[name]}\n"
-        md += (f"\nModel: {gen['model']}, {gen['layers']} layers, batch 1, prompt of random token ids; "
-               f"{gen['new_tokens']} greedy decode steps after the prefill, median step time (the first two dropped). "
-               "quanto = transformers' `QuantizedCache` (quanto backend, q_group_size 64, 128-token fp16 residual).\n\n"
-               "| context | cache | tokens/s | vs dynamic fp16 | step ms | prefill s | peak GiB |\n"
-               "|---|---|---|---|---|---|---|\n")
+        if via_generate:
+            md += (f"\nModel: {gen['model']}, {gen['layers']} layers, batch 1, prompt of random token ids; "
+                   f"`model.generate` (greedy, {gen['new_tokens']} new tokens, eager: `disable_compile=True`). A "
+                   "streamer stamps each token after a device synchronisation; step time = median gap between tokens "
+                   f"(first decode step dropped). The caches run in turn for {gen['rounds']} rounds (the host's speed "
+                   "drifts during a run); a row reports its faster round, `rounds` lists both. quanto = transformers' "
+                   "`QuantizedCache` (quanto backend, q_group_size 64, 128-token fp16 residual).\n\n"
+                   "| context | cache | tokens/s | vs dynamic fp16 | step ms | rounds (ms) | prefill s | peak GiB |\n"
+                   "|---|---|---|---|---|---|---|---|\n")
+        else:
+            md += (f"\nModel: {gen['model']}, {gen['layers']} layers, batch 1, prompt of random token ids; "
+                   f"{gen['new_tokens']} greedy decode steps after the prefill, median step time (the first two "
+                   "dropped). quanto = transformers' `QuantizedCache` (quanto backend, q_group_size 64, 128-token fp16 "
+                   "residual).\n\n"
+                   "| context | cache | tokens/s | vs dynamic fp16 | step ms | prefill s | peak GiB |\n"
+                   "|---|---|---|---|---|---|---|\n")
         base = {x["context"]: x["tokens_per_s"] for x in gen["rows"] if x.get("cache") == "dynamic" and
                 "tokens_per_s" in x}
         for x in gen["rows"]:
@@ -204,7 +234,8 @@ def generate_report(runs, out):
                 continue
             ratio = f"{x['tokens_per_s'] / base[x['context']]:.2f}x" if x["context"] in base else ""
             mem = x.get("peak_mem_gib", x.get("mem_gib", ""))
-            md += (f"| {x['context']:,} | {x['cache']} | {x['tokens_per_s']} | {ratio} | {x['step_ms']} | "
+            rounds = (" / ".join(str(t) for t in x.get("step_ms_rounds", [])) + " | ") if via_generate else ""
+            md += (f"| {x['context']:,} | {x['cache']} | {x['tokens_per_s']} | {ratio} | {x['step_ms']} | {rounds}"
                    f"{x['prefill_s']} | {mem} |\n")
         open(os.path.join(out, "gpu_generate.md"), "w").write(md)
 
@@ -229,8 +260,8 @@ def main():
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     a = ap.parse_args()
     runs = load(a.runs)
-    decode_report([(n, r) for n, r in runs if any("fields" in x.get("impl", "") for x in r.get("rows", []))]
-                  or runs, a.out)
+    decode_report([(n, r) for n, r in runs if any("fields" in x.get("impl", "") for x in r.get("rows", []))
+                   or any(d.get("kernel") == "fields" for d in r.get("diag", []))] or runs, a.out)
     capacity_report(runs, a.out)
     generate_report(runs, a.out)
     calibration_report(runs, a.out)
