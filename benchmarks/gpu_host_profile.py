@@ -43,6 +43,25 @@ def host_us(fn, n=200):
     return t / n * 1e6
 
 
+def timed_steps(model, cache, ids, warm=3, n=7):
+    """Prefill ``ids`` into ``cache``, run ``warm`` decode steps, then time ``n``: (next token, median step ms, median
+    host ms to enqueue a step)."""
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1:].argmax(-1)
+    for _ in range(warm):
+        model(nxt, past_key_values=cache, use_cache=True)
+    torch.cuda.synchronize()
+    wall, enq = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        model(nxt, past_key_values=cache, use_cache=True)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        wall.append(time.perf_counter() - t0)
+        enq.append(t1 - t0)
+    return nxt, sorted(wall)[n // 2] * 1e3, sorted(enq)[n // 2] * 1e3
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_out")
@@ -58,14 +77,9 @@ def main():
 
     from kvquant import kernels
     from kvquant.cache import KVQuantCache
-    from kvquant.kernels.testing import synthetic_codec
-    from kvquant.models import model_identity
-    from kvquant.quantizer import Quantizer, QuantizerConfig
 
     model = gs.random_llama3(a.layers)
-    codecs = [synthetic_codec(8, 128, 3, 0.01, "head", seed=i) for i in range(a.layers)]
-    quant = Quantizer(QuantizerConfig(bits=3, outlier_fraction=0.01, n_sinks=1, recent_window=0, value_group="head"),
-                      model_identity(model), codecs)
+    quant = gs.synthetic_nuq3_quantizer(model, a.layers)
     ids = torch.randint(0, 32000, (1, a.context), device=gs.DEV)
     res = {"env": gs.env_info(), "context": a.context, "layers": a.layers}
     res["env"]["command"] = "PYTHONPATH=src python3 benchmarks/gpu_host_profile.py " + " ".join(sys.argv[1:])
@@ -117,26 +131,14 @@ def main():
     for name in () if "cprofile" in skip else ("static", "dynamic", "kvquant-fused"):
         cache = make(name)
         with torch.no_grad():
-            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            nxt = out.logits[:, -1:].argmax(-1)
-            for _ in range(3):
-                out = model(nxt, past_key_values=cache, use_cache=True)
-            torch.cuda.synchronize()
-            wall, enq = [], []
-            for _ in range(7):
-                t0 = time.perf_counter()
-                out = model(nxt, past_key_values=cache, use_cache=True)
-                t1 = time.perf_counter()
-                torch.cuda.synchronize()
-                wall.append(time.perf_counter() - t0)
-                enq.append(t1 - t0)
+            nxt, step_ms, enqueue_ms = timed_steps(model, cache, ids)
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(5):
-                out = model(nxt, past_key_values=cache, use_cache=True)
+                model(nxt, past_key_values=cache, use_cache=True)
             torch.cuda.synchronize()
             prof.disable()
-        res[name] = {"step_ms": sorted(wall)[3] * 1e3, "enqueue_ms": sorted(enq)[3] * 1e3}
+        res[name] = {"step_ms": step_ms, "enqueue_ms": enqueue_ms}
         for key in ("tottime", "cumulative"):
             s = io.StringIO()
             pstats.Stats(prof, stream=s).sort_stats(key).print_stats(45)
@@ -207,23 +209,11 @@ def main():
             a.context = ctx
             cache = make(name)
             with torch.no_grad():
-                out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                nxt = out.logits[:, -1:].argmax(-1)
-                for _ in range(3):
-                    out = model(nxt, past_key_values=cache, use_cache=True)
-                torch.cuda.synchronize()
-                wall, enq = [], []
-                for _ in range(7):
-                    t0 = time.perf_counter()
-                    out = model(nxt, past_key_values=cache, use_cache=True)
-                    t1 = time.perf_counter()
-                    torch.cuda.synchronize()
-                    wall.append(time.perf_counter() - t0)
-                    enq.append(t1 - t0)
+                nxt, step_ms, enqueue_ms = timed_steps(model, cache, ids)
                 acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 with torch.profiler.profile(activities=acts) as prof:
                     for _ in range(3):
-                        out = model(nxt, past_key_values=cache, use_cache=True)
+                        model(nxt, past_key_values=cache, use_cache=True)
                     torch.cuda.synchronize()
                 ka = [e for e in prof.key_averages() if e.self_device_time_total > 0]
                 ka.sort(key=lambda e: -e.self_device_time_total)
@@ -235,12 +225,11 @@ def main():
                     from kvquant import kernels as _k
                     q0 = torch.randn(1, 32, 1, 128, device=gs.DEV, dtype=torch.bfloat16)
                     host_dec = round(host_us(lambda: _k.decode_attention(q0, st0, 0.088), n=50), 1)  # noqa: B023
-            row = dict(context=ctx, cache=name, step_ms=round(sorted(wall)[3] * 1e3, 2),
-                       enqueue_ms=round(sorted(enq)[3] * 1e3, 2), device_busy_ms=round(dev_ms, 2), top_kernels=top,
-                       host_us_decode_attention=host_dec)
+            row = dict(context=ctx, cache=name, step_ms=round(step_ms, 2), enqueue_ms=round(enqueue_ms, 2),
+                       device_busy_ms=round(dev_ms, 2), top_kernels=top, host_us_decode_attention=host_dec)
             res["scan"].append(row)
             print(row, flush=True)
-            del cache, out
+            del cache
     print(json.dumps(res["host_us_per_call"], indent=1), flush=True)
     with open(os.path.join(a.out, "host_profile.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -32,14 +32,9 @@ def main():
     from transformers import DynamicCache
 
     from kvquant.cache import KVQuantCache
-    from kvquant.kernels.testing import synthetic_codec
-    from kvquant.models import model_identity
-    from kvquant.quantizer import Quantizer, QuantizerConfig
 
     model = gs.random_llama3(a.layers)
-    codecs = [synthetic_codec(8, 128, 3, 0.01, "head", seed=i) for i in range(a.layers)]
-    quant = Quantizer(QuantizerConfig(bits=3, outlier_fraction=0.01, n_sinks=1, recent_window=0, value_group="head"),
-                      model_identity(model), codecs)
+    quant = gs.synthetic_nuq3_quantizer(model, a.layers)
     ids = torch.randint(0, 32000, (1, a.context), device=gs.DEV)
     res = {"env": gs.env_info(), "context": a.context, "layers": a.layers}
     for name in ("dynamic", "kvquant-fused"):

@@ -365,6 +365,17 @@ def random_llama3(n_layers=32):
     return model
 
 
+def synthetic_nuq3_quantizer(model, n_layers):
+    """nuq3-1% quantizer with synthetic codebooks for a random Llama-3-8B-shaped model (head-group values: the fields
+    kernel; 1 sink, no fp16 window)."""
+    from kvquant.models import model_identity
+    from kvquant.quantizer import Quantizer, QuantizerConfig
+
+    qcfg = QuantizerConfig(bits=3, outlier_fraction=0.01, n_sinks=1, recent_window=0, value_group="head")
+    return Quantizer(qcfg, model_identity(model), [synthetic_codec(8, 128, 3, 0.01, "head", seed=i)
+                                                   for i in range(n_layers)])
+
+
 GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1pct-reference",
               "kvquant-nuq3-1pct-fused")
 # (value_group "head": the fields kernel)
@@ -380,14 +391,9 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     from transformers.generation.streamers import BaseStreamer
 
     from kvquant.cache import KVQuantCache
-    from kvquant.models import model_identity
-    from kvquant.quantizer import Quantizer, QuantizerConfig
 
     model = random_llama3(n_layers)
-    qcfg = QuantizerConfig(bits=3, outlier_fraction=0.01, n_sinks=1, recent_window=0, value_group="head")
-    ident = model_identity(model)
-    layers = [synthetic_codec(8, 128, 3, 0.01, "head", seed=i) for i in range(n_layers)]
-    quant = Quantizer(qcfg, ident, layers)
+    quant = synthetic_nuq3_quantizer(model, n_layers)
     rows = []
 
     class Stamps(BaseStreamer):
