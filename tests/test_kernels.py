@@ -261,6 +261,45 @@ def test_fp16_decode_gpu():
         assert rel(out.float(), reference_attention(q, k, v, 0.088).float()) < 1e-2
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("R", [0, 3])
+def test_decode_step_has_no_host_sync_gpu(R):
+    """A steady decode step of one layer (cache update: quantize-and-append; attention: fused kernel + reduce, with a
+    4-D mask) never waits for the GPU: torch's sync-debug mode raises on any synchronising call."""
+    from kvquant import KVQuantCache
+    from kvquant.cache.attention import kvquant_attention_forward
+    from kvquant.models import model_identity, tiny_random_model
+    from kvquant.quantizer import Quantizer, QuantizerConfig
+
+    model = tiny_random_model("llama").cuda()
+    cfg = model.config
+    H, D, Hq = cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads
+    quant = Quantizer(QuantizerConfig(bits=3, n_sinks=1, recent_window=R, value_group="head"), model_identity(model),
+                      [synthetic_codec(H, D, 3, 0.01, "head", seed=i) for i in range(cfg.num_hidden_layers)])
+    cache = KVQuantCache(quant, model)
+    attn = model.model.layers[0].self_attn
+
+    def step(t):
+        k = torch.randn(1, H, t, D, device="cuda")
+        q = torch.randn(1, Hq, 1, D, device="cuda")
+        keys, values = cache.update(k, torch.randn_like(k), 0)
+        n = cache.get_seq_length()
+        mask = torch.ones(1, 1, 1, n, dtype=torch.bool, device="cuda")
+        return kvquant_attention_forward(attn, q, keys, values, mask, scaling=D ** -0.5)[0]
+
+    step(40)  # prefill
+    for _ in range(3):  # warm-up: kernel compilation and the cached launch plans (these may synchronise)
+        step(1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step(1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("R", [0, 3])
 def test_fused_cache_path_matches_reference_path(monkeypatch, R):
     """With the opt-in fused path (GPU encode + fused decode; here under the interpreter), a KVQuantCache stores the
