@@ -190,6 +190,23 @@ def test_model_prefill_equals_token_by_token_storage():
         torch.testing.assert_close(va, vb, atol=0.05, rtol=0)
 
 
+@pytest.mark.parametrize("R", [0, 3])
+def test_storage_tensors_own_exactly_their_bytes(R):
+    """Every tensor a layer holds owns exactly its bytes, so memory_report is the real allocation: an empty window
+    sliced off the prompt's concatenation used to keep an fp16 copy of the whole prompt alive in every layer."""
+    m = _model("llama")
+    q = _quantizer(m, "llama", recent_window=R)
+    cache = KVQuantCache(q, m)
+    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = m(ids, past_key_values=cache, use_cache=True)
+        for _ in range(3):
+            out = m(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        for name, t in layer.storage.tensors().items():
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (layer.layer_idx, name)
+
+
 def test_storage_capacity_grows_geometrically():
     m = _model("llama")
     q = _quantizer(m, "llama")

@@ -39,6 +39,15 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor that owns exactly its bytes. A slice, even an empty or contiguous one, keeps the whole buffer
+    it came from alive: an empty window sliced off a prompt-sized concatenation would hold an fp16 copy of the prompt
+    per layer for as long as the window stays empty (always, with R = 0)."""
+    if t.storage_offset() == 0 and t.is_contiguous() and t.untyped_storage().nbytes() == _nbytes(t):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class LayerStorage:
     """Compressed keys/values of one layer for a batch of ``batch`` sequences.
 
@@ -156,8 +165,8 @@ class LayerStorage:
         if over > 0:
             self._quantize(wk[:, :, :over], wv[:, :, :over], wp[:, :over])
             wk, wv, wp = wk[:, :, over:], wv[:, :, over:], wp[:, over:]
-        # Contiguous copies so the window never keeps the larger concatenation alive.
-        self.win_k, self.win_v, self.win_pos = wk.contiguous(), wv.contiguous(), wp.contiguous()
+        # Own copies, so that the window never keeps the larger concatenation alive.
+        self.win_k, self.win_v, self.win_pos = _own(wk), _own(wv), _own(wp)
         return max(0, over)
 
     def append_quantized(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
@@ -262,8 +271,8 @@ class LayerStorage:
         self.n_dropped += m
         a = min(m, self.n_s)
         if a:
-            self.sink_k = self.sink_k[:, :, a:].contiguous()
-            self.sink_v = self.sink_v[:, :, a:].contiguous()
+            self.sink_k = _own(self.sink_k[:, :, a:])
+            self.sink_v = _own(self.sink_v[:, :, a:])
             m -= a
         q = min(m, self.n_q)
         if q:
@@ -275,9 +284,9 @@ class LayerStorage:
             self.n_q = keep
             m -= q
         if m:
-            self.win_k = self.win_k[:, :, m:].contiguous()
-            self.win_v = self.win_v[:, :, m:].contiguous()
-            self.win_pos = self.win_pos[:, m:].contiguous()
+            self.win_k = _own(self.win_k[:, :, m:])
+            self.win_v = _own(self.win_v[:, :, m:])
+            self.win_pos = _own(self.win_pos[:, m:])
 
     # ---- batch operations (beam search, batch selection) ---------------------------------------------------------
     def _map_batch(self, fn) -> None:
