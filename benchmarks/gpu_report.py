@@ -47,7 +47,10 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                        "repeats. fp16 DynamicCache pays cuDNN's SDPA planning at every new key length (the default "
                        "SDPA backend of torch 2.11 on the H200); that is what `generate` users get in eager mode, "
                        "and it is most of DynamicCache's step time. A compiled StaticCache (CUDA graphs) was not "
-                       "measured.",
+                       "measured. KVQuant's peak memory here includes a bug fixed after this run (4def698): with "
+                       "no fp16 window (R = 0), each layer's empty window was a view of the prompt's concatenation "
+                       "and kept an fp16 copy of the prompt alive, 16.0 GiB over 32 layers at 128K. Without it the "
+                       "peak would be about 32.9 GiB (48.9 - 16.0; not yet re-measured).",
 }
 
 
