@@ -205,6 +205,14 @@ def test_storage_tensors_own_exactly_their_bytes(R):
     for layer in cache.layers:
         for name, t in layer.storage.tensors().items():
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (layer.layer_idx, name)
+    # and the allocated bytes are the buffers' real sizes: a view that keeps a larger buffer alive is counted in full
+    st = cache.layers[0].storage
+    kv_before = sum(t.numel() * t.element_size() for t in (st.win_k, st.win_v))
+    before = st.component_bytes(used=False)["window"]
+    big = torch.zeros(1, st.heads, 100, st.head_dim, dtype=st.dtype)
+    st.win_k, st.win_v = big[:, :, 100:], big[:, :, 100:]  # empty views of one buffer: counted once
+    assert st.component_bytes(used=False)["window"] == before - kv_before + big.numel() * big.element_size()
+    assert st.nbytes() >= big.numel() * big.element_size()
 
 
 def test_storage_capacity_grows_geometrically():

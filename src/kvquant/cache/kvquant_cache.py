@@ -362,7 +362,8 @@ class KVQuantCache(Cache):
     def memory_report(self) -> MemoryReport:
         """True bytes held (every allocated tensor, capacity included) versus fp16 for the same tokens.
 
-        Keys: ``bytes_allocated`` (all storage tensors incl. unused capacity and the per-layer lookup tables),
+        Keys: ``bytes_allocated`` (the buffers behind all storage tensors, unused capacity and anything a view keeps
+        alive included, plus the per-layer lookup tables),
         ``bytes_used`` (the elements in use), ``fp16_bytes`` (2 bytes per key/value element of the tokens held),
         ``effective_bits`` (8 * bytes_used / elements), ``effective_bits_allocated``, ``compression_ratio``
         (fp16_bytes / bytes_used), ``components`` (used bytes of codes, scales, outliers, sinks, window, positions),

@@ -39,6 +39,18 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def _held(tensors) -> dict[str, int]:
+    """Bytes of the buffers behind ``tensors`` (name -> tensor): what they keep allocated, views included; a buffer
+    shared by several tensors counts once (for the first)."""
+    seen, out = set(), {}
+    for name, t in tensors.items():
+        s = t.untyped_storage()
+        key = (s.data_ptr(), t.device) if s.nbytes() else None
+        out[name] = 0 if key in seen or key is None else s.nbytes()
+        seen.add(key)
+    return out
+
+
 def _own(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a tensor that owns exactly its bytes. A slice, even an empty or contiguous one, keeps the whole buffer
     it came from alive: an empty window sliced off a prompt-sized concatenation would hold an fp16 copy of the prompt
@@ -319,8 +331,9 @@ class LayerStorage:
         return out
 
     def nbytes(self) -> int:
-        """Bytes of every allocated tensor (capacity included), without the shared lookup tables."""
-        return sum(_nbytes(t) for t in self.tensors().values())
+        """Bytes allocated for this storage: the buffers behind every tensor (capacity included), without the shared
+        lookup tables."""
+        return sum(_held(self.tensors()).values())
 
     def table_nbytes(self) -> int:
         return _nbytes(self.key_lut) + _nbytes(self.value_levels)
@@ -329,9 +342,12 @@ class LayerStorage:
         """Bytes per component (codes, scales, outliers, sinks, window, positions); ``used`` counts only the tokens
         in use, else the whole allocation."""
         out = dict.fromkeys(COMPONENTS, 0)
-        for name, t in self.tensors().items():
-            if used and name in COMPONENT and t.dim() >= 2 and name not in ("sink_k", "sink_v", "win_k", "win_v",
-                                                                              "win_pos"):
+        tensors = self.tensors()
+        held = _held(tensors)
+        for name, t in tensors.items():
+            if not used:
+                n = held[name]  # the real allocation, whatever the tensor's own size
+            elif name in COMPONENT and t.dim() >= 2 and name not in ("sink_k", "sink_v", "win_k", "win_v", "win_pos"):
                 n = _nbytes(t) // max(1, self.capacity) * self.n_q
             else:
                 n = _nbytes(t)
