@@ -67,8 +67,10 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _cached(storage, key, fn):
-    """Per-storage cache of derived device tensors (inv_freq, codec tensors)."""
+def _cached(storage, key, fn, stamp=None):
+    """Per-storage cache of derived device tensors (inv_freq, codec tensors) and launch plans. A value cached with a
+    ``stamp`` (the storage's ``k_codes`` tensor for launch plans) is rebuilt once the storage holds another stamp
+    object: its tensors were reallocated (capacity growth, batch reordering)."""
     cache = getattr(storage, "_kernel_cache", None)
     if cache is None:
         cache = {}
@@ -76,9 +78,10 @@ def _cached(storage, key, fn):
             storage._kernel_cache = cache
         except Exception:  # frozen/slotted object: no caching
             return fn()
-    if key not in cache:
-        cache[key] = fn()
-    return cache[key]
+    hit = cache.get(key)
+    if hit is None or hit[0] is not stamp:
+        hit = cache[key] = (stamp, fn())
+    return hit[1]
 
 
 def _n_tokens(t) -> int:
@@ -198,22 +201,22 @@ def _s3(t, n):
 class _Plan:
     """The per-storage constant part of a decode launch (see :func:`_decode_plan`)."""
 
-    __slots__ = ("k_codes", "H", "bt", "fn", "tensors", "strides", "consts", "rope_scale")
+    __slots__ = ("H", "bt", "fn", "tensors", "strides", "consts", "rope_scale")
 
 
 def _decode_plan(st, B, Hq, D, dev, options) -> _Plan | None:
     """The launch configuration, derived tables and tensor arguments of :func:`decode_attention` for ``st``, or None
     when the reference path must run. Cached on the storage; rebuilt when its quantized tensors are reallocated
     (capacity growth, batch reordering) or the options change. Raises on invalid options / shapes."""
+    has_q = st.k_codes is not None and int(st.n_q) > 0
+    return _cached(st, ("plan", dev, B, Hq, D, has_q, options),
+                   lambda: _build_decode_plan(st, B, Hq, D, dev, options, has_q), stamp=st.k_codes)
+
+
+def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     from . import _triton as K
 
     num_splits, block_t, use_dot, num_warps, kernel, value_correction, maxnreg, prefetch, lutx = options
-    has_q = st.k_codes is not None and int(st.n_q) > 0
-    key = ("plan", dev, B, Hq, D, has_q, options)
-    cache = getattr(st, "_kernel_cache", None)
-    plan = cache.get(key) if cache is not None else None
-    if plan is not None and plan.k_codes is st.k_codes:
-        return plan
     codec = getattr(st, "codec", None)
     if (st.key_lut is None or not getattr(st, "pre_rope", True)
             or (codec is not None and codec.key_mode != "channel")):
@@ -284,16 +287,13 @@ def _decode_plan(st, B, Hq, D, dev, options) -> _Plan | None:
             consts["VW"] = _cached(st, ("value_words", dev), lambda: _lut_words(vlev))
             consts["KDLH"] = _cached(st, ("key_levels_h", dev), lambda: kaff[0].to(torch.float16).contiguous())
     plan = _Plan()
-    plan.k_codes, plan.H, plan.bt = st.k_codes, H, bt
+    plan.H, plan.bt = H, bt
     plan.fn = K._kvq_decode_fields_kernel if kernel == "fields" else K._kvq_decode_kernel
     plan.tensors = (*quant, klut, vlev, invf, *(kaff if kaff is not None else (klut, klut, klut)), vlevh)
     plan.strides = (*quant[0].stride()[:3], *quant[1].stride()[:3], *quant[3].stride()[:3], *quant[4].stride()[:3],
                     *quant[6].stride()[:3], quant[8].stride(0))
     plan.consts = consts
     plan.rope_scale = float(st.rope.attention_scaling)
-    _cached(st, ("plan-cache",), lambda: None)  # creates the storage's cache dict (where attributes can be set)
-    if getattr(st, "_kernel_cache", None) is not None:
-        st._kernel_cache[key] = plan
     return plan
 
 
@@ -468,7 +468,7 @@ def quantize_append(storage, k_post, v, positions, codec=None, pre_rope: bool = 
     if v.stride(-1) != 1:
         v = v.contiguous()
     p = _quant_plan(st, codec, dev, D)
-    bt, btv = p["BTK"], p["BTV"]
+    bt, btv = p["consts"]["BTK"], p["consts"]["BTV"]
     n_tk, n_tv = triton.cdiv(T, bt), triton.cdiv(T, btv)
     n_key_progs = B * H * n_tk
     # one launch per layer step: key blocks and value blocks are programs of the same grid
@@ -484,11 +484,10 @@ def quantize_append(storage, k_post, v, positions, codec=None, pre_rope: bool = 
 
 def _quant_plan(st, codec, dev, D) -> dict:
     """Constant arguments of :func:`quantize_append` for ``st`` (cached; rebuilt when the storage reallocates)."""
-    key = ("quant-plan", dev)
-    cache = getattr(st, "_kernel_cache", None)
-    p = cache.get(key) if cache is not None else None
-    if p is not None and p["k_codes"] is st.k_codes:
-        return p
+    return _cached(st, ("quant-plan", dev), lambda: _build_quant_plan(st, codec, dev, D), stamp=st.k_codes)
+
+
+def _build_quant_plan(st, codec, dev, D) -> dict:
     H = codec.heads
     kz = _cached(st, ("kz", dev), lambda: codec.key_zero.to(dev, torch.float32).contiguous())
     ks = _cached(st, ("ks", dev), lambda: codec.key_scale.to(dev, torch.float32).contiguous())
@@ -501,8 +500,8 @@ def _quant_plan(st, codec, dev, D) -> dict:
     nv = H * D if token else D
     nvp = triton_next_pow2(nv)
     cv = int(st.v_out_idx.shape[-1])
-    p = dict(
-        k_codes=st.k_codes, G=G, n_freq=st.rope.inv_freq.numel(),
+    return dict(
+        G=G, n_freq=st.rope.inv_freq.numel(),
         key_tensors=(kz, ks, klut, kbnd, invf, float(st.rope.attention_scaling), st.k_codes, st.k_out_idx,
                      st.k_out_val, st.q_pos),
         key_strides=(st.k_codes.stride(0), st.k_codes.stride(1), st.k_codes.stride(2), st.k_out_idx.stride(0),
@@ -516,11 +515,6 @@ def _quant_plan(st, codec, dev, D) -> dict:
                     CVP=triton_next_pow2(cv + 1), BTV=max(1, min(32, 4096 // nvp)), TOKEN=token,
                     num_warps=8 if nvp >= 2048 else 4),
     )
-    p["BTK"], p["BTV"] = p["consts"]["BTK"], p["consts"]["BTV"]
-    _cached(st, ("plan-cache",), lambda: None)
-    if getattr(st, "_kernel_cache", None) is not None:
-        st._kernel_cache[key] = p
-    return p
 
 
 try:  # the module stays importable without triton (available() is then False)
