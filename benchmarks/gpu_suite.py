@@ -228,13 +228,20 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full"):
         sweeps += [("fields", "head", dict(block_t=bt, num_warps=2, maxnreg=0, num_splits=ns))
                    for bt in (16, 64) for ns in (None, 264)]
         sweeps += [("fields", "head", dict(block_t=32, num_warps=1, maxnreg=0, num_splits=ns)) for ns in (None, 264)]
+    if sweep == "natural":  # the natural-order kernel (three wide dots per block) against the fields default
+        sweeps = [("fields", "head", {})]
+        sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw, maxnreg=mr))
+                   for bt, nw, mr in ((32, 4, 128), (32, 4, 0), (16, 4, 0), (64, 4, 0), (64, 4, 168), (64, 8, 0),
+                                      (32, 2, 0), (128, 8, 0))]
+        sweeps += [("natural", "head", dict(block_t=64, num_warps=4, maxnreg=0, num_splits=ns)) for ns in (132, 264)]
     refs = {grp: reference_decode_attention(q, st, D**-0.5).float() for (_, grp), st in sts.items()}
     for kernel, group, kw in sweeps:
         st = sts[(3, group)]
         nbytes, _ = storage_bytes_read(st, st.n_q)
         try:
-            err = rel(kernels.decode_attention(q, st, D**-0.5, **kw).float(), refs[group])
-            us = bench(lambda: kernels.decode_attention(q, st, D**-0.5, **kw))  # noqa: B023
+            kn = dict(kernel=kernel) if kernel == "natural" else {}
+            err = rel(kernels.decode_attention(q, st, D**-0.5, **kn, **kw).float(), refs[group])
+            us = bench(lambda: kernels.decode_attention(q, st, D**-0.5, **kn, **kw))  # noqa: B023
         except Exception as e:  # noqa: BLE001
             log("diag fail", kernel, kw, repr(e)[:300])
             rows.append(dict(kernel=kernel, value_group=group, **kw, error=repr(e)[:300]))
@@ -242,8 +249,8 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full"):
         rows.append(dict(kernel=kernel, value_group=group, **kw, latency_us=round(us, 2),
                          gbps=round(nbytes / (us * 1e-6) / 1e9, 1), rel_err=err))
         log(rows[-1])
-        if kernel == "fields" and err < 1e-2 and (best is None or us < best[0]):
-            best = (us, kw)
+        if kernel in ("fields", "natural") and err < 1e-2 and (best is None or us < best[0]):
+            best = (us, dict(kw, **kn))
     if best is not None:
         KV_OPTS.clear()
         KV_OPTS.update(best[1])
@@ -508,7 +515,7 @@ def main():
     ap.add_argument("--gen-layers", type=int, default=32)
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
-    ap.add_argument("--diag-sweep", default="full", choices=["full", "regs", "occupancy"])
+    ap.add_argument("--diag-sweep", default="full", choices=["full", "regs", "occupancy", "natural"])
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -167,6 +167,24 @@ def test_decode_fields_kernel_gappy_positions_mha_interpret(prefetch, lutx):
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_decode_natural_kernel_interpret(bits):
+    # the "natural" kernel (field tiles interleaved back into channel order, three wide dots per block): GQA 4,
+    # head-group values, padded batch, two splits
+    check_decode(2, 8, 2, 128, bits, 100, 1, 3, "head", "cpu", mask_lens=[104, 60], num_splits=2, kernel="natural")
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_decode_natural_kernel_gappy_positions_token_values_interpret():
+    # non-consecutive positions (per-element RoPE fallback), per-row offsets, MHA, 2% outliers, token-group values
+    # whose slots may point at other heads' channels
+    check_decode(2, 2, 2, 128, 3, 90, 1, 0, "head", "cpu", num_splits=2, kernel="natural", frac=0.02,
+                 offsets=[0, 40], gap_at=37)
+    check_decode(1, 8, 2, 128, 3, 70, 1, 2, "token", "cpu", num_splits=2, kernel="natural", frac=0.005,
+                 attention_scaling=1.25)
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
 @pytest.mark.parametrize("kernel,group", [("fields", "head"), ("tiles", "token")])
 def test_decode_rope_attention_scaling_interpret(kernel, group):
     # YaRN / LongRoPE-style attention_scaling multiplies cos and sin: the kernels fold it into the query, and
@@ -248,6 +266,10 @@ def test_decode_gpu(bits, D, dtype):
                          kernel="fields", lutx=lutx)
             check_decode(2, 8, 8, D, bits, 700, 1, 0, "head", "cuda", dtype=dtype, kernel="fields", offsets=[0, 77],
                          gap_at=300, prefetch=True, lutx=lutx)
+        check_decode(3, 32, 8, D, bits, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype,
+                     kernel="natural")
+        check_decode(2, 8, 8, D, bits, 700, 1, 0, "head", "cuda", dtype=dtype, kernel="natural", offsets=[0, 77],
+                     gap_at=300)
 
 
 @pytest.mark.gpu

@@ -253,16 +253,18 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     fields_ok = D >= 128 and kaff is not None and cv <= 4
     if kernel is None:
         kernel = "fields" if fields_ok else "tiles"
-    if kernel not in ("fields", "tiles"):
-        raise ValueError(f"kernel must be 'fields', 'tiles' or None, got {kernel!r}.")
-    if kernel == "fields" and not fields_ok:
-        raise ValueError("the fields kernel needs head_dim >= 128, an affine key table and <= 4 value slots.")
-    use_dot = use_dot or kernel == "fields"
+    if kernel not in ("fields", "natural", "tiles"):
+        raise ValueError(f"kernel must be 'fields', 'natural', 'tiles' or None, got {kernel!r}.")
+    if kernel in ("fields", "natural") and not fields_ok:
+        raise ValueError(f"the {kernel} kernel needs head_dim >= 128, an affine key table and <= 4 value slots.")
+    if kernel == "natural" and (lutx is False or ck > 4):
+        raise ValueError("the natural kernel uses the register lookup table: it needs lutx and <= 4 key slots.")
+    use_dot = use_dot or kernel in ("fields", "natural")
     gp = max(16, triton_next_pow2(group)) if use_dot else 1
     gr = triton_next_pow2(group)
-    bt = block_t or (32 if kernel == "fields" or D > 128 else 64)
+    bt = block_t or (32 if kernel in ("fields", "natural") or D > 128 else 64)
     num_warps = num_warps or 4
-    lutx = bool(kernel == "fields" and (LUTX_DEFAULT and ck <= 4 if lutx is None else lutx))
+    lutx = bool(kernel == "natural" or kernel == "fields" and (LUTX_DEFAULT and ck <= 4 if lutx is None else lutx))
     if lutx and ck > 4:
         raise ValueError(f"lutx=True handles <= 4 key outlier slots per vector (this storage has {ck}); "
                          "pass lutx=False.")
@@ -279,7 +281,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
                   num_warps=num_warps, num_stages=1)
     if maxnreg and not interpreting():  # 0: no register cap
         consts["maxnreg"] = int(maxnreg)
-    if kernel == "fields":
+    if kernel in ("fields", "natural"):
         consts["PREFETCH"] = bool(prefetch)
         consts["LUTX"] = lutx
         if lutx:
@@ -288,7 +290,8 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
             consts["KDLH"] = _cached(st, ("key_levels_h", dev), lambda: kaff[0].to(torch.float16).contiguous())
     plan = _Plan()
     plan.H, plan.bt = H, bt
-    plan.fn = K._kvq_decode_fields_kernel if kernel == "fields" else K._kvq_decode_kernel
+    plan.fn = {"fields": K._kvq_decode_fields_kernel, "natural": K._kvq_decode_nat_kernel}.get(kernel,
+                                                                                             K._kvq_decode_kernel)
     plan.tensors = (*quant, klut, vlev, invf, *(kaff if kaff is not None else (klut, klut, klut)), vlevh)
     plan.strides = (*quant[0].stride()[:3], *quant[1].stride()[:3], *quant[3].stride()[:3], *quant[4].stride()[:3],
                     *quant[6].stride()[:3], quant[8].stride(0))

@@ -1059,6 +1059,125 @@ def _kvq_decode_fields_kernel(
     tl.store(PL + row, l_i, mask=gmask)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# The natural-order kernel (v5, "natural"): the four LUTX field tiles of a half are interleaved back into natural
+# channel order in registers (tl.interleave of tensors that already hold 4 consecutive bytes per thread: no data
+# movement), so a block needs two key dots and one value dot over wide tiles (K = D/2 and N = D) instead of the
+# fields kernel's twelve narrow ones, each behind its own shared-memory layout conversion.
+# ------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _nat(f0, f1, f2, f3):
+    """Field tiles [BT, W] (f_f[t, j] = channel 4 j + f) -> [BT, 4 W] in natural channel order."""
+    return tl.interleave(tl.interleave(f0, f2), tl.interleave(f1, f3))
+
+
+@triton.jit
+def _kvq_decode_nat_kernel(
+    Q, PACC, PM, PL,
+    KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS,
+    KLUT, VLEV, INVF, KDL, KSC, KZR, VLEVH,
+    SK, SV, WK, WV, MASK,
+    qk_scale, rope_scale,
+    sqb, sqh,
+    skc_b, skc_h, skc_t, sko_b, sko_h, sko_t,
+    svc_b, svc_g, svc_t, svs_b, svs_g, svs_t, svo_b, svo_g, svo_t,
+    sqp_b,
+    ssk_b, ssk_h, ssk_t, ssv_b, ssv_h, ssv_t,
+    swk_b, swk_h, swk_t, swv_b, swv_h, swv_t,
+    smask_b,
+    n_s, n_q, n_w, chunk, NSPLIT_Q,
+    H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
+    BITS: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
+    V_TOKEN: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
+    F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
+    PREFETCH: tl.constexpr = False, LUTX: tl.constexpr = True, KW=None, VW=None, KDLH=None,
+):
+    """Same contract, arguments and partials as _kvq_decode_fields_kernel (LUTX levels; the interpreter gathers)."""
+    HALF: tl.constexpr = D // 2
+    NKC: tl.constexpr = D // 8  # bytes (3/2-bit) or u16 words (4-bit) per key half and plane
+    NVC: tl.constexpr = D // 4
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bh // H_KV).to(tl.int64)
+    h = (pid_bh % H_KV).to(tl.int64)
+    nsplit = NSPLIT_Q + 1
+    g = tl.arange(0, GP)
+    gmask = g < GROUP
+    row = (b * H_KV * GROUP + h * GROUP + g) * nsplit + pid_s
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    mask_row = MASK + b * smask_b
+    ch = tl.arange(0, HALF)
+    chd = tl.arange(0, D)
+    if pid_s < NSPLIT_Q:
+        qrow = Q + b * sqb + (h * GROUP + g)[:, None] * sqh
+        gm = gmask[:, None]
+        q1 = tl.load(qrow + ch[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+        q2 = tl.load(qrow + HALF + ch[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+        om = tl.load(INVF + ch)
+        taui = tl.arange(0, BT)
+        C0, S0 = _tau_cs(taui.to(tl.float32), om, F32)
+        C0 = C0.to(tl.float16)
+        S0 = S0.to(tl.float16)
+        ks1 = tl.load(KSC + h * D + ch).to(tl.float16)[None, :]
+        kz1 = tl.load(KZR + h * D + ch).to(tl.float16)[None, :]
+        ks2 = tl.load(KSC + h * D + HALF + ch).to(tl.float16)[None, :]
+        kz2 = tl.load(KZR + h * D + HALF + ch).to(tl.float16)[None, :]
+        acc = tl.zeros([GP, D], tl.float32)
+        kc_base = KC + b * skc_b + h * skc_h
+        ko_base = b * sko_b + h * sko_h
+        vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
+            VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV, D, BITS, V_TOKEN)
+        if BITS == 4:
+            k_half = D // 4
+        else:
+            k_half = D // 8
+        q_lo = pid_s * chunk
+        q_hi = tl.minimum(q_lo + chunk, n_q)
+        for t0 in range(q_lo, q_hi, BT):
+            t = t0 + taui
+            tmask = t < q_hi
+            pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D, NKC,
+                                                  BITS, True)
+            d = pos - taui
+            p0 = tl.min(tl.where(tmask, d, 2147483647), 0)
+            contig = p0 == tl.max(tl.where(tmask, d, -2147483647), 0)
+            if contig:
+                c, s_ = C0, S0
+            else:
+                c, s_ = _tau_cs((pos - p0).to(tl.float32), om, F32)
+                c = c.to(tl.float16)
+                s_ = s_.to(tl.float16)
+            ksl = _slots(KOI, KOV, ko_base + t * sko_t, CK, 0, tmask)
+            l10, l11, l12, l13 = _lut_fields(lo1, hi1, KW, KDLH, BITS, F32)
+            k1 = _overwrite(_nat(l10, l11, l12, l13) * ks1 + kz1, ch, ksl, CK)
+            l20, l21, l22, l23 = _lut_fields(lo2, hi2, KW, KDLH, BITS, F32)
+            k2 = _overwrite(_nat(l20, l21, l22, l23) * ks2 + kz2, ch + HALF, ksl, CK)
+            r1 = k1 * c - k2 * s_
+            r2 = k2 * c + k1 * s_
+            a1, a2 = _rot_q(q1, q2, om, p0.to(tl.float32), F32)
+            s = _mm(a1, tl.trans(r1), F32) + _mm(a2, tl.trans(r2), F32)
+            p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, mask_row, n_s, t, tmask, HAS_MASK)
+            vlo, vhi, vz, vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base,
+                                              svs_t, NVC, BITS, True)
+            vsl = _slots(VOI, VOV, vo_base + t * svo_t, CV, v_idx_off, tmask)
+            lv0, lv1, lv2, lv3 = _lut_fields(vlo, vhi, VW, VLEVH, BITS, F32)
+            v = _overwrite(_nat(lv0, lv1, lv2, lv3) * vsc[:, None] + vz[:, None], chd, vsl, CV)
+            acc = acc * alpha[:, None] + _mm(p.to(tl.float16), v, F32)
+        tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
+    else:
+        qp = Q + b * sqb + (h * GROUP + g)[:, None] * sqh + ch[None, :]
+        qd1 = tl.load(qp, mask=gmask[:, None], other=0.0)
+        qd2 = tl.load(qp + HALF, mask=gmask[:, None], other=0.0)
+        acc = tl.zeros([GP, D], tl.float32)
+        m_i, l_i, acc = _dense_regions(qd1, qd2, m_i, l_i, acc, b, h, n_s, n_w, n_s, n_q, SK, SV, WK, WV, mask_row,
+                                       qk_scale, ssk_b, ssk_h, ssk_t, ssv_b, ssv_h, ssv_t, swk_b, swk_h, swk_t,
+                                       swv_b, swv_h, swv_t, D, BT, HAS_MASK, True, F32)
+        tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
+    tl.store(PM + row, m_i, mask=gmask)
+    tl.store(PL + row, l_i, mask=gmask)
+
+
 @triton.jit
 def _quant_kv_kernel(
     K, POS, KZ, KS, KLUT, KBND, INVF, rope_scale,
