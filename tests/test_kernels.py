@@ -167,11 +167,13 @@ def test_decode_fields_kernel_gappy_positions_mha_interpret(prefetch, lutx):
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("reload", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_decode_natural_kernel_interpret(bits):
+def test_decode_natural_kernel_interpret(bits, reload):
     # the "natural" kernel (field tiles interleaved back into channel order, three wide dots per block): GQA 4,
     # head-group values, padded batch, two splits
-    check_decode(2, 8, 2, 128, bits, 100, 1, 3, "head", "cpu", mask_lens=[104, 60], num_splits=2, kernel="natural")
+    check_decode(2, 8, 2, 128, bits, 100, 1, 3, "head", "cpu", mask_lens=[104, 60], num_splits=2, kernel="natural",
+                 reload=reload)
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
@@ -269,7 +271,7 @@ def test_decode_gpu(bits, D, dtype):
         check_decode(3, 32, 8, D, bits, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype,
                      kernel="natural")
         check_decode(2, 8, 8, D, bits, 700, 1, 0, "head", "cuda", dtype=dtype, kernel="natural", offsets=[0, 77],
-                     gap_at=300)
+                     gap_at=300, reload=True)
 
 
 @pytest.mark.gpu

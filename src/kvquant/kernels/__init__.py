@@ -134,7 +134,8 @@ def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int =
 # decode attention
 # ----------------------------------------------------------------------------------------------------------------
 def decode_attention(query, storage, scaling, attention_mask=None, num_splits=None, block_t=None, use_dot=None,
-                     num_warps=None, kernel=None, value_correction=None, maxnreg=None, prefetch=False, lutx=None):
+                     num_warps=None, kernel=None, value_correction=None, maxnreg=None, prefetch=False, lutx=None,
+                     reload=None):
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
     ``kernel``: ``"fields"`` (bytes split into bit fields in place, RoPE from a per-block table; head_dim >= 128, a
@@ -146,6 +147,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     ``lutx`` (fields kernel): levels from a register lookup table (PRMT through inline PTX; the interpreter gathers
     from an fp16 table instead) and fp16 dequantisation/RoPE arithmetic; None = the default (on).
     ``maxnreg``: register cap per thread (0 = none; None = the measured default).
+    ``reload`` (natural kernel): re-read the loop invariants (query, RoPE table, key scale/zero) from L1 every block
+    instead of holding them in registers (fewer registers per thread, more resident warps).
 
     A decode step is host-bound end to end, so everything that only changes when the storage is reallocated (the
     launch configuration, derived tables, tensor arguments and strides) is computed once and cached on the storage
@@ -158,7 +161,7 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     st = storage
     dev = query.device
     plan = _decode_plan(st, B, Hq, D, dev, (num_splits, block_t, use_dot, num_warps, kernel, value_correction,
-                                            maxnreg, prefetch, lutx))
+                                            maxnreg, prefetch, lutx, reload))
     if plan is None:
         from .reference import reference_decode_attention
 
@@ -216,7 +219,7 @@ def _decode_plan(st, B, Hq, D, dev, options) -> _Plan | None:
 def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     from . import _triton as K
 
-    num_splits, block_t, use_dot, num_warps, kernel, value_correction, maxnreg, prefetch, lutx = options
+    num_splits, block_t, use_dot, num_warps, kernel, value_correction, maxnreg, prefetch, lutx, reload = options
     codec = getattr(st, "codec", None)
     if (st.key_lut is None or not getattr(st, "pre_rope", True)
             or (codec is not None and codec.key_mode != "channel")):
@@ -281,6 +284,11 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
                   num_warps=num_warps, num_stages=1)
     if maxnreg and not interpreting():  # 0: no register cap
         consts["maxnreg"] = int(maxnreg)
+    if kernel == "natural":
+        if bt < 32:
+            raise ValueError(f"the natural kernel needs block_t >= 32, got {bt}.")
+        consts["RELOAD"] = bool(reload)
+        consts["TAU"] = _cached(st, ("tau", dev, bt), lambda: _tau_table(inv_freq, bt, dev))
     if kernel in ("fields", "natural"):
         consts["PREFETCH"] = bool(prefetch)
         consts["LUTX"] = lutx
@@ -318,6 +326,12 @@ def _mask_bias_memo(attention_mask, batch: int, total: int, device):
 
 
 LUTX_DEFAULT = True
+
+
+def _tau_table(inv_freq: torch.Tensor, bt: int, dev) -> torch.Tensor:
+    """fp16 [2, bt, D/2]: cos and sin of tau * inv_freq for tau = 0..bt-1 (the natural kernel's RoPE table)."""
+    ang = torch.arange(bt, dtype=torch.float64)[:, None] * inv_freq.detach().double().cpu()[None, :]
+    return torch.stack([ang.cos(), ang.sin()]).to(dev, torch.float16).contiguous()
 
 
 def _lut_words(levels: torch.Tensor) -> torch.Tensor:

@@ -1072,6 +1072,27 @@ def _nat(f0, f1, f2, f3):
 
 
 @triton.jit
+def _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU, ch, taui, HALF: tl.constexpr, BT: tl.constexpr,
+                F32: tl.constexpr, RELOAD: tl.constexpr):
+    """The natural kernel's loop invariants: query halves (fp32, RoPE attention_scaling folded in), inverse
+    frequencies, the fp16 cos/sin table of tau = 0..BT-1 (RELOAD: read from the host table TAU [2, BT, HALF]), and
+    the fp16 per-channel key scale/zero of both halves."""
+    q1 = tl.load(qrow + ch[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+    q2 = tl.load(qrow + HALF + ch[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+    om = tl.load(INVF + ch)
+    if RELOAD:
+        tp = TAU + taui[:, None] * HALF + ch[None, :]
+        C0 = tl.load(tp)
+        S0 = tl.load(tp + BT * HALF)
+    else:
+        C0, S0 = _tau_cs(taui.to(tl.float32), om, F32)
+        C0 = C0.to(tl.float16)
+        S0 = S0.to(tl.float16)
+    return (q1, q2, om, C0, S0, tl.load(kso).to(tl.float16)[None, :], tl.load(kzo).to(tl.float16)[None, :],
+            tl.load(kso + HALF).to(tl.float16)[None, :], tl.load(kzo + HALF).to(tl.float16)[None, :])
+
+
+@triton.jit
 def _kvq_decode_nat_kernel(
     Q, PACC, PM, PL,
     KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS,
@@ -1091,6 +1112,7 @@ def _kvq_decode_nat_kernel(
     V_TOKEN: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
     F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
     PREFETCH: tl.constexpr = False, LUTX: tl.constexpr = True, KW=None, VW=None, KDLH=None,
+    RELOAD: tl.constexpr = False, TAU=None,
 ):
     """Same contract, arguments and partials as _kvq_decode_fields_kernel (LUTX levels; the interpreter gathers)."""
     HALF: tl.constexpr = D // 2
@@ -1112,17 +1134,12 @@ def _kvq_decode_nat_kernel(
     if pid_s < NSPLIT_Q:
         qrow = Q + b * sqb + (h * GROUP + g)[:, None] * sqh
         gm = gmask[:, None]
-        q1 = tl.load(qrow + ch[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
-        q2 = tl.load(qrow + HALF + ch[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
-        om = tl.load(INVF + ch)
         taui = tl.arange(0, BT)
-        C0, S0 = _tau_cs(taui.to(tl.float32), om, F32)
-        C0 = C0.to(tl.float16)
-        S0 = S0.to(tl.float16)
-        ks1 = tl.load(KSC + h * D + ch).to(tl.float16)[None, :]
-        kz1 = tl.load(KZR + h * D + ch).to(tl.float16)[None, :]
-        ks2 = tl.load(KSC + h * D + HALF + ch).to(tl.float16)[None, :]
-        kz2 = tl.load(KZR + h * D + HALF + ch).to(tl.float16)[None, :]
+        kso = KSC + h * D + ch
+        kzo = KZR + h * D + ch
+        if not RELOAD:  # loop invariants held in registers for the whole program
+            q1, q2, om, C0, S0, ks1, kz1, ks2, kz2 = _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU, ch,
+                                                                 taui, HALF, BT, F32, RELOAD)
         acc = tl.zeros([GP, D], tl.float32)
         kc_base = KC + b * skc_b + h * skc_h
         ko_base = b * sko_b + h * sko_h
@@ -1139,6 +1156,13 @@ def _kvq_decode_nat_kernel(
             tmask = t < q_hi
             pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D, NKC,
                                                   BITS, True)
+            vlo, vhi, vz, vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base,
+                                              svs_t, NVC, BITS, True)
+            ksl = _slots(KOI, KOV, ko_base + t * sko_t, CK, 0, tmask)
+            vsl = _slots(VOI, VOV, vo_base + t * svo_t, CV, v_idx_off, tmask)
+            if RELOAD:  # loop invariants re-read from L1 every block: fewer registers, more resident warps
+                q1, q2, om, C0, S0, ks1, kz1, ks2, kz2 = _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU,
+                                                                     ch, taui, HALF, BT, F32, RELOAD)
             d = pos - taui
             p0 = tl.min(tl.where(tmask, d, 2147483647), 0)
             contig = p0 == tl.max(tl.where(tmask, d, -2147483647), 0)
@@ -1148,7 +1172,6 @@ def _kvq_decode_nat_kernel(
                 c, s_ = _tau_cs((pos - p0).to(tl.float32), om, F32)
                 c = c.to(tl.float16)
                 s_ = s_.to(tl.float16)
-            ksl = _slots(KOI, KOV, ko_base + t * sko_t, CK, 0, tmask)
             l10, l11, l12, l13 = _lut_fields(lo1, hi1, KW, KDLH, BITS, F32)
             k1 = _overwrite(_nat(l10, l11, l12, l13) * ks1 + kz1, ch, ksl, CK)
             l20, l21, l22, l23 = _lut_fields(lo2, hi2, KW, KDLH, BITS, F32)
@@ -1158,9 +1181,6 @@ def _kvq_decode_nat_kernel(
             a1, a2 = _rot_q(q1, q2, om, p0.to(tl.float32), F32)
             s = _mm(a1, tl.trans(r1), F32) + _mm(a2, tl.trans(r2), F32)
             p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, mask_row, n_s, t, tmask, HAS_MASK)
-            vlo, vhi, vz, vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base,
-                                              svs_t, NVC, BITS, True)
-            vsl = _slots(VOI, VOV, vo_base + t * svo_t, CV, v_idx_off, tmask)
             lv0, lv1, lv2, lv3 = _lut_fields(vlo, vhi, VW, VLEVH, BITS, F32)
             v = _overwrite(_nat(lv0, lv1, lv2, lv3) * vsc[:, None] + vz[:, None], chd, vsl, CV)
             acc = acc * alpha[:, None] + _mm(p.to(tl.float16), v, F32)
