@@ -108,7 +108,7 @@ def test_quantize_append_head_group_d128_interpret():
 # ---------------------------------------------------------------------------------------------------------------
 def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_lens=None, dtype=torch.bfloat16,
                  fill="kernel", use_dot=None, num_splits=None, tol=1e-2, frac=0.01, kernel=None, offsets=None,
-                 gap_at=None, value_correction=None, prefetch=False, attention_scaling=1.0, lutx=None):
+                 gap_at=None, value_correction=None, prefetch=False, attention_scaling=1.0, lutx=None, reload=None):
     st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill, frac=frac,
                                    offsets=offsets, gap_at=gap_at, attention_scaling=attention_scaling)
     g = torch.Generator().manual_seed(7)
@@ -119,7 +119,7 @@ def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_len
         keep = torch.arange(total)[None, :] >= (total - torch.tensor(mask_lens))[:, None]  # left padding
         mask = keep.to(device)
     out = kernels.decode_attention(q, st, D**-0.5, mask, num_splits=num_splits, use_dot=use_dot, kernel=kernel,
-                                   value_correction=value_correction, prefetch=prefetch, lutx=lutx)
+                                   value_correction=value_correction, prefetch=prefetch, lutx=lutx, reload=reload)
     ref = reference_decode_attention(q, st, D**-0.5, mask)
     assert out.shape == (B, Hq, 1, D) and out.dtype == dtype
     assert torch.isfinite(out).all()
