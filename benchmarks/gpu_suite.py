@@ -230,9 +230,9 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full"):
         sweeps += [("fields", "head", dict(block_t=32, num_warps=1, maxnreg=0, num_splits=ns)) for ns in (None, 264)]
     if sweep == "natural":  # the natural-order kernel (three wide dots per block) against the fields default
         sweeps = [("fields", "head", {})]
-        sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw, maxnreg=mr, reload=rl))
-                   for rl in (False, True)
-                   for bt, nw, mr in ((32, 4, 128), (32, 4, 0), (64, 4, 0), (32, 2, 0), (64, 2, 0))]
+        sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw, maxnreg=mr, reload=rl, wide_loads=wl))
+                   for wl in (True, False) for rl in (False, True)
+                   for bt, nw, mr in ((32, 2, 0), (64, 2, 0), (32, 4, 0), (64, 4, 0))]
     refs = {grp: reference_decode_attention(q, st, D**-0.5).float() for (_, grp), st in sts.items()}
     for kernel, group, kw in sweeps:
         st = sts[(3, group)]

@@ -108,7 +108,8 @@ def test_quantize_append_head_group_d128_interpret():
 # ---------------------------------------------------------------------------------------------------------------
 def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_lens=None, dtype=torch.bfloat16,
                  fill="kernel", use_dot=None, num_splits=None, tol=1e-2, frac=0.01, kernel=None, offsets=None,
-                 gap_at=None, value_correction=None, prefetch=False, attention_scaling=1.0, lutx=None, reload=None):
+                 gap_at=None, value_correction=None, prefetch=False, attention_scaling=1.0, lutx=None, reload=None,
+                 wide_loads=None):
     st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill, frac=frac,
                                    offsets=offsets, gap_at=gap_at, attention_scaling=attention_scaling)
     g = torch.Generator().manual_seed(7)
@@ -119,7 +120,8 @@ def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_len
         keep = torch.arange(total)[None, :] >= (total - torch.tensor(mask_lens))[:, None]  # left padding
         mask = keep.to(device)
     out = kernels.decode_attention(q, st, D**-0.5, mask, num_splits=num_splits, use_dot=use_dot, kernel=kernel,
-                                   value_correction=value_correction, prefetch=prefetch, lutx=lutx, reload=reload)
+                                   value_correction=value_correction, prefetch=prefetch, lutx=lutx, reload=reload,
+                                   wide_loads=wide_loads)
     ref = reference_decode_attention(q, st, D**-0.5, mask)
     assert out.shape == (B, Hq, 1, D) and out.dtype == dtype
     assert torch.isfinite(out).all()
@@ -182,6 +184,7 @@ def test_decode_natural_kernel_gappy_positions_token_values_interpret():
     # whose slots may point at other heads' channels
     check_decode(2, 2, 2, 128, 3, 90, 1, 0, "head", "cpu", num_splits=2, kernel="natural", frac=0.02,
                  offsets=[0, 40], gap_at=37)
+    check_decode(2, 8, 2, 128, 4, 90, 1, 0, "head", "cpu", num_splits=2, kernel="natural", wide_loads=False)
     check_decode(1, 8, 2, 128, 3, 70, 1, 2, "token", "cpu", num_splits=2, kernel="natural", frac=0.005,
                  attention_scaling=1.25)
 
@@ -296,7 +299,7 @@ def test_decode_step_has_no_host_sync_gpu(R):
     from kvquant.models import model_identity, tiny_random_model
     from kvquant.quantizer import Quantizer, QuantizerConfig
 
-    model = tiny_random_model("llama").cuda()
+    model = tiny_random_model("llama", head_dim=128).cuda()  # the fused kernels need head_dim 64/128/256
     cfg = model.config
     H, D, Hq = cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads
     quant = Quantizer(QuantizerConfig(bits=3, n_sinks=1, recent_window=R, value_group="head"), model_identity(model),
@@ -322,6 +325,8 @@ def test_decode_step_has_no_host_sync_gpu(R):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(out).all()
+    plans = [v[1] for k, v in cache.layers[0].storage._kernel_cache.items() if k[0] == "plan"]
+    assert plans and all(p is not None for p in plans), "the step ran the reference path, not the fused kernel"
 
 
 @pytest.mark.parametrize("R", [0, 3])

@@ -135,7 +135,7 @@ def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int =
 # ----------------------------------------------------------------------------------------------------------------
 def decode_attention(query, storage, scaling, attention_mask=None, num_splits=None, block_t=None, use_dot=None,
                      num_warps=None, kernel=None, value_correction=None, maxnreg=None, prefetch=False, lutx=None,
-                     reload=None):
+                     reload=None, wide_loads=None):
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
     ``kernel``: ``"fields"`` (bytes split into bit fields in place, RoPE from a per-block table; head_dim >= 128, a
@@ -148,7 +148,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     from an fp16 table instead) and fp16 dequantisation/RoPE arithmetic; None = the default (on).
     ``maxnreg``: register cap per thread (0 = none; None = the measured default).
     ``reload`` (natural kernel): re-read the loop invariants (query, RoPE table, key scale/zero) from L1 every block
-    instead of holding them in registers (fewer registers per thread, more resident warps).
+    instead of holding them in registers (fewer registers per thread, more resident warps). ``wide_loads`` (natural
+    kernel, default on): read the packed codes as 32-bit words and split them into bytes in registers.
 
     A decode step is host-bound end to end, so everything that only changes when the storage is reallocated (the
     launch configuration, derived tables, tensor arguments and strides) is computed once and cached on the storage
@@ -161,7 +162,7 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     st = storage
     dev = query.device
     plan = _decode_plan(st, B, Hq, D, dev, (num_splits, block_t, use_dot, num_warps, kernel, value_correction,
-                                            maxnreg, prefetch, lutx, reload))
+                                            maxnreg, prefetch, lutx, reload, wide_loads))
     if plan is None:
         from .reference import reference_decode_attention
 
@@ -219,7 +220,8 @@ def _decode_plan(st, B, Hq, D, dev, options) -> _Plan | None:
 def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     from . import _triton as K
 
-    num_splits, block_t, use_dot, num_warps, kernel, value_correction, maxnreg, prefetch, lutx, reload = options
+    (num_splits, block_t, use_dot, num_warps, kernel, value_correction, maxnreg, prefetch, lutx, reload,
+     wide_loads) = options
     codec = getattr(st, "codec", None)
     if (st.key_lut is None or not getattr(st, "pre_rope", True)
             or (codec is not None and codec.key_mode != "channel")):
@@ -288,6 +290,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         if bt < 32:
             raise ValueError(f"the natural kernel needs block_t >= 32, got {bt}.")
         consts["RELOAD"] = bool(reload)
+        consts["WIDE"] = wide_loads is None or bool(wide_loads)
         consts["TAU"] = _cached(st, ("tau", dev, bt), lambda: _tau_table(inv_freq, bt, dev))
     if kernel in ("fields", "natural"):
         consts["PREFETCH"] = bool(prefetch)

@@ -1072,6 +1072,34 @@ def _nat(f0, f1, f2, f3):
 
 
 @triton.jit
+def _planes_w(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask):
+    """_planes_raw through 32-bit loads: the [BT, W] bytes (4-bit: u16 words) of each row's low plane and, for 3 bits,
+    the high-plane nibble of each low byte, loaded as int32 words (a thread reads whole words, so the loads are wide
+    and coalesced) and split into bytes in registers (_nat order = byte order)."""
+    m = tmask[:, None]
+    if BITS == 4:
+        NW4: tl.constexpr = W // 2
+        jw = tl.arange(0, NW4)
+        w = tl.load((rows[:, None] + lo_off + 4 * jw[None, :]).to(tl.pointer_type(tl.int32)), mask=m, other=0)
+        u = tl.interleave(w & 0xFFFF, (w >> 16) & 0xFFFF).to(tl.uint16)
+        return u, u
+    else:
+        NW: tl.constexpr = W // 4
+        jw = tl.arange(0, NW)
+        w = tl.load((rows[:, None] + lo_off + 4 * jw[None, :]).to(tl.pointer_type(tl.int32)), mask=m, other=0)
+        lo = _nat(w & 255, (w >> 8) & 255, (w >> 16) & 255, (w >> 24) & 255).to(tl.uint8)
+        if BITS == 3:
+            NH: tl.constexpr = NW // 2
+            jh = tl.arange(0, NH)
+            hw = tl.load((rows[:, None] + hi_off + 4 * jh[None, :]).to(tl.pointer_type(tl.int32)), mask=m, other=0)
+            h16 = tl.interleave(hw & 0xFFFF, (hw >> 16) & 0xFFFF)
+            hi = _nat(h16 & 15, (h16 >> 4) & 15, (h16 >> 8) & 15, (h16 >> 12) & 15).to(tl.uint8)
+        else:
+            hi = lo
+        return lo, hi
+
+
+@triton.jit
 def _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU, ch, taui, HALF: tl.constexpr, BT: tl.constexpr,
                 F32: tl.constexpr, RELOAD: tl.constexpr):
     """The natural kernel's loop invariants: query halves (fp32, RoPE attention_scaling folded in), inverse
@@ -1112,7 +1140,7 @@ def _kvq_decode_nat_kernel(
     V_TOKEN: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
     F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
     PREFETCH: tl.constexpr = False, LUTX: tl.constexpr = True, KW=None, VW=None, KDLH=None,
-    RELOAD: tl.constexpr = False, TAU=None,
+    RELOAD: tl.constexpr = False, TAU=None, WIDE: tl.constexpr = True,
 ):
     """Same contract, arguments and partials as _kvq_decode_fields_kernel (LUTX levels; the interpreter gathers)."""
     HALF: tl.constexpr = D // 2
@@ -1154,10 +1182,19 @@ def _kvq_decode_nat_kernel(
         for t0 in range(q_lo, q_hi, BT):
             t = t0 + taui
             tmask = t < q_hi
-            pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D, NKC,
-                                                  BITS, True)
-            vlo, vhi, vz, vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base,
-                                              svs_t, NVC, BITS, True)
+            if WIDE:
+                pos = tl.load(QPOS + b * sqp_b + t, mask=tmask, other=0)
+                krow = kc_base + t * skc_t
+                lo1, hi1 = _planes_w(krow, 0, D // 4, NKC, BITS, tmask)
+                lo2, hi2 = _planes_w(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask)
+                vlo, vhi = _planes_w(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask)
+                vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
+                vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
+            else:
+                pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D,
+                                                      NKC, BITS, True)
+                vlo, vhi, vz, vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
+                                                  vs_base, svs_t, NVC, BITS, True)
             ksl = _slots(KOI, KOV, ko_base + t * sko_t, CK, 0, tmask)
             vsl = _slots(VOI, VOV, vo_base + t * svo_t, CV, v_idx_off, tmask)
             if RELOAD:  # loop invariants re-read from L1 every block: fewer registers, more resident warps
