@@ -233,12 +233,14 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full"):
         sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw, maxnreg=mr, reload=rl, wide_loads=wl))
                    for wl in (True, False) for rl in (False, True)
                    for bt, nw, mr in ((32, 2, 0), (64, 2, 0), (32, 4, 0), (64, 4, 0))]
+    if sweep == "default":  # the default launch (natural kernel) against the fields kernel's default, same run
+        sweeps = [("fields", "head", {}), ("natural", "head", {})]
     refs = {grp: reference_decode_attention(q, st, D**-0.5).float() for (_, grp), st in sts.items()}
     for kernel, group, kw in sweeps:
         st = sts[(3, group)]
         nbytes, _ = storage_bytes_read(st, st.n_q)
         try:
-            kn = dict(kernel=kernel) if kernel == "natural" else {}
+            kn = dict(kernel=kernel) if kernel in ("natural", "fields") else {}
             err = rel(kernels.decode_attention(q, st, D**-0.5, **kn, **kw).float(), refs[group])
             us = bench(lambda: kernels.decode_attention(q, st, D**-0.5, **kn, **kw))  # noqa: B023
         except Exception as e:  # noqa: BLE001
@@ -514,7 +516,7 @@ def main():
     ap.add_argument("--gen-layers", type=int, default=32)
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
-    ap.add_argument("--diag-sweep", default="full", choices=["full", "regs", "occupancy", "natural"])
+    ap.add_argument("--diag-sweep", default="full", choices=["full", "regs", "occupancy", "natural", "default"])
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -138,10 +138,12 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
                      reload=None, wide_loads=None):
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
-    ``kernel``: ``"fields"`` (bytes split into bit fields in place, RoPE from a per-block table; head_dim >= 128, a
-    per-channel affine key table and at most 4 value outlier slots per vector), ``"tiles"`` (interleave unpack; any
-    head_dim / slot count) or None (``"fields"`` where it applies). ``value_correction=True``: the tiles kernel's
-    value-slot correction (a one-hot dot after P@V) instead of the per-slot overwrite (slower on the H200).
+    ``kernel``: ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key
+    dots and one value dot per block; head_dim >= 128, a per-channel affine key table and at most 4 key and 4 value
+    outlier slots per vector), ``"fields"`` (same conditions; twelve narrow dots per block, one per bit field),
+    ``"tiles"`` (interleave unpack; any head_dim / slot count) or None (the first that applies, in that order).
+    ``value_correction=True``: the tiles kernel's value-slot correction (a one-hot dot after P@V) instead of the
+    per-slot overwrite (slower on the H200).
     ``prefetch=True``: the fields kernel loads block i + 1 while block i computes (off by default: no faster on the
     H200, benchmarks/gpu_decode.md).
     ``lutx`` (fields kernel): levels from a register lookup table (PRMT through inline PTX; the interpreter gathers
@@ -149,7 +151,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     ``maxnreg``: register cap per thread (0 = none; None = the measured default).
     ``reload`` (natural kernel): re-read the loop invariants (query, RoPE table, key scale/zero) from L1 every block
     instead of holding them in registers (fewer registers per thread, more resident warps). ``wide_loads`` (natural
-    kernel, default on): read the packed codes as 32-bit words and split them into bytes in registers.
+    kernel): read the packed codes as 32-bit words and split them into bytes in registers (off by default: slower
+    on the H200 at the default launch, benchmarks/gpu_decode.md).
 
     A decode step is host-bound end to end, so everything that only changes when the storage is reallocated (the
     launch configuration, derived tables, tensor arguments and strides) is computed once and cached on the storage
@@ -256,8 +259,8 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if not use_dot and group != 1:
         raise ValueError("use_dot=False needs MHA (one query head per KV head).")
     fields_ok = D >= 128 and kaff is not None and cv <= 4
-    if kernel is None:
-        kernel = "fields" if fields_ok else "tiles"
+    if kernel is None:  # natural where it applies: 340-343 us vs the fields kernel's 430-435 us at 128K (run 10)
+        kernel = "natural" if fields_ok and ck <= 4 and lutx is not False else "fields" if fields_ok else "tiles"
     if kernel not in ("fields", "natural", "tiles"):
         raise ValueError(f"kernel must be 'fields', 'natural', 'tiles' or None, got {kernel!r}.")
     if kernel in ("fields", "natural") and not fields_ok:
@@ -268,7 +271,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     gp = max(16, triton_next_pow2(group)) if use_dot else 1
     gr = triton_next_pow2(group)
     bt = block_t or (32 if kernel in ("fields", "natural") or D > 128 else 64)
-    num_warps = num_warps or 4
+    num_warps = num_warps or (2 if kernel == "natural" and D <= 128 else 4)
     lutx = bool(kernel == "natural" or kernel == "fields" and (LUTX_DEFAULT and ck <= 4 if lutx is None else lutx))
     if lutx and ck > 4:
         raise ValueError(f"lutx=True handles <= 4 key outlier slots per vector (this storage has {ck}); "
@@ -290,7 +293,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         if bt < 32:
             raise ValueError(f"the natural kernel needs block_t >= 32, got {bt}.")
         consts["RELOAD"] = bool(reload)
-        consts["WIDE"] = wide_loads is None or bool(wide_loads)
+        consts["WIDE"] = bool(wide_loads)
         consts["TAU"] = _cached(st, ("tau", dev, bt), lambda: _tau_table(inv_freq, bt, dev))
     if kernel in ("fields", "natural"):
         consts["PREFETCH"] = bool(prefetch)
