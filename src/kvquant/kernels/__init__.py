@@ -259,8 +259,12 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if not use_dot and group != 1:
         raise ValueError("use_dot=False needs MHA (one query head per KV head).")
     fields_ok = D >= 128 and kaff is not None and cv <= 4
-    if kernel is None:  # natural where it applies: 340-343 us vs the fields kernel's 430-435 us at 128K (run 10)
-        kernel = "natural" if fields_ok and ck <= 4 and lutx is not False else "fields" if fields_ok else "tiles"
+    if kernel is None:
+        # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md, run 10): natural vs fields per layer nuq4 425 vs
+        # 514 us, nuq3 372 vs 435 us, but nuq2 371 vs 291 us (the natural kernel's cost does not shrink with the
+        # width), so 2-bit storage keeps the fields kernel
+        natural_ok = fields_ok and ck <= 4 and lutx is not False and bits >= 3
+        kernel = "natural" if natural_ok else "fields" if fields_ok else "tiles"
     if kernel not in ("fields", "natural", "tiles"):
         raise ValueError(f"kernel must be 'fields', 'natural', 'tiles' or None, got {kernel!r}.")
     if kernel in ("fields", "natural") and not fields_ok:
