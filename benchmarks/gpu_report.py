@@ -23,7 +23,16 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run7_2026-11-29": "eb709e5 (cached launch plans) + gpu_suite.py's generate section through model.generate",
     "run8_2026-11-29": "eb709e5 + gpu_suite.py's generate through model.generate and the occupancy sweep",
     "run9_2026-11-29": "eb709e5 + gpu_suite.py as committed after it (a new prompt length each round)",
+    "run10_2026-11-29": "7a6d0b8 (natural kernel, first version)",
+    "run11_2026-11-29": "bf00830 (natural kernel: all loads at the top of a block; reload option)",
+    "run12_2026-11-29": "b242e47 (natural kernel: wide_loads option)",
+    "run13_2026-11-29": "ae896af (natural kernel the default at every width)",
+    "run14_2026-11-29": "a1d5123 (natural kernel the default for 3/4-bit storage, fields for 2-bit)",
 }
+
+# gpu_suite.py labelled every head-group KVQuant row "kvquant-fields" until it asked the library which kernel ran
+# (kernels.decode_kernel, added after run 13); in run 13 the diag sweep chose {"kernel": "natural"} for those rows
+IMPL_FIX = {"run13_2026-11-29": {"kvquant-fields": "kvquant-natural"}}
 
 
 RUN_NOTES = {  # what a reader must know about a run's rows
@@ -42,6 +51,18 @@ RUN_NOTES = {  # what a reader must know about a run's rows
     "run8_2026-11-29": "Both generate rounds used the same prompt: round 2 repeated round 1's key lengths, and fp16 "
                        "DynamicCache then ran 2.7-4x faster (cuDNN's SDPA reuses a plan per shape), which real "
                        "generation never sees. Superseded by run 9 for the generate rows; its launch sweep stands.",
+    "run10_2026-11-29": "The natural kernel at block_t 16 gave wrong results (rel. error 1.6); block_t < 32 is "
+                        "rejected since bf00830. Loads were not yet hoisted to the top of a block.",
+    "run13_2026-11-29": "Every head-group KVQuant row ran the natural kernel, the fastest of the same-run sweep "
+                        "(natural 342 us vs fields 434.5 us at 128K, nuq3), including nuq2: the per-width default "
+                        "(fields for 2-bit storage) was set from this run's rows, after it. The suite labelled these "
+                        "rows kvquant-fields; the report relabels them (IMPL_FIX). The 4K-16K rows sit on the "
+                        "host-side launch floor (about 100-370 us for every KVQuant method) and move with host speed.",
+    "run14_2026-11-29": "Run with `PYTHONPATH=src:/root/site` after installing the carried optimum-quanto and ninja "
+                        "wheels. Three caches only (the device time left): fp16 DynamicCache, quanto int2 and KVQuant "
+                        "(natural kernel); StaticCache and quanto int4 are in run 9 below. Every round has its own "
+                        "prompt length. KVQuant's peak memory includes the fix of 4def698 (no fp16 copy of the "
+                        "prompt kept alive); it matches the 32.9 GiB predicted from run 9.",
     "run9_2026-11-29": "Run with `PYTHONPATH=src:/root/site` after installing the carried optimum-quanto and ninja "
                        "wheels into /root/site. Every round has its own prompt length (ctx + 97 r), so no key length "
                        "repeats. fp16 DynamicCache pays cuDNN's SDPA planning at every new key length (the default "
@@ -81,10 +102,12 @@ def decode_report(runs, out):
         if keep:
             envs.append((name, r["env"]))
             bw = r["copy_bandwidth_gbps"] if bw is None else max(bw, r["copy_bandwidth_gbps"])
+        fix = IMPL_FIX.get(name, {})
         for x in keep:
-            rows.append({**x, "run": name, "copy_bandwidth_gbps": r["copy_bandwidth_gbps"]})
-        checks += [{**c, "run": name} for c in r.get("checks", [])
-                   if latest.get((c["shape"], c["batch"])) == name]
+            rows.append({**x, "impl": fix.get(x.get("impl"), x.get("impl")), "run": name,
+                         "copy_bandwidth_gbps": r["copy_bandwidth_gbps"]})
+        checks += [{**c, "kernel": c["kernel"].replace("kvquant-fields", fix.get("kvquant-fields", "kvquant-fields")),
+                    "run": name} for c in r.get("checks", []) if latest.get((c["shape"], c["batch"])) == name]
         diag += [{**d, "run": name} for d in r.get("diag", [])]
         if not keep and r.get("diag"):
             envs.append((name, r["env"]))
@@ -101,7 +124,8 @@ def decode_report(runs, out):
            "per K/V element, measured from the allocated tensors. Speedup = best fp16 (PyTorch SDPA or our split-K "
            "kernel) / this row. Synthetic quantizers (random sorted codebooks, random per-channel key ranges with "
            "outlier channels), storages filled through `quantize_append`; 1 fp16 sink. `nuqN-1pct` = head-group "
-           "value ranges (one value slot per head and token), read by the **fields** kernel (the default on CUDA); "
+           "value ranges (one value slot per head and token), read by the kernel in the `kernel` column (natural: the "
+           "CUDA default for 3/4-bit storage; fields: the default for 2-bit, see the sweep); "
            "`-tokengroup` = value ranges and 1% slots over all KV heads of a token (the CPU default), read by the "
            "**tiles** kernel.\n\n")
     md += ("| shape | context | batch | method | kernel | bits | latency (us) | GB/s | % copy BW | "
@@ -119,19 +143,21 @@ def decode_report(runs, out):
             md += (f"| {c['run']} | {c['kernel']} | {c['shape']} | {c['batch']} | {c['context']} | "
                    f"{c['rel_err']:.2e} |\n")
     if diag:
-        md += ("\nLaunch sweep (Llama-3-8B shape, 128K, batch 1, nuq3-1%); the fastest fields configuration is the "
+        md += ("\nLaunch sweep (Llama-3-8B shape, 128K, batch 1, nuq3-1%); the fastest configuration is the "
                "library default. lutx = register lookup table + fp16 dequantisation (False: fp32 gathers); max regs "
-               "0 = no cap; splits empty = the default split count; an empty row = the library's default launch; rel. "
+               "0 = no cap; splits empty = the default split count; an empty row = that kernel's default launch at "
+               "the time of the run; reload / wide = the natural kernel's reload and wide_loads options; rel. "
                "error vs the float32 reference:\n\n"
-               "| run | kernel | value group | lutx | BT | warps | max regs | prefetch | splits | "
-               "value-slot correction | us | GB/s | rel. error |\n" + "|---" * 13 + "|\n")
+               "| run | kernel | value group | lutx | BT | warps | max regs | prefetch | reload | wide | splits | "
+               "value-slot correction | us | GB/s | rel. error |\n" + "|---" * 15 + "|\n")
         for d in diag:
             if "latency_us" not in d:
                 continue
             err = f"{d['rel_err']:.1e}" if "rel_err" in d else ""
             md += (f"| {d['run']} | {d.get('kernel', 'tiles')} | {d.get('value_group', '')} | {d.get('lutx', '')} | "
                    f"{d.get('block_t', '')} | {d.get('num_warps', '')} | {d.get('maxnreg', '')} | "
-                   f"{d.get('prefetch', '')} | {d.get('num_splits') or ''} | "
+                   f"{d.get('prefetch', '')} | {d.get('reload', '')} | {d.get('wide_loads', '')} | "
+                   f"{d.get('num_splits') or ''} | "
                    f"{d.get('value_correction', '')} | {d['latency_us']} | {d['gbps']} | {err} |\n")
     if qa:
         md += (f"\n`quantize_append` (Llama-3-8B shape, {qa['tokens']} tokens, nuq3-1%): {qa['kernel_us']} us = "
@@ -204,42 +230,60 @@ def capacity_report(runs, out):
         open(os.path.join(out, "gpu_capacity.md"), "w").write(md)
 
 
+def _generate_table(name, env, gen):
+    via_generate = gen.get("via") == "model.generate"
+    md = env_line(name, env)
+    if name in RUN_NOTES:
+        md += f"\n**Note.** {RUN_NOTES[name]}\n"
+    if via_generate:
+        md += (f"\nModel: {gen['model']}, {gen['layers']} layers, batch 1, prompt of random token ids; "
+               f"`model.generate` (greedy, {gen['new_tokens']} new tokens, eager: `disable_compile=True`). A "
+               "streamer stamps each token after a device synchronisation; step time = median gap between tokens "
+               f"(first decode step dropped). The caches run in turn for {gen['rounds']} rounds (the host's speed "
+               "drifts during a run); a row reports its faster round, `rounds` lists both. quanto = transformers' "
+               "`QuantizedCache` (quanto backend, q_group_size 64, 128-token fp16 residual).\n\n"
+               "| context | cache | tokens/s | vs dynamic fp16 | step ms | rounds (ms) | prefill s | peak GiB |\n"
+               "|---|---|---|---|---|---|---|---|\n")
+    else:
+        md += (f"\nModel: {gen['model']}, {gen['layers']} layers, batch 1, prompt of random token ids; "
+               f"{gen['new_tokens']} greedy decode steps after the prefill, median step time (the first two "
+               "dropped). quanto = transformers' `QuantizedCache` (quanto backend, q_group_size 64, 128-token fp16 "
+               "residual).\n\n"
+               "| context | cache | tokens/s | vs dynamic fp16 | step ms | prefill s | peak GiB |\n"
+               "|---|---|---|---|---|---|---|\n")
+    base = {x["context"]: x["tokens_per_s"] for x in gen["rows"] if x.get("cache") == "dynamic" and
+            "tokens_per_s" in x}
+    for x in gen["rows"]:
+        if "error" in x:
+            md += f"| {x['context']} | {x['cache']} | error: {x['error'][:120]} | | | | |\n"
+            continue
+        ratio = f"{x['tokens_per_s'] / base[x['context']]:.2f}x" if x["context"] in base else ""
+        mem = x.get("peak_mem_gib", x.get("mem_gib", ""))
+        rounds = (" / ".join(str(t) for t in x.get("step_ms_rounds", [])) + " | ") if via_generate else ""
+        md += (f"| {x['context']:,} | {x['cache']} | {x['tokens_per_s']} | {ratio} | {x['step_ms']} | {rounds}"
+               f"{x['prefill_s']} | {mem} |\n")
+    return md
+
+
 def generate_report(runs, out):
     found = last_with(runs, "generate", out, "gpu_generate.json")
     if found:
         name, env, gen = found
-        via_generate = gen.get("via") == "model.generate"
-        md = ("# End-to-end decode tokens/s of `model.generate` with each cache\n\nRun:\n\n" if via_generate else
-              "# End-to-end decode tokens/s (model forward loop with each cache)\n\nRun:\n\n") + env_line(name, env)
-        if name in RUN_NOTES:
-            md += f"\n**Note.** {RUN_NOTES[name]}\n"
-        if via_generate:
-            md += (f"\nModel: {gen['model']}, {gen['layers']} layers, batch 1, prompt of random token ids; "
-                   f"`model.generate` (greedy, {gen['new_tokens']} new tokens, eager: `disable_compile=True`). A "
-                   "streamer stamps each token after a device synchronisation; step time = median gap between tokens "
-                   f"(first decode step dropped). The caches run in turn for {gen['rounds']} rounds (the host's speed "
-                   "drifts during a run); a row reports its faster round, `rounds` lists both. quanto = transformers' "
-                   "`QuantizedCache` (quanto backend, q_group_size 64, 128-token fp16 residual).\n\n"
-                   "| context | cache | tokens/s | vs dynamic fp16 | step ms | rounds (ms) | prefill s | peak GiB |\n"
-                   "|---|---|---|---|---|---|---|---|\n")
-        else:
-            md += (f"\nModel: {gen['model']}, {gen['layers']} layers, batch 1, prompt of random token ids; "
-                   f"{gen['new_tokens']} greedy decode steps after the prefill, median step time (the first two "
-                   "dropped). quanto = transformers' `QuantizedCache` (quanto backend, q_group_size 64, 128-token fp16 "
-                   "residual).\n\n"
-                   "| context | cache | tokens/s | vs dynamic fp16 | step ms | prefill s | peak GiB |\n"
-                   "|---|---|---|---|---|---|---|\n")
-        base = {x["context"]: x["tokens_per_s"] for x in gen["rows"] if x.get("cache") == "dynamic" and
-                "tokens_per_s" in x}
-        for x in gen["rows"]:
-            if "error" in x:
-                md += f"| {x['context']} | {x['cache']} | error: {x['error'][:120]} | | | | |\n"
-                continue
-            ratio = f"{x['tokens_per_s'] / base[x['context']]:.2f}x" if x["context"] in base else ""
-            mem = x.get("peak_mem_gib", x.get("mem_gib", ""))
-            rounds = (" / ".join(str(t) for t in x.get("step_ms_rounds", [])) + " | ") if via_generate else ""
-            md += (f"| {x['context']:,} | {x['cache']} | {x['tokens_per_s']} | {ratio} | {x['step_ms']} | {rounds}"
-                   f"{x['prefill_s']} | {mem} |\n")
+        title = ("# End-to-end decode tokens/s of `model.generate` with each cache\n\nRun:\n\n"
+                 if gen.get("via") == "model.generate" else
+                 "# End-to-end decode tokens/s (model forward loop with each cache)\n\nRun:\n\n")
+        md = title + _generate_table(name, env, gen)
+        # the previous model.generate run, when the latest one measured fewer caches
+        names = [n for n, _ in runs]
+        earlier = [(n, r) for n, r in runs[: names.index(name)] if (r.get("generate") or {}).get("rows")
+                   and r["generate"].get("via") == "model.generate"]
+        if earlier and gen.get("via") == "model.generate":
+            en, er = earlier[-1]
+            md += ("\n## Earlier run (the caches the latest run did not measure; the fields kernel for KVQuant)\n\n"
+                   + _generate_table(en, er["env"], er["generate"]))
+            data = json.load(open(os.path.join(out, "gpu_generate.json")))
+            data["earlier"] = {"run": en, "env": er["env"], **er["generate"]}
+            json.dump(data, open(os.path.join(out, "gpu_generate.json"), "w"), indent=1)
         open(os.path.join(out, "gpu_generate.md"), "w").write(md)
 
 
@@ -263,8 +307,9 @@ def main():
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     a = ap.parse_args()
     runs = load(a.runs)
-    decode_report([(n, r) for n, r in runs if any("fields" in x.get("impl", "") for x in r.get("rows", []))
-                   or any(d.get("kernel") == "fields" for d in r.get("diag", []))] or runs, a.out)
+    decode_report([(n, r) for n, r in runs if any(k in x.get("impl", "") for x in r.get("rows", [])
+                                                   for k in ("fields", "natural"))
+                   or any(d.get("kernel") in ("fields", "natural") for d in r.get("diag", []))] or runs, a.out)
     capacity_report(runs, a.out)
     generate_report(runs, a.out)
     calibration_report(runs, a.out)

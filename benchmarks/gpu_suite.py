@@ -180,7 +180,7 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
                     st.n_q = ctx - st.n_s
                     nbytes, _ = storage_bytes_read(st, st.n_q)
                     kw = dict(KV_OPTS) if vg == "head" else {}
-                    impl = "kvquant-fields" if vg == "head" else "kvquant-tiles"
+                    impl = "kvquant-" + kernels.decode_kernel(q, st, **kw)  # the kernel that actually runs
                     us = bench(lambda: kernels.decode_attention(q, st, scaling, **kw))  # noqa: B023
                     name = f"nuq{b}-1pct" + ("" if vg == "head" else "-tokengroup")
                     rows.append(dict(shape=shape, context=ctx, batch=B, method=name, impl=impl, value_group=vg,

@@ -402,3 +402,18 @@ def test_decode_plan_follows_storage_growth_and_mask_changes():
             want = reference_decode_attention(q, st, D ** -0.5, mask)
             assert rel(got, want) < 2e-3, (t, change)
     assert st.capacity >= 11 and len({key for key in st._kernel_cache if key[0] == "plan"}) >= 2
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_decode_kernel_reports_the_kernel_that_runs():
+    # the default: natural for 3/4-bit storage, fields for 2-bit, tiles when a value vector has > 4 outlier slots
+    # (token-group values: 5% of 2 x 128 elements)
+    for bits, group, frac, want in ((3, "head", 0.01, "natural"), (4, "head", 0.01, "natural"),
+                                    (2, "head", 0.01, "fields"), (3, "token", 0.01, "natural"),
+                                    (3, "token", 0.05, "tiles")):
+        st, _, _ = make_storage(1, 2, 128, bits, 40, 1, 2, group, "cpu", frac=frac)
+        q = torch.randn(1, 8, 1, 128).bfloat16()
+        assert kernels.decode_kernel(q, st) == want, (bits, group, frac)
+    assert kernels.decode_kernel(q, st, kernel="tiles") == "tiles"
+    st, _, _ = make_storage(1, 2, 128, 3, 40, 1, 2, "head", "cpu")
+    assert kernels.decode_kernel(q, st, kernel="fields") == "fields"

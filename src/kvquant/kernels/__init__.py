@@ -22,7 +22,7 @@ import os
 
 import torch
 
-__all__ = ["available", "decode_attention", "quantize_append", "fp16_decode_attention", "interpreting"]
+__all__ = ["available", "decode_attention", "decode_kernel", "quantize_append", "fp16_decode_attention", "interpreting"]
 
 
 def interpreting() -> bool:
@@ -199,6 +199,22 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
         n_s, n_q, n_w, chunk, nsq, HAS_MASK=bias is not None, **plan.consts,
     )
     return _reduce(pacc, pm, pl, B, Hq, nsplit, D, query.dtype, dev)
+
+
+def decode_kernel(query, storage, num_splits=None, block_t=None, use_dot=None, num_warps=None, kernel=None,
+                  value_correction=None, maxnreg=None, prefetch=False, lutx=None, reload=None, wide_loads=None) -> str:
+    """Which kernel :func:`decode_attention` runs for these arguments: ``"natural"``, ``"fields"``, ``"tiles"`` or
+    ``"reference"`` (the PyTorch path: no fused kernel for this storage). Raises like decode_attention on invalid
+    options."""
+    from . import _triton as K
+
+    B, Hq, _, D = query.shape
+    plan = _decode_plan(storage, B, Hq, D, query.device, (num_splits, block_t, use_dot, num_warps, kernel,
+                                                          value_correction, maxnreg, prefetch, lutx, reload,
+                                                          wide_loads))
+    if plan is None:
+        return "reference"
+    return {K._kvq_decode_nat_kernel: "natural", K._kvq_decode_fields_kernel: "fields"}.get(plan.fn, "tiles")
 
 
 def _s3(t, n):
