@@ -2,9 +2,10 @@
 
 Decode attention (Flash-Decoding split-K), three kernels with one launch contract (kernels.decode_attention picks):
 _kvq_decode_nat_kernel ("natural", the default for 3/4-bit storage), _kvq_decode_fields_kernel ("fields", 2-bit) and
-_kvq_decode_kernel ("tiles", described below; any head_dim / slot count). Grid (B * H_kv, n_splits + 1). Program (bh, s < n_splits) walks one chunk of
-the quantized region for one KV head and *all* its GQA query heads; program (bh, n_splits) walks the fp16 sinks and
-recent window. Each writes an unnormalised partial (acc, running max m, running sum l); a reduce kernel merges them.
+_kvq_decode_kernel ("tiles", described below; any head_dim / slot count). Grid (B * H_kv, n_splits + 1). Program
+(bh, s < n_splits) walks one chunk of the quantized region for one KV head and *all* its GQA query heads; program
+(bh, n_splits) walks the fp16 sinks and recent window. Each writes an unnormalised partial (acc, running max m,
+running sum l); a reduce kernel merges them.
 
 Inside a quantized block of BT tokens:
   key bytes -> bit-plane unpack (in registers, natural channel order through tl.interleave) -> levels[code] * s + z
