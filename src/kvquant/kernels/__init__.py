@@ -206,15 +206,11 @@ def decode_kernel(query, storage, num_splits=None, block_t=None, use_dot=None, n
     """Which kernel :func:`decode_attention` runs for these arguments: ``"natural"``, ``"fields"``, ``"tiles"`` or
     ``"reference"`` (the PyTorch path: no fused kernel for this storage). Raises like decode_attention on invalid
     options."""
-    from . import _triton as K
-
     B, Hq, _, D = query.shape
     plan = _decode_plan(storage, B, Hq, D, query.device, (num_splits, block_t, use_dot, num_warps, kernel,
                                                           value_correction, maxnreg, prefetch, lutx, reload,
                                                           wide_loads))
-    if plan is None:
-        return "reference"
-    return {K._kvq_decode_nat_kernel: "natural", K._kvq_decode_fields_kernel: "fields"}.get(plan.fn, "tiles")
+    return "reference" if plan is None else plan.kernel
 
 
 def _s3(t, n):
@@ -224,7 +220,7 @@ def _s3(t, n):
 class _Plan:
     """The per-storage constant part of a decode launch (see :func:`_decode_plan`)."""
 
-    __slots__ = ("H", "bt", "fn", "tensors", "strides", "consts", "rope_scale")
+    __slots__ = ("H", "bt", "fn", "kernel", "tensors", "strides", "consts", "rope_scale")
 
 
 def _decode_plan(st, B, Hq, D, dev, options) -> _Plan | None:
@@ -309,6 +305,8 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
                   num_warps=num_warps, num_stages=1)
     if maxnreg and not interpreting():  # 0: no register cap
         consts["maxnreg"] = int(maxnreg)
+    if kernel in ("fields", "natural"):
+        consts["NATURAL"] = kernel == "natural"
     if kernel == "natural":
         if bt < 32:
             raise ValueError(f"the natural kernel needs block_t >= 32, got {bt}.")
@@ -324,8 +322,8 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
             consts["KDLH"] = _cached(st, ("key_levels_h", dev), lambda: kaff[0].to(torch.float16).contiguous())
     plan = _Plan()
     plan.H, plan.bt = H, bt
-    plan.fn = {"fields": K._kvq_decode_fields_kernel, "natural": K._kvq_decode_nat_kernel}.get(kernel,
-                                                                                             K._kvq_decode_kernel)
+    plan.fn = K._kvq_decode_fields_kernel if kernel in ("fields", "natural") else K._kvq_decode_kernel
+    plan.kernel = kernel
     plan.tensors = (*quant, klut, vlev, invf, *(kaff if kaff is not None else (klut, klut, klut)), vlevh)
     plan.strides = (*quant[0].stride()[:3], *quant[1].stride()[:3], *quant[3].stride()[:3], *quant[4].stride()[:3],
                     *quant[6].stride()[:3], quant[8].stride(0))

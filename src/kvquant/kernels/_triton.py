@@ -1,7 +1,7 @@
 """Triton kernels for the compressed KV cache (see docs/storage-format.md).
 
 Decode attention (Flash-Decoding split-K), three kernels with one launch contract (kernels.decode_attention picks):
-_kvq_decode_nat_kernel ("natural", the default for 3/4-bit storage), _kvq_decode_fields_kernel ("fields", 2-bit) and
+"natural" (the default for 3/4-bit storage) and "fields" (2-bit), two modes of _kvq_decode_fields_kernel, and
 _kvq_decode_kernel ("tiles", described below; any head_dim / slot count). Grid (B * H_kv, n_splits + 1). Program
 (bh, s < n_splits) walks one chunk of the quantized region for one KV head and *all* its GQA query heads; program
 (bh, n_splits) walks the fp16 sinks and recent window. Each writes an unnormalised partial (acc, running max m,
@@ -890,7 +890,10 @@ def _kvq_decode_fields_kernel(
     V_TOKEN: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
     F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
     PREFETCH: tl.constexpr = False, LUTX: tl.constexpr = False, KW=None, VW=None, KDLH=None,
+    NATURAL: tl.constexpr = False, RELOAD: tl.constexpr = False, TAU=None, WIDE: tl.constexpr = False,
 ):
+    """The fields kernel, and with NATURAL the natural kernel (LUTX levels; its own RELOAD / TAU / WIDE options):
+    same launch contract, same partials."""
     HALF: tl.constexpr = D // 2
     NKC: tl.constexpr = D // 8  # columns per key half and field
     NVC: tl.constexpr = D // 4  # columns per value field
@@ -906,155 +909,221 @@ def _kvq_decode_fields_kernel(
     l_i = tl.zeros([GP], tl.float32)
     mask_row = MASK + b * smask_b
     if pid_s < NSPLIT_Q:
-        jk = tl.arange(0, NKC)
-        jv = tl.arange(0, NVC)
-        qrow = Q + b * sqb + (h * GROUP + g)[:, None] * sqh
-        gm = gmask[:, None]
-        # query (RoPE attention_scaling folded in), per field f: channels 4 j + f of each half
-        q10 = tl.load(qrow + (4 * jk + 0)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
-        q11 = tl.load(qrow + (4 * jk + 1)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
-        q12 = tl.load(qrow + (4 * jk + 2)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
-        q13 = tl.load(qrow + (4 * jk + 3)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
-        q20 = tl.load(qrow + HALF + (4 * jk + 0)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
-        q21 = tl.load(qrow + HALF + (4 * jk + 1)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
-        q22 = tl.load(qrow + HALF + (4 * jk + 2)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
-        q23 = tl.load(qrow + HALF + (4 * jk + 3)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
-        om0 = tl.load(INVF + 4 * jk + 0)
-        om1 = tl.load(INVF + 4 * jk + 1)
-        om2 = tl.load(INVF + 4 * jk + 2)
-        om3 = tl.load(INVF + 4 * jk + 3)
-        tau = tl.arange(0, BT).to(tl.float32)
-        C0, S0 = _tau_cs(tau, om0, F32)
-        C1, S1 = _tau_cs(tau, om1, F32)
-        C2, S2 = _tau_cs(tau, om2, F32)
-        C3, S3 = _tau_cs(tau, om3, F32)
-        if LUTX:  # fp16 RoPE tables and per-channel key scale/zero, held for the whole program
-            C0, S0, C1, S1 = C0.to(tl.float16), S0.to(tl.float16), C1.to(tl.float16), S1.to(tl.float16)
-            C2, S2, C3, S3 = C2.to(tl.float16), S2.to(tl.float16), C3.to(tl.float16), S3.to(tl.float16)
-            kso = KSC + h * D + 4 * jk
-            kzo = KZR + h * D + 4 * jk
-            ks10, ks11, ks12, ks13 = _fields_h(kso)
-            ks20, ks21, ks22, ks23 = _fields_h(kso + HALF)
-            kz10, kz11, kz12, kz13 = _fields_h(kzo)
-            kz20, kz21, kz22, kz23 = _fields_h(kzo + HALF)
-        acc0 = tl.zeros([GP, NVC], tl.float32)
-        acc1 = tl.zeros([GP, NVC], tl.float32)
-        acc2 = tl.zeros([GP, NVC], tl.float32)
-        acc3 = tl.zeros([GP, NVC], tl.float32)
-        kc_base = KC + b * skc_b + h * skc_h
-        ko_base = b * sko_b + h * sko_h
-        vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
-            VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV, D, BITS, V_TOKEN)
-        if BITS == 4:
-            k_half = D // 4
+        if NATURAL:  # the natural-order path (see the section comment above _nat)
+            ch = tl.arange(0, HALF)
+            chd = tl.arange(0, D)
+            qrow = Q + b * sqb + (h * GROUP + g)[:, None] * sqh
+            gm = gmask[:, None]
+            taui = tl.arange(0, BT)
+            kso = KSC + h * D + ch
+            kzo = KZR + h * D + ch
+            if not RELOAD:  # loop invariants held in registers for the whole program
+                q1, q2, om, C0, S0, ks1, kz1, ks2, kz2 = _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU, ch,
+                                                                     taui, HALF, BT, F32, RELOAD)
+            acc = tl.zeros([GP, D], tl.float32)
+            kc_base = KC + b * skc_b + h * skc_h
+            ko_base = b * sko_b + h * sko_h
+            vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
+                VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV, D, BITS, V_TOKEN)
+            if BITS == 4:
+                k_half = D // 4
+            else:
+                k_half = D // 8
+            q_lo = pid_s * chunk
+            q_hi = tl.minimum(q_lo + chunk, n_q)
+            for t0 in range(q_lo, q_hi, BT):
+                t = t0 + taui
+                tmask = t < q_hi
+                if WIDE:
+                    pos = tl.load(QPOS + b * sqp_b + t, mask=tmask, other=0)
+                    krow = kc_base + t * skc_t
+                    lo1, hi1 = _planes_w(krow, 0, D // 4, NKC, BITS, tmask)
+                    lo2, hi2 = _planes_w(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask)
+                    vlo, vhi = _planes_w(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask)
+                    vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
+                    vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
+                else:
+                    pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D,
+                                                          NKC, BITS, True)
+                    vlo, vhi, vz, vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
+                                                      vs_base, svs_t, NVC, BITS, True)
+                ksl = _slots(KOI, KOV, ko_base + t * sko_t, CK, 0, tmask)
+                vsl = _slots(VOI, VOV, vo_base + t * svo_t, CV, v_idx_off, tmask)
+                if RELOAD:  # loop invariants re-read from L1 every block: fewer registers, more resident warps
+                    q1, q2, om, C0, S0, ks1, kz1, ks2, kz2 = _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU,
+                                                                         ch, taui, HALF, BT, F32, RELOAD)
+                d = pos - taui
+                p0 = tl.min(tl.where(tmask, d, 2147483647), 0)
+                contig = p0 == tl.max(tl.where(tmask, d, -2147483647), 0)
+                if contig:
+                    c, s_ = C0, S0
+                else:
+                    c, s_ = _tau_cs((pos - p0).to(tl.float32), om, F32)
+                    c = c.to(tl.float16)
+                    s_ = s_.to(tl.float16)
+                l10, l11, l12, l13 = _lut_fields(lo1, hi1, KW, KDLH, BITS, F32)
+                k1 = _overwrite(_nat(l10, l11, l12, l13) * ks1 + kz1, ch, ksl, CK)
+                l20, l21, l22, l23 = _lut_fields(lo2, hi2, KW, KDLH, BITS, F32)
+                k2 = _overwrite(_nat(l20, l21, l22, l23) * ks2 + kz2, ch + HALF, ksl, CK)
+                r1 = k1 * c - k2 * s_
+                r2 = k2 * c + k1 * s_
+                a1, a2 = _rot_q(q1, q2, om, p0.to(tl.float32), F32)
+                s = _mm(a1, tl.trans(r1), F32) + _mm(a2, tl.trans(r2), F32)
+                p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, mask_row, n_s, t, tmask, HAS_MASK)
+                lv0, lv1, lv2, lv3 = _lut_fields(vlo, vhi, VW, VLEVH, BITS, F32)
+                v = _overwrite(_nat(lv0, lv1, lv2, lv3) * vsc[:, None] + vz[:, None], chd, vsl, CV)
+                acc = acc * alpha[:, None] + _mm(p.to(tl.float16), v, F32)
+            tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
         else:
-            k_half = D // 8
-        q_lo = pid_s * chunk
-        q_hi = tl.minimum(q_lo + chunk, n_q)
-        taui = tl.arange(0, BT)
-        if PREFETCH:  # software double buffering: block i + 1's loads are in flight while block i computes
-            pos, lo1, hi1, lo2, hi2 = _fetch_keys(q_lo, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D, NKC,
-                                                  BITS, LUTX)
-            vlo, vhi, vz, vsc = _fetch_values(q_lo, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base,
-                                              svs_t, NVC, BITS, LUTX)
-        for t0 in range(q_lo, q_hi, BT):
-            t = t0 + taui
-            tmask = t < q_hi
-            if PREFETCH:
-                c_pos, c_lo1, c_hi1, c_lo2, c_hi2 = pos, lo1, hi1, lo2, hi2
-                c_vlo, c_vhi, c_vz, c_vsc = vlo, vhi, vz, vsc
-                pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0 + BT, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half,
-                                                      D, NKC, BITS, LUTX)
-                vlo, vhi, vz, vsc = _fetch_values(t0 + BT, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
-                                                  vs_base, svs_t, NVC, BITS, LUTX)
+            jk = tl.arange(0, NKC)
+            jv = tl.arange(0, NVC)
+            qrow = Q + b * sqb + (h * GROUP + g)[:, None] * sqh
+            gm = gmask[:, None]
+            # query (RoPE attention_scaling folded in), per field f: channels 4 j + f of each half
+            q10 = tl.load(qrow + (4 * jk + 0)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+            q11 = tl.load(qrow + (4 * jk + 1)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+            q12 = tl.load(qrow + (4 * jk + 2)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+            q13 = tl.load(qrow + (4 * jk + 3)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+            q20 = tl.load(qrow + HALF + (4 * jk + 0)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+            q21 = tl.load(qrow + HALF + (4 * jk + 1)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+            q22 = tl.load(qrow + HALF + (4 * jk + 2)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+            q23 = tl.load(qrow + HALF + (4 * jk + 3)[None, :], mask=gm, other=0.0).to(tl.float32) * rope_scale
+            om0 = tl.load(INVF + 4 * jk + 0)
+            om1 = tl.load(INVF + 4 * jk + 1)
+            om2 = tl.load(INVF + 4 * jk + 2)
+            om3 = tl.load(INVF + 4 * jk + 3)
+            tau = tl.arange(0, BT).to(tl.float32)
+            C0, S0 = _tau_cs(tau, om0, F32)
+            C1, S1 = _tau_cs(tau, om1, F32)
+            C2, S2 = _tau_cs(tau, om2, F32)
+            C3, S3 = _tau_cs(tau, om3, F32)
+            if LUTX:  # fp16 RoPE tables and per-channel key scale/zero, held for the whole program
+                C0, S0, C1, S1 = C0.to(tl.float16), S0.to(tl.float16), C1.to(tl.float16), S1.to(tl.float16)
+                C2, S2, C3, S3 = C2.to(tl.float16), S2.to(tl.float16), C3.to(tl.float16), S3.to(tl.float16)
+                kso = KSC + h * D + 4 * jk
+                kzo = KZR + h * D + 4 * jk
+                ks10, ks11, ks12, ks13 = _fields_h(kso)
+                ks20, ks21, ks22, ks23 = _fields_h(kso + HALF)
+                kz10, kz11, kz12, kz13 = _fields_h(kzo)
+                kz20, kz21, kz22, kz23 = _fields_h(kzo + HALF)
+            acc0 = tl.zeros([GP, NVC], tl.float32)
+            acc1 = tl.zeros([GP, NVC], tl.float32)
+            acc2 = tl.zeros([GP, NVC], tl.float32)
+            acc3 = tl.zeros([GP, NVC], tl.float32)
+            kc_base = KC + b * skc_b + h * skc_h
+            ko_base = b * sko_b + h * sko_h
+            vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
+                VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV, D, BITS, V_TOKEN)
+            if BITS == 4:
+                k_half = D // 4
             else:
-                c_pos, c_lo1, c_hi1, c_lo2, c_hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t,
-                                                                k_half, D, NKC, BITS, LUTX)
-            d = c_pos - taui
-            p0 = tl.min(tl.where(tmask, d, 2147483647), 0)
-            contig = p0 == tl.max(tl.where(tmask, d, -2147483647), 0)
-            p0f = p0.to(tl.float32)
-            if contig:
-                c0, s0, c1, s1, c2, s2, c3, s3 = C0, S0, C1, S1, C2, S2, C3, S3
-            else:
-                rel = (c_pos - p0).to(tl.float32)
-                c0, s0 = _tau_cs(rel, om0, F32)
-                c1, s1 = _tau_cs(rel, om1, F32)
-                c2, s2 = _tau_cs(rel, om2, F32)
-                c3, s3 = _tau_cs(rel, om3, F32)
+                k_half = D // 8
+            q_lo = pid_s * chunk
+            q_hi = tl.minimum(q_lo + chunk, n_q)
+            taui = tl.arange(0, BT)
+            if PREFETCH:  # software double buffering: block i + 1's loads are in flight while block i computes
+                pos, lo1, hi1, lo2, hi2 = _fetch_keys(q_lo, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D, NKC,
+                                                      BITS, LUTX)
+                vlo, vhi, vz, vsc = _fetch_values(q_lo, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base,
+                                                  svs_t, NVC, BITS, LUTX)
+            for t0 in range(q_lo, q_hi, BT):
+                t = t0 + taui
+                tmask = t < q_hi
+                if PREFETCH:
+                    c_pos, c_lo1, c_hi1, c_lo2, c_hi2 = pos, lo1, hi1, lo2, hi2
+                    c_vlo, c_vhi, c_vz, c_vsc = vlo, vhi, vz, vsc
+                    pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0 + BT, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half,
+                                                          D, NKC, BITS, LUTX)
+                    vlo, vhi, vz, vsc = _fetch_values(t0 + BT, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
+                                                      vs_base, svs_t, NVC, BITS, LUTX)
+                else:
+                    c_pos, c_lo1, c_hi1, c_lo2, c_hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t,
+                                                                    k_half, D, NKC, BITS, LUTX)
+                d = c_pos - taui
+                p0 = tl.min(tl.where(tmask, d, 2147483647), 0)
+                contig = p0 == tl.max(tl.where(tmask, d, -2147483647), 0)
+                p0f = p0.to(tl.float32)
+                if contig:
+                    c0, s0, c1, s1, c2, s2, c3, s3 = C0, S0, C1, S1, C2, S2, C3, S3
+                else:
+                    rel = (c_pos - p0).to(tl.float32)
+                    c0, s0 = _tau_cs(rel, om0, F32)
+                    c1, s1 = _tau_cs(rel, om1, F32)
+                    c2, s2 = _tau_cs(rel, om2, F32)
+                    c3, s3 = _tau_cs(rel, om3, F32)
+                    if LUTX:
+                        c0, s0, c1, s1 = c0.to(tl.float16), s0.to(tl.float16), c1.to(tl.float16), s1.to(tl.float16)
+                        c2, s2, c3, s3 = c2.to(tl.float16), s2.to(tl.float16), c3.to(tl.float16), s3.to(tl.float16)
+                ko_row = ko_base + t * sko_t
                 if LUTX:
-                    c0, s0, c1, s1 = c0.to(tl.float16), s0.to(tl.float16), c1.to(tl.float16), s1.to(tl.float16)
-                    c2, s2, c3, s3 = c2.to(tl.float16), s2.to(tl.float16), c3.to(tl.float16), s3.to(tl.float16)
-            ko_row = ko_base + t * sko_t
-            if LUTX:
-                l10, l11, l12, l13 = _lut_fields(c_lo1, c_hi1, KW, KDLH, BITS, F32)
-                l20, l21, l22, l23 = _lut_fields(c_lo2, c_hi2, KW, KDLH, BITS, F32)
-                ksl = _slots(KOI, KOV, ko_row, CK, 0, tmask)
-                a1, a2 = _rot_q(q10, q20, om0, p0f, F32)
-                s = _key_field_x(l10, l20, 0, ks10, kz10, ks20, kz20, ksl, c0, s0, a1, a2,
-                                 D, NKC, CK, F32)
-                a1, a2 = _rot_q(q11, q21, om1, p0f, F32)
-                s += _key_field_x(l11, l21, 1, ks11, kz11, ks21, kz21, ksl, c1, s1, a1, a2,
-                                  D, NKC, CK, F32)
-                a1, a2 = _rot_q(q12, q22, om2, p0f, F32)
-                s += _key_field_x(l12, l22, 2, ks12, kz12, ks22, kz22, ksl, c2, s2, a1, a2,
-                                  D, NKC, CK, F32)
-                a1, a2 = _rot_q(q13, q23, om3, p0f, F32)
-                s += _key_field_x(l13, l23, 3, ks13, kz13, ks23, kz23, ksl, c3, s3, a1, a2,
-                                  D, NKC, CK, F32)
-            else:
-                a1, a2 = _rot_q(q10, q20, om0, p0f, F32)
-                s = _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 0, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
-                               c0, s0, a1, a2, D, NKC, CK, F32)
-                a1, a2 = _rot_q(q11, q21, om1, p0f, F32)
-                s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 1, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
-                                c1, s1, a1, a2, D, NKC, CK, F32)
-                a1, a2 = _rot_q(q12, q22, om2, p0f, F32)
-                s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 2, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
-                                c2, s2, a1, a2, D, NKC, CK, F32)
-                a1, a2 = _rot_q(q13, q23, om3, p0f, F32)
-                s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 3, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
-                                c3, s3, a1, a2, D, NKC, CK, F32)
-            p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, mask_row, n_s, t, tmask, HAS_MASK)
-            p16 = p.to(tl.float16)
-            if not PREFETCH:
-                c_vlo, c_vhi, c_vz, c_vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
-                                                          vs_base, svs_t, NVC, BITS, LUTX)
-            vo_row = vo_base + t * svo_t
-            if LUTX:
-                lv0, lv1, lv2, lv3 = _lut_fields(c_vlo, c_vhi, VW, VLEVH, BITS, F32)
-                vsl = _slots(VOI, VOV, vo_row, CV, v_idx_off, tmask)
-                acc0 = _value_field_x(acc0 * alpha[:, None], p16, lv0, 0, c_vsc, c_vz, vsl, NVC,
-                                      CV, F32)
-                acc1 = _value_field_x(acc1 * alpha[:, None], p16, lv1, 1, c_vsc, c_vz, vsl, NVC,
-                                      CV, F32)
-                acc2 = _value_field_x(acc2 * alpha[:, None], p16, lv2, 2, c_vsc, c_vz, vsl, NVC,
-                                      CV, F32)
-                acc3 = _value_field_x(acc3 * alpha[:, None], p16, lv3, 3, c_vsc, c_vz, vsl, NVC,
-                                      CV, F32)
-            else:
-                acc0 = _value_field(acc0 * alpha[:, None], p16, c_vlo, c_vhi, 0, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
-                                    vo_row, v_idx_off, tmask, NVC, CV, F32)
-                acc1 = _value_field(acc1 * alpha[:, None], p16, c_vlo, c_vhi, 1, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
-                                    vo_row, v_idx_off, tmask, NVC, CV, F32)
-                acc2 = _value_field(acc2 * alpha[:, None], p16, c_vlo, c_vhi, 2, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
-                                    vo_row, v_idx_off, tmask, NVC, CV, F32)
-                acc3 = _value_field(acc3 * alpha[:, None], p16, c_vlo, c_vhi, 3, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
-                                    vo_row, v_idx_off, tmask, NVC, CV, F32)
-        out = PACC + row[:, None] * D + 4 * jv[None, :]
-        tl.store(out + 0, acc0, mask=gmask[:, None])
-        tl.store(out + 1, acc1, mask=gmask[:, None])
-        tl.store(out + 2, acc2, mask=gmask[:, None])
-        tl.store(out + 3, acc3, mask=gmask[:, None])
+                    l10, l11, l12, l13 = _lut_fields(c_lo1, c_hi1, KW, KDLH, BITS, F32)
+                    l20, l21, l22, l23 = _lut_fields(c_lo2, c_hi2, KW, KDLH, BITS, F32)
+                    ksl = _slots(KOI, KOV, ko_row, CK, 0, tmask)
+                    a1, a2 = _rot_q(q10, q20, om0, p0f, F32)
+                    s = _key_field_x(l10, l20, 0, ks10, kz10, ks20, kz20, ksl, c0, s0, a1, a2,
+                                     D, NKC, CK, F32)
+                    a1, a2 = _rot_q(q11, q21, om1, p0f, F32)
+                    s += _key_field_x(l11, l21, 1, ks11, kz11, ks21, kz21, ksl, c1, s1, a1, a2,
+                                      D, NKC, CK, F32)
+                    a1, a2 = _rot_q(q12, q22, om2, p0f, F32)
+                    s += _key_field_x(l12, l22, 2, ks12, kz12, ks22, kz22, ksl, c2, s2, a1, a2,
+                                      D, NKC, CK, F32)
+                    a1, a2 = _rot_q(q13, q23, om3, p0f, F32)
+                    s += _key_field_x(l13, l23, 3, ks13, kz13, ks23, kz23, ksl, c3, s3, a1, a2,
+                                      D, NKC, CK, F32)
+                else:
+                    a1, a2 = _rot_q(q10, q20, om0, p0f, F32)
+                    s = _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 0, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
+                                   c0, s0, a1, a2, D, NKC, CK, F32)
+                    a1, a2 = _rot_q(q11, q21, om1, p0f, F32)
+                    s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 1, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
+                                    c1, s1, a1, a2, D, NKC, CK, F32)
+                    a1, a2 = _rot_q(q12, q22, om2, p0f, F32)
+                    s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 2, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
+                                    c2, s2, a1, a2, D, NKC, CK, F32)
+                    a1, a2 = _rot_q(q13, q23, om3, p0f, F32)
+                    s += _key_field(c_lo1, c_hi1, c_lo2, c_hi2, 3, BITS, KDL, KSC, KZR, KOI, KOV, h, ko_row, tmask,
+                                    c3, s3, a1, a2, D, NKC, CK, F32)
+                p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, mask_row, n_s, t, tmask, HAS_MASK)
+                p16 = p.to(tl.float16)
+                if not PREFETCH:
+                    c_vlo, c_vhi, c_vz, c_vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ,
+                                                              VS, vs_base, svs_t, NVC, BITS, LUTX)
+                vo_row = vo_base + t * svo_t
+                if LUTX:
+                    lv0, lv1, lv2, lv3 = _lut_fields(c_vlo, c_vhi, VW, VLEVH, BITS, F32)
+                    vsl = _slots(VOI, VOV, vo_row, CV, v_idx_off, tmask)
+                    acc0 = _value_field_x(acc0 * alpha[:, None], p16, lv0, 0, c_vsc, c_vz, vsl, NVC,
+                                          CV, F32)
+                    acc1 = _value_field_x(acc1 * alpha[:, None], p16, lv1, 1, c_vsc, c_vz, vsl, NVC,
+                                          CV, F32)
+                    acc2 = _value_field_x(acc2 * alpha[:, None], p16, lv2, 2, c_vsc, c_vz, vsl, NVC,
+                                          CV, F32)
+                    acc3 = _value_field_x(acc3 * alpha[:, None], p16, lv3, 3, c_vsc, c_vz, vsl, NVC,
+                                          CV, F32)
+                else:
+                    acc0 = _value_field(acc0 * alpha[:, None], p16, c_vlo, c_vhi, 0, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
+                                        vo_row, v_idx_off, tmask, NVC, CV, F32)
+                    acc1 = _value_field(acc1 * alpha[:, None], p16, c_vlo, c_vhi, 1, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
+                                        vo_row, v_idx_off, tmask, NVC, CV, F32)
+                    acc2 = _value_field(acc2 * alpha[:, None], p16, c_vlo, c_vhi, 2, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
+                                        vo_row, v_idx_off, tmask, NVC, CV, F32)
+                    acc3 = _value_field(acc3 * alpha[:, None], p16, c_vlo, c_vhi, 3, BITS, VLEV, c_vsc, c_vz, VOI, VOV,
+                                        vo_row, v_idx_off, tmask, NVC, CV, F32)
+            out = PACC + row[:, None] * D + 4 * jv[None, :]
+            tl.store(out + 0, acc0, mask=gmask[:, None])
+            tl.store(out + 1, acc1, mask=gmask[:, None])
+            tl.store(out + 2, acc2, mask=gmask[:, None])
+            tl.store(out + 3, acc3, mask=gmask[:, None])
     else:
         # fp16 sinks and recent window (the last split), natural channel order
         ch = tl.arange(0, HALF)
         chd = tl.arange(0, D)
         qp = Q + b * sqb + (h * GROUP + g)[:, None] * sqh + ch[None, :]
-        q1 = tl.load(qp, mask=gmask[:, None], other=0.0)
-        q2 = tl.load(qp + HALF, mask=gmask[:, None], other=0.0)
+        qd1 = tl.load(qp, mask=gmask[:, None], other=0.0)  # (names not shared with the quantized branch's fp32 q1/q2)
+        qd2 = tl.load(qp + HALF, mask=gmask[:, None], other=0.0)
         acc = tl.zeros([GP, D], tl.float32)
-        m_i, l_i, acc = _dense_regions(q1, q2, m_i, l_i, acc, b, h, n_s, n_w, n_s, n_q, SK, SV, WK, WV, mask_row,
+        m_i, l_i, acc = _dense_regions(qd1, qd2, m_i, l_i, acc, b, h, n_s, n_w, n_s, n_q, SK, SV, WK, WV, mask_row,
                                        qk_scale, ssk_b, ssk_h, ssk_t, ssv_b, ssv_h, ssv_t, swk_b, swk_h, swk_t,
                                        swv_b, swv_h, swv_t, D, BT, HAS_MASK, True, F32)
         tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
@@ -1063,10 +1132,11 @@ def _kvq_decode_fields_kernel(
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The natural-order kernel (v5, "natural"): the four LUTX field tiles of a half are interleaved back into natural
-# channel order in registers (tl.interleave of tensors that already hold 4 consecutive bytes per thread: no data
-# movement), so a block needs two key dots and one value dot over wide tiles (K = D/2 and N = D) instead of the
-# fields kernel's twelve narrow ones, each behind its own shared-memory layout conversion.
+# The natural-order kernel (v5, "natural": _kvq_decode_fields_kernel with NATURAL): the four LUTX field tiles of a
+# half are interleaved back into natural channel order in registers (tl.interleave of tensors that already hold 4
+# consecutive bytes per thread: no data movement), so a block needs two key dots and one value dot over wide tiles
+# (K = D/2 and N = D) instead of the fields kernel's twelve narrow ones, each behind its own shared-memory layout
+# conversion.
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _nat(f0, f1, f2, f3):
@@ -1121,121 +1191,6 @@ def _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU, ch, taui, HALF: tl.co
         S0 = S0.to(tl.float16)
     return (q1, q2, om, C0, S0, tl.load(kso).to(tl.float16)[None, :], tl.load(kzo).to(tl.float16)[None, :],
             tl.load(kso + HALF).to(tl.float16)[None, :], tl.load(kzo + HALF).to(tl.float16)[None, :])
-
-
-@triton.jit
-def _kvq_decode_nat_kernel(
-    Q, PACC, PM, PL,
-    KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS,
-    KLUT, VLEV, INVF, KDL, KSC, KZR, VLEVH,
-    SK, SV, WK, WV, MASK,
-    qk_scale, rope_scale,
-    sqb, sqh,
-    skc_b, skc_h, skc_t, sko_b, sko_h, sko_t,
-    svc_b, svc_g, svc_t, svs_b, svs_g, svs_t, svo_b, svo_g, svo_t,
-    sqp_b,
-    ssk_b, ssk_h, ssk_t, ssv_b, ssv_h, ssv_t,
-    swk_b, swk_h, swk_t, swv_b, swv_h, swv_t,
-    smask_b,
-    n_s, n_q, n_w, chunk, NSPLIT_Q,
-    H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
-    BITS: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
-    V_TOKEN: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
-    F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
-    PREFETCH: tl.constexpr = False, LUTX: tl.constexpr = True, KW=None, VW=None, KDLH=None,
-    RELOAD: tl.constexpr = False, TAU=None, WIDE: tl.constexpr = True,
-):
-    """Same contract, arguments and partials as _kvq_decode_fields_kernel (LUTX levels; the interpreter gathers)."""
-    HALF: tl.constexpr = D // 2
-    NKC: tl.constexpr = D // 8  # bytes (3/2-bit) or u16 words (4-bit) per key half and plane
-    NVC: tl.constexpr = D // 4
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    b = (pid_bh // H_KV).to(tl.int64)
-    h = (pid_bh % H_KV).to(tl.int64)
-    nsplit = NSPLIT_Q + 1
-    g = tl.arange(0, GP)
-    gmask = g < GROUP
-    row = (b * H_KV * GROUP + h * GROUP + g) * nsplit + pid_s
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    mask_row = MASK + b * smask_b
-    ch = tl.arange(0, HALF)
-    chd = tl.arange(0, D)
-    if pid_s < NSPLIT_Q:
-        qrow = Q + b * sqb + (h * GROUP + g)[:, None] * sqh
-        gm = gmask[:, None]
-        taui = tl.arange(0, BT)
-        kso = KSC + h * D + ch
-        kzo = KZR + h * D + ch
-        if not RELOAD:  # loop invariants held in registers for the whole program
-            q1, q2, om, C0, S0, ks1, kz1, ks2, kz2 = _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU, ch,
-                                                                 taui, HALF, BT, F32, RELOAD)
-        acc = tl.zeros([GP, D], tl.float32)
-        kc_base = KC + b * skc_b + h * skc_h
-        ko_base = b * sko_b + h * sko_h
-        vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
-            VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV, D, BITS, V_TOKEN)
-        if BITS == 4:
-            k_half = D // 4
-        else:
-            k_half = D // 8
-        q_lo = pid_s * chunk
-        q_hi = tl.minimum(q_lo + chunk, n_q)
-        for t0 in range(q_lo, q_hi, BT):
-            t = t0 + taui
-            tmask = t < q_hi
-            if WIDE:
-                pos = tl.load(QPOS + b * sqp_b + t, mask=tmask, other=0)
-                krow = kc_base + t * skc_t
-                lo1, hi1 = _planes_w(krow, 0, D // 4, NKC, BITS, tmask)
-                lo2, hi2 = _planes_w(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask)
-                vlo, vhi = _planes_w(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask)
-                vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
-                vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
-            else:
-                pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D,
-                                                      NKC, BITS, True)
-                vlo, vhi, vz, vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
-                                                  vs_base, svs_t, NVC, BITS, True)
-            ksl = _slots(KOI, KOV, ko_base + t * sko_t, CK, 0, tmask)
-            vsl = _slots(VOI, VOV, vo_base + t * svo_t, CV, v_idx_off, tmask)
-            if RELOAD:  # loop invariants re-read from L1 every block: fewer registers, more resident warps
-                q1, q2, om, C0, S0, ks1, kz1, ks2, kz2 = _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU,
-                                                                     ch, taui, HALF, BT, F32, RELOAD)
-            d = pos - taui
-            p0 = tl.min(tl.where(tmask, d, 2147483647), 0)
-            contig = p0 == tl.max(tl.where(tmask, d, -2147483647), 0)
-            if contig:
-                c, s_ = C0, S0
-            else:
-                c, s_ = _tau_cs((pos - p0).to(tl.float32), om, F32)
-                c = c.to(tl.float16)
-                s_ = s_.to(tl.float16)
-            l10, l11, l12, l13 = _lut_fields(lo1, hi1, KW, KDLH, BITS, F32)
-            k1 = _overwrite(_nat(l10, l11, l12, l13) * ks1 + kz1, ch, ksl, CK)
-            l20, l21, l22, l23 = _lut_fields(lo2, hi2, KW, KDLH, BITS, F32)
-            k2 = _overwrite(_nat(l20, l21, l22, l23) * ks2 + kz2, ch + HALF, ksl, CK)
-            r1 = k1 * c - k2 * s_
-            r2 = k2 * c + k1 * s_
-            a1, a2 = _rot_q(q1, q2, om, p0.to(tl.float32), F32)
-            s = _mm(a1, tl.trans(r1), F32) + _mm(a2, tl.trans(r2), F32)
-            p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, mask_row, n_s, t, tmask, HAS_MASK)
-            lv0, lv1, lv2, lv3 = _lut_fields(vlo, vhi, VW, VLEVH, BITS, F32)
-            v = _overwrite(_nat(lv0, lv1, lv2, lv3) * vsc[:, None] + vz[:, None], chd, vsl, CV)
-            acc = acc * alpha[:, None] + _mm(p.to(tl.float16), v, F32)
-        tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
-    else:
-        qp = Q + b * sqb + (h * GROUP + g)[:, None] * sqh + ch[None, :]
-        qd1 = tl.load(qp, mask=gmask[:, None], other=0.0)
-        qd2 = tl.load(qp + HALF, mask=gmask[:, None], other=0.0)
-        acc = tl.zeros([GP, D], tl.float32)
-        m_i, l_i, acc = _dense_regions(qd1, qd2, m_i, l_i, acc, b, h, n_s, n_w, n_s, n_q, SK, SV, WK, WV, mask_row,
-                                       qk_scale, ssk_b, ssk_h, ssk_t, ssv_b, ssv_h, ssv_t, swk_b, swk_h, swk_t,
-                                       swv_b, swv_h, swv_t, D, BT, HAS_MASK, True, F32)
-        tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
-    tl.store(PM + row, m_i, mask=gmask)
-    tl.store(PL + row, l_i, mask=gmask)
 
 
 @triton.jit
