@@ -909,6 +909,17 @@ def _kvq_decode_fields_kernel(
     l_i = tl.zeros([GP], tl.float32)
     mask_row = MASK + b * smask_b
     if pid_s < NSPLIT_Q:
+        # where this program's quantized tokens [q_lo, q_hi) and KV head h lie
+        kc_base = KC + b * skc_b + h * skc_h
+        ko_base = b * sko_b + h * sko_h
+        vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
+            VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV, D, BITS, V_TOKEN)
+        if BITS == 4:
+            k_half = D // 4
+        else:
+            k_half = D // 8
+        q_lo = pid_s * chunk
+        q_hi = tl.minimum(q_lo + chunk, n_q)
         if NATURAL:  # the natural-order path (see the section comment above _nat)
             ch = tl.arange(0, HALF)
             chd = tl.arange(0, D)
@@ -921,16 +932,6 @@ def _kvq_decode_fields_kernel(
                 q1, q2, om, C0, S0, ks1, kz1, ks2, kz2 = _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU, ch,
                                                                      taui, HALF, BT, F32, RELOAD)
             acc = tl.zeros([GP, D], tl.float32)
-            kc_base = KC + b * skc_b + h * skc_h
-            ko_base = b * sko_b + h * sko_h
-            vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
-                VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV, D, BITS, V_TOKEN)
-            if BITS == 4:
-                k_half = D // 4
-            else:
-                k_half = D // 8
-            q_lo = pid_s * chunk
-            q_hi = tl.minimum(q_lo + chunk, n_q)
             for t0 in range(q_lo, q_hi, BT):
                 t = t0 + taui
                 tmask = t < q_hi
@@ -1010,16 +1011,6 @@ def _kvq_decode_fields_kernel(
             acc1 = tl.zeros([GP, NVC], tl.float32)
             acc2 = tl.zeros([GP, NVC], tl.float32)
             acc3 = tl.zeros([GP, NVC], tl.float32)
-            kc_base = KC + b * skc_b + h * skc_h
-            ko_base = b * sko_b + h * sko_h
-            vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
-                VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV, D, BITS, V_TOKEN)
-            if BITS == 4:
-                k_half = D // 4
-            else:
-                k_half = D // 8
-            q_lo = pid_s * chunk
-            q_hi = tl.minimum(q_lo + chunk, n_q)
             taui = tl.arange(0, BT)
             if PREFETCH:  # software double buffering: block i + 1's loads are in flight while block i computes
                 pos, lo1, hi1, lo2, hi2 = _fetch_keys(q_lo, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D, NKC,
