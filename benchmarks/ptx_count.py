@@ -1,9 +1,15 @@
-"""Static instruction counts of the fused decode kernel compiled for sm_90 (no GPU needed).
+"""Static instruction counts of the fused decode kernels compiled for sm_90 (no GPU needed).
 
-`PYTHONPATH=src python benchmarks/ptx_count.py [--dump DIR]` compiles `_kvq_decode_kernel` for the Llama-3-8B decode
-shape (GQA group 4 -> GP 16, D 128, BT 64, nuq3, Ck 1, token-group values with Cv 10 -- and Cv 0 for comparison) with
-`triton.compile(..., target=GPUTarget("cuda", 90, 32))`, and prints PTX lines/instructions and, when ptxas and nvdisasm
-are on the PATH (triton ships them), the SASS instruction count of the quantized-token loop body (the hot loop).
+`PYTHONPATH=src python benchmarks/ptx_count.py [--dump DIR]` compiles `_kvq_decode_kernel` (the tiles kernel) for the
+Llama-3-8B decode shape (GQA group 4 -> GP 16, D 128, BT 64, nuq3, Ck 1, token-group values with Cv 10 -- and Cv 0 for
+comparison) with `triton.compile(..., target=GPUTarget("cuda", 90, 32))`, and prints PTX lines/instructions and, when
+ptxas and nvdisasm are on the PATH (triton ships them), the SASS instruction count of the quantized-token loop body
+(the hot loop).
+
+`--kernel fields|natural` compiles `_kvq_decode_fields_kernel` in that mode instead (head-group values, register
+lookup table; `--ck/--cv` slots, `--bt`, `--warps`, `--maxnreg`), and `--div` adds the divisibility-by-16 hints
+that Triton attaches at run time to pointers and to the strides and sizes that are multiples of 16 (without them the
+loads do not vectorise as they do on the device). Results depend on the triton version: the H200 runs had 3.6.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from kvquant.kernels import _triton as K  # noqa: E402
 
-PTR = {"Q": "*bf16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32", "KC": "*u8", "KOI": "*u8", "KOV": "*fp16",
+PTR = {"KW": "*i32", "VW": "*i32", "KDLH": "*fp16", "TAU": "*fp16",
+       "Q": "*bf16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32", "KC": "*u8", "KOI": "*u8", "KOV": "*fp16",
        "VC": "*u8", "VZ": "*fp16", "VS": "*fp16", "VOI": "*i16", "VOV": "*fp16", "QPOS": "*i32",
        "VLEVH": "*fp16", "SK": "*bf16", "SV": "*bf16", "WK": "*bf16", "WV": "*bf16", "MASK": "*fp32"}
 
@@ -47,15 +54,21 @@ def signature(fn, const):
     return sig
 
 
+DIV16 = ("skc_b", "skc_h", "skc_t", "svc_b", "svc_g", "svc_t", "chunk")  # multiples of 16 in the benchmark shapes
+
+
 def compile_decode(bits=3, cv=10, ck=1, has_mask=False, v_token=True, extra=None, bt=64, num_warps=4, fn=None,
-                   maxnreg=None):
+                   maxnreg=None, div=False):
     const = dict(H_KV=8, GROUP=4, GP=16, BITS=bits, D=128, CK=ck, CV=cv, V_TOKEN=v_token, BT=bt,
                  HAS_MASK=has_mask, USE_DOT=True, F32=False, K_AFFINE=True, GR=4, VCORR=cv > 0, VA=16)
     const.update(extra or {})
     fn = fn or K._kvq_decode_kernel
     params = inspect.signature(fn.fn).parameters
     const = {k: v for k, v in const.items() if k in params}
-    src = ASTSource(fn, signature(fn, const), constexprs=const)
+    sig = signature(fn, const)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
+             if div and (sig[n].startswith("*") or n in DIV16)}
+    src = ASTSource(fn, sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1,
                                                                       **({} if maxnreg is None else
                                                                          {"maxnreg": maxnreg})))
@@ -115,29 +128,43 @@ def sass_loop(cubin: bytes):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dump", default=None)
+    ap.add_argument("--kernel", default="tiles", choices=["tiles", "fields", "natural"])
     ap.add_argument("--bits", type=int, nargs="*", default=[3])
-    ap.add_argument("--bt", type=int, default=64)
+    ap.add_argument("--bt", type=int, default=None, help="tokens per block (default: 64 tiles, 32 fields/natural)")
     ap.add_argument("--warps", type=int, default=4)
-    ap.add_argument("--cv", type=int, nargs="*", default=[10, 0])
+    ap.add_argument("--maxnreg", type=int, default=None)
+    ap.add_argument("--ck", type=int, default=None, help="key slots (default: 1 tiles, 2 fields/natural)")
+    ap.add_argument("--cv", type=int, nargs="*", default=None, help="value slots (default: 10 and 0 / 2)")
+    ap.add_argument("--div", action="store_true", help="run-time divisibility hints (see the module docstring)")
     a = ap.parse_args()
+    tiles = a.kernel == "tiles"
+    bt = a.bt or (64 if tiles else 32)
+    ck = a.ck if a.ck is not None else (1 if tiles else 2)
+    cvs = a.cv if a.cv is not None else ([10, 0] if tiles else [2])
+    fn = None if tiles else K._kvq_decode_fields_kernel
+    extra = None if tiles else dict(LUTX=True, PREFETCH=False, F32=False, NATURAL=a.kernel == "natural",
+                                    RELOAD=False, WIDE=False)
     for bits in a.bits:
-        for cv in a.cv:
-            k = compile_decode(bits=bits, cv=cv, bt=a.bt, num_warps=a.warps)
+        for cv in cvs:
+            k = compile_decode(bits=bits, cv=cv, ck=ck, bt=bt, num_warps=a.warps, fn=fn, maxnreg=a.maxnreg,
+                               v_token=tiles, extra=extra, div=a.div)
             ptx = k.asm["ptx"]
             n_lines, n_ins, ops = ptx_stats(ptx)
             smem = k.metadata.shared
-            regs = getattr(k, "n_regs", None)
             s = sass_loop(k.asm["cubin"])
-            print(f"nuq{bits} Cv={cv} BT={a.bt} warps={a.warps}: PTX {n_lines} lines / {n_ins} instr, shared {smem} B"
-                  + (f", regs {regs}, SASS {s[0]} instr ({s[3]} local ld/st), hot loop {s[1]} instr" if s else ""))
+            print(f"{a.kernel} nuq{bits} Ck={ck} Cv={cv} BT={bt} warps={a.warps} maxnreg={a.maxnreg} div={a.div} "
+                  f"(triton {triton.__version__}): PTX {n_lines} lines / {n_ins} instr, shared {smem} B"
+                  + (f", SASS {s[0]} instr ({s[3]} local ld/st), hot loop {s[1]} instr" if s else ""))
             print("   PTX top:", ", ".join(f"{o} {c}" for o, c in ops.most_common(14)))
             if s:
                 print("   SASS loop top:", ", ".join(f"{o} {c}" for o, c in s[2].most_common(16)))
+                mem = sorted((o, c) for o, c in s[2].items() if o.startswith(("LDG", "STS", "LDS", "BAR", "HMMA")))
+                print("   SASS loop memory/barrier/MMA:", ", ".join(f"{o} {c}" for o, c in mem))
             if a.dump:
                 os.makedirs(a.dump, exist_ok=True)
-                with open(os.path.join(a.dump, f"nuq{bits}_cv{cv}.ptx"), "w") as f:
+                with open(os.path.join(a.dump, f"{a.kernel}_nuq{bits}_cv{cv}.ptx"), "w") as f:
                     f.write(ptx)
-                with open(os.path.join(a.dump, f"nuq{bits}_cv{cv}.cubin"), "wb") as f:
+                with open(os.path.join(a.dump, f"{a.kernel}_nuq{bits}_cv{cv}.cubin"), "wb") as f:
                     f.write(k.asm["cubin"])
 
 
