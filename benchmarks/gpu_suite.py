@@ -235,6 +235,10 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full"):
                    for bt, nw, mr in ((32, 2, 0), (64, 2, 0), (32, 4, 0), (64, 4, 0))]
     if sweep == "default":  # the default launch (natural kernel) against the fields kernel's default, same run
         sweeps = [("fields", "head", {}), ("natural", "head", {})]
+    if sweep == "hipairs":  # the hi_pairs option (contiguous high-plane loads) against each kernel's default
+        sweeps = [("fields", "head", {}), ("fields", "head", dict(hi_pairs=True)), ("natural", "head", {})]
+        sweeps += [("natural", "head", dict(block_t=32, num_warps=nw, maxnreg=mr, hi_pairs=True))
+                   for nw, mr in ((2, 0), (4, 0), (4, 128))]
     refs = {grp: reference_decode_attention(q, st, D**-0.5).float() for (_, grp), st in sts.items()}
     for kernel, group, kw in sweeps:
         st = sts[(3, group)]
@@ -516,7 +520,8 @@ def main():
     ap.add_argument("--gen-layers", type=int, default=32)
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
-    ap.add_argument("--diag-sweep", default="full", choices=["full", "regs", "occupancy", "natural", "default"])
+    ap.add_argument("--diag-sweep", default="full",
+                    choices=["full", "regs", "occupancy", "natural", "default", "hipairs"])
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

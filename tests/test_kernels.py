@@ -109,7 +109,7 @@ def test_quantize_append_head_group_d128_interpret():
 def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_lens=None, dtype=torch.bfloat16,
                  fill="kernel", use_dot=None, num_splits=None, tol=1e-2, frac=0.01, kernel=None, offsets=None,
                  gap_at=None, value_correction=None, prefetch=False, attention_scaling=1.0, lutx=None, reload=None,
-                 wide_loads=None):
+                 wide_loads=None, hi_pairs=None):
     st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill, frac=frac,
                                    offsets=offsets, gap_at=gap_at, attention_scaling=attention_scaling)
     g = torch.Generator().manual_seed(7)
@@ -121,7 +121,7 @@ def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_len
         mask = keep.to(device)
     out = kernels.decode_attention(q, st, D**-0.5, mask, num_splits=num_splits, use_dot=use_dot, kernel=kernel,
                                    value_correction=value_correction, prefetch=prefetch, lutx=lutx, reload=reload,
-                                   wide_loads=wide_loads)
+                                   wide_loads=wide_loads, hi_pairs=hi_pairs)
     ref = reference_decode_attention(q, st, D**-0.5, mask)
     assert out.shape == (B, Hq, 1, D) and out.dtype == dtype
     assert torch.isfinite(out).all()
@@ -176,6 +176,19 @@ def test_decode_natural_kernel_interpret(bits, reload):
     # head-group values, padded batch, two splits
     check_decode(2, 8, 2, 128, bits, 100, 1, 3, "head", "cpu", mask_lens=[104, 60], num_splits=2, kernel="natural",
                  reload=reload)
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("kernel,lutx", [("natural", True), ("fields", True), ("fields", False)])
+def test_decode_hi_pairs_same_result_interpret(kernel, lutx):
+    # hi_pairs only changes how the 3-bit high plane is loaded: bit-identical output, head- and token-group values
+    for group in ("head", "token"):
+        st, _, _ = make_storage(2, 2, 128, 3, 70, 1, 2, group, "cpu", frac=0.005)
+        q = torch.randn(2, 8, 1, 128).bfloat16()
+        a = kernels.decode_attention(q, st, 0.088, num_splits=2, kernel=kernel, lutx=lutx)
+        b = kernels.decode_attention(q, st, 0.088, num_splits=2, kernel=kernel, lutx=lutx, hi_pairs=True)
+        assert torch.equal(a, b), (kernel, lutx, group)
+        assert rel(b.float(), reference_decode_attention(q, st, 0.088).float()) < 1e-2
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
@@ -274,7 +287,7 @@ def test_decode_gpu(bits, D, dtype):
         check_decode(3, 32, 8, D, bits, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype,
                      kernel="natural")
         check_decode(2, 8, 8, D, bits, 700, 1, 0, "head", "cuda", dtype=dtype, kernel="natural", offsets=[0, 77],
-                     gap_at=300, reload=True)
+                     gap_at=300, reload=True, hi_pairs=True)
 
 
 @pytest.mark.gpu

@@ -135,7 +135,7 @@ def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int =
 # ----------------------------------------------------------------------------------------------------------------
 def decode_attention(query, storage, scaling, attention_mask=None, num_splits=None, block_t=None, use_dot=None,
                      num_warps=None, kernel=None, value_correction=None, maxnreg=None, prefetch=False, lutx=None,
-                     reload=None, wide_loads=None):
+                     reload=None, wide_loads=None, hi_pairs=None):
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
     ``kernel``: ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key
@@ -152,7 +152,9 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     ``reload`` (natural kernel): re-read the loop invariants (query, RoPE table, key scale/zero) from L1 every block
     instead of holding them in registers (fewer registers per thread, more resident warps). ``wide_loads`` (natural
     kernel): read the packed codes as 32-bit words and split them into bytes in registers (off by default: slower
-    on the H200 at the default launch, benchmarks/gpu_decode.md).
+    on the H200 at the default launch, benchmarks/gpu_decode.md). ``hi_pairs`` (fields and natural kernels, 3-bit):
+    load the high bit plane contiguously and pair its nibbles with the low bytes in registers; same values, wider
+    loads and 16-byte shared-memory stores in static SASS (benchmarks/gpu_notes.md), not yet timed on a GPU, so off.
 
     A decode step is host-bound end to end, so everything that only changes when the storage is reallocated (the
     launch configuration, derived tables, tensor arguments and strides) is computed once and cached on the storage
@@ -165,7 +167,7 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     st = storage
     dev = query.device
     plan = _decode_plan(st, B, Hq, D, dev, (num_splits, block_t, use_dot, num_warps, kernel, value_correction,
-                                            maxnreg, prefetch, lutx, reload, wide_loads))
+                                            maxnreg, prefetch, lutx, reload, wide_loads, hi_pairs))
     if plan is None:
         from .reference import reference_decode_attention
 
@@ -202,14 +204,15 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
 
 
 def decode_kernel(query, storage, num_splits=None, block_t=None, use_dot=None, num_warps=None, kernel=None,
-                  value_correction=None, maxnreg=None, prefetch=False, lutx=None, reload=None, wide_loads=None) -> str:
+                  value_correction=None, maxnreg=None, prefetch=False, lutx=None, reload=None, wide_loads=None,
+                  hi_pairs=None) -> str:
     """Which kernel :func:`decode_attention` runs for these arguments: ``"natural"``, ``"fields"``, ``"tiles"`` or
     ``"reference"`` (the PyTorch path: no fused kernel for this storage). Raises like decode_attention on invalid
     options."""
     B, Hq, _, D = query.shape
     plan = _decode_plan(storage, B, Hq, D, query.device, (num_splits, block_t, use_dot, num_warps, kernel,
                                                           value_correction, maxnreg, prefetch, lutx, reload,
-                                                          wide_loads))
+                                                          wide_loads, hi_pairs))
     return "reference" if plan is None else plan.kernel
 
 
@@ -236,7 +239,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     from . import _triton as K
 
     (num_splits, block_t, use_dot, num_warps, kernel, value_correction, maxnreg, prefetch, lutx, reload,
-     wide_loads) = options
+     wide_loads, hi_pairs) = options
     codec = getattr(st, "codec", None)
     if (st.key_lut is None or not getattr(st, "pre_rope", True)
             or (codec is not None and codec.key_mode != "channel")):
@@ -307,6 +310,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         consts["maxnreg"] = int(maxnreg)
     if kernel in ("fields", "natural"):
         consts["NATURAL"] = kernel == "natural"
+        consts["HIPAIR"] = bool(hi_pairs)
     if kernel == "natural":
         if bt < 32:
             raise ValueError(f"the natural kernel needs block_t >= 32, got {bt}.")
