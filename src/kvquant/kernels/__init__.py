@@ -141,7 +141,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     ``kernel``: ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key
     dots and one value dot per block; head_dim >= 128, a per-channel affine key table and at most 4 key and 4 value
     outlier slots per vector), ``"fields"`` (same conditions; twelve narrow dots per block, one per bit field),
-    ``"tiles"`` (interleave unpack; any head_dim / slot count) or None (the first that applies, in that order).
+    ``"tiles"`` (interleave unpack; any head_dim / slot count) or None (natural for 3/4-bit storage and fields for
+    2-bit where they apply, else tiles; :func:`decode_kernel` says which).
     ``value_correction=True``: the tiles kernel's value-slot correction (a one-hot dot after P@V) instead of the
     per-slot overwrite (slower on the H200).
     ``prefetch=True``: the fields kernel loads block i + 1 while block i computes (off by default: no faster on the
@@ -275,9 +276,9 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         raise ValueError("use_dot=False needs MHA (one query head per KV head).")
     fields_ok = D >= 128 and kaff is not None and cv <= 4
     if kernel is None:
-        # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md, run 10): natural vs fields per layer nuq4 425 vs
-        # 514 us, nuq3 372 vs 435 us, but nuq2 371 vs 291 us (the natural kernel's cost does not shrink with the
-        # width), so 2-bit storage keeps the fields kernel
+        # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md: natural in run 13, fields in run 4): per layer
+        # nuq4 425 vs 514 us, nuq3 372 vs 435 us, but nuq2 371 vs 291 us (the natural kernel's cost does not shrink
+        # with the width), so 2-bit storage keeps the fields kernel
         natural_ok = fields_ok and ck <= 4 and lutx is not False and bits >= 3
         kernel = "natural" if natural_ok else "fields" if fields_ok else "tiles"
     if kernel not in ("fields", "natural", "tiles"):
