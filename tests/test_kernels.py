@@ -179,6 +179,13 @@ def test_decode_natural_kernel_interpret(bits, reload):
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_decode_natural_kernel_d256_mqa_fp16_interpret():
+    # head_dim 256 (4 warps by default), MQA (8 query heads on 1 KV head), fp16 activations
+    check_decode(2, 8, 1, 256, 3, 60, 1, 2, "head", "cpu", dtype=torch.float16, num_splits=2, kernel="natural",
+                 mask_lens=[64, 40])
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
 @pytest.mark.parametrize("kernel,lutx", [("natural", True), ("fields", True), ("fields", False)])
 def test_decode_hi_pairs_same_result_interpret(kernel, lutx):
     # hi_pairs only changes how the 3-bit high plane is loaded: bit-identical output, head- and token-group values
