@@ -235,10 +235,12 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full"):
                    for bt, nw, mr in ((32, 2, 0), (64, 2, 0), (32, 4, 0), (64, 4, 0))]
     if sweep == "default":  # the default launch (natural kernel) against the fields kernel's default, same run
         sweeps = [("fields", "head", {}), ("natural", "head", {})]
-    if sweep == "hipairs":  # the hi_pairs option (contiguous high-plane loads) against each kernel's default
-        sweeps = [("fields", "head", {}), ("fields", "head", dict(hi_pairs=True)), ("natural", "head", {})]
-        sweeps += [("natural", "head", dict(block_t=32, num_warps=nw, maxnreg=mr, hi_pairs=True))
-                   for nw, mr in ((2, 0), (4, 0), (4, 128))]
+    if sweep == "hipairs":  # the hi_pairs option (contiguous high-plane loads) against each kernel's default; the
+        # launches are the static-SASS candidates (benchmarks/gpu_runs/static_sass_2026-11-29.txt, gpu_notes.md)
+        sweeps = [("fields", "head", {}), ("natural", "head", {})]
+        sweeps += [(kn, "head", dict(block_t=32, num_warps=nw, maxnreg=mr, hi_pairs=True))
+                   for kn, nw, mr in (("fields", 4, 128), ("fields", 4, 0), ("fields", 4, 168), ("natural", 2, 0),
+                                      ("natural", 4, 0), ("natural", 4, 168))]
     refs = {grp: reference_decode_attention(q, st, D**-0.5).float() for (_, grp), st in sts.items()}
     for kernel, group, kw in sweeps:
         st = sts[(3, group)]
