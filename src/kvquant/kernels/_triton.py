@@ -599,9 +599,12 @@ def _quant_values(
 # element.
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _planes_raw(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask, HIPAIR: tl.constexpr = False):
+def _planes_raw(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask, HIPAIR: tl.constexpr = False,
+                WIDE: tl.constexpr = False):
     """Packed bytes of a [BT, W] block as loaded (u8; 4-bit: u16 words), and for 3 bits the high-plane nibble of
-    each low byte in the low bits of a u8."""
+    each low byte in the low bits of a u8. WIDE: through 32-bit loads (_planes_w)."""
+    if WIDE:
+        return _planes_w(rows, lo_off, hi_off, W, BITS, tmask)
     j = tl.arange(0, W)
     m = tmask[:, None]
     if BITS == 4:
@@ -624,9 +627,10 @@ def _planes_raw(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask
 
 
 @triton.jit
-def _planes(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask, HIPAIR: tl.constexpr = False):
+def _planes(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask, HIPAIR: tl.constexpr = False,
+            WIDE: tl.constexpr = False):
     """_planes_raw as int32 (the gather path's code arithmetic)."""
-    lo, hi = _planes_raw(rows, lo_off, hi_off, W, BITS, tmask, HIPAIR)
+    lo, hi = _planes_raw(rows, lo_off, hi_off, W, BITS, tmask, HIPAIR, WIDE)
     return lo.to(tl.int32), hi.to(tl.int32)
 
 
@@ -843,34 +847,43 @@ def _tau_cs(rel, om, F32: tl.constexpr):
 
 
 @triton.jit
+def _block_start(pos, taui, tmask):
+    """(p0, contig) of a block: p0 = min(pos - tau) over its valid tokens (the angle of the per-block query rotation)
+    and whether every valid token sits at p0 + tau (then the fixed tau cos/sin table applies)."""
+    d = pos - taui
+    p0 = tl.min(tl.where(tmask, d, 2147483647), 0)
+    return p0, p0 == tl.max(tl.where(tmask, d, -2147483647), 0)
+
+
+@triton.jit
 def _fetch_keys(t0, q_hi, taui, QPOS, qpos_row, kc_base, skc_t, k_half, D: tl.constexpr, NKC: tl.constexpr,
-                BITS: tl.constexpr, LUTX: tl.constexpr, HIPAIR: tl.constexpr = False):
+                BITS: tl.constexpr, LUTX: tl.constexpr, HIPAIR: tl.constexpr = False, WIDE: tl.constexpr = False):
     """Positions and packed key bytes of one block of the fields kernel."""
     t = t0 + taui
     tmask = t < q_hi
     pos = tl.load(QPOS + qpos_row + t, mask=tmask, other=0)
     krow = kc_base + t * skc_t
     if LUTX:
-        lo1, hi1 = _planes_raw(krow, 0, D // 4, NKC, BITS, tmask, HIPAIR)
-        lo2, hi2 = _planes_raw(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask, HIPAIR)
+        lo1, hi1 = _planes_raw(krow, 0, D // 4, NKC, BITS, tmask, HIPAIR, WIDE)
+        lo2, hi2 = _planes_raw(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask, HIPAIR, WIDE)
     else:
-        lo1, hi1 = _planes(krow, 0, D // 4, NKC, BITS, tmask, HIPAIR)
-        lo2, hi2 = _planes(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask, HIPAIR)
+        lo1, hi1 = _planes(krow, 0, D // 4, NKC, BITS, tmask, HIPAIR, WIDE)
+        lo2, hi2 = _planes(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask, HIPAIR, WIDE)
     return pos, lo1, hi1, lo2, hi2
 
 
 @triton.jit
 def _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base, svs_t, NVC: tl.constexpr,
-                  BITS: tl.constexpr, LUTX: tl.constexpr, HIPAIR: tl.constexpr = False):
+                  BITS: tl.constexpr, LUTX: tl.constexpr, HIPAIR: tl.constexpr = False, WIDE: tl.constexpr = False):
     """Packed value bytes and per-token zero/scale of one block of the fields kernel (LUTX: fp16 as stored)."""
     t = t0 + taui
     tmask = t < q_hi
     if LUTX:
-        vlo, vhi = _planes_raw(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask, HIPAIR)
+        vlo, vhi = _planes_raw(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask, HIPAIR, WIDE)
         vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
         vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
     else:
-        vlo, vhi = _planes(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask, HIPAIR)
+        vlo, vhi = _planes(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask, HIPAIR, WIDE)
         vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
         vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
     return vlo, vhi, vz, vsc
@@ -942,27 +955,16 @@ def _kvq_decode_fields_kernel(
             for t0 in range(q_lo, q_hi, BT):
                 t = t0 + taui
                 tmask = t < q_hi
-                if WIDE:
-                    pos = tl.load(QPOS + b * sqp_b + t, mask=tmask, other=0)
-                    krow = kc_base + t * skc_t
-                    lo1, hi1 = _planes_w(krow, 0, D // 4, NKC, BITS, tmask)
-                    lo2, hi2 = _planes_w(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask)
-                    vlo, vhi = _planes_w(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask)
-                    vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
-                    vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
-                else:
-                    pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D,
-                                                          NKC, BITS, True, HIPAIR)
-                    vlo, vhi, vz, vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
-                                                      vs_base, svs_t, NVC, BITS, True, HIPAIR)
+                pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D,
+                                                      NKC, BITS, True, HIPAIR, WIDE)
+                vlo, vhi, vz, vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
+                                                  vs_base, svs_t, NVC, BITS, True, HIPAIR, WIDE)
                 ksl = _slots(KOI, KOV, ko_base + t * sko_t, CK, 0, tmask)
                 vsl = _slots(VOI, VOV, vo_base + t * svo_t, CV, v_idx_off, tmask)
                 if RELOAD:  # loop invariants re-read from L1 every block: fewer registers, more resident warps
                     q1, q2, om, C0, S0, ks1, kz1, ks2, kz2 = _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU,
                                                                          ch, taui, HALF, BT, F32, RELOAD)
-                d = pos - taui
-                p0 = tl.min(tl.where(tmask, d, 2147483647), 0)
-                contig = p0 == tl.max(tl.where(tmask, d, -2147483647), 0)
+                p0, contig = _block_start(pos, taui, tmask)
                 if contig:
                     c, s_ = C0, S0
                 else:
@@ -1037,9 +1039,7 @@ def _kvq_decode_fields_kernel(
                 else:
                     c_pos, c_lo1, c_hi1, c_lo2, c_hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t,
                                                                     k_half, D, NKC, BITS, LUTX, HIPAIR)
-                d = c_pos - taui
-                p0 = tl.min(tl.where(tmask, d, 2147483647), 0)
-                contig = p0 == tl.max(tl.where(tmask, d, -2147483647), 0)
+                p0, contig = _block_start(c_pos, taui, tmask)
                 p0f = p0.to(tl.float32)
                 if contig:
                     c0, s0, c1, s1, c2, s2, c3, s3 = C0, S0, C1, S1, C2, S2, C3, S3
