@@ -167,8 +167,9 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
         raise ValueError("decode_attention handles one query token; run prefill with SDPA.")
     st = storage
     dev = query.device
-    plan = _decode_plan(st, B, Hq, D, dev, (num_splits, block_t, use_dot, num_warps, kernel, value_correction,
-                                            maxnreg, prefetch, lutx, reload, wide_loads, hi_pairs))
+    plan = _decode_plan(st, B, Hq, D, dev, _launch_options(num_splits, block_t, use_dot, num_warps, kernel,
+                                                           value_correction, maxnreg, prefetch, lutx, reload,
+                                                           wide_loads, hi_pairs))
     if plan is None:
         from .reference import reference_decode_attention
 
@@ -204,17 +205,20 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     return _reduce(pacc, pm, pl, B, Hq, nsplit, D, query.dtype, dev)
 
 
-def decode_kernel(query, storage, num_splits=None, block_t=None, use_dot=None, num_warps=None, kernel=None,
-                  value_correction=None, maxnreg=None, prefetch=False, lutx=None, reload=None, wide_loads=None,
-                  hi_pairs=None) -> str:
-    """Which kernel :func:`decode_attention` runs for these arguments: ``"natural"``, ``"fields"``, ``"tiles"`` or
-    ``"reference"`` (the PyTorch path: no fused kernel for this storage). Raises like decode_attention on invalid
-    options."""
+def decode_kernel(query, storage, **options) -> str:
+    """Which kernel :func:`decode_attention` runs for ``query``, ``storage`` and its keyword ``options``:
+    ``"natural"``, ``"fields"``, ``"tiles"`` or ``"reference"`` (the PyTorch path: no fused kernel for this
+    storage). Raises like decode_attention on invalid options."""
     B, Hq, _, D = query.shape
-    plan = _decode_plan(storage, B, Hq, D, query.device, (num_splits, block_t, use_dot, num_warps, kernel,
-                                                          value_correction, maxnreg, prefetch, lutx, reload,
-                                                          wide_loads, hi_pairs))
+    plan = _decode_plan(storage, B, Hq, D, query.device, _launch_options(**options))
     return "reference" if plan is None else plan.kernel
+
+
+def _launch_options(num_splits=None, block_t=None, use_dot=None, num_warps=None, kernel=None, value_correction=None,
+                    maxnreg=None, prefetch=False, lutx=None, reload=None, wide_loads=None, hi_pairs=None) -> tuple:
+    """decode_attention's launch options (same names and defaults) as the tuple that keys its cached launch plan."""
+    return (num_splits, block_t, use_dot, num_warps, kernel, value_correction, maxnreg, prefetch, lutx, reload,
+            wide_loads, hi_pairs)
 
 
 def _s3(t, n):
@@ -310,17 +314,12 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if maxnreg and not interpreting():  # 0: no register cap
         consts["maxnreg"] = int(maxnreg)
     if kernel in ("fields", "natural"):
-        consts["NATURAL"] = kernel == "natural"
-        consts["HIPAIR"] = bool(hi_pairs)
-    if kernel == "natural":
-        if bt < 32:
-            raise ValueError(f"the natural kernel needs block_t >= 32, got {bt}.")
-        consts["RELOAD"] = bool(reload)
-        consts["WIDE"] = bool(wide_loads)
-        consts["TAU"] = _cached(st, ("tau", dev, bt), lambda: _tau_table(inv_freq, bt, dev))
-    if kernel in ("fields", "natural"):
-        consts["PREFETCH"] = bool(prefetch)
-        consts["LUTX"] = lutx
+        consts.update(NATURAL=kernel == "natural", HIPAIR=bool(hi_pairs), PREFETCH=bool(prefetch), LUTX=lutx)
+        if kernel == "natural":
+            if bt < 32:
+                raise ValueError(f"the natural kernel needs block_t >= 32, got {bt}.")
+            consts.update(RELOAD=bool(reload), WIDE=bool(wide_loads),
+                          TAU=_cached(st, ("tau", dev, bt), lambda: _tau_table(inv_freq, bt, dev)))
         if lutx:
             consts["KW"] = _cached(st, ("key_words", dev), lambda: _lut_words(kaff[0]))
             consts["VW"] = _cached(st, ("value_words", dev), lambda: _lut_words(vlev))
