@@ -35,8 +35,9 @@ from kvquant.kernels.testing import synthetic_codec, synthetic_kv, synthetic_rop
 
 DEV = torch.device("cuda")
 DEADLINE = [float("inf")]
-SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}
-CONTEXTS = {"llama2-7b": [4096, 16384, 65536, 131072, 524288], "llama3-8b": [4096, 16384, 65536, 131072]}
+SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
+CONTEXTS = {"llama2-7b": [4096, 16384, 65536, 131072, 524288], "llama3-8b": [4096, 16384, 65536, 131072],
+            "smollm2-135m": [16384, 131072]}
 BITS = [4, 3, 2]
 # decode rows: head-group value storage (the fields kernel) at every width + the token-group storage (tiles kernel)
 METHODS = [(4, "head"), (3, "head"), (2, "head"), (3, "token")]
@@ -179,20 +180,23 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
                 for (b, vg), st in sts.items():
                     st.n_q = ctx - st.n_s
                     nbytes, _ = storage_bytes_read(st, st.n_q)
-                    kw = dict(KV_OPTS) if vg == "head" else {}
-                    impl = "kvquant-" + kernels.decode_kernel(q, st, **kw)  # the kernel that actually runs
-                    us = bench(lambda: kernels.decode_attention(q, st, scaling, **kw))  # noqa: B023
-                    name = f"nuq{b}-1pct" + ("" if vg == "head" else "-tokengroup")
-                    rows.append(dict(shape=shape, context=ctx, batch=B, method=name, impl=impl, value_group=vg,
-                                     bits=round(effective_bits(st), 3), outlier_fraction=0.01,
-                                     latency_us=round(us, 2), gbps=round(nbytes / (us * 1e-6) / 1e9, 1),
-                                     bw_fraction=round(nbytes / (us * 1e-6) / 1e9 / copy_bw, 3),
-                                     speedup_vs_best_fp16=round(best / us, 3)))
-                    if check and ctx == min(ctxs):
-                        out = kernels.decode_attention(q, st, scaling, **kw)
-                        ref = reference_decode_attention(q, st, scaling)
-                        checks.append(dict(kernel=f"{impl}_{name}", shape=shape, batch=B, context=ctx,
-                                           rel_err=rel(out.float(), ref.float())))
+                    kw0 = dict(KV_OPTS) if vg == "head" and D > 64 else {}
+                    # head_dim 64: the default kernel (natural since it was enabled there) and the tiles kernel that
+                    # ran before, side by side
+                    for kw in [kw0] + ([dict(kernel="tiles")] if vg == "head" and D == 64 else []):
+                        impl = "kvquant-" + kernels.decode_kernel(q, st, **kw)  # the kernel that actually runs
+                        us = bench(lambda: kernels.decode_attention(q, st, scaling, **kw))  # noqa: B023
+                        name = f"nuq{b}-1pct" + ("" if vg == "head" else "-tokengroup")
+                        rows.append(dict(shape=shape, context=ctx, batch=B, method=name, impl=impl, value_group=vg,
+                                         bits=round(effective_bits(st), 3), outlier_fraction=0.01,
+                                         latency_us=round(us, 2), gbps=round(nbytes / (us * 1e-6) / 1e9, 1),
+                                         bw_fraction=round(nbytes / (us * 1e-6) / 1e9 / copy_bw, 3),
+                                         speedup_vs_best_fp16=round(best / us, 3)))
+                        if check and ctx == min(ctxs):
+                            out = kernels.decode_attention(q, st, scaling, **kw)
+                            ref = reference_decode_attention(q, st, scaling)
+                            checks.append(dict(kernel=f"{impl}_{name}", shape=shape, batch=B, context=ctx,
+                                               rel_err=rel(out.float(), ref.float())))
                     st.n_q = cmax - st.n_s
                 log(rows[-5:])
             del kf, vf, sts
@@ -205,7 +209,8 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full"):
     prefetch, tokens per block, warps and register cap ("regs": a second, narrower pass); the tiles kernel
     (token-group values). The fastest correct fields configuration becomes KV_OPTS for the decode rows."""
     rows = res.setdefault("diag", [])
-    Hq, H, D = SHAPES["llama3-8b"]
+    shape = "smollm2-135m" if sweep == "d64" else "llama3-8b"
+    Hq, H, D = SHAPES[shape]
     q = torch.randn(1, Hq, 1, D, device=DEV).bfloat16()
     _, _, sts, _ = fill_storages(1, H, D, ctx, [(3, "head"), (3, "token")], want_fp16=False)
     best = None
@@ -235,28 +240,26 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full"):
                    for bt, nw, mr in ((32, 2, 0), (64, 2, 0), (32, 4, 0), (64, 4, 0))]
     if sweep == "default":  # the default launch (natural kernel) against the fields kernel's default, same run
         sweeps = [("fields", "head", {}), ("natural", "head", {})]
-    if sweep == "hipairs":  # the hi_pairs option (contiguous high-plane loads) against each kernel's default; the
-        # launches are the static-SASS candidates (benchmarks/gpu_runs/static_sass_2026-11-29.txt, gpu_notes.md)
-        sweeps = [("fields", "head", {}), ("natural", "head", {})]
-        sweeps += [(kn, "head", dict(block_t=32, num_warps=nw, maxnreg=mr, hi_pairs=True))
-                   for kn, nw, mr in (("fields", 4, 128), ("fields", 4, 0), ("fields", 4, 168), ("natural", 2, 0),
-                                      ("natural", 4, 0), ("natural", 4, 168))]
+    if sweep == "d64":  # head_dim 64 (SmolLM2-135M shape): the natural kernel's launches against the tiles kernel
+        sweeps = [("tiles", "head", {}), ("tiles", "token", {})]
+        sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw)) for bt, nw in ((32, 2), (64, 2), (32, 4),
+                                                                                       (64, 4), (128, 4))]
     refs = {grp: reference_decode_attention(q, st, D**-0.5).float() for (_, grp), st in sts.items()}
     for kernel, group, kw in sweeps:
         st = sts[(3, group)]
         nbytes, _ = storage_bytes_read(st, st.n_q)
         try:
-            kn = dict(kernel=kernel) if kernel in ("natural", "fields") else {}
+            kn = dict(kernel=kernel)
             err = rel(kernels.decode_attention(q, st, D**-0.5, **kn, **kw).float(), refs[group])
             us = bench(lambda: kernels.decode_attention(q, st, D**-0.5, **kn, **kw))  # noqa: B023
         except Exception as e:  # noqa: BLE001
             log("diag fail", kernel, kw, repr(e)[:300])
             rows.append(dict(kernel=kernel, value_group=group, **kw, error=repr(e)[:300]))
             continue
-        rows.append(dict(kernel=kernel, value_group=group, **kw, latency_us=round(us, 2),
+        rows.append(dict(shape=shape, kernel=kernel, value_group=group, **kw, latency_us=round(us, 2),
                          gbps=round(nbytes / (us * 1e-6) / 1e9, 1), rel_err=err))
         log(rows[-1])
-        if kernel in ("fields", "natural") and err < 1e-2 and (best is None or us < best[0]):
+        if kernel in ("fields", "natural") and sweep != "d64" and err < 1e-2 and (best is None or us < best[0]):
             best = (us, dict(kw, **kn))
     if best is not None:
         KV_OPTS.clear()
@@ -523,7 +526,7 @@ def main():
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
     ap.add_argument("--diag-sweep", default="full",
-                    choices=["full", "regs", "occupancy", "natural", "default", "hipairs"])
+                    choices=["full", "regs", "occupancy", "natural", "default", "d64"])
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

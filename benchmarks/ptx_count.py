@@ -136,7 +136,6 @@ def main():
     ap.add_argument("--ck", type=int, default=None, help="key slots (default: 1 tiles, 2 fields/natural)")
     ap.add_argument("--cv", type=int, nargs="*", default=None, help="value slots (default: 10 and 0 / 2)")
     ap.add_argument("--div", action="store_true", help="run-time divisibility hints (see the module docstring)")
-    ap.add_argument("--hi-pairs", action="store_true", help="fields/natural: the hi_pairs option (3-bit high plane)")
     a = ap.parse_args()
     tiles = a.kernel == "tiles"
     bt = a.bt or (64 if tiles else 32)
@@ -144,7 +143,7 @@ def main():
     cvs = a.cv if a.cv is not None else ([10, 0] if tiles else [2])
     fn = None if tiles else K._kvq_decode_fields_kernel
     extra = None if tiles else dict(LUTX=True, PREFETCH=False, F32=False, NATURAL=a.kernel == "natural",
-                                    RELOAD=False, WIDE=False, HIPAIR=a.hi_pairs)
+                                    RELOAD=False, WIDE=False)
     for bits in a.bits:
         for cv in cvs:
             k = compile_decode(bits=bits, cv=cv, ck=ck, bt=bt, num_warps=a.warps, fn=fn, maxnreg=a.maxnreg,
@@ -154,7 +153,6 @@ def main():
             smem = k.metadata.shared
             s = sass_loop(k.asm["cubin"])
             print(f"{a.kernel} nuq{bits} Ck={ck} Cv={cv} BT={bt} warps={a.warps} maxnreg={a.maxnreg} div={a.div} "
-                  f"hi_pairs={a.hi_pairs} "
                   f"(triton {triton.__version__}): PTX {n_lines} lines / {n_ins} instr, shared {smem} B"
                   + (f", SASS {s[0]} instr ({s[3]} local ld/st), hot loop {s[1]} instr" if s else ""))
             print("   PTX top:", ", ".join(f"{o} {c}" for o, c in ops.most_common(14)))

@@ -109,7 +109,7 @@ def test_quantize_append_head_group_d128_interpret():
 def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_lens=None, dtype=torch.bfloat16,
                  fill="kernel", use_dot=None, num_splits=None, tol=1e-2, frac=0.01, kernel=None, offsets=None,
                  gap_at=None, value_correction=None, prefetch=False, attention_scaling=1.0, lutx=None, reload=None,
-                 wide_loads=None, hi_pairs=None):
+                 wide_loads=None):
     st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill, frac=frac,
                                    offsets=offsets, gap_at=gap_at, attention_scaling=attention_scaling)
     g = torch.Generator().manual_seed(7)
@@ -121,7 +121,7 @@ def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_len
         mask = keep.to(device)
     out = kernels.decode_attention(q, st, D**-0.5, mask, num_splits=num_splits, use_dot=use_dot, kernel=kernel,
                                    value_correction=value_correction, prefetch=prefetch, lutx=lutx, reload=reload,
-                                   wide_loads=wide_loads, hi_pairs=hi_pairs)
+                                   wide_loads=wide_loads)
     ref = reference_decode_attention(q, st, D**-0.5, mask)
     assert out.shape == (B, Hq, 1, D) and out.dtype == dtype
     assert torch.isfinite(out).all()
@@ -179,23 +179,20 @@ def test_decode_natural_kernel_interpret(bits, reload):
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_decode_natural_kernel_d64_interpret():
+    # head_dim 64 (SmolLM2, Qwen2-0.5B): the default kernel for head-group storage; GQA 3 with left padding, and
+    # non-consecutive positions (per-element RoPE fallback)
+    st, _, _ = make_storage(1, 3, 64, 3, 40, 1, 0, "head", "cpu")
+    assert kernels.decode_kernel(torch.zeros(1, 9, 1, 64), st) == "natural"
+    check_decode(3, 9, 3, 64, 3, 100, 1, 5, "head", "cpu", mask_lens=[106, 80, 30], num_splits=2)
+    check_decode(2, 4, 4, 64, 2, 70, 1, 0, "head", "cpu", kernel="natural", offsets=[0, 7], gap_at=30, num_splits=2)
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
 def test_decode_natural_kernel_d256_mqa_fp16_interpret():
     # head_dim 256 (4 warps by default), MQA (8 query heads on 1 KV head), fp16 activations
     check_decode(2, 8, 1, 256, 3, 60, 1, 2, "head", "cpu", dtype=torch.float16, num_splits=2, kernel="natural",
                  mask_lens=[64, 40])
-
-
-@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
-@pytest.mark.parametrize("kernel,lutx", [("natural", True), ("fields", True), ("fields", False)])
-def test_decode_hi_pairs_same_result_interpret(kernel, lutx):
-    # hi_pairs only changes how the 3-bit high plane is loaded: bit-identical output, head- and token-group values
-    for group in ("head", "token"):
-        st, _, _ = make_storage(2, 2, 128, 3, 70, 1, 2, group, "cpu", frac=0.005)
-        q = torch.randn(2, 8, 1, 128).bfloat16()
-        a = kernels.decode_attention(q, st, 0.088, num_splits=2, kernel=kernel, lutx=lutx)
-        b = kernels.decode_attention(q, st, 0.088, num_splits=2, kernel=kernel, lutx=lutx, hi_pairs=True)
-        assert torch.equal(a, b), (kernel, lutx, group)
-        assert rel(b.float(), reference_decode_attention(q, st, 0.088).float()) < 1e-2
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
@@ -279,7 +276,8 @@ def test_quantize_append_gpu(bits, D):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("bits,D,dtype", [(3, 64, torch.bfloat16), (3, 128, torch.bfloat16), (3, 256, torch.float16),
+@pytest.mark.parametrize("bits,D,dtype", [(3, 64, torch.bfloat16), (2, 64, torch.float16), (4, 64, torch.bfloat16),
+                                          (3, 128, torch.bfloat16), (3, 256, torch.float16),
                                           (2, 128, torch.float16), (4, 128, torch.bfloat16)])
 def test_decode_gpu(bits, D, dtype):
     check_decode(3, 32, 8, D, bits, 3000, 1, 17, "token", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype)
@@ -294,7 +292,12 @@ def test_decode_gpu(bits, D, dtype):
         check_decode(3, 32, 8, D, bits, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype,
                      kernel="natural")
         check_decode(2, 8, 8, D, bits, 700, 1, 0, "head", "cuda", dtype=dtype, kernel="natural", offsets=[0, 77],
-                     gap_at=300, reload=True, hi_pairs=True)
+                     gap_at=300, reload=True)
+    if D == 64:  # the natural kernel, the default for head-group storage at head_dim 64 (SmolLM2's shape: GQA 3)
+        check_decode(3, 9, 3, D, bits, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype,
+                     kernel="natural")
+        check_decode(2, 8, 8, D, bits, 700, 1, 0, "head", "cuda", dtype=dtype, kernel="natural", offsets=[0, 77],
+                     gap_at=300)
 
 
 @pytest.mark.gpu

@@ -135,14 +135,14 @@ def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int =
 # ----------------------------------------------------------------------------------------------------------------
 def decode_attention(query, storage, scaling, attention_mask=None, num_splits=None, block_t=None, use_dot=None,
                      num_warps=None, kernel=None, value_correction=None, maxnreg=None, prefetch=False, lutx=None,
-                     reload=None, wide_loads=None, hi_pairs=None):
+                     reload=None, wide_loads=None):
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
     ``kernel``: ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key
-    dots and one value dot per block; head_dim >= 128, a per-channel affine key table and at most 4 key and 4 value
-    outlier slots per vector), ``"fields"`` (same conditions; twelve narrow dots per block, one per bit field),
-    ``"tiles"`` (interleave unpack; any head_dim / slot count) or None (natural for 3/4-bit storage and fields for
-    2-bit where they apply, else tiles; :func:`decode_kernel` says which).
+    dots and one value dot per block; a per-channel affine key table and at most 4 key and 4 value outlier slots per
+    vector), ``"fields"`` (same conditions and head_dim >= 128; twelve narrow dots per block, one per bit field),
+    ``"tiles"`` (interleave unpack; any slot count) or None (natural for 3/4-bit storage, and for 2-bit at head_dim 64;
+    fields for 2-bit at head_dim >= 128; else tiles; :func:`decode_kernel` says which).
     ``value_correction=True``: the tiles kernel's value-slot correction (a one-hot dot after P@V) instead of the
     per-slot overwrite (slower on the H200).
     ``prefetch=True``: the fields kernel loads block i + 1 while block i computes (off by default: no faster on the
@@ -153,9 +153,7 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     ``reload`` (natural kernel): re-read the loop invariants (query, RoPE table, key scale/zero) from L1 every block
     instead of holding them in registers (fewer registers per thread, more resident warps). ``wide_loads`` (natural
     kernel): read the packed codes as 32-bit words and split them into bytes in registers (off by default: slower
-    on the H200 at the default launch, benchmarks/gpu_decode.md). ``hi_pairs`` (fields and natural kernels, 3-bit):
-    load the high bit plane contiguously and pair its nibbles with the low bytes in registers; same values, wider
-    loads and 16-byte shared-memory stores in static SASS (benchmarks/gpu_notes.md), not yet timed on a GPU, so off.
+    on the H200 at the default launch, benchmarks/gpu_decode.md).
 
     A decode step is host-bound end to end, so everything that only changes when the storage is reallocated (the
     launch configuration, derived tables, tensor arguments and strides) is computed once and cached on the storage
@@ -169,7 +167,7 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     dev = query.device
     plan = _decode_plan(st, B, Hq, D, dev, _launch_options(num_splits, block_t, use_dot, num_warps, kernel,
                                                            value_correction, maxnreg, prefetch, lutx, reload,
-                                                           wide_loads, hi_pairs))
+                                                           wide_loads))
     if plan is None:
         from .reference import reference_decode_attention
 
@@ -215,10 +213,10 @@ def decode_kernel(query, storage, **options) -> str:
 
 
 def _launch_options(num_splits=None, block_t=None, use_dot=None, num_warps=None, kernel=None, value_correction=None,
-                    maxnreg=None, prefetch=False, lutx=None, reload=None, wide_loads=None, hi_pairs=None) -> tuple:
+                    maxnreg=None, prefetch=False, lutx=None, reload=None, wide_loads=None) -> tuple:
     """decode_attention's launch options (same names and defaults) as the tuple that keys its cached launch plan."""
     return (num_splits, block_t, use_dot, num_warps, kernel, value_correction, maxnreg, prefetch, lutx, reload,
-            wide_loads, hi_pairs)
+            wide_loads)
 
 
 def _s3(t, n):
@@ -244,7 +242,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     from . import _triton as K
 
     (num_splits, block_t, use_dot, num_warps, kernel, value_correction, maxnreg, prefetch, lutx, reload,
-     wide_loads, hi_pairs) = options
+     wide_loads) = options
     codec = getattr(st, "codec", None)
     if (st.key_lut is None or not getattr(st, "pre_rope", True)
             or (codec is not None and codec.key_mode != "channel")):
@@ -279,18 +277,19 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if not use_dot and group != 1:
         raise ValueError("use_dot=False needs MHA (one query head per KV head).")
     fields_ok = D >= 128 and kaff is not None and cv <= 4
+    natural_ok = (fields_ok or D == 64 and kaff is not None and cv <= 4) and ck <= 4 and lutx is not False
     if kernel is None:
         # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md: natural in run 13, fields in run 4): per layer
         # nuq4 425 vs 514 us, nuq3 372 vs 435 us, but nuq2 371 vs 291 us (the natural kernel's cost does not shrink
         # with the width), so 2-bit storage keeps the fields kernel
-        natural_ok = fields_ok and ck <= 4 and lutx is not False and bits >= 3
-        kernel = "natural" if natural_ok else "fields" if fields_ok else "tiles"
+        kernel = "natural" if natural_ok and (bits >= 3 or not fields_ok) else "fields" if fields_ok else "tiles"
     if kernel not in ("fields", "natural", "tiles"):
         raise ValueError(f"kernel must be 'fields', 'natural', 'tiles' or None, got {kernel!r}.")
-    if kernel in ("fields", "natural") and not fields_ok:
-        raise ValueError(f"the {kernel} kernel needs head_dim >= 128, an affine key table and <= 4 value slots.")
-    if kernel == "natural" and (lutx is False or ck > 4):
-        raise ValueError("the natural kernel uses the register lookup table: it needs lutx and <= 4 key slots.")
+    if kernel == "fields" and not fields_ok:
+        raise ValueError("the fields kernel needs head_dim >= 128, an affine key table and <= 4 value slots.")
+    if kernel == "natural" and not natural_ok:
+        raise ValueError("the natural kernel needs head_dim 64/128/256, an affine key table, <= 4 key and value "
+                         "outlier slots, and the register lookup table (lutx).")
     use_dot = use_dot or kernel in ("fields", "natural")
     gp = max(16, triton_next_pow2(group)) if use_dot else 1
     gr = triton_next_pow2(group)
@@ -314,7 +313,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if maxnreg and not interpreting():  # 0: no register cap
         consts["maxnreg"] = int(maxnreg)
     if kernel in ("fields", "natural"):
-        consts.update(NATURAL=kernel == "natural", HIPAIR=bool(hi_pairs), PREFETCH=bool(prefetch), LUTX=lutx)
+        consts.update(NATURAL=kernel == "natural", PREFETCH=bool(prefetch), LUTX=lutx)
         if kernel == "natural":
             if bt < 32:
                 raise ValueError(f"the natural kernel needs block_t >= 32, got {bt}.")

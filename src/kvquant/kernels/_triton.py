@@ -599,8 +599,7 @@ def _quant_values(
 # element.
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _planes_raw(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask, HIPAIR: tl.constexpr = False,
-                WIDE: tl.constexpr = False):
+def _planes_raw(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask, WIDE: tl.constexpr = False):
     """Packed bytes of a [BT, W] block as loaded (u8; 4-bit: u16 words), and for 3 bits the high-plane nibble of
     each low byte in the low bits of a u8. WIDE: through 32-bit loads (_planes_w)."""
     if WIDE:
@@ -612,13 +611,7 @@ def _planes_raw(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask
         return w, w
     else:
         lo = tl.load(rows[:, None] + lo_off + j[None, :], mask=m, other=0)
-        if BITS == 3 and HIPAIR:
-            # the W/2 high-plane bytes loaded contiguously, then each nibble paired with its low byte in registers:
-            # the same values; in static sm_90 SASS the j // 2 index below makes Triton load and lay out the whole
-            # dequantisation one byte per lane (single-byte loads, one 16-bit shared store per element)
-            h8 = tl.load(rows[:, None] + hi_off + tl.arange(0, W // 2)[None, :], mask=m, other=0)
-            hi = tl.interleave(h8, h8 >> 4)
-        elif BITS == 3:
+        if BITS == 3:
             hi = tl.load(rows[:, None] + hi_off + (j // 2)[None, :], mask=m, other=0).to(tl.int32)
             hi = (hi >> (4 * (j % 2))[None, :]).to(tl.uint8)
         else:
@@ -627,10 +620,9 @@ def _planes_raw(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask
 
 
 @triton.jit
-def _planes(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask, HIPAIR: tl.constexpr = False,
-            WIDE: tl.constexpr = False):
+def _planes(rows, lo_off, hi_off, W: tl.constexpr, BITS: tl.constexpr, tmask, WIDE: tl.constexpr = False):
     """_planes_raw as int32 (the gather path's code arithmetic)."""
-    lo, hi = _planes_raw(rows, lo_off, hi_off, W, BITS, tmask, HIPAIR, WIDE)
+    lo, hi = _planes_raw(rows, lo_off, hi_off, W, BITS, tmask, WIDE)
     return lo.to(tl.int32), hi.to(tl.int32)
 
 
@@ -857,33 +849,33 @@ def _block_start(pos, taui, tmask):
 
 @triton.jit
 def _fetch_keys(t0, q_hi, taui, QPOS, qpos_row, kc_base, skc_t, k_half, D: tl.constexpr, NKC: tl.constexpr,
-                BITS: tl.constexpr, LUTX: tl.constexpr, HIPAIR: tl.constexpr = False, WIDE: tl.constexpr = False):
+                BITS: tl.constexpr, LUTX: tl.constexpr, WIDE: tl.constexpr = False):
     """Positions and packed key bytes of one block of the fields kernel."""
     t = t0 + taui
     tmask = t < q_hi
     pos = tl.load(QPOS + qpos_row + t, mask=tmask, other=0)
     krow = kc_base + t * skc_t
     if LUTX:
-        lo1, hi1 = _planes_raw(krow, 0, D // 4, NKC, BITS, tmask, HIPAIR, WIDE)
-        lo2, hi2 = _planes_raw(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask, HIPAIR, WIDE)
+        lo1, hi1 = _planes_raw(krow, 0, D // 4, NKC, BITS, tmask, WIDE)
+        lo2, hi2 = _planes_raw(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask, WIDE)
     else:
-        lo1, hi1 = _planes(krow, 0, D // 4, NKC, BITS, tmask, HIPAIR, WIDE)
-        lo2, hi2 = _planes(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask, HIPAIR, WIDE)
+        lo1, hi1 = _planes(krow, 0, D // 4, NKC, BITS, tmask, WIDE)
+        lo2, hi2 = _planes(krow, k_half, D // 4 + D // 16, NKC, BITS, tmask, WIDE)
     return pos, lo1, hi1, lo2, hi2
 
 
 @triton.jit
 def _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base, svs_t, NVC: tl.constexpr,
-                  BITS: tl.constexpr, LUTX: tl.constexpr, HIPAIR: tl.constexpr = False, WIDE: tl.constexpr = False):
+                  BITS: tl.constexpr, LUTX: tl.constexpr, WIDE: tl.constexpr = False):
     """Packed value bytes and per-token zero/scale of one block of the fields kernel (LUTX: fp16 as stored)."""
     t = t0 + taui
     tmask = t < q_hi
     if LUTX:
-        vlo, vhi = _planes_raw(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask, HIPAIR, WIDE)
+        vlo, vhi = _planes_raw(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask, WIDE)
         vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
         vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
     else:
-        vlo, vhi = _planes(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask, HIPAIR, WIDE)
+        vlo, vhi = _planes(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask, WIDE)
         vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
         vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
     return vlo, vhi, vz, vsc
@@ -910,7 +902,6 @@ def _kvq_decode_fields_kernel(
     F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
     PREFETCH: tl.constexpr = False, LUTX: tl.constexpr = False, KW=None, VW=None, KDLH=None,
     NATURAL: tl.constexpr = False, RELOAD: tl.constexpr = False, TAU=None, WIDE: tl.constexpr = False,
-    HIPAIR: tl.constexpr = False,
 ):
     """The fields kernel, and with NATURAL the natural kernel (LUTX levels; its own RELOAD / TAU / WIDE options):
     same launch contract, same partials."""
@@ -956,9 +947,9 @@ def _kvq_decode_fields_kernel(
                 t = t0 + taui
                 tmask = t < q_hi
                 pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D,
-                                                      NKC, BITS, True, HIPAIR, WIDE)
+                                                      NKC, BITS, True, WIDE)
                 vlo, vhi, vz, vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
-                                                  vs_base, svs_t, NVC, BITS, True, HIPAIR, WIDE)
+                                                  vs_base, svs_t, NVC, BITS, True, WIDE)
                 ksl = _slots(KOI, KOV, ko_base + t * sko_t, CK, 0, tmask)
                 vsl = _slots(VOI, VOV, vo_base + t * svo_t, CV, v_idx_off, tmask)
                 if RELOAD:  # loop invariants re-read from L1 every block: fewer registers, more resident warps
@@ -1023,9 +1014,9 @@ def _kvq_decode_fields_kernel(
             taui = tl.arange(0, BT)
             if PREFETCH:  # software double buffering: block i + 1's loads are in flight while block i computes
                 pos, lo1, hi1, lo2, hi2 = _fetch_keys(q_lo, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D, NKC,
-                                                      BITS, LUTX, HIPAIR)
+                                                      BITS, LUTX)
                 vlo, vhi, vz, vsc = _fetch_values(q_lo, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base,
-                                                  svs_t, NVC, BITS, LUTX, HIPAIR)
+                                                  svs_t, NVC, BITS, LUTX)
             for t0 in range(q_lo, q_hi, BT):
                 t = t0 + taui
                 tmask = t < q_hi
@@ -1033,12 +1024,12 @@ def _kvq_decode_fields_kernel(
                     c_pos, c_lo1, c_hi1, c_lo2, c_hi2 = pos, lo1, hi1, lo2, hi2
                     c_vlo, c_vhi, c_vz, c_vsc = vlo, vhi, vz, vsc
                     pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0 + BT, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half,
-                                                          D, NKC, BITS, LUTX, HIPAIR)
+                                                          D, NKC, BITS, LUTX)
                     vlo, vhi, vz, vsc = _fetch_values(t0 + BT, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
-                                                      vs_base, svs_t, NVC, BITS, LUTX, HIPAIR)
+                                                      vs_base, svs_t, NVC, BITS, LUTX)
                 else:
                     c_pos, c_lo1, c_hi1, c_lo2, c_hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t,
-                                                                    k_half, D, NKC, BITS, LUTX, HIPAIR)
+                                                                    k_half, D, NKC, BITS, LUTX)
                 p0, contig = _block_start(c_pos, taui, tmask)
                 p0f = p0.to(tl.float32)
                 if contig:
@@ -1086,7 +1077,7 @@ def _kvq_decode_fields_kernel(
                 p16 = p.to(tl.float16)
                 if not PREFETCH:
                     c_vlo, c_vhi, c_vz, c_vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ,
-                                                              VS, vs_base, svs_t, NVC, BITS, LUTX, HIPAIR)
+                                                              VS, vs_base, svs_t, NVC, BITS, LUTX)
                 vo_row = vo_base + t * svo_t
                 if LUTX:
                     lv0, lv1, lv2, lv3 = _lut_fields(c_vlo, c_vhi, VW, VLEVH, BITS, F32)
