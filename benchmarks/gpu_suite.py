@@ -203,7 +203,7 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
             torch.cuda.empty_cache()
 
 
-def diag_section(res, copy_bw, ctx=131072, sweep="full"):
+def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
     """Launch-parameter sweep at Llama-3-8B 128K batch 1, nuq3-1%, each row with its error against the reference:
     the fields kernel (head-group values) with the gather path and with the register lookup table (lutx) over
     prefetch, tokens per block, warps and register cap ("regs": a second, narrower pass); the tiles kernel
@@ -211,8 +211,8 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full"):
     rows = res.setdefault("diag", [])
     shape = "smollm2-135m" if sweep == "d64" else "llama3-8b"
     Hq, H, D = SHAPES[shape]
-    q = torch.randn(1, Hq, 1, D, device=DEV).bfloat16()
-    _, _, sts, _ = fill_storages(1, H, D, ctx, [(3, "head"), (3, "token")], want_fp16=False)
+    q = torch.randn(batch, Hq, 1, D, device=DEV).bfloat16()
+    _, _, sts, _ = fill_storages(batch, H, D, ctx, [(3, "head"), (3, "token")], want_fp16=False)
     best = None
     # lutx=False: the fp32 gather path (the previous default, 128 registers); lutx=True: register lookup + fp16 math
     sweeps = [("fields", "head", dict(lutx=False, block_t=32, num_warps=4, maxnreg=mr, prefetch=False))
@@ -240,10 +240,13 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full"):
                    for bt, nw, mr in ((32, 2, 0), (64, 2, 0), (32, 4, 0), (64, 4, 0))]
     if sweep == "default":  # the default launch (natural kernel) against the fields kernel's default, same run
         sweeps = [("fields", "head", {}), ("natural", "head", {})]
+    if sweep == "blocks":  # the natural kernel's default against larger blocks with more warps (Llama-3-8B shape)
+        sweeps = [("natural", "head", {})]
+        sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw)) for bt, nw in ((64, 4), (64, 8), (128, 8))]
     if sweep == "d64":  # head_dim 64 (SmolLM2-135M shape): the natural kernel's launches against the tiles kernel
         sweeps = [("tiles", "head", {}), ("tiles", "token", {})]
-        sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw)) for bt, nw in ((32, 2), (64, 2), (32, 4),
-                                                                                       (64, 4), (128, 4))]
+        sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw)) for bt, nw in ((32, 2), (64, 4), (128, 4),
+                                                                                       (128, 8), (256, 4), (256, 8))]
     refs = {grp: reference_decode_attention(q, st, D**-0.5).float() for (_, grp), st in sts.items()}
     for kernel, group, kw in sweeps:
         st = sts[(3, group)]
@@ -256,7 +259,7 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full"):
             log("diag fail", kernel, kw, repr(e)[:300])
             rows.append(dict(kernel=kernel, value_group=group, **kw, error=repr(e)[:300]))
             continue
-        rows.append(dict(shape=shape, kernel=kernel, value_group=group, **kw, latency_us=round(us, 2),
+        rows.append(dict(shape=shape, batch=batch, kernel=kernel, value_group=group, **kw, latency_us=round(us, 2),
                          gbps=round(nbytes / (us * 1e-6) / 1e9, 1), rel_err=err))
         log(rows[-1])
         if kernel in ("fields", "natural") and sweep != "d64" and err < 1e-2 and (best is None or us < best[0]):
@@ -525,8 +528,8 @@ def main():
     ap.add_argument("--gen-layers", type=int, default=32)
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
-    ap.add_argument("--diag-sweep", default="full",
-                    choices=["full", "regs", "occupancy", "natural", "default", "d64"])
+    ap.add_argument("--diag-sweep", default="full", help="comma list of: full, regs, occupancy, natural, default, "
+                    "blocks, d64")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -544,7 +547,8 @@ def main():
     res["copy_bandwidth_gbps"] = round(copy_bandwidth(), 1) if "bw" in secs else 4213.0
     log("copy bandwidth GB/s", res["copy_bandwidth_gbps"])
     for name, fn in (
-        ("diag", lambda: diag_section(res, res["copy_bandwidth_gbps"], sweep=args.diag_sweep)),
+        ("diag", lambda: [diag_section(res, res["copy_bandwidth_gbps"], sweep=sw, batch=b)
+                          for sw in args.diag_sweep.split(",") for b in ((1, 8) if sw == "d64" else (1,))]),
         ("quant", lambda: quant_speed(res)),
         ("capacity_first", None),
         ("decode", lambda: decode_section(res, res["copy_bandwidth_gbps"], args.shapes.split(","),

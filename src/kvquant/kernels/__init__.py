@@ -293,8 +293,11 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     use_dot = use_dot or kernel in ("fields", "natural")
     gp = max(16, triton_next_pow2(group)) if use_dot else 1
     gr = triton_next_pow2(group)
-    bt = block_t or (32 if kernel in ("fields", "natural") or D > 128 else 64)
-    num_warps = num_warps or (2 if kernel == "natural" and D <= 128 else 4)
+    # H200 launch sweeps (benchmarks/gpu_decode.md): natural at d128 BT 32 / 2 warps (run 13); at d64 (SmolLM2-135M
+    # shape, 128K, nuq3) BT 128 / 4 warps: 112 us vs 197 at BT 32 / 2 warps and 167 for the tiles kernel (run 16)
+    nat64 = kernel == "natural" and D == 64
+    bt = block_t or (128 if nat64 else 32 if kernel in ("fields", "natural") or D > 128 else 64)
+    num_warps = num_warps or (2 if kernel == "natural" and D == 128 else 4)
     lutx = bool(kernel == "natural" or kernel == "fields" and (LUTX_DEFAULT and ck <= 4 if lutx is None else lutx))
     if lutx and ck > 4:
         raise ValueError(f"lutx=True handles <= 4 key outlier slots per vector (this storage has {ck}); "
