@@ -313,6 +313,35 @@ def test_fp16_decode_gpu():
 
 @pytest.mark.gpu
 @gpu
+def test_decode_steps_reuse_one_compiled_variant_gpu():
+    """Decode steps change the lengths (n_q passes 1-valued and multiple-of-16 values, which Triton specialises on
+    unless told not to): after one warm-up step, no kernel compiles a new variant (no JIT stalls mid-generation)."""
+    from kvquant.kernels import _triton as K
+
+    H, D, B = 8, 128, 2
+    st, codec, rope = make_storage(B, H, D, 3, 40, 1, 0, "head", "cuda")  # capacity 64: no reallocation below
+    q = torch.randn(B, 4 * H, 1, D, device="cuda").bfloat16()
+    fns = (K._kvq_decode_fields_kernel, K._quant_kv_kernel, K._reduce_kernel)
+
+    def step(i):
+        pos = torch.full((B, 1), 41 + i, device="cuda")
+        k, v = synthetic_kv(codec, rope, B, 1, pos.cpu(), seed=i)
+        kernels.quantize_append(st, k.cuda(), v.cuda(), pos)
+        n = st.n_s + st.n_q
+        kernels.decode_attention(q, st, 0.088)
+        kernels.decode_attention(q, st, 0.088, torch.ones(B, n, dtype=torch.bool, device="cuda"))
+
+    step(0)
+    dev = torch.cuda.current_device()
+    before = [len(f.device_caches[dev][0]) for f in fns]
+    for i in range(1, 20):  # n_q 42 .. 60, through 48
+        step(i)
+    torch.cuda.synchronize()
+    assert [len(f.device_caches[dev][0]) for f in fns] == before
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("R", [0, 3])
 def test_decode_step_has_no_host_sync_gpu(R):
     """A steady decode step of one layer (cache update: quantize-and-append; attention: fused kernel + reduce, with a

@@ -199,7 +199,13 @@ def _dense_regions(q1, q2, m_i, l_i, acc, b, h, ns_hi, nw_hi, n_s, n_q, SK, SV, 
     return m_i, l_i, acc
 
 
-@triton.jit
+# Scalars that change from one decode step to the next (lengths, split sizes, the mask's row stride): Triton would
+# otherwise compile a new variant whenever one of them becomes 1 or a multiple of 16 (seconds of JIT compilation in
+# the middle of a generation); none of them sets the alignment of a vector load.
+_DECODE_DYNAMIC = ("smask_b", "n_s", "n_q", "n_w", "chunk", "NSPLIT_Q")
+
+
+@triton.jit(do_not_specialize=_DECODE_DYNAMIC)
 def _kvq_decode_kernel(
     Q, PACC, PM, PL,
     KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS,
@@ -355,7 +361,7 @@ def _kvq_decode_kernel(
     tl.store(PL + row, l_i, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("smask_b", "T", "chunk", "NSPLIT"))
 def _fp16_decode_kernel(
     Q, PACC, PM, PL, K, V, MASK, qk_scale,
     sqb, sqh, skb, skh, skt, svb, svh, svt, smask_b,
@@ -391,7 +397,7 @@ def _fp16_decode_kernel(
     tl.store(PL + row, l_i, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("NSPLIT",))
 def _reduce_kernel(PACC, PM, PL, OUT, so_b, so_h, HQ, NSPLIT, SP: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HQ
@@ -881,7 +887,7 @@ def _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs
     return vlo, vhi, vz, vsc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DECODE_DYNAMIC)
 def _kvq_decode_fields_kernel(
     Q, PACC, PM, PL,
     KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS,
@@ -1182,7 +1188,7 @@ def _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU, ch, taui, HALF: tl.co
             tl.load(kso + HALF).to(tl.float16)[None, :], tl.load(kzo + HALF).to(tl.float16)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("T", "t_off", "n_key_progs", "n_tk", "n_tv"))
 def _quant_kv_kernel(
     K, POS, KZ, KS, KLUT, KBND, INVF, rope_scale,
     KC, KOI, KOV, QPOS,
