@@ -28,6 +28,10 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run12_2026-11-29": "b242e47 (natural kernel: wide_loads option)",
     "run13_2026-11-29": "ae896af (natural kernel the default at every width)",
     "run14_2026-11-29": "a1d5123 (natural kernel the default for 3/4-bit storage, fields for 2-bit)",
+    "run15_2026-11-29": "620c395 (hi_pairs option; removed after this run, bb639bd)",
+    "run16_2026-11-29": "bb639bd (natural kernel enabled at head_dim 64, BT 32 / 2 warps)",
+    "run17_2026-11-29": "5d9cf30 (natural kernel at head_dim 64 with BT 128 / 4 warps by default)",
+    "run18_2026-11-29": "92ea1fd (per-step scalars not specialised by Triton)",
 }
 
 # gpu_suite.py labelled every head-group KVQuant row "kvquant-fields" until it asked the library which kernel ran
@@ -63,6 +67,22 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                         "(natural kernel); StaticCache and quanto int4 are in run 9 below. Every round has its own "
                         "prompt length. KVQuant's peak memory includes the fix of 4def698 (no fp16 copy of the "
                         "prompt kept alive); it matches the 32.9 GiB predicted from run 9.",
+    "run15_2026-11-29": ("The hi_pairs option (3-bit high plane loaded contiguously, nibbles paired in "
+                         "registers) at the launches static SASS favoured. Natural kernel: 344 us at 4 warps vs 342 "
+                         "us for the default (no gain). Fields kernel: 328-450 us but a relative error of 1.6 on the "
+                         "GPU (bit-identical under the interpreter): a miscompile of that variant, not investigated. "
+                         "The option was removed after this run."),
+    "run16_2026-11-29": "head_dim 64 (SmolLM2-135M shape: 9 query / 3 KV heads). Batch 1 rows sit near the host's "
+                        "launch floor (about 90-240 us for any kernel) and move between runs; batch 8 at 128K is "
+                        "kernel-bound. The sweep chose BT 128 / 4 warps as the head_dim 64 default (run 17 measures "
+                        "it).",
+    "run17_2026-11-29": "Decode rows of the SmolLM2-135M shape with the natural kernel's head_dim 64 default (BT 128, "
+                        "4 warps) next to the tiles kernel it replaces; the token-group storage has 2 value slots "
+                        "per vector at this shape, so it runs the natural kernel too. Batch 1 rows sit near the "
+                        "host's launch floor. The Llama-3-8B 'blocks' sweep: larger blocks are slower than the "
+                        "default (407-541 vs 345 us).",
+    "run18_2026-11-29": "Preceded in the same call by the whole GPU test suite (15 passed). The default sweep checks "
+                        "that not specialising the per-step scalars costs nothing: natural 335 us, fields 433 us.",
     "run9_2026-11-29": "Run with `PYTHONPATH=src:/root/site` after installing the carried optimum-quanto and ninja "
                        "wheels into /root/site. Every round has its own prompt length (ctx + 97 r), so no key length "
                        "repeats. fp16 DynamicCache pays cuDNN's SDPA planning at every new key length (the default "
@@ -112,7 +132,8 @@ def decode_report(runs, out):
         if not keep and r.get("diag"):
             envs.append((name, r["env"]))
         qa = r.get("quantize_append") or qa
-    rows.sort(key=lambda x: (x["shape"] != "llama3-8b", x["batch"], x["context"]))
+    order = {"llama3-8b": 0, "llama2-7b": 1}
+    rows.sort(key=lambda x: (order.get(x["shape"], 2), x["shape"], x["batch"], x["context"]))
     dec = {"gpu": envs[0][1]["gpu"], "copy_bandwidth_gbps": bw, "runs": {n: e for n, e in envs}, "rows": rows,
            "checks": checks, "diag": diag, "quantize_append": qa}
     json.dump(dec, open(os.path.join(out, "gpu_decode.json"), "w"), indent=1)
@@ -143,20 +164,23 @@ def decode_report(runs, out):
             md += (f"| {c['run']} | {c['kernel']} | {c['shape']} | {c['batch']} | {c['context']} | "
                    f"{c['rel_err']:.2e} |\n")
     if diag:
-        md += ("\nLaunch sweep (Llama-3-8B shape, 128K, batch 1, nuq3-1%); the fastest configuration is the "
-               "library default. lutx = register lookup table + fp16 dequantisation (False: fp32 gathers); max regs "
+        md += ("\nLaunch sweeps (128K, nuq3-1%; Llama-3-8B shape and batch 1 unless the row says otherwise); the "
+               "fastest configuration is the library default. hi pairs = the removed hi_pairs option (run 15). "
+               "lutx = register lookup table + fp16 dequantisation (False: fp32 gathers); max regs "
                "0 = no cap; splits empty = the default split count; an empty row = that kernel's default launch at "
                "the time of the run; reload / wide = the natural kernel's reload and wide_loads options; rel. "
                "error vs the float32 reference:\n\n"
-               "| run | kernel | value group | lutx | BT | warps | max regs | prefetch | reload | wide | splits | "
-               "value-slot correction | us | GB/s | rel. error |\n" + "|---" * 15 + "|\n")
+               "| run | shape | batch | kernel | value group | lutx | BT | warps | max regs | prefetch | reload | "
+               "wide | hi pairs | splits | value-slot correction | us | GB/s | rel. error |\n" + "|---" * 18 + "|\n")
         for d in diag:
             if "latency_us" not in d:
                 continue
             err = f"{d['rel_err']:.1e}" if "rel_err" in d else ""
-            md += (f"| {d['run']} | {d.get('kernel', 'tiles')} | {d.get('value_group', '')} | {d.get('lutx', '')} | "
+            md += (f"| {d['run']} | {d.get('shape', 'llama3-8b')} | {d.get('batch', 1)} | {d.get('kernel', 'tiles')} | "
+                   f"{d.get('value_group', '')} | {d.get('lutx', '')} | "
                    f"{d.get('block_t', '')} | {d.get('num_warps', '')} | {d.get('maxnreg', '')} | "
                    f"{d.get('prefetch', '')} | {d.get('reload', '')} | {d.get('wide_loads', '')} | "
+                   f"{d.get('hi_pairs', '')} | "
                    f"{d.get('num_splits') or ''} | "
                    f"{d.get('value_correction', '')} | {d['latency_us']} | {d['gbps']} | {err} |\n")
     if qa:
