@@ -397,7 +397,9 @@ def synthetic_nuq3_quantizer(model, n_layers):
 
 
 GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1pct-reference",
-              "kvquant-nuq3-1pct-fused")
+              "kvquant-nuq3-1pct-fused", "kvquant-nuq3-1pct-fused-eager")
+# -fused: the library default on CUDA (fused kernels, decode steps as CUDA-graph replays); -fused-eager: the same
+# kernels launched one by one (KVQUANT_CUDA_GRAPHS=0); -reference: the PyTorch path (KVQUANT_FUSED_DECODE=0)
 # (value_group "head": the fields kernel)
 
 
@@ -429,6 +431,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
 
     def make_cache(name, max_len):
         os.environ["KVQUANT_FUSED_DECODE"] = "0" if name.endswith("-reference") else "1"
+        os.environ["KVQUANT_CUDA_GRAPHS"] = "0" if name.endswith("-eager") else "1"
         if name == "dynamic":
             return DynamicCache(config=model.config)
         if name == "static":  # preallocated fp16 cache (no per-step concatenation)
@@ -486,6 +489,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
                              prefill_s=round(best["prefill"], 2), layers=n_layers,
                              peak_mem_gib=round(max(r["peak"] for r in ok), 1)))
     os.environ.pop("KVQUANT_FUSED_DECODE", None)
+    os.environ.pop("KVQUANT_CUDA_GRAPHS", None)
     res["generate"] = dict(model="random-weight Llama-3-8B shape (bf16)", layers=n_layers, new_tokens=new_tokens,
                            via="model.generate", rounds=reps, rows=rows)
 

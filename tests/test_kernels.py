@@ -179,6 +179,37 @@ def test_decode_natural_kernel_interpret(bits, reload):
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("kernel", ["natural", "fields"])
+def test_device_lengths_interpret(kernel):
+    # the CUDA-graph mode (kernels.graphs): the append offset and the attention's quantized length come from an int32
+    # device tensor, over a fixed split count (here most splits are empty); the host length is left to the caller
+    B, H, D = 2, 2, 128
+    st, codec, rope = make_storage(B, H, D, 3, 50, 1, 0, "head", "cpu")
+    twin, _, _ = make_storage(B, H, D, 3, 50, 1, 0, "head", "cpu")
+    pos = torch.full((B, 1), 51)
+    k, v = synthetic_kv(codec, rope, B, 1, pos, seed=9)
+    kernels.quantize_append(st, k, v, pos)
+    lens = torch.tensor([twin.n_q], dtype=torch.int32)
+    kernels._ensure_capacity(twin, codec, B, twin.n_q + 1)
+    kernels.quantize_append(twin, k, v, pos, lengths=lens)
+    assert twin.n_q == 50
+    twin.n_q = 51
+    for name in ("k_codes", "k_out_idx", "k_out_val", "v_codes", "v_zero", "v_scale", "v_out_idx", "v_out_val"):
+        assert torch.equal(getattr(st, name)[:, :, :51], getattr(twin, name)[:, :, :51]), name
+    assert torch.equal(st.q_pos[:, :51], twin.q_pos[:, :51])
+    q = torch.randn(B, 4 * H, 1, D).bfloat16()
+    for n in (51, 45):  # the kernel follows the device length, not the host's (51)
+        lens.fill_(n)
+        got = kernels.decode_attention(q, twin, 0.088, kernel=kernel, num_splits=6, lengths=lens)
+        twin.n_q = n
+        ref = reference_decode_attention(q, twin, 0.088)
+        twin.n_q = 51
+        assert rel(got.float(), ref.float()) < 1e-2, n
+    with pytest.raises(ValueError, match="fixed num_splits"):
+        kernels.decode_attention(q, twin, 0.088, kernel=kernel, lengths=lens)
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
 def test_decode_natural_kernel_d64_interpret():
     # head_dim 64 (SmolLM2, Qwen2-0.5B): the default kernel for head-group storage; GQA 3 with left padding, and
     # non-consecutive positions (per-element RoPE fallback)
@@ -342,10 +373,11 @@ def test_decode_steps_reuse_one_compiled_variant_gpu():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("R", [0, 3])
-def test_decode_step_has_no_host_sync_gpu(R):
+@pytest.mark.parametrize("R,masked", [(0, True), (3, True), (0, False)])
+def test_decode_step_has_no_host_sync_gpu(R, masked):
     """A steady decode step of one layer (cache update: quantize-and-append; attention: fused kernel + reduce, with a
-    4-D mask) never waits for the GPU: torch's sync-debug mode raises on any synchronising call."""
+    4-D mask; without a mask and R = 0: the CUDA-graph replay) never waits for the GPU: torch's sync-debug mode
+    raises on any synchronising call."""
     from kvquant import KVQuantCache
     from kvquant.cache.attention import kvquant_attention_forward
     from kvquant.models import model_identity, tiny_random_model
@@ -364,7 +396,7 @@ def test_decode_step_has_no_host_sync_gpu(R):
         q = torch.randn(1, Hq, 1, D, device="cuda")
         keys, values = cache.update(k, torch.randn_like(k), 0)
         n = cache.get_seq_length()
-        mask = torch.ones(1, 1, 1, n, dtype=torch.bool, device="cuda")
+        mask = torch.ones(1, 1, 1, n, dtype=torch.bool, device="cuda") if masked else None
         return kvquant_attention_forward(attn, q, keys, values, mask, scaling=D ** -0.5)[0]
 
     step(40)  # prefill
@@ -379,6 +411,38 @@ def test_decode_step_has_no_host_sync_gpu(R):
     assert torch.isfinite(out).all()
     plans = [v[1] for k, v in cache.layers[0].storage._kernel_cache.items() if k[0] == "plan"]
     assert plans and all(p is not None for p in plans), "the step ran the reference path, not the fused kernel"
+    graph = getattr(cache.layers[0].storage, "_decode_graph", None)
+    assert (graph is not None and graph.graph is not None) == (R == 0 and not masked)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graph_generate_matches_eager_gpu(monkeypatch):
+    """generate with the CUDA-graph decode steps (kernels.graphs) gives the eager fused path's tokens, through
+    reallocations of the storage (re-recorded graphs), and the graphs are used."""
+    from kvquant import KVQuantCache
+    from kvquant.models import model_identity, tiny_random_model
+    from kvquant.quantizer import Quantizer, QuantizerConfig
+
+    model = tiny_random_model("llama", head_dim=128).cuda().to(torch.bfloat16)
+    cfg = model.config
+    H, D = cfg.num_key_value_heads, cfg.head_dim
+    quant = Quantizer(QuantizerConfig(bits=3, n_sinks=1, recent_window=0, value_group="head"), model_identity(model),
+                      [synthetic_codec(H, D, 3, 0.01, "head", seed=i) for i in range(cfg.num_hidden_layers)])
+    ids = torch.randint(0, cfg.vocab_size, (2, 50), generator=torch.Generator().manual_seed(0)).cuda()
+    outs, caches = [], []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("KVQUANT_CUDA_GRAPHS", flag)
+        cache = KVQuantCache(quant, model)
+        with torch.no_grad():
+            outs.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                       max_new_tokens=60, min_new_tokens=60, do_sample=False))
+        caches.append(cache)
+    assert torch.equal(outs[0], outs[1])
+    for layer in caches[1].layers:  # 50 + 60 tokens: the capacity grows past 64, so each layer re-recorded once
+        graph = getattr(layer.storage, "_decode_graph", None)
+        assert graph is not None and graph.graph is not None and graph.stamp is layer.storage.k_codes
+    assert all(getattr(layer.storage, "_decode_graph", None) is None for layer in caches[0].layers)
 
 
 @pytest.mark.parametrize("R", [0, 3])

@@ -5,6 +5,9 @@
 * ``("kernel", storage)``: decode step (q_len == 1) on a device where :mod:`kvquant.kernels` is available; the
   fused kernel reads the compressed :class:`~kvquant.cache.storage.LayerStorage` directly and the key/value tensors
   handed to attention are placeholders.
+* ``("graph", storage, k, v, positions)``: a steady decode step on CUDA (:mod:`kvquant.kernels.graphs`): the new
+  token is not appended yet; the append and the attention run here, as one CUDA-graph replay when the call
+  qualifies (no mask), else eagerly.
 * ``("band", k_fp, v_fp, R)``: a multi-token step with an fp16 recent window R: each query sees the unquantized
   keys/values of its R most recent positions and the quantized ones before (what decoding token by token gives).
 
@@ -76,6 +79,18 @@ def kvquant_attention_forward(module, query, key, value, attention_mask, dropout
             from .. import kernels
 
             out = kernels.decode_attention(query, note[1], scale, attention_mask)  # [B, Hq, 1, D]
+            return out.transpose(1, 2).contiguous(), None
+        if note[0] == "graph":  # steady decode step: append + attention as one CUDA-graph replay, or eagerly
+            from .. import kernels
+            from ..kernels.graphs import LayerDecodeGraph
+
+            _, st, k, v, pos = note
+            graph = LayerDecodeGraph.for_storage(st)
+            if graph.applies(query, attention_mask):
+                out = graph.step(k, v, pos, query, scale)
+            else:
+                st.append(k, v, pos)
+                out = kernels.decode_attention(query, st, scale, attention_mask)
             return out.transpose(1, 2).contiguous(), None
         if note[0] == "band" and note[1].shape[2] == key.shape[2]:
             _, k_fp, v_fp, window = note

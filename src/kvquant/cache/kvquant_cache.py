@@ -57,6 +57,12 @@ def install_position_hook(rotary: torch.nn.Module) -> None:
 _KERNEL_OK: dict[str, bool] = {}
 
 
+def _steady_decode(storage, t: int) -> bool:
+    from ..kernels.graphs import LayerDecodeGraph
+
+    return LayerDecodeGraph.steady(storage, t)
+
+
 def kernels_available(device: torch.device) -> bool:
     """Whether decode steps (and encoding) go through the fused Triton kernels.
 
@@ -151,6 +157,11 @@ class KVQuantLayer(CacheLayerMixin):
         band = R > 0 and t > 1 and not exact and c._uses_kvquant_attention()
         kernel = t == 1 and not self.is_sliding and c._uses_kvquant_attention() and kernels_available(
             key_states.device)
+        if kernel and _steady_decode(st, t):
+            # steady decode step: the append runs with the attention, both as one CUDA-graph replay
+            # (kvquant.kernels.graphs), or eagerly when the attention call does not qualify (a mask, say)
+            _attention.set_pending(self.layer_idx, ("graph", st, key_states, value_states, pos))
+            return key_states, value_states  # placeholders: the kernel reads the storage
         if exact:
             old = st.dequantize() if len(st) else None
         elif band:

@@ -135,7 +135,7 @@ def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int =
 # ----------------------------------------------------------------------------------------------------------------
 def decode_attention(query, storage, scaling, attention_mask=None, num_splits=None, block_t=None, use_dot=None,
                      num_warps=None, kernel=None, value_correction=None, maxnreg=None, prefetch=False, lutx=None,
-                     reload=None, wide_loads=None):
+                     reload=None, wide_loads=None, lengths=None):
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
     ``kernel``: ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key
@@ -154,6 +154,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     instead of holding them in registers (fewer registers per thread, more resident warps). ``wide_loads`` (natural
     kernel): read the packed codes as 32-bit words and split them into bytes in registers (off by default: slower
     on the H200 at the default launch, benchmarks/gpu_decode.md).
+    ``lengths`` (CUDA graphs, :mod:`kvquant.kernels.graphs`; natural and fields kernels): the quantized length is
+    read from this int32 device tensor instead of ``storage.n_q``, over exactly ``num_splits`` splits.
 
     A decode step is host-bound end to end, so everything that only changes when the storage is reallocated (the
     launch configuration, derived tables, tensor arguments and strides) is computed once and cached on the storage
@@ -176,7 +178,11 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     n_q = int(st.n_q) if st.k_codes is not None else 0
     n_s, n_w = _n_tokens(st.sink_k), _n_tokens(st.win_k)
     bias = _mask_bias_memo(attention_mask, B, n_s + n_q + n_w, dev)
-    if num_splits is None:
+    if lengths is not None:
+        if plan.kernel == "tiles" or not num_splits:
+            raise ValueError("lengths= needs the natural or fields kernel and a fixed num_splits.")
+        nsq, chunk = int(num_splits), bt  # chunk: computed in the kernel from the device length
+    elif num_splits is None:
         nsq, chunk = _splits(n_q, B * H, dev, bt)
     else:
         nsq = min(num_splits, max(1, math.ceil(n_q / bt))) if n_q else 0
@@ -199,6 +205,7 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
         float(scaling) * K.LOG2E, plan.rope_scale, q.stride(0), q.stride(1), *plan.strides,
         *_s3(sk, n_s), *_s3(sv, n_s), *_s3(wk, n_w), *_s3(wv, n_w), bias.stride(0) if bias is not None else 0,
         n_s, n_q, n_w, chunk, nsq, HAS_MASK=bias is not None, **plan.consts,
+        **({} if lengths is None else dict(LENS=lengths, DEVLEN=True)),
     )
     return _reduce(pacc, pm, pl, B, Hq, nsplit, D, query.dtype, dev)
 
@@ -486,12 +493,15 @@ def _ensure_capacity(storage, codec, batch: int, needed: int) -> None:
     raise ValueError(f"storage capacity {cap} < {needed} tokens and it exposes no way to grow.")
 
 
-def quantize_append(storage, k_post, v, positions, codec=None, pre_rope: bool = False):
+def quantize_append(storage, k_post, v, positions, codec=None, pre_rope: bool = False, lengths=None):
     """Encode ``k_post``/``v`` [B, H, T, D] on the GPU and append them to the quantized region of ``storage``.
 
     Keys are post-RoPE (``pre_rope=True``: already pre-RoPE) at ``positions`` [B, T] (or [T]; any integer dtype).
     Matches ``core.codec`` (channel-mode keys, token-mode values); writes codes/outliers/zero/scale/q_pos at
-    ``storage.n_q`` and advances it. No host synchronisation; the launch constants are cached on the storage."""
+    ``storage.n_q`` and advances it. No host synchronisation; the launch constants are cached on the storage.
+
+    ``lengths`` (CUDA graphs, :mod:`kvquant.kernels.graphs`): an int32 device tensor whose first element is the
+    write offset; the caller has reserved the capacity and advances both that tensor and ``storage.n_q``."""
     from . import _triton as K
 
     st = storage
@@ -509,7 +519,8 @@ def quantize_append(storage, k_post, v, positions, codec=None, pre_rope: bool = 
         from .reference import reference_quantize_append
 
         return reference_quantize_append(st, k_post, v, positions, codec, pre_rope)
-    _ensure_capacity(st, codec, B, n_q + T)
+    if lengths is None:
+        _ensure_capacity(st, codec, B, n_q + T)
     if k_post.stride(-1) != 1:
         k_post = k_post.contiguous()
     if v.stride(-1) != 1:
@@ -524,8 +535,10 @@ def quantize_append(storage, k_post, v, positions, codec=None, pre_rope: bool = 
         positions.stride(0), positions.stride(1), *p["key_strides"],
         v, *p["value_tensors"], v.stride(0), v.stride(1), v.stride(2), *p["value_strides"],
         T, n_q, p["n_freq"], n_key_progs, n_tk, n_tv, UNDO_ROPE=not pre_rope, **p["consts"],
+        **({} if lengths is None else dict(LENS=lengths, DEVLEN=True)),
     )
-    st.n_q = n_q + T
+    if lengths is None:
+        st.n_q = n_q + T
     return st
 
 

@@ -908,6 +908,7 @@ def _kvq_decode_fields_kernel(
     F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
     PREFETCH: tl.constexpr = False, LUTX: tl.constexpr = False, KW=None, VW=None, KDLH=None,
     NATURAL: tl.constexpr = False, RELOAD: tl.constexpr = False, TAU=None, WIDE: tl.constexpr = False,
+    LENS=None, DEVLEN: tl.constexpr = False,
 ):
     """The fields kernel, and with NATURAL the natural kernel (LUTX levels; its own RELOAD / TAU / WIDE options):
     same launch contract, same partials."""
@@ -919,6 +920,9 @@ def _kvq_decode_fields_kernel(
     b = (pid_bh // H_KV).to(tl.int64)  # 64-bit base offsets: caches of > 2^31 bytes
     h = (pid_bh % H_KV).to(tl.int64)
     nsplit = NSPLIT_Q + 1
+    if DEVLEN:  # CUDA-graph replay: the quantized length is read from device memory, the split size derived from it
+        n_q = tl.load(LENS)
+        chunk = tl.cdiv(tl.cdiv(n_q, NSPLIT_Q), BT) * BT
     g = tl.arange(0, GP)
     gmask = g < GROUP
     row = (b * H_KV * GROUP + h * GROUP + g) * nsplit + pid_s
@@ -1201,11 +1205,13 @@ def _quant_kv_kernel(
     H: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, CK: tl.constexpr, BTK: tl.constexpr,
     UNDO_ROPE: tl.constexpr, F32: tl.constexpr,
     G: tl.constexpr, NV: tl.constexpr, NVP: tl.constexpr, VBITS: tl.constexpr, CV: tl.constexpr,
-    CVP: tl.constexpr, BTV: tl.constexpr, TOKEN: tl.constexpr,
+    CVP: tl.constexpr, BTV: tl.constexpr, TOKEN: tl.constexpr, LENS=None, DEVLEN: tl.constexpr = False,
 ):
     """Quantize-and-append of a whole layer step in one launch: programs [0, n_key_progs) encode key blocks
-    (B*H x n_tk), the rest value blocks (B*G x n_tv)."""
+    (B*H x n_tk), the rest value blocks (B*G x n_tv). DEVLEN: the write offset is read from device memory (LENS)."""
     pid = tl.program_id(0)
+    if DEVLEN:
+        t_off = tl.load(LENS)
     if pid < n_key_progs:
         _quant_keys(pid // n_tk, pid % n_tk,
                     K, POS, KZ, KS, KLUT, KBND, INVF, rope_scale, KC, KOI, KOV, QPOS,

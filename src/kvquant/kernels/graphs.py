@@ -1,0 +1,139 @@
+"""A layer's decode step replayed as a CUDA graph.
+
+In eager mode a decode step is host-bound: per layer, Python and three Triton launches with 60+ arguments each
+(quantize-and-append of the new token, fused attention, reduce) cost about 0.35 ms of host time on the H200's host,
+several times their GPU time (benchmarks/gpu_notes.md). :class:`LayerDecodeGraph` records those launches once in a
+CUDA graph and replays them: per step, four small copies into static buffers and one replay.
+
+What makes that possible: the kernels read the quantized length from an int32 device tensor (``lengths=``) instead
+of a launch argument, so the recorded arguments stay valid from one step to the next; the attention runs over a fixed
+number of splits, each deriving its share from that length; the graph itself advances the length.
+
+It applies to the steady state of a decode step (one token, no attention mask, no fp16 recent window, the sinks
+filled, the natural or fields kernel) and is re-recorded when the storage reallocates (its capacity doubles).
+Anything else takes the eager path. ``KVQUANT_CUDA_GRAPHS=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _cached, _splits, decode_attention, decode_kernel, quantize_append
+
+__all__ = ["LayerDecodeGraph", "graphs_enabled"]
+
+
+def graphs_enabled() -> bool:
+    return os.environ.get("KVQUANT_CUDA_GRAPHS", "1") != "0"
+
+
+class LayerDecodeGraph:
+    """The decode step of one :class:`~kvquant.cache.storage.LayerStorage` as a CUDA graph (see the module doc).
+    Held by the storage (:func:`for_storage`)."""
+
+    def __init__(self, storage):
+        self.st = storage
+        self.graph = None
+        self.stamp = None  # the storage's k_codes tensor when the graph was recorded
+        self.key = None  # (shapes, dtypes, scaling) the graph was recorded for
+        self.kernel_ok = None  # (stamp, whether the natural/fields kernel serves this storage)
+        self.lens = None  # int32 [1] on the device: the quantized length the kernels read
+        self.dev_n_q = -1  # what self.lens holds (host mirror); -1: unknown
+        self.bufs = None
+        self.out = None
+        self.failed = False
+
+    @staticmethod
+    def for_storage(storage) -> LayerDecodeGraph:
+        g = getattr(storage, "_decode_graph", None)
+        if g is None:
+            g = storage._decode_graph = LayerDecodeGraph(storage)
+        return g
+
+    @staticmethod
+    def steady(storage, t: int) -> bool:
+        """Whether a ``t``-token append to ``storage`` is a steady decode step (the cache's cheap pre-check)."""
+        st = storage
+        return (t == 1 and graphs_enabled() and st.recent_window == 0 and st.n_w == 0 and st.n_seen >= st.n_sinks
+                and st.n_q > 0 and st.k_codes is not None and st.k_codes.is_cuda)
+
+    def applies(self, query, attention_mask) -> bool:
+        st = self.st
+        if self.failed or attention_mask is not None or not self.steady(st, query.shape[2]):
+            return False
+        if self.kernel_ok is None or self.kernel_ok[0] is not st.k_codes:
+            self.kernel_ok = (st.k_codes, decode_kernel(query, st) in ("natural", "fields"))
+        return self.kernel_ok[1]
+
+    def step(self, k, v, pos, query, scaling):
+        """Append ``k``/``v`` [B, H, 1, D] at ``pos`` [B, 1] and return the attention output [B, Hq, 1, D] of
+        ``query`` over the whole layer; the storage's bookkeeping advances as in ``LayerStorage.append``."""
+        from . import _ensure_capacity
+
+        st = self.st
+        k, v = k.to(st.dtype), v.to(st.dtype)
+        pos = pos.to(st.device).expand(k.shape[0], 1)
+        _ensure_capacity(st, st.codec, st.batch, st.n_q + 1)
+        self._sync_lens()
+        key = (tuple(k.shape), k.dtype, tuple(query.shape), query.dtype, tuple(pos.shape), pos.dtype, float(scaling))
+        if self.graph is not None and self.stamp is st.k_codes and self.key == key:
+            b = self.bufs
+            b["k"].copy_(k)
+            b["v"].copy_(v)
+            b["pos"].copy_(pos)
+            b["q"].copy_(query)
+            self.graph.replay()
+            out = self.out
+        else:  # first step, or the storage was reallocated: run this step eagerly (compiling the kernels), then record
+            self.bufs = dict(k=k.clone(), v=v.clone(), pos=pos.clone(), q=query.clone())
+            self.key, self.graph = key, None
+            self._body(scaling)
+            out = self.out
+            self._record(scaling)
+        st.n_q += 1
+        st.n_seen += 1
+        self.dev_n_q = st.n_q
+        return out
+
+    def _sync_lens(self):
+        st = self.st
+        if self.lens is None or self.lens.device != st.k_codes.device:
+            self.lens = torch.zeros(1, dtype=torch.int32, device=st.k_codes.device)
+            self.dev_n_q = -1
+        if self.dev_n_q != st.n_q:  # first use, or the eager path ran in between: one asynchronous fill
+            self.lens.fill_(st.n_q)
+            self.dev_n_q = st.n_q
+
+    def _body(self, scaling):
+        st, b = self.st, self.bufs
+        splits = _cached(st, ("graph-splits", st.k_codes.device),
+                         lambda: _splits(st.capacity, st.batch * st.heads, st.k_codes.device, 32)[0], stamp=st.k_codes)
+        quantize_append(st, b["k"], b["v"], b["pos"], codec=st.codec, lengths=self.lens)
+        self.lens.add_(1)
+        self.out = decode_attention(b["q"], st, scaling, None, num_splits=splits, lengths=self.lens)
+
+    def _record(self, scaling):
+        """Record _body (nothing runs while recording). torch.cuda.graph() would also synchronise and collect
+        garbage at every recording (per layer and reallocation), so the capture is begun and ended directly."""
+        g = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(device=self.st.k_codes.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):
+                g.capture_begin()
+                try:
+                    self._body(scaling)
+                finally:
+                    g.capture_end()
+        except Exception as e:  # noqa: BLE001 -- never fail a generation over the graph: stay eager for this layer
+            import warnings
+
+            warnings.warn(f"kvquant: CUDA-graph recording failed ({e!r}); this layer stays on the eager path.",
+                          stacklevel=3)
+            self.failed = True
+            return
+        finally:
+            torch.cuda.current_stream().wait_stream(stream)
+        self.graph, self.stamp = g, self.st.k_codes
