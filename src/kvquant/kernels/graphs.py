@@ -44,6 +44,7 @@ class LayerDecodeGraph:
         self.bufs = None
         self.out = None
         self.failed = False
+        self.replays = 0  # replays of the current recording
 
     @staticmethod
     def for_storage(storage) -> LayerDecodeGraph:
@@ -85,13 +86,18 @@ class LayerDecodeGraph:
             b["pos"].copy_(pos)
             b["q"].copy_(query)
             self.graph.replay()
+            self.replays += 1
             out = self.out
         else:  # first step, or the storage was reallocated: run this step eagerly (compiling the kernels), then record
+            churn = self.graph is not None and self.replays < 8  # e.g. beam search reorders the storage every step
             self.bufs = dict(k=k.clone(), v=v.clone(), pos=pos.clone(), q=query.clone())
-            self.key, self.graph = key, None
+            self.key, self.graph, self.replays = key, None, 0
             self._body(scaling)
             out = self.out
-            self._record(scaling)
+            if churn:
+                self.failed = True  # recordings would not pay: this layer stays eager
+            else:
+                self._record(scaling)
         st.n_q += 1
         st.n_seen += 1
         self.dev_n_q = st.n_q
