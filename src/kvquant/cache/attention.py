@@ -86,8 +86,8 @@ def kvquant_attention_forward(module, query, key, value, attention_mask, dropout
 
             _, st, k, v, pos = note
             graph = LayerDecodeGraph.for_storage(st)
-            if graph.applies(query, attention_mask):
-                out = graph.step(k, v, pos, query, scale)
+            if graph.applies(st, query, attention_mask):
+                out = graph.step(st, k, v, pos, query, scale)
             else:
                 st.append(k, v, pos)
                 out = kernels.decode_attention(query, st, scale, attention_mask)

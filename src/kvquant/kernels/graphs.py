@@ -31,10 +31,10 @@ def graphs_enabled() -> bool:
 
 class LayerDecodeGraph:
     """The decode step of one :class:`~kvquant.cache.storage.LayerStorage` as a CUDA graph (see the module doc).
-    Held by the storage (:func:`for_storage`)."""
+    Held by the storage (:func:`for_storage`), which every method takes as an argument: no reference back to it, so
+    a dropped cache is freed at once (a cycle would keep its GPU memory until the garbage collector runs)."""
 
-    def __init__(self, storage):
-        self.st = storage
+    def __init__(self):
         self.graph = None
         self.stamp = None  # the storage's k_codes tensor when the graph was recorded
         self.key = None  # (shapes, dtypes, scaling) the graph was recorded for
@@ -50,7 +50,7 @@ class LayerDecodeGraph:
     def for_storage(storage) -> LayerDecodeGraph:
         g = getattr(storage, "_decode_graph", None)
         if g is None:
-            g = storage._decode_graph = LayerDecodeGraph(storage)
+            g = storage._decode_graph = LayerDecodeGraph()
         return g
 
     @staticmethod
@@ -60,24 +60,22 @@ class LayerDecodeGraph:
         return (t == 1 and graphs_enabled() and st.recent_window == 0 and st.n_w == 0 and st.n_seen >= st.n_sinks
                 and st.n_q > 0 and st.k_codes is not None and st.k_codes.is_cuda)
 
-    def applies(self, query, attention_mask) -> bool:
-        st = self.st
+    def applies(self, st, query, attention_mask) -> bool:
         if self.failed or attention_mask is not None or not self.steady(st, query.shape[2]):
             return False
         if self.kernel_ok is None or self.kernel_ok[0] is not st.k_codes:
             self.kernel_ok = (st.k_codes, decode_kernel(query, st) in ("natural", "fields"))
         return self.kernel_ok[1]
 
-    def step(self, k, v, pos, query, scaling):
+    def step(self, st, k, v, pos, query, scaling):
         """Append ``k``/``v`` [B, H, 1, D] at ``pos`` [B, 1] and return the attention output [B, Hq, 1, D] of
         ``query`` over the whole layer; the storage's bookkeeping advances as in ``LayerStorage.append``."""
         from . import _ensure_capacity
 
-        st = self.st
         k, v = k.to(st.dtype), v.to(st.dtype)
         pos = pos.to(st.device).expand(k.shape[0], 1)
         _ensure_capacity(st, st.codec, st.batch, st.n_q + 1)
-        self._sync_lens()
+        self._sync_lens(st)
         key = (tuple(k.shape), k.dtype, tuple(query.shape), query.dtype, tuple(pos.shape), pos.dtype, float(scaling))
         if self.graph is not None and self.stamp is st.k_codes and self.key == key:
             b = self.bufs
@@ -92,19 +90,18 @@ class LayerDecodeGraph:
             churn = self.graph is not None and self.replays < 8  # e.g. beam search reorders the storage every step
             self.bufs = dict(k=k.clone(), v=v.clone(), pos=pos.clone(), q=query.clone())
             self.key, self.graph, self.replays = key, None, 0
-            self._body(scaling)
+            self._body(st, scaling)
             out = self.out
             if churn:
                 self.failed = True  # recordings would not pay: this layer stays eager
             else:
-                self._record(scaling)
+                self._record(st, scaling)
         st.n_q += 1
         st.n_seen += 1
         self.dev_n_q = st.n_q
         return out
 
-    def _sync_lens(self):
-        st = self.st
+    def _sync_lens(self, st):
         if self.lens is None or self.lens.device != st.k_codes.device:
             self.lens = torch.zeros(1, dtype=torch.int32, device=st.k_codes.device)
             self.dev_n_q = -1
@@ -112,25 +109,25 @@ class LayerDecodeGraph:
             self.lens.fill_(st.n_q)
             self.dev_n_q = st.n_q
 
-    def _body(self, scaling):
-        st, b = self.st, self.bufs
+    def _body(self, st, scaling):
+        b = self.bufs
         splits = _cached(st, ("graph-splits", st.k_codes.device),
                          lambda: _splits(st.capacity, st.batch * st.heads, st.k_codes.device, 32)[0], stamp=st.k_codes)
         quantize_append(st, b["k"], b["v"], b["pos"], codec=st.codec, lengths=self.lens)
         self.lens.add_(1)
         self.out = decode_attention(b["q"], st, scaling, None, num_splits=splits, lengths=self.lens)
 
-    def _record(self, scaling):
+    def _record(self, st, scaling):
         """Record _body (nothing runs while recording). torch.cuda.graph() would also synchronise and collect
         garbage at every recording (per layer and reallocation), so the capture is begun and ended directly."""
         g = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream(device=self.st.k_codes.device)
+        stream = torch.cuda.Stream(device=st.k_codes.device)
         stream.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(stream):
                 g.capture_begin()
                 try:
-                    self._body(scaling)
+                    self._body(st, scaling)
                 finally:
                     g.capture_end()
         except Exception as e:  # noqa: BLE001 -- never fail a generation over the graph: stay eager for this layer
@@ -142,4 +139,4 @@ class LayerDecodeGraph:
             return
         finally:
             torch.cuda.current_stream().wait_stream(stream)
-        self.graph, self.stamp = g, self.st.k_codes
+        self.graph, self.stamp = g, st.k_codes
