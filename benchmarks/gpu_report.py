@@ -32,7 +32,12 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run16_2026-11-29": "bb639bd (natural kernel enabled at head_dim 64, BT 32 / 2 warps)",
     "run17_2026-11-29": "5d9cf30 (natural kernel at head_dim 64 with BT 128 / 4 warps by default)",
     "run18_2026-11-29": "92ea1fd (per-step scalars not specialised by Triton)",
+    "run19_2026-11-29": "d45d89a (CUDA-graph decode steps, the default on CUDA)",
+    "run20_2026-11-29": "afa06a6 (CUDA-graph decode steps without the storage <-> graph reference cycle)",
 }
+
+# runs whose generate section is incomplete: listed after the full run, never taken as the latest
+PARTIAL_GENERATE = {"run20_2026-11-29"}
 
 # gpu_suite.py labelled every head-group KVQuant row "kvquant-fields" until it asked the library which kernel ran
 # (kernels.decode_kernel, added after run 13); in run 13 the diag sweep chose {"kernel": "natural"} for those rows
@@ -83,6 +88,19 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                         "default (407-541 vs 345 us).",
     "run18_2026-11-29": "Preceded in the same call by the whole GPU test suite (15 passed). The default sweep checks "
                         "that not specialising the per-step scalars costs nothing: natural 335 us, fields 433 us.",
+    "run19_2026-11-29": ("`kvquant-nuq3-1pct-fused` is the library default on CUDA since this run: a steady decode "
+                         "step of a layer (append + attention + reduce) replayed as a CUDA graph; `-fused-eager` is "
+                         "the same kernels launched one by one (KVQUANT_CUDA_GRAPHS=0), the default of runs 9-14. "
+                         "The host's speed drifted more than usual (rounds differ by up to 1.9x). **Peak memory**: "
+                         "the graph rows had a reference cycle (fixed after this run) that kept each dropped "
+                         "KVQuant cache alive until garbage collection, so every row that ran after a graph row "
+                         "counts an earlier cache in its peak: dynamic 128K round 1 (53.9 vs 47.2 GiB in round 0), "
+                         "quanto, the eager rows, and the graph row at 128K itself (34.6 GiB, which includes a 32K "
+                         "cache; run 14 measured 32.9 GiB for the eager path). Read the peaks of run 14 instead."),
+    "run20_2026-11-29": ("Cut short by the session's device time: the suite's deadline skipped every row after the "
+                         "first two. Preceded by `test_cuda_graph_generate_matches_eager_gpu` (passed) on the code "
+                         "with the cycle fixed. Its two rows (which ran first, after no KVQuant cache) give "
+                         "DynamicCache 45.6 GiB and quanto int2 32.1 GiB at 128K, as in run 14."),
     "run9_2026-11-29": "Run with `PYTHONPATH=src:/root/site` after installing the carried optimum-quanto and ninja "
                        "wheels into /root/site. Every round has its own prompt length (ctx + 97 r), so no key length "
                        "repeats. fp16 DynamicCache pays cuDNN's SDPA planning at every new key length (the default "
@@ -290,6 +308,8 @@ def _generate_table(name, env, gen):
 
 
 def generate_report(runs, out):
+    partial = [(n, r) for n, r in runs if n in PARTIAL_GENERATE and (r.get("generate") or {}).get("rows")]
+    runs = [(n, r) for n, r in runs if n not in PARTIAL_GENERATE]
     found = last_with(runs, "generate", out, "gpu_generate.json")
     if found:
         name, env, gen = found
@@ -297,17 +317,22 @@ def generate_report(runs, out):
                  if gen.get("via") == "model.generate" else
                  "# End-to-end decode tokens/s (model forward loop with each cache)\n\nRun:\n\n")
         md = title + _generate_table(name, env, gen)
-        # the previous model.generate run, when the latest one measured fewer caches
+        # earlier model.generate runs: the previous one, and the latest with caches the latest run did not measure
         names = [n for n, _ in runs]
-        earlier = [(n, r) for n, r in runs[: names.index(name)] if (r.get("generate") or {}).get("rows")
-                   and r["generate"].get("via") == "model.generate"]
-        if earlier and gen.get("via") == "model.generate":
-            en, er = earlier[-1]
-            md += ("\n## Earlier run (the caches the latest run did not measure; the fields kernel for KVQuant)\n\n"
-                   + _generate_table(en, er["env"], er["generate"]))
+        have = {x["cache"] for x in gen["rows"]}
+        before = [(n, r) for n, r in runs[: names.index(name)] if (r.get("generate") or {}).get("rows")
+                  and r["generate"].get("via") == "model.generate"]
+        shown = before[-1:] + [x for x in before[::-1] if {y["cache"] for y in x[1]["generate"]["rows"]} - have][:1]
+        shown = list(dict(shown).items())
+        if shown and gen.get("via") == "model.generate":
             data = json.load(open(os.path.join(out, "gpu_generate.json")))
-            data["earlier"] = {"run": en, "env": er["env"], **er["generate"]}
+            data["earlier"] = []
+            for en, er in shown:
+                md += "\n## Earlier run\n\n" + _generate_table(en, er["env"], er["generate"])
+                data["earlier"].append({"run": en, "env": er["env"], **er["generate"]})
             json.dump(data, open(os.path.join(out, "gpu_generate.json"), "w"), indent=1)
+        for pn, pr in partial:
+            md += "\n## Partial run\n\n" + _generate_table(pn, pr["env"], pr["generate"])
         open(os.path.join(out, "gpu_generate.md"), "w").write(md)
 
 
