@@ -179,11 +179,11 @@ def test_decode_natural_kernel_interpret(bits, reload):
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
-@pytest.mark.parametrize("kernel", ["natural", "fields"])
-def test_device_lengths_interpret(kernel):
+@pytest.mark.parametrize("kernel,D", [("natural", 128), ("fields", 128), ("natural", 64)])
+def test_device_lengths_interpret(kernel, D):
     # the CUDA-graph mode (kernels.graphs): the append offset and the attention's quantized length come from an int32
     # device tensor, over a fixed split count (here most splits are empty); the host length is left to the caller
-    B, H, D = 2, 2, 128
+    B, H = 2, 2
     st, codec, rope = make_storage(B, H, D, 3, 50, 1, 0, "head", "cpu")
     twin, _, _ = make_storage(B, H, D, 3, 50, 1, 0, "head", "cpu")
     pos = torch.full((B, 1), 51)
