@@ -484,6 +484,72 @@ def test_fused_cache_path_matches_reference_path(monkeypatch, R):
     assert (ref - fused).norm() / ref.norm() < 1e-2
 
 
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_graph_decode_steps_bookkeeping_interpret(monkeypatch):
+    """kernels.graphs without a GPU: the CUDA capture is replaced by a recorder that reruns the recorded step on
+    replay, so CI checks the bookkeeping: the same logits as the eager fused path at every step, the device length
+    following the host's, one recording per layer and again after the storage reallocates, and a layer that would
+    re-record within 8 replays (a reordered storage) staying eager."""
+    from kvquant import KVQuantCache
+    from kvquant.cache import kvquant_cache as kc
+    from kvquant.calibration import build_quantizer, cache_kwarg, collect_statistics
+    from kvquant.kernels import graphs
+    from kvquant.models import tiny_random_model
+    from kvquant.quantizer import QuantizerConfig
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn, self.replays = fn, 0
+
+        def replay(self):
+            self.replays += 1
+            self.fn()
+
+    recs = []
+    monkeypatch.setattr(graphs, "_on_cuda", lambda st: True)
+    monkeypatch.setattr(graphs.LayerDecodeGraph, "_capture",
+                        staticmethod(lambda st, fn: recs.append(Recorder(fn)) or recs[-1]))
+    monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1")
+    monkeypatch.setattr(kc, "_KERNEL_OK", {})
+    model = tiny_random_model("llama", head_dim=64)  # the natural kernel (head_dim 64)
+    g = torch.Generator().manual_seed(0)
+    q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
+                        QuantizerConfig(bits=3))
+    ids = torch.randint(0, 128, (1, 68), generator=g)
+
+    def run(flag):
+        monkeypatch.setenv("KVQUANT_CUDA_GRAPHS", flag)
+        cache = KVQuantCache(q, model)
+        kw = {cache_kwarg(model): cache}
+        with torch.no_grad():
+            outs = [model(ids[:, :56], use_cache=True, **kw).logits[:, -1]]
+            for i in range(56, 68):  # n_q 55 -> 67: the storage's capacity (64) doubles on the way
+                outs.append(model(ids[:, i: i + 1], use_cache=True, **kw).logits[:, -1])
+        return torch.stack(outs), cache
+
+    eager, c_eager = run("0")
+    assert not recs
+    graphed, cache = run("1")
+    assert torch.equal(eager, graphed)
+    layers = len(cache.layers)
+    assert len(recs) == 2 * layers  # recorded at the first step, and again when the capacity doubled
+    assert sum(r.replays for r in recs) == (12 - 2) * layers
+    for layer, ref in zip(cache.layers, c_eager.layers):
+        st, gr = layer.storage, layer.storage._decode_graph
+        assert st.n_q == ref.storage.n_q == 67 and st.n_seen == ref.storage.n_seen
+        assert int(gr.lens[0]) == st.n_q and gr.stamp is st.k_codes and not gr.failed
+    # a storage reallocated within 8 replays of its recording (beam search's reorder): that layer goes eager
+    st = cache.layers[0].storage
+    gr = st._decode_graph
+    st.k_codes = st.k_codes.clone()
+    k = torch.zeros(1, st.heads, 1, st.head_dim)
+    qy = torch.zeros(1, 2 * st.heads, 1, st.head_dim)
+    before = len(recs)
+    gr.step(st, k, k, torch.tensor([[68]]), qy, 0.125)
+    assert gr.failed and len(recs) == before and st.n_q == 68 and int(gr.lens[0]) == 68
+    assert not gr.applies(st, qy, None)
+
+
 def test_lut_words_hold_the_fp16_levels():
     # the register lookup table's words (kernels._lut_words): byte i of word k = low/high byte of entry 4 k + i
     for n in (4, 8, 16):

@@ -29,6 +29,10 @@ def graphs_enabled() -> bool:
     return os.environ.get("KVQUANT_CUDA_GRAPHS", "1") != "0"
 
 
+def _on_cuda(storage) -> bool:
+    return storage.k_codes.is_cuda
+
+
 class LayerDecodeGraph:
     """The decode step of one :class:`~kvquant.cache.storage.LayerStorage` as a CUDA graph (see the module doc).
     Held by the storage (:func:`for_storage`), which every method takes as an argument: no reference back to it, so
@@ -58,7 +62,7 @@ class LayerDecodeGraph:
         """Whether a ``t``-token append to ``storage`` is a steady decode step (the cache's cheap pre-check)."""
         st = storage
         return (t == 1 and graphs_enabled() and st.recent_window == 0 and st.n_w == 0 and st.n_seen >= st.n_sinks
-                and st.n_q > 0 and st.k_codes is not None and st.k_codes.is_cuda)
+                and st.n_q > 0 and st.k_codes is not None and _on_cuda(st))
 
     def applies(self, st, query, attention_mask) -> bool:
         if self.failed or attention_mask is not None or not self.steady(st, query.shape[2]):
@@ -118,18 +122,8 @@ class LayerDecodeGraph:
         self.out = decode_attention(b["q"], st, scaling, None, num_splits=splits, lengths=self.lens)
 
     def _record(self, st, scaling):
-        """Record _body (nothing runs while recording). torch.cuda.graph() would also synchronise and collect
-        garbage at every recording (per layer and reallocation), so the capture is begun and ended directly."""
-        g = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream(device=st.k_codes.device)
-        stream.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.stream(stream):
-                g.capture_begin()
-                try:
-                    self._body(st, scaling)
-                finally:
-                    g.capture_end()
+            g = self._capture(st, lambda: self._body(st, scaling))
         except Exception as e:  # noqa: BLE001 -- never fail a generation over the graph: stay eager for this layer
             import warnings
 
@@ -137,6 +131,22 @@ class LayerDecodeGraph:
                           stacklevel=3)
             self.failed = True
             return
+        self.graph, self.stamp = g, st.k_codes
+
+    @staticmethod
+    def _capture(st, fn):
+        """A CUDA graph of ``fn`` (nothing runs while recording). torch.cuda.graph() would also synchronise and
+        collect garbage at every recording (per layer and reallocation), so the capture is begun and ended here."""
+        g = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(device=st.k_codes.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):
+                g.capture_begin()
+                try:
+                    fn()
+                finally:
+                    g.capture_end()
         finally:
             torch.cuda.current_stream().wait_stream(stream)
-        self.graph, self.stamp = g, st.k_codes
+        return g
