@@ -301,7 +301,8 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     gp = max(16, triton_next_pow2(group)) if use_dot else 1
     gr = triton_next_pow2(group)
     # H200 launch sweeps (benchmarks/gpu_decode.md): natural at d128 BT 32 / 2 warps (run 13); at d64 (SmolLM2-135M
-    # shape, 128K, nuq3) BT 128 / 4 warps: 112 us vs 197 at BT 32 / 2 warps and 167 for the tiles kernel (run 16)
+    # shape, 128K, nuq3) BT 128 / 4 warps: batch 1 112 vs 197 us at BT 32 / 2 warps (run 16), 105 vs 105 (run 17);
+    # batch 8 615 vs 631 us (run 17); the tiles kernel 166-167 and 1188 us
     nat64 = kernel == "natural" and D == 64
     bt = block_t or (128 if nat64 else 32 if kernel in ("fields", "natural") or D > 128 else 64)
     num_warps = num_warps or (2 if kernel == "natural" and D == 128 else 4)
