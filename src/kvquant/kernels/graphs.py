@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from . import _cached, _splits, decode_attention, decode_kernel, quantize_append
+from .. import kernels as _k  # the package's functions looked up at call time (tests may replace them)
 
 __all__ = ["LayerDecodeGraph", "graphs_enabled"]
 
@@ -68,17 +68,15 @@ class LayerDecodeGraph:
         if self.failed or attention_mask is not None or not self.steady(st, query.shape[2]):
             return False
         if self.kernel_ok is None or self.kernel_ok[0] is not st.k_codes:
-            self.kernel_ok = (st.k_codes, decode_kernel(query, st) in ("natural", "fields"))
+            self.kernel_ok = (st.k_codes, _k.decode_kernel(query, st) in ("natural", "fields"))
         return self.kernel_ok[1]
 
     def step(self, st, k, v, pos, query, scaling):
         """Append ``k``/``v`` [B, H, 1, D] at ``pos`` [B, 1] and return the attention output [B, Hq, 1, D] of
         ``query`` over the whole layer; the storage's bookkeeping advances as in ``LayerStorage.append``."""
-        from . import _ensure_capacity
-
         k, v = k.to(st.dtype), v.to(st.dtype)
         pos = pos.to(st.device).expand(k.shape[0], 1)
-        _ensure_capacity(st, st.codec, st.batch, st.n_q + 1)
+        _k._ensure_capacity(st, st.codec, st.batch, st.n_q + 1)
         self._sync_lens(st)
         key = (tuple(k.shape), k.dtype, tuple(query.shape), query.dtype, tuple(pos.shape), pos.dtype, float(scaling))
         if self.graph is not None and self.stamp is st.k_codes and self.key == key:
@@ -115,11 +113,12 @@ class LayerDecodeGraph:
 
     def _body(self, st, scaling):
         b = self.bufs
-        splits = _cached(st, ("graph-splits", st.k_codes.device),
-                         lambda: _splits(st.capacity, st.batch * st.heads, st.k_codes.device, 32)[0], stamp=st.k_codes)
-        quantize_append(st, b["k"], b["v"], b["pos"], codec=st.codec, lengths=self.lens)
+        dev = st.k_codes.device
+        splits = _k._cached(st, ("graph-splits", dev), lambda: _k._splits(st.capacity, st.batch * st.heads, dev, 32)[0],
+                            stamp=st.k_codes)
+        _k.quantize_append(st, b["k"], b["v"], b["pos"], codec=st.codec, lengths=self.lens)
         self.lens.add_(1)
-        self.out = decode_attention(b["q"], st, scaling, None, num_splits=splits, lengths=self.lens)
+        self.out = _k.decode_attention(b["q"], st, scaling, None, num_splits=splits, lengths=self.lens)
 
     def _record(self, st, scaling):
         try:
