@@ -417,14 +417,15 @@ def test_decode_step_has_no_host_sync_gpu(R, masked):
 
 @pytest.mark.gpu
 @gpu
-def test_cuda_graph_generate_matches_eager_gpu(monkeypatch):
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim):
     """generate with the CUDA-graph decode steps (kernels.graphs) gives the eager fused path's tokens, through
     reallocations of the storage (re-recorded graphs), and the graphs are used."""
     from kvquant import KVQuantCache
     from kvquant.models import model_identity, tiny_random_model
     from kvquant.quantizer import Quantizer, QuantizerConfig
 
-    model = tiny_random_model("llama", head_dim=128).cuda().to(torch.bfloat16)
+    model = tiny_random_model("llama", head_dim=head_dim).cuda().to(torch.bfloat16)
     cfg = model.config
     H, D = cfg.num_key_value_heads, cfg.head_dim
     quant = Quantizer(QuantizerConfig(bits=3, n_sinks=1, recent_window=0, value_group="head"), model_identity(model),
