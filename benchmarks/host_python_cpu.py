@@ -5,8 +5,9 @@
 Runs on whatever ``kvquant`` is importable (set PYTHONPATH to an export of another commit's ``src`` to compare
 versions) and appends one labelled row to --out. The kernels' launch objects are replaced by no-ops, so the timings
 are the Python around the launches only: the decode_attention call (without and with a 4-D mask) and one steady
-storage append (R = 0, Llama-3-8B head shape, bf16, 300 tokens held). The launches themselves are timed on the GPU by
-gpu_host_profile.py.
+storage append (R = 0, Llama-3-8B head shape, bf16, 300 tokens held), and one replayed CUDA-graph step
+(kernels.graphs: append + attention, with a no-op replay; its four input copies are CPU copies here). The launches
+themselves are timed on the GPU by gpu_host_profile.py.
 """
 
 from __future__ import annotations
@@ -68,8 +69,31 @@ def main():
         st.append(k1, k1, pos)
         st.n_q = n0
 
+    graph_us = None
+    try:  # the graph step (kernels.graphs, since 5aefcfb): the capture replaced by an object with a no-op replay
+        from kvquant.kernels import graphs
+
+        class NoReplay:
+            def replay(self):
+                pass
+
+        graphs._on_cuda = lambda storage: True
+        graphs.LayerDecodeGraph._capture = staticmethod(lambda storage, fn: NoReplay())
+        gr = graphs.LayerDecodeGraph()
+        gr.step(st, k1, k1, pos, q, 0.08)  # records (the eager body with stubbed launches)
+
+        def graph_step():
+            gr.step(st, k1, k1, pos, q, 0.08)
+            st.n_q, st.n_seen = n0, st.n_seen - 1
+            gr.dev_n_q = n0  # what a replay would have left on the device
+
+        st.n_q = n0
+        gr.dev_n_q = n0
+        graph_us = round(per_call_us(graph_step), 1)
+    except ImportError:  # an older kvquant without kernels.graphs
+        pass
     row = {
-        "label": a.label, "kvquant_file": kvquant.__file__,
+        "label": a.label, "kvquant_file": kvquant.__file__, "graph_step_us": graph_us,
         "decode_attention_us": round(per_call_us(lambda: kernels.decode_attention(q, st, 0.08)), 1),
         "decode_attention_mask4d_us": round(per_call_us(lambda: kernels.decode_attention(q, st, 0.08, mask)), 1),
         "append_steady_us": round(per_call_us(append), 1),
