@@ -178,18 +178,34 @@ def test_decode_natural_kernel_interpret(bits, reload):
                  reload=reload)
 
 
+DEVICE_LENGTH_CASES = [("natural", 128, "head"), ("fields", 128, "head"), ("natural", 64, "head"),
+                       ("tiles", 128, "token")]
+
+
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
-@pytest.mark.parametrize("kernel,D", [("natural", 128), ("fields", 128), ("natural", 64)])
-def test_device_lengths_interpret(kernel, D):
+@pytest.mark.parametrize("kernel,D,group", DEVICE_LENGTH_CASES)
+def test_device_lengths_interpret(kernel, D, group):
+    check_device_lengths(kernel, D, group, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel,D,group", DEVICE_LENGTH_CASES)
+def test_device_lengths_gpu(kernel, D, group):
+    check_device_lengths(kernel, D, group, "cuda")
+
+
+def check_device_lengths(kernel, D, group, device):
     # the CUDA-graph mode (kernels.graphs): the append offset and the attention's quantized length come from an int32
     # device tensor, over a fixed split count (here most splits are empty); the host length is left to the caller
     B, H = 2, 2
-    st, codec, rope = make_storage(B, H, D, 3, 50, 1, 0, "head", "cpu")
-    twin, _, _ = make_storage(B, H, D, 3, 50, 1, 0, "head", "cpu")
-    pos = torch.full((B, 1), 51)
-    k, v = synthetic_kv(codec, rope, B, 1, pos, seed=9)
+    st, codec, rope = make_storage(B, H, D, 3, 50, 1, 0, group, device)
+    twin, _, _ = make_storage(B, H, D, 3, 50, 1, 0, group, device)
+    pos = torch.full((B, 1), 51, device=device)
+    k, v = synthetic_kv(codec, rope, B, 1, pos.cpu(), seed=9)
+    k, v = k.to(device), v.to(device)
     kernels.quantize_append(st, k, v, pos)
-    lens = torch.tensor([twin.n_q], dtype=torch.int32)
+    lens = torch.tensor([twin.n_q], dtype=torch.int32, device=device)
     kernels._ensure_capacity(twin, codec, B, twin.n_q + 1)
     kernels.quantize_append(twin, k, v, pos, lengths=lens)
     assert twin.n_q == 50
@@ -197,7 +213,7 @@ def test_device_lengths_interpret(kernel, D):
     for name in ("k_codes", "k_out_idx", "k_out_val", "v_codes", "v_zero", "v_scale", "v_out_idx", "v_out_val"):
         assert torch.equal(getattr(st, name)[:, :, :51], getattr(twin, name)[:, :, :51]), name
     assert torch.equal(st.q_pos[:, :51], twin.q_pos[:, :51])
-    q = torch.randn(B, 4 * H, 1, D).bfloat16()
+    q = torch.randn(B, 4 * H, 1, D).bfloat16().to(device)
     for n in (51, 45):  # the kernel follows the device length, not the host's (51)
         lens.fill_(n)
         got = kernels.decode_attention(q, twin, 0.088, kernel=kernel, num_splits=6, lengths=lens)

@@ -154,8 +154,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     instead of holding them in registers (fewer registers per thread, more resident warps). ``wide_loads`` (natural
     kernel): read the packed codes as 32-bit words and split them into bytes in registers (off by default: slower
     on the H200 at the default launch, benchmarks/gpu_decode.md).
-    ``lengths`` (CUDA graphs, :mod:`kvquant.kernels.graphs`; natural and fields kernels): the quantized length is
-    read from this int32 device tensor instead of ``storage.n_q``, over exactly ``num_splits`` splits.
+    ``lengths`` (CUDA graphs, :mod:`kvquant.kernels.graphs`): the quantized length is read from this int32 device
+    tensor instead of ``storage.n_q``, over exactly ``num_splits`` splits.
 
     A decode step is host-bound end to end, so everything that only changes when the storage is reallocated (the
     launch configuration, derived tables, tensor arguments and strides) is computed once and cached on the storage
@@ -179,8 +179,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     n_s, n_w = _n_tokens(st.sink_k), _n_tokens(st.win_k)
     bias = _mask_bias_memo(attention_mask, B, n_s + n_q + n_w, dev)
     if lengths is not None:
-        if plan.kernel == "tiles" or not num_splits:
-            raise ValueError("lengths= needs the natural or fields kernel and a fixed num_splits.")
+        if not num_splits:
+            raise ValueError("lengths= needs a fixed num_splits.")
         nsq, chunk = int(num_splits), bt  # chunk: computed in the kernel from the device length
     elif num_splits is None:
         nsq, chunk = _splits(n_q, B * H, dev, bt)

@@ -224,6 +224,7 @@ def _kvq_decode_kernel(
     BITS: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
     V_TOKEN: tl.constexpr, BT: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
     F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
+    LENS=None, DEVLEN: tl.constexpr = False,
 ):
     HALF: tl.constexpr = D // 2
     L: tl.constexpr = 1 << BITS
@@ -233,6 +234,9 @@ def _kvq_decode_kernel(
     b = (pid_bh // H_KV).to(tl.int64)  # 64-bit base offsets: caches of > 2^31 bytes
     h = (pid_bh % H_KV).to(tl.int64)
     nsplit = NSPLIT_Q + 1
+    if DEVLEN:  # CUDA-graph replay: the quantized length from device memory (as in the fields kernel)
+        n_q = tl.load(LENS)
+        chunk = tl.cdiv(tl.cdiv(n_q, NSPLIT_Q), BT) * BT
 
     g = tl.arange(0, GP)
     gmask = g < GROUP

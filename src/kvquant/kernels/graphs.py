@@ -25,6 +25,9 @@ from .. import kernels as _k  # the package's functions looked up at call time (
 __all__ = ["LayerDecodeGraph", "graphs_enabled"]
 
 
+GRAPH_KERNELS = ("natural", "fields")  # decode kernels whose steps are replayed as graphs
+
+
 def graphs_enabled() -> bool:
     return os.environ.get("KVQUANT_CUDA_GRAPHS", "1") != "0"
 
@@ -68,7 +71,8 @@ class LayerDecodeGraph:
         if self.failed or attention_mask is not None or not self.steady(st, query.shape[2]):
             return False
         if self.kernel_ok is None or self.kernel_ok[0] is not st.k_codes:
-            self.kernel_ok = (st.k_codes, _k.decode_kernel(query, st) in ("natural", "fields"))
+            # the tiles kernel reads device lengths too (interpreter-tested), but has not replayed on a GPU yet
+            self.kernel_ok = (st.k_codes, _k.decode_kernel(query, st) in GRAPH_KERNELS)
         return self.kernel_ok[1]
 
     def step(self, st, k, v, pos, query, scaling):
