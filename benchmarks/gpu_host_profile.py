@@ -13,7 +13,6 @@ Writes host_profile.json and the cProfile tables under --out.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import json
@@ -63,14 +62,10 @@ def timed_steps(model, cache, ids, warm=3, n=7):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--layers", type=int, default=8)
+    ap = gs.step_parser(4096)
     ap.add_argument("--scan", default="", help="extra contexts (comma list): step, enqueue and device time")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: syncs,cprofile,pieces")
     a = ap.parse_args()
-    os.makedirs(a.out, exist_ok=True)
     import triton
     import triton.language as tl
     from transformers import DynamicCache, StaticCache
@@ -78,11 +73,7 @@ def main():
     from kvquant import kernels
     from kvquant.cache import KVQuantCache
 
-    model = gs.random_llama3(a.layers)
-    quant = gs.synthetic_nuq3_quantizer(model, a.layers)
-    ids = torch.randint(0, 32000, (1, a.context), device=gs.DEV)
-    res = {"env": gs.env_info(), "context": a.context, "layers": a.layers}
-    res["env"]["command"] = "PYTHONPATH=src python3 benchmarks/gpu_host_profile.py " + " ".join(sys.argv[1:])
+    model, quant, ids, res = gs.step_setup(a)
 
     def make(name):
         os.environ["KVQUANT_FUSED_DECODE"] = "1"

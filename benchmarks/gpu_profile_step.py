@@ -8,7 +8,6 @@ three decode steps. Writes the top operators by self CPU time and by CUDA time (
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,20 +22,12 @@ import gpu_suite as gs  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--layers", type=int, default=8)
-    a = ap.parse_args()
-    os.makedirs(a.out, exist_ok=True)
+    a = gs.step_parser(32768).parse_args()
     from transformers import DynamicCache
 
     from kvquant.cache import KVQuantCache
 
-    model = gs.random_llama3(a.layers)
-    quant = gs.synthetic_nuq3_quantizer(model, a.layers)
-    ids = torch.randint(0, 32000, (1, a.context), device=gs.DEV)
-    res = {"env": gs.env_info(), "context": a.context, "layers": a.layers}
+    model, quant, ids, res = gs.step_setup(a)
     for name in ("dynamic", "kvquant-fused"):
         cache = DynamicCache(config=model.config) if name == "dynamic" else KVQuantCache(quant, model)
         with torch.no_grad():

@@ -59,7 +59,7 @@ def env_info():
         "gpu": p.name, "sms": p.multi_processor_count, "memory_gib": round(p.total_memory / 2**30, 1),
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "PYTHONPATH=src python3 benchmarks/gpu_suite.py " + " ".join(sys.argv[1:]),
+        "command": f"PYTHONPATH=src python3 benchmarks/{os.path.basename(sys.argv[0])} " + " ".join(sys.argv[1:]),
     }
 
 
@@ -394,6 +394,25 @@ def synthetic_nuq3_quantizer(model, n_layers):
     qcfg = QuantizerConfig(bits=3, outlier_fraction=0.01, n_sinks=1, recent_window=0, value_group="head")
     return Quantizer(qcfg, model_identity(model), [synthetic_codec(8, 128, 3, 0.01, "head", seed=i)
                                                    for i in range(n_layers)])
+
+
+def step_parser(context: int) -> argparse.ArgumentParser:
+    """The arguments shared by the decode-step profiling scripts (gpu_host_profile.py, gpu_profile_step.py)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--context", type=int, default=context)
+    ap.add_argument("--layers", type=int, default=8)
+    return ap
+
+
+def step_setup(a):
+    """(model, quantizer, prompt ids, result dict with env) of those scripts: a random Llama-3-8B-shaped model with
+    ``a.layers`` layers, the synthetic nuq3-1% quantizer and an ``a.context``-token prompt; creates ``a.out``."""
+    os.makedirs(a.out, exist_ok=True)
+    model = random_llama3(a.layers)
+    quant = synthetic_nuq3_quantizer(model, a.layers)
+    ids = torch.randint(0, 32000, (1, a.context), device=DEV)
+    return model, quant, ids, {"env": env_info(), "context": a.context, "layers": a.layers}
 
 
 GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1pct-reference",
