@@ -205,6 +205,13 @@ def _dense_regions(q1, q2, m_i, l_i, acc, b, h, ns_hi, nw_hi, n_s, n_q, SK, SV, 
 _DECODE_DYNAMIC = ("smask_b", "n_s", "n_q", "n_w", "chunk", "NSPLIT_Q")
 
 
+@triton.jit
+def _device_lengths(LENS, NSPLIT_Q, BT: tl.constexpr):
+    """CUDA-graph replay (DEVLEN): the quantized length read from device memory, and each split's share of it."""
+    n_q = tl.load(LENS)
+    return n_q, tl.cdiv(tl.cdiv(n_q, NSPLIT_Q), BT) * BT
+
+
 @triton.jit(do_not_specialize=_DECODE_DYNAMIC)
 def _kvq_decode_kernel(
     Q, PACC, PM, PL,
@@ -234,9 +241,8 @@ def _kvq_decode_kernel(
     b = (pid_bh // H_KV).to(tl.int64)  # 64-bit base offsets: caches of > 2^31 bytes
     h = (pid_bh % H_KV).to(tl.int64)
     nsplit = NSPLIT_Q + 1
-    if DEVLEN:  # CUDA-graph replay: the quantized length from device memory (as in the fields kernel)
-        n_q = tl.load(LENS)
-        chunk = tl.cdiv(tl.cdiv(n_q, NSPLIT_Q), BT) * BT
+    if DEVLEN:
+        n_q, chunk = _device_lengths(LENS, NSPLIT_Q, BT)
 
     g = tl.arange(0, GP)
     gmask = g < GROUP
@@ -924,9 +930,8 @@ def _kvq_decode_fields_kernel(
     b = (pid_bh // H_KV).to(tl.int64)  # 64-bit base offsets: caches of > 2^31 bytes
     h = (pid_bh % H_KV).to(tl.int64)
     nsplit = NSPLIT_Q + 1
-    if DEVLEN:  # CUDA-graph replay: the quantized length is read from device memory, the split size derived from it
-        n_q = tl.load(LENS)
-        chunk = tl.cdiv(tl.cdiv(n_q, NSPLIT_Q), BT) * BT
+    if DEVLEN:
+        n_q, chunk = _device_lengths(LENS, NSPLIT_Q, BT)
     g = tl.arange(0, GP)
     gmask = g < GROUP
     row = (b * H_KV * GROUP + h * GROUP + g) * nsplit + pid_s
