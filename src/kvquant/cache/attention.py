@@ -75,22 +75,20 @@ def kvquant_attention_forward(module, query, key, value, attention_mask, dropout
     note = pop_pending(getattr(module, "layer_idx", -1))
     if note is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if note[0] == "kernel":
+        if note[0] in ("kernel", "graph"):
             from .. import kernels
 
-            out = kernels.decode_attention(query, note[1], scale, attention_mask)  # [B, Hq, 1, D]
-            return out.transpose(1, 2).contiguous(), None
-        if note[0] == "graph":  # steady decode step: append + attention as one CUDA-graph replay, or eagerly
-            from .. import kernels
-            from ..kernels.graphs import LayerDecodeGraph
+            st, out = note[1], None
+            if note[0] == "graph":  # steady decode step: append + attention as one CUDA-graph replay, or eagerly
+                from ..kernels.graphs import LayerDecodeGraph
 
-            _, st, k, v, pos = note
-            graph = LayerDecodeGraph.for_storage(st)
-            if graph.applies(st, query, attention_mask):
-                out = graph.step(st, k, v, pos, query, scale)
-            else:
-                st.append(k, v, pos)
-                out = kernels.decode_attention(query, st, scale, attention_mask)
+                graph = LayerDecodeGraph.for_storage(st)
+                if graph.applies(st, query, attention_mask):
+                    out = graph.step(st, *note[2:], query, scale)
+                else:
+                    st.append(*note[2:])
+            if out is None:
+                out = kernels.decode_attention(query, st, scale, attention_mask)  # [B, Hq, 1, D]
             return out.transpose(1, 2).contiguous(), None
         if note[0] == "band" and note[1].shape[2] == key.shape[2]:
             _, k_fp, v_fp, window = note
