@@ -433,10 +433,12 @@ def test_decode_step_has_no_host_sync_gpu(R, masked):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("head_dim", [128, 64])
-def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim):
+@pytest.mark.parametrize("head_dim,group,kernel", [(128, "head", "natural"), (64, "head", "natural"),
+                                                   (128, "token", "tiles")])
+def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, kernel):
     """generate with the CUDA-graph decode steps (kernels.graphs) gives the eager fused path's tokens, through
-    reallocations of the storage (re-recorded graphs), and the graphs are used."""
+    reallocations of the storage (re-recorded graphs), and the graphs are used (token-group values with more than 4
+    slots per row: the tiles kernel)."""
     from kvquant import KVQuantCache
     from kvquant.models import model_identity, tiny_random_model
     from kvquant.quantizer import Quantizer, QuantizerConfig
@@ -444,8 +446,9 @@ def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim):
     model = tiny_random_model("llama", head_dim=head_dim).cuda().to(torch.bfloat16)
     cfg = model.config
     H, D = cfg.num_key_value_heads, cfg.head_dim
-    quant = Quantizer(QuantizerConfig(bits=3, n_sinks=1, recent_window=0, value_group="head"), model_identity(model),
-                      [synthetic_codec(H, D, 3, 0.01, "head", seed=i) for i in range(cfg.num_hidden_layers)])
+    frac = 0.01 if group == "head" else 5.0 / (H * D)  # token group: 5 slots per row, past the natural kernel's 4
+    quant = Quantizer(QuantizerConfig(bits=3, n_sinks=1, recent_window=0, value_group=group), model_identity(model),
+                      [synthetic_codec(H, D, 3, frac, group, seed=i) for i in range(cfg.num_hidden_layers)])
     ids = torch.randint(0, cfg.vocab_size, (2, 50), generator=torch.Generator().manual_seed(0)).cuda()
     outs, caches = [], []
     for flag in ("0", "1"):
@@ -456,6 +459,8 @@ def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim):
                                        max_new_tokens=60, min_new_tokens=60, do_sample=False))
         caches.append(cache)
     assert torch.equal(outs[0], outs[1])
+    st = caches[1].layers[0].storage
+    assert kernels.decode_kernel(torch.zeros(2, cfg.num_attention_heads, 1, D, device="cuda"), st) == kernel
     for layer in caches[1].layers:  # 50 + 60 tokens: the capacity grows past 64, so each layer re-recorded once
         graph = getattr(layer.storage, "_decode_graph", None)
         assert graph is not None and graph.graph is not None and graph.stamp is layer.storage.k_codes

@@ -10,7 +10,7 @@ of a launch argument, so the recorded arguments stay valid from one step to the 
 number of splits, each deriving its share from that length; the graph itself advances the length.
 
 It applies to the steady state of a decode step (one token, no attention mask, no fp16 recent window, the sinks
-filled, the natural or fields kernel) and is re-recorded when the storage reallocates (its capacity doubles).
+filled, a fused kernel) and is re-recorded when the storage reallocates (its capacity doubles).
 Anything else takes the eager path. ``KVQUANT_CUDA_GRAPHS=0`` turns it off.
 """
 
@@ -25,7 +25,7 @@ from .. import kernels as _k  # the package's functions looked up at call time (
 __all__ = ["LayerDecodeGraph", "graphs_enabled"]
 
 
-GRAPH_KERNELS = ("natural", "fields")  # decode kernels whose steps are replayed as graphs
+GRAPH_KERNELS = ("natural", "fields", "tiles")  # decode kernels whose steps are replayed as graphs
 
 
 def graphs_enabled() -> bool:
@@ -71,7 +71,6 @@ class LayerDecodeGraph:
         if self.failed or attention_mask is not None or not self.steady(st, query.shape[2]):
             return False
         if self.kernel_ok is None or self.kernel_ok[0] is not st.k_codes:
-            # the tiles kernel reads device lengths too (interpreter-tested), but has not replayed on a GPU yet
             self.kernel_ok = (st.k_codes, _k.decode_kernel(query, st) in GRAPH_KERNELS)
         return self.kernel_ok[1]
 
