@@ -243,6 +243,9 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
     if sweep == "blocks":  # the natural kernel's default against larger blocks with more warps (Llama-3-8B shape)
         sweeps = [("natural", "head", {})]
         sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw)) for bt, nw in ((64, 4), (64, 8), (128, 8))]
+    if sweep == "tokengroup":  # token-group values (11 slots per row): the natural kernel's ranked slots against the
+        # tiles kernel (the default for such rows before), and the natural kernel on head-group values for reference
+        sweeps = [("tiles", "token", {}), ("natural", "token", {}), ("natural", "head", {})]
     if sweep == "d64":  # head_dim 64 (SmolLM2-135M shape): the natural kernel's launches against the tiles kernel
         sweeps = [("tiles", "head", {}), ("tiles", "token", {})]
         sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw)) for bt, nw in ((32, 2), (64, 4), (128, 4),
@@ -385,14 +388,14 @@ def random_llama3(n_layers=32):
     return model
 
 
-def synthetic_nuq3_quantizer(model, n_layers):
-    """nuq3-1% quantizer with synthetic codebooks for a random Llama-3-8B-shaped model (head-group values: the fields
-    kernel; 1 sink, no fp16 window)."""
+def synthetic_nuq3_quantizer(model, n_layers, value_group="head"):
+    """nuq3-1% quantizer with synthetic codebooks for a random Llama-3-8B-shaped model (1 sink, no fp16 window;
+    head-group values by default, "token" for the calibration default)."""
     from kvquant.models import model_identity
     from kvquant.quantizer import Quantizer, QuantizerConfig
 
-    qcfg = QuantizerConfig(bits=3, outlier_fraction=0.01, n_sinks=1, recent_window=0, value_group="head")
-    return Quantizer(qcfg, model_identity(model), [synthetic_codec(8, 128, 3, 0.01, "head", seed=i)
+    qcfg = QuantizerConfig(bits=3, outlier_fraction=0.01, n_sinks=1, recent_window=0, value_group=value_group)
+    return Quantizer(qcfg, model_identity(model), [synthetic_codec(8, 128, 3, 0.01, value_group, seed=i)
                                                    for i in range(n_layers)])
 
 
@@ -416,10 +419,10 @@ def step_setup(a):
 
 
 GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1pct-reference",
-              "kvquant-nuq3-1pct-fused", "kvquant-nuq3-1pct-fused-eager")
+              "kvquant-nuq3-1pct-fused", "kvquant-nuq3-1pct-fused-eager", "kvquant-nuq3-1pct-tokengroup-fused")
 # -fused: the library default on CUDA (fused kernels, decode steps as CUDA-graph replays); -fused-eager: the same
 # kernels launched one by one (KVQUANT_CUDA_GRAPHS=0); -reference: the PyTorch path (KVQUANT_FUSED_DECODE=0)
-# (value_group "head": the fields kernel)
+# (value_group "head"; -tokengroup-: token-group values, 11 slots per row, the calibration default)
 
 
 def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHES, reps=2):
@@ -435,6 +438,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
 
     model = random_llama3(n_layers)
     quant = synthetic_nuq3_quantizer(model, n_layers)
+    quant_token = synthetic_nuq3_quantizer(model, n_layers, "token")
     rows = []
 
     class Stamps(BaseStreamer):
@@ -458,7 +462,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
         if name.startswith("quanto"):
             # transformers' QuantizedCache (quanto backend, per-token int groups of 64, 128-token fp16 residual)
             return QuantizedCache("quanto", model.config, nbits=int(name[-1]), q_group_size=64, residual_length=128)
-        return KVQuantCache(quant, model)
+        return KVQuantCache(quant_token if "-tokengroup-" in name else quant, model)
 
     def run(name, ids, n_new):
         cache = make_cache(name, ids.shape[1] + n_new + 2)
@@ -552,7 +556,7 @@ def main():
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
     ap.add_argument("--diag-sweep", default="full", help="comma list of: full, regs, occupancy, natural, default, "
-                    "blocks, d64")
+                    "blocks, d64, tokengroup")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -571,7 +575,8 @@ def main():
     log("copy bandwidth GB/s", res["copy_bandwidth_gbps"])
     for name, fn in (
         ("diag", lambda: [diag_section(res, res["copy_bandwidth_gbps"], sweep=sw, batch=b)
-                          for sw in args.diag_sweep.split(",") for b in ((1, 8) if sw == "d64" else (1,))]),
+                          for sw in args.diag_sweep.split(",")
+                          for b in ((1, 8) if sw in ("d64", "tokengroup") else (1,))]),
         ("quant", lambda: quant_speed(res)),
         ("capacity_first", None),
         ("decode", lambda: decode_section(res, res["copy_bandwidth_gbps"], args.shapes.split(","),

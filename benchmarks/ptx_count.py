@@ -136,6 +136,8 @@ def main():
     ap.add_argument("--ck", type=int, default=None, help="key slots (default: 1 tiles, 2 fields/natural)")
     ap.add_argument("--cv", type=int, nargs="*", default=None, help="value slots (default: 10 and 0 / 2)")
     ap.add_argument("--div", action="store_true", help="run-time divisibility hints (see the module docstring)")
+    ap.add_argument("--token-group", action="store_true",
+                    help="fields/natural: token-group values (one slot row for all 8 KV heads; e.g. --cv 11)")
     a = ap.parse_args()
     tiles = a.kernel == "tiles"
     bt = a.bt or (64 if tiles else 32)
@@ -146,8 +148,10 @@ def main():
                                     RELOAD=False, WIDE=False)
     for bits in a.bits:
         for cv in cvs:
+            if extra is not None:
+                extra["CVP"] = 1 << max(0, (cv - 1).bit_length())
             k = compile_decode(bits=bits, cv=cv, ck=ck, bt=bt, num_warps=a.warps, fn=fn, maxnreg=a.maxnreg,
-                               v_token=tiles, extra=extra, div=a.div)
+                               v_token=tiles or a.token_group, extra=extra, div=a.div)
             ptx = k.asm["ptx"]
             n_lines, n_ins, ops = ptx_stats(ptx)
             smem = k.metadata.shared

@@ -141,7 +141,18 @@ def test_decode_gqa_interpret(bits):
 def test_decode_gqa4_value_correction_interpret(bits):
     # GQA group 4: the value-slot correction path (VCORR) and the affine key dequant; padded batch, 3 splits
     check_decode(2, 8, 2, 64, bits, 150, 1, 5, "token", "cpu", mask_lens=[156, 100], num_splits=3, frac=0.05,
-                 value_correction=True)
+                 value_correction=True, kernel="tiles")
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("bits,D,frac", [(3, 128, 0.03), (2, 64, 0.05), (4, 128, 0.03)])
+def test_decode_natural_token_group_many_slots_interpret(bits, D, frac):
+    # token-group values with more than 4 slots per row (the calibration default on many-head models): the natural
+    # kernel applies only the slots of its KV head, ranked per token; GQA 4, left padding, 3 splits
+    st, _, _ = make_storage(2, 2, D, bits, 10, 1, 0, "token", "cpu", frac=frac)
+    assert st.v_out_idx.shape[-1] > 4
+    assert kernels.decode_kernel(torch.zeros(2, 8, 1, D), st) == "natural"
+    check_decode(2, 8, 2, D, bits, 150, 1, 5, "token", "cpu", mask_lens=[156, 100], num_splits=3, frac=frac)
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
@@ -327,7 +338,10 @@ def test_quantize_append_gpu(bits, D):
                                           (3, 128, torch.bfloat16), (3, 256, torch.float16),
                                           (2, 128, torch.float16), (4, 128, torch.bfloat16)])
 def test_decode_gpu(bits, D, dtype):
+    # token-group values over 8 KV heads (> 4 slots per row): the natural kernel's ranked slots, and the tiles kernel
     check_decode(3, 32, 8, D, bits, 3000, 1, 17, "token", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype)
+    check_decode(3, 32, 8, D, bits, 3000, 1, 17, "token", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype,
+                 kernel="tiles")
     check_decode(2, 8, 8, D, bits, 2000, 1, 0, "head", "cuda", dtype=dtype)
     check_decode(1, 8, 1, D, bits, 1000, 0, 5, "token", "cuda", dtype=dtype)  # MQA
     if D >= 128:  # the fields kernel: GQA 4 with padding, and non-consecutive positions (per-element RoPE fallback)
@@ -433,12 +447,12 @@ def test_decode_step_has_no_host_sync_gpu(R, masked):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("head_dim,group,kernel", [(128, "head", "natural"), (64, "head", "natural"),
-                                                   (128, "token", "tiles")])
-def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, kernel):
+@pytest.mark.parametrize("head_dim,group,frac,kernel", [(128, "head", 0.01, "natural"), (64, "head", 0.01, "natural"),
+                                                        (128, "token", 0.02, "natural"), (128, "token", 0.04, "tiles")])
+def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, frac, kernel):
     """generate with the CUDA-graph decode steps (kernels.graphs) gives the eager fused path's tokens, through
-    reallocations of the storage (re-recorded graphs), and the graphs are used (token-group values with more than 4
-    slots per row: the tiles kernel)."""
+    reallocations of the storage (re-recorded graphs), and the graphs are used. Token-group values with more than 4
+    slots per row take the natural kernel; with more than 4 key slots (4%), the tiles kernel."""
     from kvquant import KVQuantCache
     from kvquant.models import model_identity, tiny_random_model
     from kvquant.quantizer import Quantizer, QuantizerConfig
@@ -446,7 +460,6 @@ def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, ker
     model = tiny_random_model("llama", head_dim=head_dim).cuda().to(torch.bfloat16)
     cfg = model.config
     H, D = cfg.num_key_value_heads, cfg.head_dim
-    frac = 0.01 if group == "head" else 5.0 / (H * D)  # token group: 5 slots per row, past the natural kernel's 4
     quant = Quantizer(QuantizerConfig(bits=3, n_sinks=1, recent_window=0, value_group=group), model_identity(model),
                       [synthetic_codec(H, D, 3, frac, group, seed=i) for i in range(cfg.num_hidden_layers)])
     ids = torch.randint(0, cfg.vocab_size, (2, 50), generator=torch.Generator().manual_seed(0)).cuda()

@@ -139,8 +139,10 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
     ``kernel``: ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key
-    dots and one value dot per block; a per-channel affine key table and at most 4 key and 4 value outlier slots per
-    vector), ``"fields"`` (same conditions and head_dim >= 128; twelve narrow dots per block, one per bit field),
+    dots and one value dot per block; a per-channel affine key table, at most 4 key outlier slots per vector, and at
+    most 4 value slots per head vector or token-group value rows with any number of slots: each KV head applies the
+    ones that fall in it), ``"fields"`` (the head-group conditions and head_dim >= 128; twelve narrow dots per block,
+    one per bit field),
     ``"tiles"`` (interleave unpack; any slot count) or None (natural for 3/4-bit storage, and for 2-bit at head_dim 64;
     fields for 2-bit at head_dim >= 128; else tiles; :func:`decode_kernel` says which).
     ``value_correction=True``: the tiles kernel's value-slot correction (a one-hot dot after P@V) instead of the
@@ -284,7 +286,10 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if not use_dot and group != 1:
         raise ValueError("use_dot=False needs MHA (one query head per KV head).")
     fields_ok = D >= 128 and kaff is not None and cv <= 4
-    natural_ok = (fields_ok or D == 64 and kaff is not None and cv <= 4) and ck <= 4 and lutx is not False
+    # the natural kernel also takes token-group value rows with more than 4 slots (they span every KV head; each head
+    # applies only its own, _overwrite_hits)
+    natural_ok = (D in (64, 128, 256) and kaff is not None and (cv <= 4 or v_token) and ck <= 4
+                  and lutx is not False)
     if kernel is None:
         # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md: natural in run 13, fields in run 4): per layer
         # nuq4 425 vs 514 us, nuq3 372 vs 435 us, but nuq2 371 vs 291 us (the natural kernel's cost does not shrink
@@ -295,8 +300,9 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if kernel == "fields" and not fields_ok:
         raise ValueError("the fields kernel needs head_dim >= 128, an affine key table and <= 4 value slots.")
     if kernel == "natural" and not natural_ok:
-        raise ValueError("the natural kernel needs head_dim 64/128/256, an affine key table, <= 4 key and value "
-                         "outlier slots, and the register lookup table (lutx).")
+        raise ValueError("the natural kernel needs head_dim 64/128/256, an affine key table, <= 4 key outlier "
+                         "slots, <= 4 value slots (any number for token-group "
+                         "values), and the register lookup table (lutx).")
     use_dot = use_dot or kernel in ("fields", "natural")
     gp = max(16, triton_next_pow2(group)) if use_dot else 1
     gr = triton_next_pow2(group)
@@ -328,7 +334,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         if kernel == "natural":
             if bt < 32:
                 raise ValueError(f"the natural kernel needs block_t >= 32, got {bt}.")
-            consts.update(RELOAD=bool(reload), WIDE=bool(wide_loads),
+            consts.update(RELOAD=bool(reload), WIDE=bool(wide_loads), CVP=triton_next_pow2(max(cv, 1)),
                           TAU=_cached(st, ("tau", dev, bt), lambda: _tau_table(inv_freq, bt, dev)))
         if lutx:
             consts["KW"] = _cached(st, ("key_words", dev), lambda: _lut_words(kaff[0]))

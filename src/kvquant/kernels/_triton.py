@@ -818,6 +818,27 @@ def _overwrite(x, ch, sl, C: tl.constexpr):
 
 
 @triton.jit
+def _overwrite_hits(x, ch, OI, OV, row, idx_off, tmask, C: tl.constexpr, CP: tl.constexpr, N: tl.constexpr):
+    """x [BT, N] with the outlier slots that fall in [idx_off, idx_off + N) set, for rows whose C slots index a wider
+    vector (token-group values: one row holds every KV head, so most slots belong to other heads). The hits are
+    ranked per token and one overwrite pass runs per rank, up to the block's largest hit count (on average C * N /
+    row length per token), instead of one pass per slot."""
+    j = tl.arange(0, CP)
+    sm = tmask[:, None] & (j < C)[None, :]
+    oi = tl.load(OI + row[:, None] + j[None, :], mask=sm, other=0).to(tl.int32) - idx_off
+    hit = (sm & (oi >= 0) & (oi < N)).to(tl.int32)
+    rank = tl.cumsum(hit, 1) - hit
+    for r in range(0, tl.max(tl.sum(hit, 1), 0)):
+        sel = (hit > 0) & (rank == r)
+        found = tl.max(sel.to(tl.int32), 1) > 0
+        js = tl.sum(tl.where(sel, j[None, :], 0), 1)
+        ik = tl.where(found, tl.sum(tl.where(sel, oi, 0), 1), -1)
+        vk = tl.load(OV + row + js, mask=found, other=0.0).to(x.dtype)
+        x = tl.where(ik[:, None] == ch[None, :], vk[:, None], x)
+    return x
+
+
+@triton.jit
 def _key_field_x(l1, l2, f: tl.constexpr, s1, z1, s2, z2, sl, C, S, qa1, qa2,
                  D: tl.constexpr, W: tl.constexpr, CK: tl.constexpr, F32: tl.constexpr):
     """LUTX scores [GP, BT] of field f: levels l1/l2 (fp16) -> per-channel affine, slot overwrite (slots sl
@@ -918,9 +939,10 @@ def _kvq_decode_fields_kernel(
     F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
     PREFETCH: tl.constexpr = False, LUTX: tl.constexpr = False, KW=None, VW=None, KDLH=None,
     NATURAL: tl.constexpr = False, RELOAD: tl.constexpr = False, TAU=None, WIDE: tl.constexpr = False,
-    LENS=None, DEVLEN: tl.constexpr = False,
+    LENS=None, DEVLEN: tl.constexpr = False, CVP: tl.constexpr = 1,
 ):
-    """The fields kernel, and with NATURAL the natural kernel (LUTX levels; its own RELOAD / TAU / WIDE options):
+    """The fields kernel, and with NATURAL the natural kernel (LUTX levels; its own RELOAD / TAU / WIDE options; value
+    rows with more than 4 slots, i.e. token-group values, through _overwrite_hits over CVP >= CV slot columns):
     same launch contract, same partials."""
     HALF: tl.constexpr = D // 2
     NKC: tl.constexpr = D // 8  # columns per key half and field
@@ -970,7 +992,8 @@ def _kvq_decode_fields_kernel(
                 vlo, vhi, vz, vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
                                                   vs_base, svs_t, NVC, BITS, True, WIDE)
                 ksl = _slots(KOI, KOV, ko_base + t * sko_t, CK, 0, tmask)
-                vsl = _slots(VOI, VOV, vo_base + t * svo_t, CV, v_idx_off, tmask)
+                if CV <= 4:
+                    vsl = _slots(VOI, VOV, vo_base + t * svo_t, CV, v_idx_off, tmask)
                 if RELOAD:  # loop invariants re-read from L1 every block: fewer registers, more resident warps
                     q1, q2, om, C0, S0, ks1, kz1, ks2, kz2 = _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU,
                                                                          ch, taui, HALF, BT, F32, RELOAD)
@@ -991,7 +1014,11 @@ def _kvq_decode_fields_kernel(
                 s = _mm(a1, tl.trans(r1), F32) + _mm(a2, tl.trans(r2), F32)
                 p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, mask_row, n_s, t, tmask, HAS_MASK)
                 lv0, lv1, lv2, lv3 = _lut_fields(vlo, vhi, VW, VLEVH, BITS, F32)
-                v = _overwrite(_nat(lv0, lv1, lv2, lv3) * vsc[:, None] + vz[:, None], chd, vsl, CV)
+                v = _nat(lv0, lv1, lv2, lv3) * vsc[:, None] + vz[:, None]
+                if CV <= 4:
+                    v = _overwrite(v, chd, vsl, CV)
+                else:
+                    v = _overwrite_hits(v, chd, VOI, VOV, vo_base + t * svo_t, v_idx_off, tmask, CV, CVP, D)
                 acc = acc * alpha[:, None] + _mm(p.to(tl.float16), v, F32)
             tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
         else:
