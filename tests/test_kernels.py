@@ -447,12 +447,14 @@ def test_decode_step_has_no_host_sync_gpu(R, masked):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("head_dim,group,frac,kernel", [(128, "head", 0.01, "natural"), (64, "head", 0.01, "natural"),
-                                                        (128, "token", 0.02, "natural"), (128, "token", 0.04, "tiles")])
-def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, frac, kernel):
+@pytest.mark.parametrize("head_dim,group,frac,kernel,padded", [
+    (128, "head", 0.01, "natural", False), (64, "head", 0.01, "natural", False),
+    (128, "token", 0.02, "natural", False), (128, "token", 0.04, "tiles", False), (128, "head", 0.01, "natural", True)])
+def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, frac, kernel, padded):
     """generate with the CUDA-graph decode steps (kernels.graphs) gives the eager fused path's tokens, through
     reallocations of the storage (re-recorded graphs), and the graphs are used. Token-group values with more than 4
-    slots per row take the natural kernel; with more than 4 key slots (4%), the tiles kernel."""
+    slots per row take the natural kernel; with more than 4 key slots (4%), the tiles kernel. padded: a left-padded
+    batch (the mask as a shared bias buffer)."""
     from kvquant import KVQuantCache
     from kvquant.models import model_identity, tiny_random_model
     from kvquant.quantizer import Quantizer, QuantizerConfig
@@ -463,12 +465,15 @@ def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, fra
     quant = Quantizer(QuantizerConfig(bits=3, n_sinks=1, recent_window=0, value_group=group), model_identity(model),
                       [synthetic_codec(H, D, 3, frac, group, seed=i) for i in range(cfg.num_hidden_layers)])
     ids = torch.randint(0, cfg.vocab_size, (2, 50), generator=torch.Generator().manual_seed(0)).cuda()
+    am = torch.ones_like(ids)
+    if padded:
+        am[1, :13] = 0
     outs, caches = [], []
     for flag in ("0", "1"):
         monkeypatch.setenv("KVQUANT_CUDA_GRAPHS", flag)
         cache = KVQuantCache(quant, model)
         with torch.no_grad():
-            outs.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+            outs.append(model.generate(input_ids=ids, attention_mask=am, past_key_values=cache,
                                        max_new_tokens=60, min_new_tokens=60, do_sample=False))
         caches.append(cache)
     assert torch.equal(outs[0], outs[1])
@@ -477,6 +482,7 @@ def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, fra
     for layer in caches[1].layers:  # 50 + 60 tokens: the capacity grows past 64, so each layer re-recorded once
         graph = getattr(layer.storage, "_decode_graph", None)
         assert graph is not None and graph.graph is not None and graph.stamp is layer.storage.k_codes
+        assert (graph.bias is not None) == padded
     assert all(getattr(layer.storage, "_decode_graph", None) is None for layer in caches[0].layers)
 
 
@@ -583,6 +589,59 @@ def test_graph_decode_steps_bookkeeping_interpret(monkeypatch):
     gr.step(st, k, k, torch.tensor([[68]]), qy, 0.125)
     assert gr.failed and len(recs) == before and st.n_q == 68 and int(gr.lens[0]) == 68
     assert not gr.applies(st, qy, None)
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_graph_decode_steps_padded_batch_interpret(monkeypatch):
+    """A padded batch (left padding: an attention mask at every step) also replays its decode steps: the mask becomes
+    a bias in one buffer shared by the layers' recordings, filled once per step; same logits as the eager path."""
+    from kvquant import KVQuantCache
+    from kvquant.cache import kvquant_cache as kc
+    from kvquant.calibration import build_quantizer, cache_kwarg, collect_statistics
+    from kvquant.kernels import graphs
+    from kvquant.models import tiny_random_model
+    from kvquant.quantizer import QuantizerConfig
+
+    recs = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def replay(self):
+            self.fn()
+
+    monkeypatch.setattr(graphs, "_on_cuda", lambda st: True)
+    monkeypatch.setattr(graphs.LayerDecodeGraph, "_capture",
+                        staticmethod(lambda st, fn: recs.append(Recorder(fn)) or recs[-1]))
+    monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1")
+    monkeypatch.setattr(kc, "_KERNEL_OK", {})
+    model = tiny_random_model("llama", head_dim=64)
+    g = torch.Generator().manual_seed(1)
+    q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
+                        QuantizerConfig(bits=3))
+    ids = torch.randint(0, 128, (2, 60), generator=g)
+    mask = torch.ones(2, 60, dtype=torch.long)
+    mask[1, :17] = 0  # row 1 left-padded by 17 tokens
+
+    def run(flag):
+        monkeypatch.setenv("KVQUANT_CUDA_GRAPHS", flag)
+        cache = KVQuantCache(q, model)
+        kw = {cache_kwarg(model): cache}
+        with torch.no_grad():
+            outs = [model(ids[:, :50], attention_mask=mask[:, :50], use_cache=True, **kw).logits[:, -1]]
+            for i in range(50, 60):
+                outs.append(model(ids[:, i: i + 1], attention_mask=mask[:, : i + 1], use_cache=True,
+                                  **kw).logits[:, -1])
+        return torch.stack(outs), cache
+
+    eager, _ = run("0")
+    graphed, cache = run("1")
+    assert torch.equal(eager, graphed)
+    assert len(recs) == len(cache.layers)  # one recording per layer, replayed at every later step
+    buf = cache.layers[0].storage._decode_graph.bias
+    assert buf is not None and all(layer.storage._decode_graph.bias is buf for layer in cache.layers)
+    assert torch.isinf(buf[1, :17]).all() and (buf[:, 17:60] == 0).all()
 
 
 def test_lut_words_hold_the_fp16_levels():

@@ -84,7 +84,7 @@ def kvquant_attention_forward(module, query, key, value, attention_mask, dropout
 
                 graph = LayerDecodeGraph.for_storage(st)
                 if graph.applies(st, query, attention_mask):
-                    out = graph.step(st, *note[2:], query, scale)
+                    out = graph.step(st, *note[2:], query, scale, attention_mask)
                 else:
                     st.append(*note[2:])
             if out is None:

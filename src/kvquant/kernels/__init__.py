@@ -135,7 +135,7 @@ def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int =
 # ----------------------------------------------------------------------------------------------------------------
 def decode_attention(query, storage, scaling, attention_mask=None, num_splits=None, block_t=None, use_dot=None,
                      num_warps=None, kernel=None, value_correction=None, maxnreg=None, prefetch=False, lutx=None,
-                     reload=None, wide_loads=None, lengths=None):
+                     reload=None, wide_loads=None, lengths=None, bias=None):
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
     ``kernel``: ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key
@@ -157,7 +157,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     kernel): read the packed codes as 32-bit words and split them into bytes in registers (off by default: slower
     on the H200 at the default launch, benchmarks/gpu_decode.md).
     ``lengths`` (CUDA graphs, :mod:`kvquant.kernels.graphs`): the quantized length is read from this int32 device
-    tensor instead of ``storage.n_q``, over exactly ``num_splits`` splits.
+    tensor instead of ``storage.n_q``, over exactly ``num_splits`` splits; ``bias`` (same use): the additive fp32
+    mask bias [B, >= keys] itself (a buffer at a fixed address), in place of ``attention_mask``.
 
     A decode step is host-bound end to end, so everything that only changes when the storage is reallocated (the
     launch configuration, derived tables, tensor arguments and strides) is computed once and cached on the storage
@@ -179,7 +180,10 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     H, bt = plan.H, plan.bt
     n_q = int(st.n_q) if st.k_codes is not None else 0
     n_s, n_w = _n_tokens(st.sink_k), _n_tokens(st.win_k)
-    bias = _mask_bias_memo(attention_mask, B, n_s + n_q + n_w, dev)
+    if bias is None:
+        bias = _mask_bias_memo(attention_mask, B, n_s + n_q + n_w, dev)
+    elif attention_mask is not None:
+        raise ValueError("pass attention_mask or bias, not both.")
     if lengths is not None:
         if not num_splits:
             raise ValueError("lengths= needs a fixed num_splits.")

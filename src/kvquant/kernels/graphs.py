@@ -9,8 +9,9 @@ What makes that possible: the kernels read the quantized length from an int32 de
 of a launch argument, so the recorded arguments stay valid from one step to the next; the attention runs over a fixed
 number of splits, each deriving its share from that length; the graph itself advances the length.
 
-It applies to the steady state of a decode step (one token, no attention mask, no fp16 recent window, the sinks
-filled, a fused kernel) and is re-recorded when the storage reallocates (its capacity doubles).
+It applies to the steady state of a decode step (one token, no fp16 recent window, the sinks filled, a fused
+kernel) and is re-recorded when the storage reallocates (its capacity doubles). A padded batch's attention mask is
+turned into an additive bias once per step, in a buffer shared by every layer's graph (:func:`_static_bias`).
 Anything else takes the eager path. ``KVQUANT_CUDA_GRAPHS=0`` turns it off.
 """
 
@@ -52,6 +53,7 @@ class LayerDecodeGraph:
         self.out = None
         self.failed = False
         self.replays = 0  # replays of the current recording
+        self.bias = None  # the shared mask-bias buffer the current step reads (held: the recording points into it)
 
     @staticmethod
     def for_storage(storage) -> LayerDecodeGraph:
@@ -68,20 +70,24 @@ class LayerDecodeGraph:
                 and st.n_q > 0 and st.k_codes is not None and _on_cuda(st))
 
     def applies(self, st, query, attention_mask) -> bool:
-        if self.failed or attention_mask is not None or not self.steady(st, query.shape[2]):
+        if self.failed or not self.steady(st, query.shape[2]):
             return False
         if self.kernel_ok is None or self.kernel_ok[0] is not st.k_codes:
             self.kernel_ok = (st.k_codes, _k.decode_kernel(query, st) in GRAPH_KERNELS)
         return self.kernel_ok[1]
 
-    def step(self, st, k, v, pos, query, scaling):
+    def step(self, st, k, v, pos, query, scaling, attention_mask=None):
         """Append ``k``/``v`` [B, H, 1, D] at ``pos`` [B, 1] and return the attention output [B, Hq, 1, D] of
-        ``query`` over the whole layer; the storage's bookkeeping advances as in ``LayerStorage.append``."""
+        ``query`` over the whole layer (``attention_mask``: as for ``decode_attention``, covering the new token);
+        the storage's bookkeeping advances as in ``LayerStorage.append``."""
         k, v = k.to(st.dtype), v.to(st.dtype)
         pos = pos.to(st.device).expand(k.shape[0], 1)
         _k._ensure_capacity(st, st.codec, st.batch, st.n_q + 1)
         self._sync_lens(st)
-        key = (tuple(k.shape), k.dtype, tuple(query.shape), query.dtype, tuple(pos.shape), pos.dtype, float(scaling))
+        self.bias = None if attention_mask is None else _static_bias(
+            attention_mask, st.batch, st.n_s + st.n_q + 1, st.n_s + st.capacity, st.k_codes.device)
+        key = (tuple(k.shape), k.dtype, tuple(query.shape), query.dtype, tuple(pos.shape), pos.dtype, float(scaling),
+               None if self.bias is None else self.bias.data_ptr())
         if self.graph is not None and self.stamp is st.k_codes and self.key == key:
             b = self.bufs
             b["k"].copy_(k)
@@ -121,7 +127,8 @@ class LayerDecodeGraph:
                             stamp=st.k_codes)
         _k.quantize_append(st, b["k"], b["v"], b["pos"], codec=st.codec, lengths=self.lens)
         self.lens.add_(1)
-        self.out = _k.decode_attention(b["q"], st, scaling, None, num_splits=splits, lengths=self.lens)
+        self.out = _k.decode_attention(b["q"], st, scaling, None, num_splits=splits, lengths=self.lens,
+                                       bias=self.bias)
 
     def _record(self, st, scaling):
         try:
@@ -152,3 +159,23 @@ class LayerDecodeGraph:
         finally:
             torch.cuda.current_stream().wait_stream(stream)
         return g
+
+
+_BIAS: dict = {}  # (device, batch, width) -> [fp32 bias buffer, (mask, version, keys) it was last filled from]
+
+
+def _static_bias(attention_mask, batch: int, total: int, width: int, device) -> torch.Tensor:
+    """The step's additive mask bias (``kernels.mask_bias`` of ``attention_mask`` over ``total`` keys) in a [batch,
+    width] buffer at a fixed address, shared by the graphs of every layer of that width: filled by the first layer
+    of a step (transformers hands every layer the same mask tensor; the in-place version counter is checked too)
+    and only read by the others. Graphs hold their buffer, so one dropped from this table stays valid for them."""
+    key = (device, batch, width)
+    ent = _BIAS.get(key)
+    if ent is None:
+        _BIAS.clear()  # older widths: the storages have grown past them (their graphs keep what they use)
+        ent = _BIAS[key] = [torch.zeros(batch, width, device=device, dtype=torch.float32), None]
+    src = ent[1]
+    if src is None or src[0] is not attention_mask or src[1] != attention_mask._version or src[2] != total:
+        ent[0][:, :total].copy_(_k._mask_bias_memo(attention_mask, batch, total, device))
+        ent[1] = (attention_mask, attention_mask._version, total)
+    return ent[0]
