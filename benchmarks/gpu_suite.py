@@ -181,9 +181,9 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
                     st.n_q = ctx - st.n_s
                     nbytes, _ = storage_bytes_read(st, st.n_q)
                     kw0 = dict(KV_OPTS) if vg == "head" and D > 64 else {}
-                    # head_dim 64: the default kernel (natural since it was enabled there) and the tiles kernel that
-                    # ran before, side by side
-                    for kw in [kw0] + ([dict(kernel="tiles")] if vg == "head" and D == 64 else []):
+                    # the default kernel and the tiles kernel that ran before, side by side: head_dim 64 (natural
+                    # since it was enabled there) and token-group values (natural since run 21)
+                    for kw in [kw0] + ([dict(kernel="tiles")] if vg == "token" or D == 64 else []):
                         impl = "kvquant-" + kernels.decode_kernel(q, st, **kw)  # the kernel that actually runs
                         us = bench(lambda: kernels.decode_attention(q, st, scaling, **kw))  # noqa: B023
                         name = f"nuq{b}-1pct" + ("" if vg == "head" else "-tokengroup")
