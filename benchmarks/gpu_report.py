@@ -34,6 +34,9 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run18_2026-11-29": "92ea1fd (per-step scalars not specialised by Triton)",
     "run19_2026-11-29": "d45d89a (CUDA-graph decode steps, the default on CUDA)",
     "run20_2026-11-29": "afa06a6 (CUDA-graph decode steps without the storage <-> graph reference cycle)",
+    "run21_2026-11-30": "bc97aeb (natural kernel for token-group value rows with any slot count)",
+    "run22_2026-11-30": "18f2f6f (CUDA graphs for the tiles kernel and for padded batches)",
+    "run23_2026-11-30": "3f3b16b (decode rows: token-group values with the natural and the tiles kernel)",
 }
 
 # runs whose generate section is incomplete: listed after the full run, never taken as the latest
@@ -45,6 +48,18 @@ IMPL_FIX = {"run13_2026-11-29": {"kvquant-fields": "kvquant-natural"}}
 
 
 RUN_NOTES = {  # what a reader must know about a run's rows
+    "run21_2026-11-30": ("Preceded in the same call by `test_decode_gpu` (killed by its 300 s limit after 5 of 7 "
+                         "passed, no failure; the other two passed in run 22's call). The tokengroup sweep: token-group "
+                         "values (11 slots per row over 8 KV heads) through the natural kernel's ranked slots against "
+                         "the tiles kernel, the default for such rows until this run."),
+    "run22_2026-11-30": ("128K only, three caches, two rounds. Preceded in the same call by the GPU tests of the "
+                         "graph paths (token-group natural and tiles, d64, a left-padded batch) and the two remaining "
+                         "`test_decode_gpu` cases: 7 passed. `kvquant-nuq3-1pct-tokengroup-fused`: token-group values "
+                         "(the calibration default; natural kernel, CUDA graphs). The peaks are the first clean "
+                         "measurement with graphs (no reference cycle): 32.9 GiB against 45.6 GiB for DynamicCache."),
+    "run23_2026-11-30": ("Token-group rows run twice: with the default kernel (natural since run 21) and with the tiles "
+                         "kernel, side by side. With 32 KV heads (Llama-2-7B) a token-group row holds 41 slots and "
+                         "every head's program reads all of them: that is why those rows are slow."),
     "run1_2026-11-29": "No warm-up before the generate rows: the fused row's prefill includes Triton compilation. "
                        "KVQuantCache used token-group values and the tiles kernel with the value-slot correction "
                        "(the fields kernel did not exist yet), and attended the prompt quantized (prefill='exact' "
@@ -165,8 +180,9 @@ def decode_report(runs, out):
            "outlier channels), storages filled through `quantize_append`; 1 fp16 sink. `nuqN-1pct` = head-group "
            "value ranges (one value slot per head and token), read by the kernel in the `kernel` column (natural: the "
            "CUDA default for 3/4-bit storage; fields: the default for 2-bit, see the sweep); "
-           "`-tokengroup` = value ranges and 1% slots over all KV heads of a token (the CPU default), read by the "
-           "**tiles** kernel.\n\n")
+           "`-tokengroup` = value ranges and 1% slots over all KV heads of a token (the calibration default), read "
+           "by the kernel in the `kernel` column (since run 23 both: natural, the default since run 21, and tiles, "
+           "the default before).\n\n")
     md += ("| shape | context | batch | method | kernel | bits | latency (us) | GB/s | % copy BW | "
            "speedup vs best fp16 | run |\n")
     md += "|---|---|---|---|---|---|---|---|---|---|---|\n"
