@@ -37,6 +37,7 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run21_2026-11-30": "bc97aeb (natural kernel for token-group value rows with any slot count)",
     "run22_2026-11-30": "18f2f6f (CUDA graphs for the tiles kernel and for padded batches)",
     "run23_2026-11-30": "3f3b16b (decode rows: token-group values with the natural and the tiles kernel)",
+    "run24_2026-11-30": "ad6fd59 (as run 23; reports only)",
 }
 
 # runs whose generate section is incomplete: listed after the full run, never taken as the latest
@@ -57,6 +58,10 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                          "`test_decode_gpu` cases: 7 passed. `kvquant-nuq3-1pct-tokengroup-fused`: token-group values "
                          "(the calibration default; natural kernel, CUDA graphs). The peaks are the first clean "
                          "measurement with graphs (no reference cycle): 32.9 GiB against 45.6 GiB for DynamicCache."),
+    "run24_2026-11-30": ("Both contexts, four caches, two rounds, on the code of runs 21-23: head-group and "
+                         "token-group values (the calibration default), both with CUDA-graph decode steps. The host's "
+                         "speed drifted within the call: the same cache's rounds differ by up to 2x (token group at "
+                         "32K: 26.9 / 53.5 ms; DynamicCache at 128K: 117 / 95 ms), so read ratios per round too."),
     "run23_2026-11-30": ("Token-group rows run twice: with the default kernel (natural since run 21) and with the tiles "
                          "kernel, side by side. With 32 KV heads (Llama-2-7B) a token-group row holds 41 slots and "
                          "every head's program reads all of them: that is why those rows are slow."),
