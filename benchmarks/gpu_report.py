@@ -50,9 +50,9 @@ IMPL_FIX = {"run13_2026-11-29": {"kvquant-fields": "kvquant-natural"}}
 
 RUN_NOTES = {  # what a reader must know about a run's rows
     "run21_2026-11-30": ("Preceded in the same call by `test_decode_gpu` (killed by its 300 s limit after 5 of 7 "
-                         "passed, no failure; the other two passed in run 22's call). The tokengroup sweep: token-group "
-                         "values (11 slots per row over 8 KV heads) through the natural kernel's ranked slots against "
-                         "the tiles kernel, the default for such rows until this run."),
+                         "passed, no failure; the other two passed in run 22's call). The tokengroup sweep: "
+                         "token-group values (11 slots per row over 8 KV heads) through the natural kernel's ranked "
+                         "slots against the tiles kernel, the default for such rows until this run."),
     "run22_2026-11-30": ("128K only, three caches, two rounds. Preceded in the same call by the GPU tests of the "
                          "graph paths (token-group natural and tiles, d64, a left-padded batch) and the two remaining "
                          "`test_decode_gpu` cases: 7 passed. `kvquant-nuq3-1pct-tokengroup-fused`: token-group values "
@@ -62,9 +62,9 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                          "token-group values (the calibration default), both with CUDA-graph decode steps. The host's "
                          "speed drifted within the call: the same cache's rounds differ by up to 2x (token group at "
                          "32K: 26.9 / 53.5 ms; DynamicCache at 128K: 117 / 95 ms), so read ratios per round too."),
-    "run23_2026-11-30": ("Token-group rows run twice: with the default kernel (natural since run 21) and with the tiles "
-                         "kernel, side by side. With 32 KV heads (Llama-2-7B) a token-group row holds 41 slots and "
-                         "every head's program reads all of them: that is why those rows are slow."),
+    "run23_2026-11-30": ("Token-group rows run twice: with the default kernel (natural since run 21) and with the "
+                         "tiles kernel, side by side. With 32 KV heads (Llama-2-7B) a token-group row holds 41 slots "
+                         "and every head's program reads all of them: that is why those rows are slow."),
     "run1_2026-11-29": "No warm-up before the generate rows: the fused row's prefill includes Triton compilation. "
                        "KVQuantCache used token-group values and the tiles kernel with the value-slot correction "
                        "(the fields kernel did not exist yet), and attended the prompt quantized (prefill='exact' "

@@ -7,7 +7,8 @@ ptxas and nvdisasm are on the PATH (triton ships them), the SASS instruction cou
 (the hot loop).
 
 `--kernel fields|natural` compiles `_kvq_decode_fields_kernel` in that mode instead (head-group values, register
-lookup table; `--ck/--cv` slots, `--bt`, `--warps`, `--maxnreg`), and `--div` adds the divisibility-by-16 hints
+lookup table; `--ck/--cv` slots, `--bt`, `--warps`, `--maxnreg`; `--token-group` for token-group value rows, e.g.
+`--cv 11`), and `--div` adds the divisibility-by-16 hints
 that Triton attaches at run time to pointers and to the strides and sizes that are multiples of 16 (without them the
 loads do not vectorise as they do on the device). Results depend on the triton version: the H200 runs had 3.6.
 """

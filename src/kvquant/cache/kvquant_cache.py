@@ -159,7 +159,8 @@ class KVQuantLayer(CacheLayerMixin):
             key_states.device)
         if kernel and _steady_decode(st, t):
             # steady decode step: the append runs with the attention, both as one CUDA-graph replay
-            # (kvquant.kernels.graphs), or eagerly when the attention call does not qualify (a mask, say)
+            # (kvquant.kernels.graphs), or eagerly when the attention call does not qualify (no fused kernel for
+            # this storage, graphs off, a layer whose recordings churn)
             _attention.set_pending(self.layer_idx, ("graph", st, key_states, value_states, pos))
             return key_states, value_states  # placeholders: the kernel reads the storage
         if exact:
