@@ -305,8 +305,8 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         raise ValueError("the fields kernel needs head_dim >= 128, an affine key table and <= 4 value slots.")
     if kernel == "natural" and not natural_ok:
         raise ValueError("the natural kernel needs head_dim 64/128/256, an affine key table, <= 4 key outlier "
-                         "slots, <= 4 value slots (any number for token-group "
-                         "values), and the register lookup table (lutx).")
+                         "slots, <= 4 value slots (any number for token-group values), and the register lookup "
+                         "table (lutx).")
     use_dot = use_dot or kernel in ("fields", "natural")
     gp = max(16, triton_next_pow2(group)) if use_dot else 1
     gr = triton_next_pow2(group)

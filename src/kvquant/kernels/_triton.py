@@ -825,16 +825,19 @@ def _overwrite_hits(x, ch, OI, OV, row, idx_off, tmask, C: tl.constexpr, CP: tl.
     row length per token), instead of one pass per slot."""
     j = tl.arange(0, CP)
     sm = tmask[:, None] & (j < C)[None, :]
-    oi = tl.load(OI + row[:, None] + j[None, :], mask=sm, other=0).to(tl.int32) - idx_off
-    hit = (sm & (oi >= 0) & (oi < N)).to(tl.int32)
-    rank = tl.cumsum(hit, 1) - hit
-    for r in range(0, tl.max(tl.sum(hit, 1), 0)):
-        sel = (hit > 0) & (rank == r)
-        found = tl.max(sel.to(tl.int32), 1) > 0
-        js = tl.sum(tl.where(sel, j[None, :], 0), 1)
-        ik = tl.where(found, tl.sum(tl.where(sel, oi, 0), 1), -1)
-        vk = tl.load(OV + row + js, mask=found, other=0.0).to(x.dtype)
-        x = tl.where(ik[:, None] == ch[None, :], vk[:, None], x)
+    oi = (tl.load(OI + row[:, None] + j[None, :], mask=sm, other=0).to(tl.int32) - idx_off).to(tl.int32)
+    hit = sm & (oi >= 0) & (oi < N)
+    # a hit's key: its element index, then its slot column (unique per token); pass r takes each token's r-th
+    # smallest key, one min-reduction per pass
+    NONE: tl.constexpr = 1 << 30
+    key = tl.where(hit, oi * CP + j[None, :], NONE)
+    prev = tl.full([key.shape[0]], -1, tl.int32)
+    for r in range(0, tl.max(tl.sum(hit.to(tl.int32), 1), 0)):
+        k = tl.min(tl.where(key > prev[:, None], key, NONE), 1)
+        prev = k
+        found = k < NONE
+        vk = tl.load(OV + row + k % CP, mask=found, other=0.0).to(x.dtype)
+        x = tl.where((tl.where(found, k // CP, -1))[:, None] == ch[None, :], vk[:, None], x)
     return x
 
 
