@@ -38,6 +38,7 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run22_2026-11-30": "18f2f6f (CUDA graphs for the tiles kernel and for padded batches)",
     "run23_2026-11-30": "3f3b16b (decode rows: token-group values with the natural and the tiles kernel)",
     "run24_2026-11-30": "ad6fd59 (as run 23; reports only)",
+    "run25_2026-11-30": "d5bac77 (token-group slots: one min-reduction per pass)",
 }
 
 # runs whose generate section is incomplete: listed after the full run, never taken as the latest
@@ -62,6 +63,11 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                          "token-group values (the calibration default), both with CUDA-graph decode steps. The host's "
                          "speed drifted within the call: the same cache's rounds differ by up to 2x (token group at "
                          "32K: 26.9 / 53.5 ms; DynamicCache at 128K: 117 / 95 ms), so read ratios per round too."),
+    "run25_2026-11-30": ("The tokengroup sweep again after the token-group passes became one min-reduction each "
+                         "(d5bac77): natural 634 against 662 us (run 21) at batch 1, 7301 against 7952 us at batch "
+                         "8; tiles and head-group rows unchanged (1015 / 337 us). Preceded in the same call by "
+                         "`test_decode_gpu[3-128]` (passed). A Llama-2-7B decode run after it did not finish within "
+                         "its 45 s limit (the session's device time was spent) and left no rows."),
     "run23_2026-11-30": ("Token-group rows run twice: with the default kernel (natural since run 21) and with the "
                          "tiles kernel, side by side. With 32 KV heads (Llama-2-7B) a token-group row holds 41 slots "
                          "and every head's program reads all of them: that is why those rows are slow."),
