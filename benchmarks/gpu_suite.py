@@ -39,7 +39,7 @@ SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128), "smollm2-135m":
 CONTEXTS = {"llama2-7b": [4096, 16384, 65536, 131072, 524288], "llama3-8b": [4096, 16384, 65536, 131072],
             "smollm2-135m": [16384, 131072]}
 BITS = [4, 3, 2]
-# decode rows: head-group value storage (the fields kernel) at every width + the token-group storage (tiles kernel)
+# decode rows: head-group value storage at every width + token-group storage (the natural and the tiles kernel)
 METHODS = [(4, "head"), (3, "head"), (2, "head"), (3, "token")]
 KV_OPTS = {}  # launch options of the fields kernel, chosen by diag_section (fastest at 128K) when it runs first
 

@@ -1,11 +1,11 @@
 """Triton kernels for the compressed KV cache (see docs/storage-format.md).
 
 Decode attention (Flash-Decoding split-K), three kernels with one launch contract (kernels.decode_attention picks):
-"natural" (the default for 3/4-bit storage) and "fields" (2-bit), two modes of _kvq_decode_fields_kernel, and
-_kvq_decode_kernel ("tiles", described below; any head_dim / slot count). Grid (B * H_kv, n_splits + 1). Program
-(bh, s < n_splits) walks one chunk of the quantized region for one KV head and *all* its GQA query heads; program
-(bh, n_splits) walks the fp16 sinks and recent window. Each writes an unnormalised partial (acc, running max m,
-running sum l); a reduce kernel merges them.
+"natural" (the default for 3/4-bit storage and token-group values) and "fields" (2-bit head-group), two modes of
+_kvq_decode_fields_kernel, and _kvq_decode_kernel ("tiles", described below; any head_dim / slot count).
+Grid (B * H_kv, n_splits + 1). Program (bh, s < n_splits) walks one chunk of the quantized region for one KV head and
+*all* its GQA query heads; program (bh, n_splits) walks the fp16 sinks and recent window. Each writes an
+unnormalised partial (acc, running max m, running sum l); a reduce kernel merges them.
 
 Inside a quantized block of BT tokens:
   key bytes -> bit-plane unpack (in registers, natural channel order through tl.interleave) -> levels[code] * s + z
@@ -832,7 +832,7 @@ def _overwrite_hits(x, ch, OI, OV, row, idx_off, tmask, C: tl.constexpr, CP: tl.
     NONE: tl.constexpr = 1 << 30
     key = tl.where(hit, oi * CP + j[None, :], NONE)
     prev = tl.full([key.shape[0]], -1, tl.int32)
-    for r in range(0, tl.max(tl.sum(hit.to(tl.int32), 1), 0)):
+    for _r in range(0, tl.max(tl.sum(hit.to(tl.int32), 1), 0)):
         k = tl.min(tl.where(key > prev[:, None], key, NONE), 1)
         prev = k
         found = k < NONE
