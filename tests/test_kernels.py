@@ -525,15 +525,12 @@ def test_fused_cache_path_matches_reference_path(monkeypatch, R):
     assert (ref - fused).norm() / ref.norm() < 1e-2
 
 
-@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
-def test_graph_decode_steps_bookkeeping_interpret(monkeypatch):
-    """kernels.graphs without a GPU: the CUDA capture is replaced by a recorder that reruns the recorded step on
-    replay, so CI checks the bookkeeping: the same logits as the eager fused path at every step, the device length
-    following the host's, one recording per layer and again after the storage reallocates, and a layer that would
-    re-record within 8 replays (a reordered storage) staying eager."""
-    from kvquant import KVQuantCache
+def _graph_recorder_setup(monkeypatch, seed):
+    """kernels.graphs without a GPU: the CUDA capture replaced by a recorder that reruns the recorded step on each
+    replay (the list of recorders is returned), the fused path forced on, and a tiny head_dim-64 Llama (the natural
+    kernel) with a calibrated nuq3 quantizer -> (recorders, model, quantizer, the generator to draw the ids from)."""
     from kvquant.cache import kvquant_cache as kc
-    from kvquant.calibration import build_quantizer, cache_kwarg, collect_statistics
+    from kvquant.calibration import build_quantizer, collect_statistics
     from kvquant.kernels import graphs
     from kvquant.models import tiny_random_model
     from kvquant.quantizer import QuantizerConfig
@@ -552,10 +549,23 @@ def test_graph_decode_steps_bookkeeping_interpret(monkeypatch):
                         staticmethod(lambda st, fn: recs.append(Recorder(fn)) or recs[-1]))
     monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1")
     monkeypatch.setattr(kc, "_KERNEL_OK", {})
-    model = tiny_random_model("llama", head_dim=64)  # the natural kernel (head_dim 64)
-    g = torch.Generator().manual_seed(0)
+    model = tiny_random_model("llama", head_dim=64)
+    g = torch.Generator().manual_seed(seed)
     q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
                         QuantizerConfig(bits=3))
+    return recs, model, q, g
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_graph_decode_steps_bookkeeping_interpret(monkeypatch):
+    """kernels.graphs without a GPU: the CUDA capture is replaced by a recorder that reruns the recorded step on
+    replay, so CI checks the bookkeeping: the same logits as the eager fused path at every step, the device length
+    following the host's, one recording per layer and again after the storage reallocates, and a layer that would
+    re-record within 8 replays (a reordered storage) staying eager."""
+    from kvquant import KVQuantCache
+    from kvquant.calibration import cache_kwarg
+
+    recs, model, q, g = _graph_recorder_setup(monkeypatch, seed=0)
     ids = torch.randint(0, 128, (1, 68), generator=g)
 
     def run(flag):
@@ -596,30 +606,9 @@ def test_graph_decode_steps_padded_batch_interpret(monkeypatch):
     """A padded batch (left padding: an attention mask at every step) also replays its decode steps: the mask becomes
     a bias in one buffer shared by the layers' recordings, filled once per step; same logits as the eager path."""
     from kvquant import KVQuantCache
-    from kvquant.cache import kvquant_cache as kc
-    from kvquant.calibration import build_quantizer, cache_kwarg, collect_statistics
-    from kvquant.kernels import graphs
-    from kvquant.models import tiny_random_model
-    from kvquant.quantizer import QuantizerConfig
+    from kvquant.calibration import cache_kwarg
 
-    recs = []
-
-    class Recorder:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def replay(self):
-            self.fn()
-
-    monkeypatch.setattr(graphs, "_on_cuda", lambda st: True)
-    monkeypatch.setattr(graphs.LayerDecodeGraph, "_capture",
-                        staticmethod(lambda st, fn: recs.append(Recorder(fn)) or recs[-1]))
-    monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1")
-    monkeypatch.setattr(kc, "_KERNEL_OK", {})
-    model = tiny_random_model("llama", head_dim=64)
-    g = torch.Generator().manual_seed(1)
-    q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
-                        QuantizerConfig(bits=3))
+    recs, model, q, g = _graph_recorder_setup(monkeypatch, seed=1)
     ids = torch.randint(0, 128, (2, 60), generator=g)
     mask = torch.ones(2, 60, dtype=torch.long)
     mask[1, :17] = 0  # row 1 left-padded by 17 tokens

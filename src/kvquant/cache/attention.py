@@ -7,7 +7,7 @@
   handed to attention are placeholders.
 * ``("graph", storage, k, v, positions)``: a steady decode step on CUDA (:mod:`kvquant.kernels.graphs`): the new
   token is not appended yet; the append and the attention run here, as one CUDA-graph replay when the call
-  qualifies (no mask), else eagerly.
+  qualifies (a fused kernel serves the storage), else eagerly.
 * ``("band", k_fp, v_fp, R)``: a multi-token step with an fp16 recent window R: each query sees the unquantized
   keys/values of its R most recent positions and the quantized ones before (what decoding token by token gives).
 

@@ -292,8 +292,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     fields_ok = D >= 128 and kaff is not None and cv <= 4
     # the natural kernel also takes token-group value rows with more than 4 slots (they span every KV head; each head
     # applies only its own, _overwrite_hits)
-    natural_ok = (D in (64, 128, 256) and kaff is not None and (cv <= 4 or v_token) and ck <= 4
-                  and lutx is not False)
+    natural_ok = kaff is not None and (cv <= 4 or v_token) and ck <= 4 and lutx is not False  # D: 64/128/256
     if kernel is None:
         # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md: natural in run 13, fields in run 4): per layer
         # nuq4 425 vs 514 us, nuq3 372 vs 435 us, but nuq2 371 vs 291 us (the natural kernel's cost does not shrink

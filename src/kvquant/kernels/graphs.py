@@ -161,21 +161,22 @@ class LayerDecodeGraph:
         return g
 
 
-_BIAS: dict = {}  # (device, batch, width) -> [fp32 bias buffer, (mask, version, keys) it was last filled from]
+_BIAS: dict = {}  # (device, batch, width) -> [fp32 bias buffer, the memoised bias it was last filled from]
 
 
 def _static_bias(attention_mask, batch: int, total: int, width: int, device) -> torch.Tensor:
     """The step's additive mask bias (``kernels.mask_bias`` of ``attention_mask`` over ``total`` keys) in a [batch,
-    width] buffer at a fixed address, shared by the graphs of every layer of that width: filled by the first layer
-    of a step (transformers hands every layer the same mask tensor; the in-place version counter is checked too)
-    and only read by the others. Graphs hold their buffer, so one dropped from this table stays valid for them."""
+    width] buffer at a fixed address, shared by the graphs of every layer of that width. The bias comes from the
+    decode path's per-step memo (one per mask tensor and in-place version), so the buffer is filled by the first
+    layer of a step and only read by the others. Graphs hold their buffer, so one dropped from this table stays
+    valid for them."""
     key = (device, batch, width)
     ent = _BIAS.get(key)
     if ent is None:
         _BIAS.clear()  # older widths: the storages have grown past them (their graphs keep what they use)
         ent = _BIAS[key] = [torch.zeros(batch, width, device=device, dtype=torch.float32), None]
-    src = ent[1]
-    if src is None or src[0] is not attention_mask or src[1] != attention_mask._version or src[2] != total:
-        ent[0][:, :total].copy_(_k._mask_bias_memo(attention_mask, batch, total, device))
-        ent[1] = (attention_mask, attention_mask._version, total)
+    bias = _k._mask_bias_memo(attention_mask, batch, total, device)
+    if ent[1] is not bias:
+        ent[0][:, :total].copy_(bias)
+        ent[1] = bias
     return ent[0]
