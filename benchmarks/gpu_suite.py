@@ -209,7 +209,7 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
     prefetch, tokens per block, warps and register cap ("regs": a second, narrower pass); the tiles kernel
     (token-group values). The fastest correct fields configuration becomes KV_OPTS for the decode rows."""
     rows = res.setdefault("diag", [])
-    shape = "smollm2-135m" if sweep == "d64" else "llama3-8b"
+    shape = {"d64": "smollm2-135m", "tokengroup-mha": "llama2-7b"}.get(sweep, "llama3-8b")
     Hq, H, D = SHAPES[shape]
     q = torch.randn(batch, Hq, 1, D, device=DEV).bfloat16()
     _, _, sts, _ = fill_storages(batch, H, D, ctx, [(3, "head"), (3, "token")], want_fp16=False)
@@ -243,8 +243,8 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
     if sweep == "blocks":  # the natural kernel's default against larger blocks with more warps (Llama-3-8B shape)
         sweeps = [("natural", "head", {})]
         sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw)) for bt, nw in ((64, 4), (64, 8), (128, 8))]
-    if sweep == "tokengroup":  # token-group values (11 slots per row): the natural kernel's ranked slots against the
-        # tiles kernel (the default for such rows before), and the natural kernel on head-group values for reference
+    if sweep in ("tokengroup", "tokengroup-mha"):  # token-group values (11 slots per row; 41 on the MHA shape): the
+        # natural kernel's per-head runs of slots against the tiles kernel, and the natural kernel on head-group values
         sweeps = [("tiles", "token", {}), ("natural", "token", {}), ("natural", "head", {})]
     if sweep == "d64":  # head_dim 64 (SmolLM2-135M shape): the natural kernel's launches against the tiles kernel
         sweeps = [("tiles", "head", {}), ("tiles", "token", {})]
@@ -556,7 +556,7 @@ def main():
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
     ap.add_argument("--diag-sweep", default="full", help="comma list of: full, regs, occupancy, natural, default, "
-                    "blocks, d64, tokengroup")
+                    "blocks, d64, tokengroup, tokengroup-mha (Llama-2-7B shape, batch 1)")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

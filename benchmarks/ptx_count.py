@@ -34,7 +34,7 @@ from kvquant.kernels import _triton as K  # noqa: E402
 PTR = {"KW": "*i32", "VW": "*i32", "KDLH": "*fp16", "TAU": "*fp16",
        "Q": "*bf16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32", "KC": "*u8", "KOI": "*u8", "KOV": "*fp16",
        "VC": "*u8", "VZ": "*fp16", "VS": "*fp16", "VOI": "*i16", "VOV": "*fp16", "QPOS": "*i32",
-       "VLEVH": "*fp16", "LENS": "*i32", "SK": "*bf16", "SV": "*bf16", "WK": "*bf16", "WV": "*bf16", "MASK": "*fp32"}
+       "VLEVH": "*fp16", "LENS": "*i32", "VOE": "*u8", "SK": "*bf16", "SV": "*bf16", "WK": "*bf16", "WV": "*bf16", "MASK": "*fp32"}
 
 
 def signature(fn, const):
@@ -149,8 +149,6 @@ def main():
                                     RELOAD=False, WIDE=False)
     for bits in a.bits:
         for cv in cvs:
-            if extra is not None:
-                extra["CVP"] = 1 << max(0, (cv - 1).bit_length())
             k = compile_decode(bits=bits, cv=cv, ck=ck, bt=bt, num_warps=a.warps, fn=fn, maxnreg=a.maxnreg,
                                v_token=tiles or a.token_group, extra=extra, div=a.div)
             ptx = k.asm["ptx"]

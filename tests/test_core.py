@@ -21,6 +21,7 @@ from kvquant.core.codec import (
     encode_channel,
     encode_token,
     outlier_capacity,
+    token_range,
 )
 from kvquant.core.kmeans import WeightedHistogram, histogram_sse, weighted_kmeans_1d
 from kvquant.core.packing import pack_codes, packed_size, unpack_codes
@@ -165,6 +166,31 @@ def test_token_codec_error_bound_and_exact_outliers(bits, group):
     v = x if group == "head" else x.transpose(1, 2).reshape(x.shape[0], 1, x.shape[2], h * d)
     o = out if group == "head" else out.transpose(1, 2).reshape_as(v)
     assert bool(((o - v).abs() <= step / 2 * scale * 1.01 + 1e-3).all())
+
+
+def test_token_group_slots_sorted_with_head_runs():
+    # token-wide vectors with >= 5 slots: slots sorted by element, out_ends[h] = slots in heads 0..h; the same slots and
+    # the same decoded values as the unsorted selection; fewer slots or per-head vectors: no out_ends
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 6, 16, generator=g)
+    x[:, 2, :, 3] *= 40  # outliers concentrated in head 2
+    cb = Codebook.fixed(uniform_levels(3))
+    blk = encode_token(x, cb, 6, "token")
+    idx = blk.out_idx.long()
+    assert bool((idx[..., 1:] > idx[..., :-1]).all())
+    v = x.transpose(1, 2).reshape(2, 1, 6, 64)
+    assert torch.equal(idx.sort(-1).values, token_range(v, 6)[2].sort(-1).values)
+    assert torch.equal(blk.out_val, v.gather(-1, idx).half())
+    head = idx // 16
+    want = torch.stack([(head <= h).sum(-1) for h in range(4)], -1)
+    assert blk.out_ends.shape == (2, 1, 6, 4) and torch.equal(blk.out_ends.long(), want)
+    assert bool((blk.out_ends[..., 2] - blk.out_ends[..., 1] >= 1).all())  # head 2 holds its outlier
+    assert blk.nbytes() == sum(t.numel() * t.element_size() for t in
+                               (blk.codes, blk.out_idx, blk.out_val, blk.zero, blk.scale, blk.out_ends))
+    dec = decode_token(blk, cb, "token", 4, 16)
+    assert torch.equal(dec.transpose(1, 2).reshape(2, 1, 6, 64).gather(-1, idx), blk.out_val.float())
+    assert encode_token(x, cb, 4, "token").out_ends is None
+    assert encode_token(x, cb, 6, "head").out_ends is None
 
 
 def test_layer_codec_roundtrip_shapes():

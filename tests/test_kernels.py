@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 
 from kvquant import kernels  # noqa: E402
 from kvquant.cache.storage import LayerStorage  # noqa: E402
-from kvquant.core.codec import PackedBlock, to_vectors  # noqa: E402
+from kvquant.core.codec import PackedBlock, head_ends, to_vectors, uses_head_ends  # noqa: E402
 from kvquant.kernels.reference import reference_attention, reference_decode_attention  # noqa: E402
 from kvquant.kernels.testing import synthetic_codec, synthetic_kv, synthetic_rope  # noqa: E402
 
@@ -85,6 +85,13 @@ def check_quantize(B, H, D, bits, T, value_group, device, frac=0.01):
     vec = to_vectors(v.float(), value_group)
     picked = vec.gather(-1, got.v_out_idx[:, :, :n].cpu().long()).half()
     assert torch.equal(picked, got.v_out_val[:, :, :n].cpu())
+    if uses_head_ends(value_group, H, codec.value_capacity):  # slots sorted by element, per-head runs
+        gi = got.v_out_idx[:, :, :n].cpu().long()
+        assert bool((gi[..., 1:] > gi[..., :-1]).all())
+        assert torch.equal(got.v_out_ends[:, :, :n].cpu(), head_ends(gi, H, D))
+        assert torch.equal(ref.v_out_ends[:, :, :n], head_ends(ref.v_out_idx[:, :, :n].long(), H, D))
+    else:
+        assert got.v_out_ends is None and ref.v_out_ends is None
     kidx = (ref.k_out_idx[:, :, :n] == got.k_out_idx[:, :, :n].cpu()).float().mean().item()
     assert kidx > 0.98, kidx
     assert torch.equal(ref.q_pos[:, :n], got.q_pos[:, :n].cpu())
@@ -96,6 +103,13 @@ def check_quantize(B, H, D, bits, T, value_group, device, frac=0.01):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_quantize_append_interpret(bits):
     check_quantize(2, 2, 64, bits, 9, "token", "cpu")
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("H,D,frac", [(2, 64, 0.05), (3, 64, 0.04)])
+def test_quantize_append_token_group_head_runs_interpret(H, D, frac):
+    # token-group rows with >= 5 slots: sorted by element, with each KV head's run end (v_out_ends)
+    check_quantize(2, H, D, 3, 7, "token", "cpu", frac=frac)
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")

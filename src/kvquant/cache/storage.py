@@ -21,12 +21,13 @@ from ..core.rope import RopeSpec, apply_rope, unapply_rope
 _K_FIELDS = (("k_codes", "codes"), ("k_out_idx", "out_idx"), ("k_out_val", "out_val"), ("k_zero", "zero"),
              ("k_scale", "scale"))
 _V_FIELDS = (("v_codes", "codes"), ("v_out_idx", "out_idx"), ("v_out_val", "out_val"), ("v_zero", "zero"),
-             ("v_scale", "scale"))
+             ("v_scale", "scale"), ("v_out_ends", "out_ends"))
 
 # Component of every field in the memory report.
 COMPONENT = {
     "k_codes": "codes", "v_codes": "codes",
     "k_out_idx": "outliers", "k_out_val": "outliers", "v_out_idx": "outliers", "v_out_val": "outliers",
+    "v_out_ends": "outliers",
     "k_zero": "scales", "k_scale": "scales", "v_zero": "scales", "v_scale": "scales",
     "q_pos": "positions", "win_pos": "positions",
     "sink_k": "sinks", "sink_v": "sinks",
@@ -244,13 +245,15 @@ class LayerStorage:
     def packed_keys(self) -> PackedBlock:
         """The used part of the quantized keys as a :class:`PackedBlock` (views, no copy)."""
         n = self.n_q
-        f = {attr: (None if getattr(self, name) is None else getattr(self, name)[:, :, :n]) for name, attr in _K_FIELDS}
-        return PackedBlock(f["codes"], f["out_idx"], f["out_val"], f["zero"], f["scale"])
+        return self._packed(_K_FIELDS)
 
     def packed_values(self) -> PackedBlock:
+        return self._packed(_V_FIELDS)
+
+    def _packed(self, fields) -> PackedBlock:
         n = self.n_q
-        f = {attr: (None if getattr(self, name) is None else getattr(self, name)[:, :, :n]) for name, attr in _V_FIELDS}
-        return PackedBlock(f["codes"], f["out_idx"], f["out_val"], f["zero"], f["scale"])
+        return PackedBlock(**{attr: (None if getattr(self, name) is None else getattr(self, name)[:, :, :n])
+                              for name, attr in fields})
 
     @torch.no_grad()
     def dequantize_quantized(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,25 @@ def index_dtype(n: int) -> torch.dtype:
     return torch.uint8 if n <= 256 else torch.int16
 
 
+#: Token-group value vectors (one token across all KV heads) with at least this many outlier slots store them sorted
+#: by element, plus per KV head the end of its run of slots (``PackedBlock.out_ends``), so that a GPU program working
+#: on one head reads only that head's slots. With fewer slots a program simply reads them all.
+HEAD_ENDS_MIN_SLOTS = 5
+
+
+def uses_head_ends(group: str, heads: int, capacity: int) -> bool:
+    """Whether token-mode vectors of ``group`` over ``heads`` KV heads with ``capacity`` slots store ``out_ends``."""
+    return group == "token" and heads > 1 and capacity >= HEAD_ENDS_MIN_SLOTS
+
+
+def head_ends(idx: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """For slot elements ``idx`` [..., C] sorted ascending in vectors of ``heads * head_dim`` elements: [..., heads],
+    entry h = the number of slots in heads 0..h (head h's slots are columns [ends[h - 1], ends[h]))."""
+    bounds = torch.arange(1, heads + 1, device=idx.device) * head_dim
+    ends = (idx.long()[..., None, :] < bounds[:, None]).sum(-1)
+    return ends.to(index_dtype(idx.shape[-1] + 1))
+
+
 @dataclass
 class Codebook:
     """``levels`` [2^bits] sorted encode levels on [-1, 1]; ``decode_levels`` [2^bits] (Q-Norm corrected or equal)."""
@@ -69,6 +88,8 @@ class PackedBlock:
     ``codes`` uint8 [B, G, T, n*bits/8]; ``out_idx`` [B, G, T, C] (uint8/int16) and ``out_val`` fp16 [B, G, T, C];
     ``zero``/``scale`` fp16 [B, G, T, 1] in token mode, None in channel mode (they live in the quantizer).
     G is H (per-head vectors) or 1 (token-wide vectors of n = H*D).
+    ``out_ends`` [B, 1, T, H] (uint8/int16): token-wide vectors with >= HEAD_ENDS_MIN_SLOTS slots only (else None);
+    their slots are then sorted by element and head h's run ends at column out_ends[..., h] (:func:`head_ends`).
     """
 
     codes: torch.Tensor
@@ -76,10 +97,12 @@ class PackedBlock:
     out_val: torch.Tensor
     zero: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+    out_ends: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.codes, self.out_idx, self.out_val, self.zero, self.scale) if t is not None]
+        return [t for t in (self.codes, self.out_idx, self.out_val, self.zero, self.scale, self.out_ends)
+                if t is not None]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -162,8 +185,12 @@ def encode_token(x: torch.Tensor, cb: Codebook, capacity: int, group: str = "hea
     zero = ((hi + lo) * 0.5).half()
     scale = ((hi - lo) * 0.5).clamp_min(1e-5).half()
     codes = nearest_code(((v - zero.float()) / scale.float()).clamp(-1.0, 1.0), cb.boundaries)
+    ends = None
+    if uses_head_ends(group, h, capacity):
+        pos = pos.sort(-1).values
+        ends = head_ends(pos, h, n // h)
     val = v.gather(-1, pos)
-    blk = PackedBlock(pack_codes(codes, cb.bits), pos.to(index_dtype(n)), val.half(), zero, scale)
+    blk = PackedBlock(pack_codes(codes, cb.bits), pos.to(index_dtype(n)), val.half(), zero, scale, ends)
     blk.meta["heads"] = h
     return blk
 

@@ -285,14 +285,16 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         quant = (dummy,) * 9
         G, ck, cv = H, 0, 0
     v_token = G == 1 and H > 1
+    voe = getattr(st, "v_out_ends", None) if has_q else None
     if use_dot is None:
         use_dot = group > 1
     if not use_dot and group != 1:
         raise ValueError("use_dot=False needs MHA (one query head per KV head).")
     fields_ok = D >= 128 and kaff is not None and cv <= 4
     # the natural kernel also takes token-group value rows with more than 4 slots (they span every KV head; each head
-    # applies only its own, _overwrite_hits)
-    natural_ok = kaff is not None and (cv <= 4 or v_token) and ck <= 4 and lutx is not False  # D: 64/128/256
+    # reads and applies only its own run of them, _overwrite_run)
+    runs = v_token and voe is not None
+    natural_ok = kaff is not None and (cv <= 4 or runs) and ck <= 4 and lutx is not False  # D: 64/128/256
     if kernel is None:
         # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md: natural in run 13, fields in run 4): per layer
         # nuq4 425 vs 514 us, nuq3 372 vs 435 us, but nuq2 371 vs 291 us (the natural kernel's cost does not shrink
@@ -337,8 +339,10 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         if kernel == "natural":
             if bt < 32:
                 raise ValueError(f"the natural kernel needs block_t >= 32, got {bt}.")
-            consts.update(RELOAD=bool(reload), WIDE=bool(wide_loads), CVP=triton_next_pow2(max(cv, 1)),
+            consts.update(RELOAD=bool(reload), WIDE=bool(wide_loads),
                           TAU=_cached(st, ("tau", dev, bt), lambda: _tau_table(inv_freq, bt, dev)))
+            if cv > 4:
+                consts.update(VOE=voe, soe_b=voe.stride(0), soe_t=voe.stride(2))
         if lutx:
             consts["KW"] = _cached(st, ("key_words", dev), lambda: _lut_words(kaff[0]))
             consts["VW"] = _cached(st, ("value_words", dev), lambda: _lut_words(vlev))
@@ -472,7 +476,7 @@ def fp16_decode_attention(query, k, v, scaling, attention_mask=None, num_splits=
 # ----------------------------------------------------------------------------------------------------------------
 def _shape_blocks(storage, codec, batch: int):
     """Zero-length PackedBlocks with the codec's shapes/dtypes (for LayerStorage._reserve)."""
-    from ..core.codec import PackedBlock, index_dtype
+    from ..core.codec import PackedBlock, index_dtype, uses_head_ends
 
     H, D = codec.heads, codec.head_dim
     dev = storage.device if hasattr(storage, "device") else storage.key_lut.device
@@ -482,9 +486,10 @@ def _shape_blocks(storage, codec, batch: int):
     kb = PackedBlock(e(batch, H, 0, D * kbits // 8, dt=torch.uint8), e(batch, H, 0, ck, dt=index_dtype(D)),
                      e(batch, H, 0, ck, dt=torch.float16))
     G, nv = (H, D) if codec.value_group == "head" else (1, H * D)
+    ends = (e(batch, G, 0, H, dt=index_dtype(cv + 1)) if uses_head_ends(codec.value_group, H, cv) else None)
     vb = PackedBlock(e(batch, G, 0, nv * vbits // 8, dt=torch.uint8), e(batch, G, 0, cv, dt=index_dtype(nv)),
                      e(batch, G, 0, cv, dt=torch.float16), e(batch, G, 0, 1, dt=torch.float16),
-                     e(batch, G, 0, 1, dt=torch.float16))
+                     e(batch, G, 0, 1, dt=torch.float16), ends)
     return kb, vb
 
 
@@ -570,6 +575,8 @@ def _build_quant_plan(st, codec, dev, D) -> dict:
     nv = H * D if token else D
     nvp = triton_next_pow2(nv)
     cv = int(st.v_out_idx.shape[-1])
+    voe = getattr(st, "v_out_ends", None)
+    ends = dict(VOE=voe, soe_b=voe.stride(0), soe_t=voe.stride(2), ENDS=True) if voe is not None else {}
     return dict(
         G=G, n_freq=st.rope.inv_freq.numel(),
         key_tensors=(kz, ks, klut, kbnd, invf, float(st.rope.attention_scaling), st.k_codes, st.k_out_idx,
@@ -583,7 +590,7 @@ def _build_quant_plan(st, codec, dev, D) -> dict:
         consts=dict(H=H, D=D, KBITS=codec.key_cb.bits, CK=int(st.k_out_idx.shape[-1]), BTK=max(1, min(64, 4096 // D)),
                     F32=interpreting(), G=G, NV=nv, NVP=nvp, VBITS=codec.value_cb.bits, CV=cv,
                     CVP=triton_next_pow2(cv + 1), BTV=max(1, min(32, 4096 // nvp)), TOKEN=token,
-                    num_warps=8 if nvp >= 2048 else 4),
+                    HP=triton_next_pow2(H), num_warps=8 if nvp >= 2048 else 4, **ends),
     )
 
 

@@ -527,6 +527,24 @@ def _quant_keys(
 
 
 @triton.jit
+def _store_sorted_slots(s_i, s_v, jj, VOI, VOV, VOE, row_off_o, row_off_e, tmask, CV: tl.constexpr, D: tl.constexpr,
+                        HP: tl.constexpr, H: tl.constexpr):
+    """Store the CV slots (element s_i, value s_v: [BT, CVP] tiles, columns >= CV unused) of each row sorted by element
+    (a slot's column is the number of slots with a smaller element: the elements of a row are distinct), and the
+    [BT, H] ends of each KV head's run of slots (core.codec.head_ends)."""
+    valid = jj < CV
+    smaller = valid[None, None, :] & (s_i[:, None, :] < s_i[:, :, None])  # [BT, j, i]: slot i before slot j
+    rank = tl.sum(smaller.to(tl.int32), 2)
+    m = tmask[:, None] & valid[None, :]
+    tl.store(VOI + row_off_o[:, None] + rank, s_i.to(VOI.dtype.element_ty), mask=m)
+    tl.store(VOV + row_off_o[:, None] + rank, s_v.to(tl.float16), mask=m)
+    hh = tl.arange(0, HP)
+    below = valid[None, None, :] & (s_i[:, None, :] < ((hh + 1) * D)[None, :, None])  # [BT, h, i]
+    ends = tl.sum(below.to(tl.int32), 2)
+    tl.store(VOE + row_off_e[:, None] + hh[None, :], ends.to(VOE.dtype.element_ty), mask=tmask[:, None] & (hh < H)[None, :])
+
+
+@triton.jit
 def _quant_values(
     pid_bg, pid_t,
     V, BND, VC, VZ, VS, VOI, VOV,
@@ -535,6 +553,7 @@ def _quant_values(
     T, t_off,
     G: tl.constexpr, NV: tl.constexpr, NVP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, CV: tl.constexpr,
     CVP: tl.constexpr, BT: tl.constexpr, TOKEN: tl.constexpr,
+    VOE, soe_b, soe_t, ENDS: tl.constexpr, HP: tl.constexpr,
 ):
     L: tl.constexpr = 1 << BITS
     b = (pid_bg // G).to(tl.int64)
@@ -578,6 +597,9 @@ def _quant_values(
         lo = tl.sum(tl.where(jj[None, :] == best[:, None], lo_v, 0.0), 1)
         hi = tl.sum(tl.where(jj[None, :] == best[:, None], hi_v, 0.0), 1)
         # slot j: j < best -> j-th smallest; else -> hi position j + 1
+        if ENDS:
+            s_i = tl.zeros([BT, CVP], tl.int32)
+            s_v = tl.zeros([BT, CVP], tl.float32)
         for j in tl.static_range(CV):
             use_lo = j < best
             li = tl.sum(tl.where(jj[None, :] == j, lo_i, 0), 1)
@@ -586,8 +608,15 @@ def _quant_values(
             hv = tl.sum(tl.where(jj[None, :] == j + 1, hi_v, 0.0), 1)
             oi = tl.where(use_lo, li, hix)
             ov = tl.where(use_lo, lv, hv)
-            tl.store(VOI + row_off_o + j, oi.to(VOI.dtype.element_ty), mask=tmask)
-            tl.store(VOV + row_off_o + j, ov.to(tl.float16), mask=tmask)
+            if ENDS:
+                s_i = tl.where(jj[None, :] == j, oi[:, None], s_i)
+                s_v = tl.where(jj[None, :] == j, ov[:, None], s_v)
+            else:
+                tl.store(VOI + row_off_o + j, oi.to(VOI.dtype.element_ty), mask=tmask)
+                tl.store(VOV + row_off_o + j, ov.to(tl.float16), mask=tmask)
+        if ENDS:  # core.codec.head_ends: slots sorted by element, and where each KV head's run of them ends
+            _store_sorted_slots(s_i, s_v, jj, VOI, VOV, VOE, row_off_o, b * soe_b + (t + t_off) * soe_t, tmask,
+                                CV, D, HP, NV // D)
     else:
         lo = tl.min(tl.where(emask[None, :], x, float("inf")), 1)
         hi = tl.max(tl.where(emask[None, :], x, float("-inf")), 1)
@@ -818,26 +847,18 @@ def _overwrite(x, ch, sl, C: tl.constexpr):
 
 
 @triton.jit
-def _overwrite_hits(x, ch, OI, OV, row, idx_off, tmask, C: tl.constexpr, CP: tl.constexpr, N: tl.constexpr):
-    """x [BT, N] with the outlier slots that fall in [idx_off, idx_off + N) set, for rows whose C slots index a wider
-    vector (token-group values: one row holds every KV head, so most slots belong to other heads). The hits are
-    ranked per token and one overwrite pass runs per rank, up to the block's largest hit count (on average C * N /
-    row length per token), instead of one pass per slot."""
-    j = tl.arange(0, CP)
-    sm = tmask[:, None] & (j < C)[None, :]
-    oi = (tl.load(OI + row[:, None] + j[None, :], mask=sm, other=0).to(tl.int32) - idx_off).to(tl.int32)
-    hit = sm & (oi >= 0) & (oi < N)
-    # a hit's key: its element index, then its slot column (unique per token); pass r takes each token's r-th
-    # smallest key, one min-reduction per pass
-    NONE: tl.constexpr = 1 << 30
-    key = tl.where(hit, oi * CP + j[None, :], NONE)
-    prev = tl.full([key.shape[0]], -1, tl.int32)
-    for _r in range(0, tl.max(tl.sum(hit.to(tl.int32), 1), 0)):
-        k = tl.min(tl.where(key > prev[:, None], key, NONE), 1)
-        prev = k
-        found = k < NONE
-        vk = tl.load(OV + row + k % CP, mask=found, other=0.0).to(x.dtype)
-        x = tl.where((tl.where(found, k // CP, -1))[:, None] == ch[None, :], vk[:, None], x)
+def _overwrite_run(x, ch, OI, OV, OE, row, erow, h, idx_off, tmask):
+    """x [BT, N] with KV head h's outlier slots set, for token-group value rows (one row holds every KV head's slots,
+    sorted by element; head h's run is columns [OE[h - 1], OE[h]), core.codec.head_ends): one overwrite pass per
+    rank, up to the block's largest run (on average C / H slots per token)."""
+    lo = tl.load(OE + erow + tl.maximum(h - 1, 0), mask=tmask, other=0).to(tl.int32) * (h > 0).to(tl.int32)
+    hi = tl.load(OE + erow + h, mask=tmask, other=0).to(tl.int32)
+    for r in range(0, tl.max(hi - lo, 0)):
+        c = lo + r
+        has = c < hi
+        i = tl.load(OI + row + c, mask=has, other=0).to(tl.int32) - idx_off
+        val = tl.load(OV + row + c, mask=has, other=0.0).to(x.dtype)
+        x = tl.where((tl.where(has, i, -1))[:, None] == ch[None, :], val[:, None], x)
     return x
 
 
@@ -942,10 +963,10 @@ def _kvq_decode_fields_kernel(
     F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
     PREFETCH: tl.constexpr = False, LUTX: tl.constexpr = False, KW=None, VW=None, KDLH=None,
     NATURAL: tl.constexpr = False, RELOAD: tl.constexpr = False, TAU=None, WIDE: tl.constexpr = False,
-    LENS=None, DEVLEN: tl.constexpr = False, CVP: tl.constexpr = 1,
+    LENS=None, DEVLEN: tl.constexpr = False, VOE=None, soe_b=0, soe_t=0,
 ):
     """The fields kernel, and with NATURAL the natural kernel (LUTX levels; its own RELOAD / TAU / WIDE options; value
-    rows with more than 4 slots, i.e. token-group values, through _overwrite_hits over CVP >= CV slot columns):
+    rows with more than 4 slots, i.e. token-group values, through their per-head runs VOE, _overwrite_run):
     same launch contract, same partials."""
     HALF: tl.constexpr = D // 2
     NKC: tl.constexpr = D // 8  # columns per key half and field
@@ -1021,7 +1042,8 @@ def _kvq_decode_fields_kernel(
                 if CV <= 4:
                     v = _overwrite(v, chd, vsl, CV)
                 else:
-                    v = _overwrite_hits(v, chd, VOI, VOV, vo_base + t * svo_t, v_idx_off, tmask, CV, CVP, D)
+                    v = _overwrite_run(v, chd, VOI, VOV, VOE, vo_base + t * svo_t, b * soe_b + t * soe_t, h,
+                                       v_idx_off, tmask)
                 acc = acc * alpha[:, None] + _mm(p.to(tl.float16), v, F32)
             tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
         else:
@@ -1245,6 +1267,7 @@ def _quant_kv_kernel(
     UNDO_ROPE: tl.constexpr, F32: tl.constexpr,
     G: tl.constexpr, NV: tl.constexpr, NVP: tl.constexpr, VBITS: tl.constexpr, CV: tl.constexpr,
     CVP: tl.constexpr, BTV: tl.constexpr, TOKEN: tl.constexpr, LENS=None, DEVLEN: tl.constexpr = False,
+    VOE=None, soe_b=0, soe_t=0, ENDS: tl.constexpr = False, HP: tl.constexpr = 1,
 ):
     """Quantize-and-append of a whole layer step in one launch: programs [0, n_key_progs) encode key blocks
     (B*H x n_tk), the rest value blocks (B*G x n_tv). DEVLEN: the write offset is read from device memory (LENS)."""
@@ -1261,4 +1284,4 @@ def _quant_kv_kernel(
         _quant_values(p // n_tv, p % n_tv,
                       V, VBND, VC, VZ, VS, VOI, VOV, sv_b, sv_h, sv_t,
                       svc_b, svc_g, svc_t, svs_b, svs_g, svs_t, svo_b, svo_g, svo_t,
-                      T, t_off, G, NV, NVP, D, VBITS, CV, CVP, BTV, TOKEN)
+                      T, t_off, G, NV, NVP, D, VBITS, CV, CVP, BTV, TOKEN, VOE, soe_b, soe_t, ENDS, HP)
