@@ -34,7 +34,8 @@ from kvquant.kernels import _triton as K  # noqa: E402
 PTR = {"KW": "*i32", "VW": "*i32", "KDLH": "*fp16", "TAU": "*fp16",
        "Q": "*bf16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32", "KC": "*u8", "KOI": "*u8", "KOV": "*fp16",
        "VC": "*u8", "VZ": "*fp16", "VS": "*fp16", "VOI": "*i16", "VOV": "*fp16", "QPOS": "*i32",
-       "VLEVH": "*fp16", "LENS": "*i32", "VOE": "*u8", "SK": "*bf16", "SV": "*bf16", "WK": "*bf16", "WV": "*bf16", "MASK": "*fp32"}
+       "VLEVH": "*fp16", "LENS": "*i32", "VOE": "*u8",
+       "SK": "*bf16", "SV": "*bf16", "WK": "*bf16", "WV": "*bf16", "MASK": "*fp32"}
 
 
 def signature(fn, const):

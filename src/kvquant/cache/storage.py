@@ -244,7 +244,6 @@ class LayerStorage:
     # ---- reading -------------------------------------------------------------------------------------------------
     def packed_keys(self) -> PackedBlock:
         """The used part of the quantized keys as a :class:`PackedBlock` (views, no copy)."""
-        n = self.n_q
         return self._packed(_K_FIELDS)
 
     def packed_values(self) -> PackedBlock:

@@ -541,7 +541,8 @@ def _store_sorted_slots(s_i, s_v, jj, VOI, VOV, VOE, row_off_o, row_off_e, tmask
     hh = tl.arange(0, HP)
     below = valid[None, None, :] & (s_i[:, None, :] < ((hh + 1) * D)[None, :, None])  # [BT, h, i]
     ends = tl.sum(below.to(tl.int32), 2)
-    tl.store(VOE + row_off_e[:, None] + hh[None, :], ends.to(VOE.dtype.element_ty), mask=tmask[:, None] & (hh < H)[None, :])
+    tl.store(VOE + row_off_e[:, None] + hh[None, :], ends.to(VOE.dtype.element_ty),
+             mask=tmask[:, None] & (hh < H)[None, :])
 
 
 @triton.jit
