@@ -113,8 +113,11 @@ def fill_storages(B, H, D, ctx, bits_list, value_group="head", dtype=torch.bfloa
 def storage_bytes_read(st, n_q):
     """Bytes the decode kernel reads for n_q quantized tokens (every quantized field + q_pos) + sinks/window."""
     per_tok = 0
-    for name in ("k_codes", "k_out_idx", "k_out_val", "v_codes", "v_zero", "v_scale", "v_out_idx", "v_out_val"):
-        t = getattr(st, name)
+    for name in ("k_codes", "k_out_idx", "k_out_val", "v_codes", "v_zero", "v_scale", "v_out_idx", "v_out_val",
+                 "v_out_ends"):
+        t = getattr(st, name, None)
+        if t is None:
+            continue
         per_tok += t.shape[0] * t.shape[1] * t.shape[3] * t.element_size()
     per_tok += 4 * st.q_pos.shape[0]
     dense = sum(x.numel() * x.element_size() for x in (st.sink_k, st.sink_v, st.win_k, st.win_v))
@@ -213,6 +216,9 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
     Hq, H, D = SHAPES[shape]
     q = torch.randn(batch, Hq, 1, D, device=DEV).bfloat16()
     _, _, sts, _ = fill_storages(batch, H, D, ctx, [(3, "head"), (3, "token")], want_fp16=False)
+    if sweep == "slots":  # the same storages without outlier slots: what the slots cost, per value grouping
+        _, _, sts0, _ = fill_storages(batch, H, D, ctx, [(3, "head"), (3, "token")], want_fp16=False, frac=0.0)
+        sts.update({(b_, g_ + "-0pct"): st_ for (b_, g_), st_ in sts0.items()})
     best = None
     # lutx=False: the fp32 gather path (the previous default, 128 registers); lutx=True: register lookup + fp16 math
     sweeps = [("fields", "head", dict(lutx=False, block_t=32, num_warps=4, maxnreg=mr, prefetch=False))
@@ -246,6 +252,8 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
     if sweep in ("tokengroup", "tokengroup-mha"):  # token-group values (11 slots per row; 41 on the MHA shape): the
         # natural kernel's per-head runs of slots against the tiles kernel, and the natural kernel on head-group values
         sweeps = [("tiles", "token", {}), ("natural", "token", {}), ("natural", "head", {})]
+    if sweep == "slots":
+        sweeps = [("natural", grp, {}) for grp in ("head", "token", "head-0pct", "token-0pct")]
     if sweep == "d64":  # head_dim 64 (SmolLM2-135M shape): the natural kernel's launches against the tiles kernel
         sweeps = [("tiles", "head", {}), ("tiles", "token", {})]
         sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw)) for bt, nw in ((32, 2), (64, 4), (128, 4),
@@ -344,8 +352,7 @@ def capacity_section(res, out_dir, mem_bytes):
         # only repeat the same work)
         for _ in range(layers - 1):
             s = LayerStorage(st0.codec, st0.rope, 1, 0, 1, torch.bfloat16, DEV, initial_capacity=ctx)
-            for name in ("k_codes", "k_out_idx", "k_out_val", "v_codes", "v_zero", "v_scale", "v_out_idx",
-                         "v_out_val", "q_pos", "sink_k", "sink_v"):
+            for name in (*st0._fields(), "q_pos", "sink_k", "sink_v"):
                 setattr(s, name, getattr(st0, name).clone())
             s.n_q, s.capacity = st0.n_q, st0.capacity
             stores.append(s)
@@ -556,7 +563,8 @@ def main():
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
     ap.add_argument("--diag-sweep", default="full", help="comma list of: full, regs, occupancy, natural, default, "
-                    "blocks, d64, tokengroup, tokengroup-mha (Llama-2-7B shape, batch 1)")
+                    "blocks, d64, tokengroup, tokengroup-mha (Llama-2-7B shape, batch 1), slots (nuq3 with and without "
+                    "outlier slots, both value groupings)")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -848,46 +848,18 @@ def _overwrite(x, ch, sl, C: tl.constexpr):
 
 
 @triton.jit
-def _run_slot(OI, OV, row, lo, hi, r: tl.constexpr, idx_off):
-    """Rank r of each token's run of slots (columns [lo, hi)): (element - idx_off, or -1 past the run; fp16 value)."""
-    c = lo + r
-    has = c < hi
-    i = tl.load(OI + row + c, mask=has, other=0).to(tl.int32) - idx_off
-    return tl.where(has, i, -1), tl.load(OV + row + c, mask=has, other=0.0).to(tl.float16)
-
-
-@triton.jit
-def _run_slots(OI, OV, OE, row, erow, h, idx_off, tmask):
-    """Token-group value rows (one row holds every KV head's slots, sorted by element; head h's run is columns
-    [OE[h - 1], OE[h]), core.codec.head_ends): the run bounds and its first 4 ranks, loaded at the start of a block
-    so that the loads are in flight while the keys compute. A flat tuple (lo, hi, i0, v0, ..., i3, v3)."""
+def _overwrite_run(x, ch, OI, OV, OE, row, erow, h, idx_off, tmask):
+    """x [BT, N] with KV head h's outlier slots set, for token-group value rows (one row holds every KV head's slots,
+    sorted by element; head h's run is columns [OE[h - 1], OE[h]), core.codec.head_ends): one overwrite pass per
+    rank, up to the block's largest run (on average C / H slots per token)."""
     lo = tl.load(OE + erow + tl.maximum(h - 1, 0), mask=tmask, other=0).to(tl.int32) * (h > 0).to(tl.int32)
     hi = tl.load(OE + erow + h, mask=tmask, other=0).to(tl.int32)
-    i0, v0 = _run_slot(OI, OV, row, lo, hi, 0, idx_off)
-    i1, v1 = _run_slot(OI, OV, row, lo, hi, 1, idx_off)
-    i2, v2 = _run_slot(OI, OV, row, lo, hi, 2, idx_off)
-    i3, v3 = _run_slot(OI, OV, row, lo, hi, 3, idx_off)
-    return lo, hi, i0, v0, i1, v1, i2, v2, i3, v3
-
-
-@triton.jit
-def _overwrite_run(x, ch, run, OI, OV, row, idx_off):
-    """x [BT, N] with the head's run of slots set (run: _run_slots): one overwrite pass per rank up to the block's
-    longest run (on average C / H slots per token), the first 4 from the preloaded ranks, any further ones loaded
-    here."""
-    lo, hi = run[0], run[1]
-    longest = tl.max(hi - lo, 0)
-    if longest > 0:
-        x = tl.where(run[2][:, None] == ch[None, :], run[3][:, None].to(x.dtype), x)
-    if longest > 1:
-        x = tl.where(run[4][:, None] == ch[None, :], run[5][:, None].to(x.dtype), x)
-    if longest > 2:
-        x = tl.where(run[6][:, None] == ch[None, :], run[7][:, None].to(x.dtype), x)
-    if longest > 3:
-        x = tl.where(run[8][:, None] == ch[None, :], run[9][:, None].to(x.dtype), x)
-    for r in range(4, longest):
-        i, val = _run_slot(OI, OV, row, lo, hi, r, idx_off)
-        x = tl.where(i[:, None] == ch[None, :], val[:, None].to(x.dtype), x)
+    for r in range(0, tl.max(hi - lo, 0)):
+        c = lo + r
+        has = c < hi
+        i = tl.load(OI + row + c, mask=has, other=0).to(tl.int32) - idx_off
+        val = tl.load(OV + row + c, mask=has, other=0.0).to(x.dtype)
+        x = tl.where((tl.where(has, i, -1))[:, None] == ch[None, :], val[:, None], x)
     return x
 
 
@@ -1047,8 +1019,6 @@ def _kvq_decode_fields_kernel(
                 ksl = _slots(KOI, KOV, ko_base + t * sko_t, CK, 0, tmask)
                 if CV <= 4:
                     vsl = _slots(VOI, VOV, vo_base + t * svo_t, CV, v_idx_off, tmask)
-                else:
-                    vrun = _run_slots(VOI, VOV, VOE, vo_base + t * svo_t, b * soe_b + t * soe_t, h, v_idx_off, tmask)
                 if RELOAD:  # loop invariants re-read from L1 every block: fewer registers, more resident warps
                     q1, q2, om, C0, S0, ks1, kz1, ks2, kz2 = _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU,
                                                                          ch, taui, HALF, BT, F32, RELOAD)
@@ -1073,7 +1043,8 @@ def _kvq_decode_fields_kernel(
                 if CV <= 4:
                     v = _overwrite(v, chd, vsl, CV)
                 else:
-                    v = _overwrite_run(v, chd, vrun, VOI, VOV, vo_base + t * svo_t, v_idx_off)
+                    v = _overwrite_run(v, chd, VOI, VOV, VOE, vo_base + t * svo_t, b * soe_b + t * soe_t, h,
+                                       v_idx_off, tmask)
                 acc = acc * alpha[:, None] + _mm(p.to(tl.float16), v, F32)
             tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
         else:
