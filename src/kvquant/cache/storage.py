@@ -193,8 +193,9 @@ class LayerStorage:
         """Encode on the GPU with ``kernels.quantize_append`` (same format; on with the fused decode kernel)."""
         from .kvquant_cache import kernels_available
 
-        return (self.pre_rope and self.codec.key_mode == "channel" and self.rope.rotary_dim == k_post.shape[-1]
-                and kernels_available(self.device))
+        d = k_post.shape[-1]
+        return (self.pre_rope and self.codec.key_mode == "channel" and self.rope.rotary_dim == d
+                and d & (d - 1) == 0 and kernels_available(self.device))  # the kernel's tiles: power-of-2 head_dim
 
     def _quantize(self, k_post: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         if self._fused_encode(k_post):

@@ -85,9 +85,10 @@ class Codebook:
 class PackedBlock:
     """A block of tokens of one tensor (K or V) of one layer in storage form.
 
-    ``codes`` uint8 [B, G, T, n*bits/8]; ``out_idx`` [B, G, T, C] (uint8/int16) and ``out_val`` fp16 [B, G, T, C];
-    ``zero``/``scale`` fp16 [B, G, T, 1] in token mode, None in channel mode (they live in the quantizer).
-    G is H (per-head vectors) or 1 (token-wide vectors of n = H*D).
+    ``codes`` uint8 [B, H, T, D*bits/8]: each head's D codes packed on their own, whatever the grouping (so a GPU
+    program working on one head reads contiguous codes); ``out_idx`` [B, G, T, C] (uint8/int16) and ``out_val`` fp16
+    [B, G, T, C] index and hold elements of a vector; ``zero``/``scale`` fp16 [B, G, T, 1] in token mode, None in
+    channel mode (they live in the quantizer). G is H (per-head vectors) or 1 (token-wide vectors of n = H*D).
     ``out_ends`` [B, 1, T, H] (uint8/int16): token-wide vectors with >= HEAD_ENDS_MIN_SLOTS slots only (else None);
     their slots are then sorted by element and head h's run ends at column out_ends[..., h] (:func:`head_ends`).
     """
@@ -190,15 +191,15 @@ def encode_token(x: torch.Tensor, cb: Codebook, capacity: int, group: str = "hea
         pos = pos.sort(-1).values
         ends = head_ends(pos, h, n // h)
     val = v.gather(-1, pos)
-    blk = PackedBlock(pack_codes(codes, cb.bits), pos.to(index_dtype(n)), val.half(), zero, scale, ends)
+    packed = pack_codes(from_vectors(codes, group, h), cb.bits)  # per head, whatever the grouping
+    blk = PackedBlock(packed, pos.to(index_dtype(n)), val.half(), zero, scale, ends)
     blk.meta["heads"] = h
     return blk
 
 
 def decode_token(blk: PackedBlock, cb: Codebook, group: str, heads: int, head_dim: int) -> torch.Tensor:
     """Inverse of :func:`encode_token` -> fp32 [B, H, T, D]."""
-    n = head_dim if group == "head" else heads * head_dim
-    codes = unpack_codes(blk.codes, cb.bits, n)
+    codes = to_vectors(unpack_codes(blk.codes, cb.bits, head_dim), group)
     out = cb.decode_levels.to(codes.device)[codes] * blk.scale.float() + blk.zero.float()
     if blk.out_val.shape[-1]:
         out.scatter_(-1, blk.out_idx.long(), blk.out_val.float())

@@ -278,7 +278,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if has_q:
         quant = (st.k_codes, st.k_out_idx, st.k_out_val, st.v_codes, st.v_zero, st.v_scale, st.v_out_idx,
                  st.v_out_val, st.q_pos)
-        G = int(st.v_codes.shape[1])
+        G = int(st.v_zero.shape[1])  # value vectors per token (the codes are stored per head either way)
         ck, cv = int(st.k_out_idx.shape[-1]), int(st.v_out_idx.shape[-1])
     else:
         dummy = torch.zeros(1, 1, 1, 1, device=dev, dtype=torch.uint8)
@@ -487,7 +487,7 @@ def _shape_blocks(storage, codec, batch: int):
                      e(batch, H, 0, ck, dt=torch.float16))
     G, nv = (H, D) if codec.value_group == "head" else (1, H * D)
     ends = (e(batch, G, 0, H, dt=index_dtype(cv + 1)) if uses_head_ends(codec.value_group, H, cv) else None)
-    vb = PackedBlock(e(batch, G, 0, nv * vbits // 8, dt=torch.uint8), e(batch, G, 0, cv, dt=index_dtype(nv)),
+    vb = PackedBlock(e(batch, H, 0, D * vbits // 8, dt=torch.uint8), e(batch, G, 0, cv, dt=index_dtype(nv)),
                      e(batch, G, 0, cv, dt=torch.float16), e(batch, G, 0, 1, dt=torch.float16),
                      e(batch, G, 0, 1, dt=torch.float16), ends)
     return kb, vb
@@ -570,7 +570,7 @@ def _build_quant_plan(st, codec, dev, D) -> dict:
     kbnd = _cached(st, ("kbnd", dev), lambda: codec.key_cb.boundaries.to(dev, torch.float32).contiguous())
     vbnd = _cached(st, ("vbnd", dev), lambda: codec.value_cb.boundaries.to(dev, torch.float32).contiguous())
     invf = _cached(st, ("inv_freq", dev), lambda: st.rope.inv_freq.to(dev, torch.float32).contiguous())
-    G = int(st.v_codes.shape[1])
+    G = int(st.v_zero.shape[1])
     token = G == 1 and H > 1
     nv = H * D if token else D
     nvp = triton_next_pow2(nv)

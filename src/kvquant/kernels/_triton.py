@@ -169,13 +169,10 @@ def _dense_block(q1, q2, k_base, v_base, t0, n_tok, skt, svt, mask_ptr, mask_off
 def _value_bases(VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV: tl.constexpr, D: tl.constexpr,
                  BITS: tl.constexpr, V_TOKEN: tl.constexpr):
     """Where KV head h's values lie: (code row base, zero/scale offset, slot offset, low-plane byte offset, high-plane
-    byte offset, first element index) for token-group (all heads in one row) or head-group storage."""
+    byte offset, first element index). The codes are stored per head either way; token-group storage (V_TOKEN) has
+    one zero/scale and one row of slots per token for all heads."""
     if V_TOKEN:
-        if BITS == 4:
-            v_lo_off = h * (D // 2)
-        else:
-            v_lo_off = h * (D // 4)
-        return (VC + b * svc_b, b * svs_b, b * svo_b, v_lo_off, H_KV * D // 4 + h * (D // 8), h * D)
+        return VC + b * svc_b + h * svc_g, b * svs_b, b * svo_b, 0, D // 4, h * D
     else:
         return VC + b * svc_b + h * svc_g, b * svs_b + h * svs_g, b * svo_b + h * svo_g, 0, D // 4, 0
 
@@ -629,8 +626,15 @@ def _quant_values(
     xn = tl.minimum(tl.maximum(xn, -1.0), 1.0)
     code = _bucket(xn, BND, L)
     code = tl.where(emask[None, :], code, 0)
-    row = VC + b * svc_b + gi * svc_g + (t + t_off) * svc_t
-    _pack_store(code, row, BITS, BT, NVP, NV, 0, NV // 4, tmask)
+    if TOKEN:  # codes stored per head (core.codec.encode_token): [BT, HP * D] -> HP rows of D per token
+        hh = tl.arange(0, HP)
+        rows = VC + b * svc_b + hh[None, :] * svc_g + (t + t_off)[:, None] * svc_t
+        hm = tmask[:, None] & (hh < NV // D)[None, :]
+        _pack_store(tl.reshape(code, [BT * HP, D]), tl.reshape(rows, [BT * HP]), BITS, BT * HP, D, D, 0, D // 4,
+                    tl.reshape(hm, [BT * HP]))
+    else:
+        row = VC + b * svc_b + gi * svc_g + (t + t_off) * svc_t
+        _pack_store(code, row, BITS, BT, NVP, NV, 0, NV // 4, tmask)
 
 
 # ------------------------------------------------------------------------------------------------------------------
