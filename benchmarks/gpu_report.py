@@ -39,10 +39,14 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run23_2026-11-30": "3f3b16b (decode rows: token-group values with the natural and the tiles kernel)",
     "run24_2026-11-30": "ad6fd59 (as run 23; reports only)",
     "run25_2026-11-30": "d5bac77 (token-group slots: one min-reduction per pass)",
+    "run26_2026-11-30": "17b1427 (token-group slots sorted by element with per-head run ends; one loop per run)",
+    "run27_2026-11-30": "05568ac (runs: first 4 ranks preloaded, static passes; reverted after this run)",
+    "run28_2026-11-30": "49cf810 (as run 26; slots sweep)",
+    "run29_2026-11-30": "2713a86 (token-group value codes stored per head)",
 }
 
 # runs whose generate section is incomplete: listed after the full run, never taken as the latest
-PARTIAL_GENERATE = {"run20_2026-11-29"}
+PARTIAL_GENERATE = {"run20_2026-11-29", "run29_2026-11-30"}
 
 # gpu_suite.py labelled every head-group KVQuant row "kvquant-fields" until it asked the library which kernel ran
 # (kernels.decode_kernel, added after run 13); in run 13 the diag sweep chose {"kernel": "natural"} for those rows
@@ -50,6 +54,25 @@ IMPL_FIX = {"run13_2026-11-29": {"kvquant-fields": "kvquant-natural"}}
 
 
 RUN_NOTES = {  # what a reader must know about a run's rows
+    "run26_2026-11-30": ("Token-group value rows hold their slots sorted by element plus each KV head's run end "
+                         "(`v_out_ends`); the natural kernel reads only its head's run. Preceded in the same call by "
+                         "`test_quantize_append_gpu` (4) and `test_decode_gpu` [3-128], [2-64], [3-256]: 7 passed; "
+                         "the two graph tests queued after them did not start within the 300 s limit (they passed "
+                         "in the calls of runs 27 and 28)."),
+    "run27_2026-11-30": ("A variant measured and reverted: the first 4 ranks of each run loaded at the start of a "
+                         "block, 4 static passes behind block-uniform branches. Slower than run 26's single loop "
+                         "(611 against 585 us; batch 8 7088 against 6650; Llama-2-7B 3778 against 3560). Followed "
+                         "in the same call by the graph tests (token-group natural, left-padded batch) and "
+                         "`test_decode_gpu[3-128]`: 3 passed."),
+    "run28_2026-11-30": ("The slots sweep: nuq3 with and without outlier slots, head-group and token-group values, "
+                         "natural kernel. Without slots, token-group values took 446 us against 330 us for "
+                         "head-group: the layout of the codes (32-byte pieces of 8-head rows), not the slots, was "
+                         "most of the difference; run 29 measures the fix. Generate: 128K only, four caches, two "
+                         "rounds, on run 26's kernel. Preceded by the graph test with token-group values (passed)."),
+    "run29_2026-11-30": ("Token-group value codes stored per head (like head-group codes). Without slots token-group "
+                         "now takes 326 us (head-group 330); with them 494 us (run 26: 585). Generate: 128K, the two "
+                         "KVQuant caches only (device time), two rounds; listed as a partial run. Preceded by "
+                         "`test_quantize_append_gpu` (4) and `test_decode_gpu` [3-128], [2-64]: 6 passed."),
     "run21_2026-11-30": ("Preceded in the same call by `test_decode_gpu` (killed by its 300 s limit after 5 of 7 "
                          "passed, no failure; the other two passed in run 22's call). The tokengroup sweep: "
                          "token-group values (11 slots per row over 8 KV heads) through the natural kernel's ranked "

@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     p.add_argument("--weighting", choices=("fs2", "f", "none"), default="fs2")
     p.add_argument("--value-group", choices=("token", "head"), default="token",
                    help="value ranges and outlier slots per token over all KV heads (default; smallest storage) or per "
-                        "head ('head': about 2x faster GPU decode attention, more so with many KV heads; "
+                        "head ('head': about 1.4x faster GPU decode attention, fewer outlier passes; "
                         "benchmarks/gpu_decode.md)")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--window", type=int, default=2048)

@@ -280,7 +280,6 @@ def _kvq_decode_kernel(
     ko_base = b * sko_b + h * sko_h
     vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
         VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV, D, BITS, V_TOKEN)
-    NVV: tl.constexpr = H_KV * D if V_TOKEN else D
     if VCORR:
         # value slots as a correction after P@V: corr[a, (r, e)] accumulates sum_t p[r, t] * delta_t at channel
         # a * VDB + e through a one-hot x one-hot factorised dot ([VA, BT] @ [BT, GR * VDB]) per slot
@@ -331,9 +330,10 @@ def _kvq_decode_kernel(
             for j in tl.static_range(CV):
                 oi = tl.load(VOI + vo_base + t * svo_t + j, mask=tmask, other=0).to(tl.int32)
                 ov = tl.load(VOV + vo_base + t * svo_t + j, mask=tmask, other=0.0).to(tl.float32)
-                dense = tl.load(VLEV + _code_at(vrow, oi, BITS, NVV, tmask)) * vsc + vz
-                c = oi - v_idx_off
-                delta = tl.where((c >= 0) & (c < D), ov - dense, 0.0)
+                c = oi - v_idx_off  # the slot's channel in head h (codes are stored per head)
+                inside = (c >= 0) & (c < D)
+                dense = tl.load(VLEV + _code_at(vrow, tl.where(inside, c, 0), BITS, D, tmask)) * vsc + vz
+                delta = tl.where(inside, ov - dense, 0.0)
                 lhs = tl.where((c // VDB)[None, :] == arow[:, None], 1.0, 0.0)  # [VA, BT]
                 w = tl.trans(p_r * delta[None, :])  # [BT, GR]
                 rhs = tl.where((c % VDB)[:, None, None] == ecol[None, None, :], w[:, :, None], 0.0)
