@@ -166,8 +166,7 @@ def _dense_block(q1, q2, k_base, v_base, t0, n_tok, skt, svt, mask_ptr, mask_off
 
 
 @triton.jit
-def _value_bases(VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV: tl.constexpr, D: tl.constexpr,
-                 BITS: tl.constexpr, V_TOKEN: tl.constexpr):
+def _value_bases(VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, D: tl.constexpr, V_TOKEN: tl.constexpr):
     """Where KV head h's values lie: (code row base, zero/scale offset, slot offset, low-plane byte offset, high-plane
     byte offset, first element index). The codes are stored per head either way; token-group storage (V_TOKEN) has
     one zero/scale and one row of slots per token for all heads."""
@@ -279,7 +278,7 @@ def _kvq_decode_kernel(
     kc_base = KC + b * skc_b + h * skc_h
     ko_base = b * sko_b + h * sko_h
     vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
-        VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV, D, BITS, V_TOKEN)
+        VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, D, V_TOKEN)
     if VCORR:
         # value slots as a correction after P@V: corr[a, (r, e)] accumulates sum_t p[r, t] * delta_t at channel
         # a * VDB + e through a one-hot x one-hot factorised dot ([VA, BT] @ [BT, GR * VDB]) per slot
@@ -994,7 +993,7 @@ def _kvq_decode_fields_kernel(
         kc_base = KC + b * skc_b + h * skc_h
         ko_base = b * sko_b + h * sko_h
         vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
-            VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, H_KV, D, BITS, V_TOKEN)
+            VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, D, V_TOKEN)
         if BITS == 4:
             k_half = D // 4
         else:
