@@ -93,7 +93,7 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                          "its 45 s limit (the session's device time was spent) and left no rows."),
     "run23_2026-11-30": ("Token-group rows run twice: with the default kernel (natural since run 21) and with the "
                          "tiles kernel, side by side. With 32 KV heads (Llama-2-7B) a token-group row holds 41 slots "
-                         "and every head's program reads all of them: that is why those rows are slow."),
+                         "and every head's program read all of them (until run 26): that is why those rows are slow."),
     "run1_2026-11-29": "No warm-up before the generate rows: the fused row's prefill includes Triton compilation. "
                        "KVQuantCache used token-group values and the tiles kernel with the value-slot correction "
                        "(the fields kernel did not exist yet), and attended the prompt quantized (prefill='exact' "
