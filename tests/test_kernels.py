@@ -500,22 +500,24 @@ def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, fra
     assert all(getattr(layer.storage, "_decode_graph", None) is None for layer in caches[0].layers)
 
 
-@pytest.mark.parametrize("R", [0, 3])
-def test_fused_cache_path_matches_reference_path(monkeypatch, R):
+@pytest.mark.parametrize("R,head_dim,frac", [(0, 16, 0.01), (3, 16, 0.01), (0, 64, 0.05)])
+def test_fused_cache_path_matches_reference_path(monkeypatch, R, head_dim, frac):
     """With the opt-in fused path (GPU encode + fused decode; here under the interpreter), a KVQuantCache stores the
-    same codes and gives the same logits as the reference path (R = 3: the steady-state window path)."""
+    same codes and gives the same logits as the reference path (R = 3: the steady-state window path; head_dim 64 at
+    5%: token-group value rows of 6 slots, sorted, with per-head run ends, decoded by the natural kernel)."""
     from kvquant import KVQuantCache
     from kvquant.cache import kvquant_cache as kc
-    from kvquant.calibration import build_quantizer, collect_statistics
+    from kvquant.calibration import CalibrationSettings, build_quantizer, collect_statistics
     from kvquant.models import tiny_random_model
     from kvquant.quantizer import QuantizerConfig
 
     if not (kernels.available(torch.device("cpu")) or torch.cuda.is_available()):
         pytest.skip("needs triton (interpreter or CUDA)")
-    model = tiny_random_model("llama")
+    model = tiny_random_model("llama", head_dim=head_dim)
     g = torch.Generator().manual_seed(0)
-    q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
-                        QuantizerConfig(bits=3))
+    stats = collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g),
+                               CalibrationSettings(outlier_fractions=(frac,)), progress=False)
+    q = build_quantizer(stats, QuantizerConfig(bits=3, outlier_fraction=frac))
     ids = torch.randint(0, 128, (2, 40), generator=g)
 
     def run(fused: bool):
@@ -536,6 +538,16 @@ def test_fused_cache_path_matches_reference_path(monkeypatch, R):
     assert torch.equal(st_ref.win_k, st_fused.win_k) and torch.equal(st_ref.win_pos, st_fused.win_pos)
     assert torch.equal(st_ref.k_codes[:, :, :n], st_fused.k_codes[:, :, :n])
     assert torch.equal(st_ref.v_codes[:, :, :n], st_fused.v_codes[:, :, :n])
+    assert (st_ref.v_out_ends is None) == (st_fused.v_out_ends is None) == (head_dim == 16)
+    if st_ref.v_out_ends is not None:
+        # the same slots (values; the elements too, except where equal values tie), each row's ends as its elements
+        a, b = st_ref.v_out_idx[:, :, :n], st_fused.v_out_idx[:, :, :n]
+        assert torch.equal(st_ref.v_out_val[:, :, :n], st_fused.v_out_val[:, :, :n])
+        assert (a == b).all(-1).float().mean() > 0.9
+        for st_ in (st_ref, st_fused):
+            assert torch.equal(st_.v_out_ends[:, :, :n], head_ends(st_.v_out_idx[:, :, :n].long(), 2, head_dim))
+        x = torch.zeros(2, 4, 1, head_dim)
+        assert kernels.decode_kernel(x, st_fused) == "natural"
     assert (ref - fused).norm() / ref.norm() < 1e-2
 
 
