@@ -194,8 +194,11 @@ class LayerStorage:
         from .kvquant_cache import kernels_available
 
         d = k_post.shape[-1]
-        return (self.pre_rope and self.codec.key_mode == "channel" and self.rope.rotary_dim == d
-                and d & (d - 1) == 0 and kernels_available(self.device))  # the kernel's tiles: power-of-2 head_dim
+        if self.rope.rotary_dim != d or not kernels_available(self.device):
+            return False
+        from .. import kernels
+
+        return kernels.encodes(self, self.codec, d)
 
     def _quantize(self, k_post: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         if self._fused_encode(k_post):

@@ -508,6 +508,13 @@ def _ensure_capacity(storage, codec, batch: int, needed: int) -> None:
     raise ValueError(f"storage capacity {cap} < {needed} tokens and it exposes no way to grow.")
 
 
+def encodes(storage, codec, head_dim: int) -> bool:
+    """Whether :func:`quantize_append`'s kernel encodes for ``storage`` (else the codec's PyTorch path): channel-mode
+    keys stored pre-RoPE with a per-channel table, and a power-of-2 head_dim (the kernel's tiles)."""
+    return (codec.key_mode == "channel" and getattr(storage, "pre_rope", True) and storage.key_lut is not None
+            and head_dim & (head_dim - 1) == 0)
+
+
 def quantize_append(storage, k_post, v, positions, codec=None, pre_rope: bool = False, lengths=None):
     """Encode ``k_post``/``v`` [B, H, T, D] on the GPU and append them to the quantized region of ``storage``.
 
@@ -530,7 +537,7 @@ def quantize_append(storage, k_post, v, positions, codec=None, pre_rope: bool = 
     if positions.dim() == 1:
         positions = positions[None, :].expand(B, T)
     n_q = int(st.n_q)
-    if codec.key_mode != "channel" or not getattr(st, "pre_rope", True) or st.key_lut is None:
+    if not encodes(st, codec, D):
         from .reference import reference_quantize_append
 
         return reference_quantize_append(st, k_post, v, positions, codec, pre_rope)
