@@ -167,13 +167,13 @@ def _dense_block(q1, q2, k_base, v_base, t0, n_tok, skt, svt, mask_ptr, mask_off
 
 @triton.jit
 def _value_bases(VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, D: tl.constexpr, V_TOKEN: tl.constexpr):
-    """Where KV head h's values lie: (code row base, zero/scale offset, slot offset, low-plane byte offset, high-plane
-    byte offset, first element index). The codes are stored per head either way; token-group storage (V_TOKEN) has
-    one zero/scale and one row of slots per token for all heads."""
+    """Where KV head h's values lie: (code row base, zero/scale offset, slot offset, first element index of the
+    slots). The codes are stored per head either way (low plane at byte 0 of a row, high plane at D // 4);
+    token-group storage (V_TOKEN) has one zero/scale and one row of slots per token for all heads."""
     if V_TOKEN:
-        return VC + b * svc_b + h * svc_g, b * svs_b, b * svo_b, 0, D // 4, h * D
+        return VC + b * svc_b + h * svc_g, b * svs_b, b * svo_b, h * D
     else:
-        return VC + b * svc_b + h * svc_g, b * svs_b + h * svs_g, b * svo_b + h * svo_g, 0, D // 4, 0
+        return VC + b * svc_b + h * svc_g, b * svs_b + h * svs_g, b * svo_b + h * svo_g, 0
 
 
 @triton.jit
@@ -277,7 +277,7 @@ def _kvq_decode_kernel(
         lut2 = KLUT + (h * D + HALF + ch)[None, :] * L
     kc_base = KC + b * skc_b + h * skc_h
     ko_base = b * sko_b + h * sko_h
-    vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
+    vc_base, vs_base, vo_base, v_idx_off = _value_bases(
         VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, D, V_TOKEN)
     if VCORR:
         # value slots as a correction after P@V: corr[a, (r, e)] accumulates sum_t p[r, t] * delta_t at channel
@@ -316,7 +316,7 @@ def _kvq_decode_kernel(
         acc = acc * alpha[:, None]
         # values: v = level[code] * scale_t + zero_t -> p @ v = (p * scale) @ level + (p . zero)
         vrow = vc_base + t * svc_t
-        vcodes = _unpack_full(vrow, v_lo_off, v_hi_off, BITS, D, tmask)
+        vcodes = _unpack_full(vrow, 0, D // 4, BITS, D, tmask)
         vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
         vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
         if VCORR:
@@ -523,22 +523,26 @@ def _quant_keys(
 
 
 @triton.jit
-def _store_sorted_slots(s_i, s_v, jj, VOI, VOV, VOE, row_off_o, row_off_e, tmask, CV: tl.constexpr, D: tl.constexpr,
-                        HP: tl.constexpr, H: tl.constexpr):
-    """Store the CV slots (element s_i, value s_v: [BT, CVP] tiles, columns >= CV unused) of each row sorted by element
-    (a slot's column is the number of slots with a smaller element: the elements of a row are distinct), and the
-    [BT, H] ends of each KV head's run of slots (core.codec.head_ends)."""
+def _store_slots(s_i, s_v, jj, VOI, VOV, VOE, row_off_o, row_off_e, tmask, CV: tl.constexpr, D: tl.constexpr,
+                 HP: tl.constexpr, H: tl.constexpr, ENDS: tl.constexpr):
+    """Store the CV slots (element s_i, value s_v: [BT, CVP] tiles, columns >= CV unused) of each row in slot order,
+    or with ENDS sorted by element (a slot's column is the number of slots with a smaller element: the elements of a
+    row are distinct) plus the [BT, H] ends of each KV head's run of slots (core.codec.head_ends)."""
     valid = jj < CV
-    smaller = valid[None, None, :] & (s_i[:, None, :] < s_i[:, :, None])  # [BT, j, i]: slot i before slot j
-    rank = tl.sum(smaller.to(tl.int32), 2)
+    if ENDS:
+        smaller = valid[None, None, :] & (s_i[:, None, :] < s_i[:, :, None])  # [BT, j, i]: slot i before slot j
+        col = tl.sum(smaller.to(tl.int32), 2)
+    else:
+        col = tl.zeros_like(s_i) + jj[None, :]
     m = tmask[:, None] & valid[None, :]
-    tl.store(VOI + row_off_o[:, None] + rank, s_i.to(VOI.dtype.element_ty), mask=m)
-    tl.store(VOV + row_off_o[:, None] + rank, s_v.to(tl.float16), mask=m)
-    hh = tl.arange(0, HP)
-    below = valid[None, None, :] & (s_i[:, None, :] < ((hh + 1) * D)[None, :, None])  # [BT, h, i]
-    ends = tl.sum(below.to(tl.int32), 2)
-    tl.store(VOE + row_off_e[:, None] + hh[None, :], ends.to(VOE.dtype.element_ty),
-             mask=tmask[:, None] & (hh < H)[None, :])
+    tl.store(VOI + row_off_o[:, None] + col, s_i.to(VOI.dtype.element_ty), mask=m)
+    tl.store(VOV + row_off_o[:, None] + col, s_v.to(tl.float16), mask=m)
+    if ENDS:
+        hh = tl.arange(0, HP)
+        below = valid[None, None, :] & (s_i[:, None, :] < ((hh + 1) * D)[None, :, None])  # [BT, h, i]
+        ends = tl.sum(below.to(tl.int32), 2)
+        tl.store(VOE + row_off_e[:, None] + hh[None, :], ends.to(VOE.dtype.element_ty),
+                 mask=tmask[:, None] & (hh < H)[None, :])
 
 
 @triton.jit
@@ -594,26 +598,14 @@ def _quant_values(
         lo = tl.sum(tl.where(jj[None, :] == best[:, None], lo_v, 0.0), 1)
         hi = tl.sum(tl.where(jj[None, :] == best[:, None], hi_v, 0.0), 1)
         # slot j: j < best -> j-th smallest; else -> hi position j + 1
-        if ENDS:
-            s_i = tl.zeros([BT, CVP], tl.int32)
-            s_v = tl.zeros([BT, CVP], tl.float32)
+        s_i = tl.where(jj[None, :] < best[:, None], lo_i, tl.zeros_like(hi_i))
+        s_v = tl.where(jj[None, :] < best[:, None], lo_v, tl.zeros_like(hi_v))
         for j in tl.static_range(CV):
-            use_lo = j < best
-            li = tl.sum(tl.where(jj[None, :] == j, lo_i, 0), 1)
-            lv = tl.sum(tl.where(jj[None, :] == j, lo_v, 0.0), 1)
-            hix = tl.sum(tl.where(jj[None, :] == j + 1, hi_i, 0), 1)
-            hv = tl.sum(tl.where(jj[None, :] == j + 1, hi_v, 0.0), 1)
-            oi = tl.where(use_lo, li, hix)
-            ov = tl.where(use_lo, lv, hv)
-            if ENDS:
-                s_i = tl.where(jj[None, :] == j, oi[:, None], s_i)
-                s_v = tl.where(jj[None, :] == j, ov[:, None], s_v)
-            else:
-                tl.store(VOI + row_off_o + j, oi.to(VOI.dtype.element_ty), mask=tmask)
-                tl.store(VOV + row_off_o + j, ov.to(tl.float16), mask=tmask)
-        if ENDS:  # core.codec.head_ends: slots sorted by element, and where each KV head's run of them ends
-            _store_sorted_slots(s_i, s_v, jj, VOI, VOV, VOE, row_off_o, b * soe_b + (t + t_off) * soe_t, tmask,
-                                CV, D, HP, NV // D)
+            sel = (jj[None, :] == j) & (j >= best)[:, None]
+            s_i = tl.where(sel, tl.sum(tl.where(jj[None, :] == j + 1, hi_i, 0), 1)[:, None], s_i)
+            s_v = tl.where(sel, tl.sum(tl.where(jj[None, :] == j + 1, hi_v, 0.0), 1)[:, None], s_v)
+        _store_slots(s_i, s_v, jj, VOI, VOV, VOE, row_off_o, b * soe_b + (t + t_off) * soe_t, tmask, CV, D, HP,
+                     NV // D, ENDS)
     else:
         lo = tl.min(tl.where(emask[None, :], x, float("inf")), 1)
         hi = tl.max(tl.where(emask[None, :], x, float("-inf")), 1)
@@ -930,17 +922,18 @@ def _fetch_keys(t0, q_hi, taui, QPOS, qpos_row, kc_base, skc_t, k_half, D: tl.co
 
 
 @triton.jit
-def _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base, svs_t, NVC: tl.constexpr,
+def _fetch_values(t0, q_hi, taui, vc_base, svc_t, VZ, VS, vs_base, svs_t, NVC: tl.constexpr,
                   BITS: tl.constexpr, LUTX: tl.constexpr, WIDE: tl.constexpr = False):
-    """Packed value bytes and per-token zero/scale of one block of the fields kernel (LUTX: fp16 as stored)."""
+    """Packed value bytes (a head's code rows: low plane at byte 0, high plane at NVC = D / 4) and per-token
+    zero/scale of one block of the fields kernel (LUTX: fp16 as stored)."""
     t = t0 + taui
     tmask = t < q_hi
     if LUTX:
-        vlo, vhi = _planes_raw(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask, WIDE)
+        vlo, vhi = _planes_raw(vc_base + t * svc_t, 0, NVC, NVC, BITS, tmask, WIDE)
         vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
         vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float16)
     else:
-        vlo, vhi = _planes(vc_base + t * svc_t, v_lo_off, v_hi_off, NVC, BITS, tmask, WIDE)
+        vlo, vhi = _planes(vc_base + t * svc_t, 0, NVC, NVC, BITS, tmask, WIDE)
         vz = tl.load(VZ + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
         vsc = tl.load(VS + vs_base + t * svs_t, mask=tmask, other=0.0).to(tl.float32)
     return vlo, vhi, vz, vsc
@@ -992,7 +985,7 @@ def _kvq_decode_fields_kernel(
         # where this program's quantized tokens [q_lo, q_hi) and KV head h lie
         kc_base = KC + b * skc_b + h * skc_h
         ko_base = b * sko_b + h * sko_h
-        vc_base, vs_base, vo_base, v_lo_off, v_hi_off, v_idx_off = _value_bases(
+        vc_base, vs_base, vo_base, v_idx_off = _value_bases(
             VC, b, h, svc_b, svc_g, svs_b, svs_g, svo_b, svo_g, D, V_TOKEN)
         if BITS == 4:
             k_half = D // 4
@@ -1017,7 +1010,7 @@ def _kvq_decode_fields_kernel(
                 tmask = t < q_hi
                 pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D,
                                                       NKC, BITS, True, WIDE)
-                vlo, vhi, vz, vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
+                vlo, vhi, vz, vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, VZ, VS,
                                                   vs_base, svs_t, NVC, BITS, True, WIDE)
                 ksl = _slots(KOI, KOV, ko_base + t * sko_t, CK, 0, tmask)
                 if CV <= 4:
@@ -1090,7 +1083,7 @@ def _kvq_decode_fields_kernel(
             if PREFETCH:  # software double buffering: block i + 1's loads are in flight while block i computes
                 pos, lo1, hi1, lo2, hi2 = _fetch_keys(q_lo, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half, D, NKC,
                                                       BITS, LUTX)
-                vlo, vhi, vz, vsc = _fetch_values(q_lo, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS, vs_base,
+                vlo, vhi, vz, vsc = _fetch_values(q_lo, q_hi, taui, vc_base, svc_t, VZ, VS, vs_base,
                                                   svs_t, NVC, BITS, LUTX)
             for t0 in range(q_lo, q_hi, BT):
                 t = t0 + taui
@@ -1100,7 +1093,7 @@ def _kvq_decode_fields_kernel(
                     c_vlo, c_vhi, c_vz, c_vsc = vlo, vhi, vz, vsc
                     pos, lo1, hi1, lo2, hi2 = _fetch_keys(t0 + BT, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t, k_half,
                                                           D, NKC, BITS, LUTX)
-                    vlo, vhi, vz, vsc = _fetch_values(t0 + BT, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ, VS,
+                    vlo, vhi, vz, vsc = _fetch_values(t0 + BT, q_hi, taui, vc_base, svc_t, VZ, VS,
                                                       vs_base, svs_t, NVC, BITS, LUTX)
                 else:
                     c_pos, c_lo1, c_hi1, c_lo2, c_hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t,
@@ -1151,7 +1144,7 @@ def _kvq_decode_fields_kernel(
                 p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, mask_row, n_s, t, tmask, HAS_MASK)
                 p16 = p.to(tl.float16)
                 if not PREFETCH:
-                    c_vlo, c_vhi, c_vz, c_vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, v_lo_off, v_hi_off, VZ,
+                    c_vlo, c_vhi, c_vz, c_vsc = _fetch_values(t0, q_hi, taui, vc_base, svc_t, VZ,
                                                               VS, vs_base, svs_t, NVC, BITS, LUTX)
                 vo_row = vo_base + t * svo_t
                 if LUTX:
