@@ -212,13 +212,15 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
     prefetch, tokens per block, warps and register cap ("regs": a second, narrower pass); the tiles kernel
     (token-group values). The fastest correct fields configuration becomes KV_OPTS for the decode rows."""
     rows = res.setdefault("diag", [])
-    shape = {"d64": "smollm2-135m", "tokengroup-mha": "llama2-7b"}.get(sweep, "llama3-8b")
+    shape = {"d64": "smollm2-135m", "tokengroup-mha": "llama2-7b", "prefetch-mha": "llama2-7b"}.get(sweep, "llama3-8b")
     Hq, H, D = SHAPES[shape]
     q = torch.randn(batch, Hq, 1, D, device=DEV).bfloat16()
     _, _, sts, _ = fill_storages(batch, H, D, ctx, [(3, "head"), (3, "token")], want_fp16=False)
     if sweep == "slots":  # the same storages without outlier slots: what the slots cost, per value grouping
         _, _, sts0, _ = fill_storages(batch, H, D, ctx, [(3, "head"), (3, "token")], want_fp16=False, frac=0.0)
         sts.update({(b_, g_ + "-0pct"): st_ for (b_, g_), st_ in sts0.items()})
+    if sweep in ("prefetch", "prefetch-mha"):  # and a 2-bit head-group storage, the fields kernel's default width
+        sts[(3, "head-2bit")] = fill_storages(batch, H, D, ctx, [(2, "head")], want_fp16=False)[2][(2, "head")]
     best = None
     # lutx=False: the fp32 gather path (the previous default, 128 registers); lutx=True: register lookup + fp16 math
     sweeps = [("fields", "head", dict(lutx=False, block_t=32, num_warps=4, maxnreg=mr, prefetch=False))
@@ -254,6 +256,10 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
         sweeps = [("tiles", "token", {}), ("natural", "token", {}), ("natural", "head", {})]
     if sweep == "slots":
         sweeps = [("natural", grp, {}) for grp in ("head", "token", "head-0pct", "token-0pct")]
+    if sweep in ("prefetch", "prefetch-mha"):  # the PTX prefetch of the next block (L1 / L2, the default) against
+        # none: the natural kernel with both value groupings, the fields kernel (2-bit) with head-group values
+        sweeps = [("natural", grp, dict(prefetch=pf)) for grp in ("head", "token") for pf in (False, "l1", "l2")]
+        sweeps += [("fields", "head-2bit", dict(prefetch=pf)) for pf in (False, "l2")]
     if sweep == "d64":  # head_dim 64 (SmolLM2-135M shape): the natural kernel's launches against the tiles kernel
         sweeps = [("tiles", "head", {}), ("tiles", "token", {})]
         sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw)) for bt, nw in ((32, 2), (64, 4), (128, 4),
@@ -273,7 +279,8 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
         rows.append(dict(shape=shape, batch=batch, kernel=kernel, value_group=group, **kw, latency_us=round(us, 2),
                          gbps=round(nbytes / (us * 1e-6) / 1e9, 1), rel_err=err))
         log(rows[-1])
-        if kernel in ("fields", "natural") and sweep != "d64" and err < 1e-2 and (best is None or us < best[0]):
+        if (kernel in ("fields", "natural") and sweep not in ("d64", "prefetch", "prefetch-mha") and err < 1e-2
+                and (best is None or us < best[0])):  # the prefetch sweeps leave the decode rows at the defaults
             best = (us, dict(kw, **kn))
     if best is not None:
         KV_OPTS.clear()
@@ -426,9 +433,11 @@ def step_setup(a):
 
 
 GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1pct-reference",
-              "kvquant-nuq3-1pct-fused", "kvquant-nuq3-1pct-fused-eager", "kvquant-nuq3-1pct-tokengroup-fused")
+              "kvquant-nuq3-1pct-fused", "kvquant-nuq3-1pct-fused-eager", "kvquant-nuq3-1pct-tokengroup-fused",
+              "kvquant-nuq3-1pct-fused-noprefetch")
 # -fused: the library default on CUDA (fused kernels, decode steps as CUDA-graph replays); -fused-eager: the same
-# kernels launched one by one (KVQUANT_CUDA_GRAPHS=0); -reference: the PyTorch path (KVQUANT_FUSED_DECODE=0)
+# kernels launched one by one (KVQUANT_CUDA_GRAPHS=0); -reference: the PyTorch path (KVQUANT_FUSED_DECODE=0);
+# -noprefetch: the decode kernels without their PTX prefetch of the next block (kernels.PREFETCH_DEFAULT = False)
 # (value_group "head"; -tokengroup-: token-group values, 11 slots per row, the calibration default)
 
 
@@ -462,6 +471,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     def make_cache(name, max_len):
         os.environ["KVQUANT_FUSED_DECODE"] = "0" if name.endswith("-reference") else "1"
         os.environ["KVQUANT_CUDA_GRAPHS"] = "0" if name.endswith("-eager") else "1"
+        kernels.PREFETCH_DEFAULT = False if name.endswith("-noprefetch") else "l2"  # read when a plan is built
         if name == "dynamic":
             return DynamicCache(config=model.config)
         if name == "static":  # preallocated fp16 cache (no per-step concatenation)
@@ -564,7 +574,8 @@ def main():
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
     ap.add_argument("--diag-sweep", default="full", help="comma list of: full, regs, occupancy, natural, default, "
                     "blocks, d64, tokengroup, tokengroup-mha (Llama-2-7B shape, batch 1), slots (nuq3 with and without "
-                    "outlier slots, both value groupings)")
+                    "outlier slots, both value groupings), prefetch, prefetch-mha (the natural kernel's prefetch "
+                    "options)")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -584,7 +595,7 @@ def main():
     for name, fn in (
         ("diag", lambda: [diag_section(res, res["copy_bandwidth_gbps"], sweep=sw, batch=b)
                           for sw in args.diag_sweep.split(",")
-                          for b in ((1, 8) if sw in ("d64", "tokengroup") else (1,))]),
+                          for b in ((1, 8) if sw in ("d64", "tokengroup", "prefetch") else (1,))]),
         ("quant", lambda: quant_speed(res)),
         ("capacity_first", None),
         ("decode", lambda: decode_section(res, res["copy_bandwidth_gbps"], args.shapes.split(","),

@@ -140,6 +140,8 @@ def main():
     ap.add_argument("--div", action="store_true", help="run-time divisibility hints (see the module docstring)")
     ap.add_argument("--token-group", action="store_true",
                     help="fields/natural: token-group values (one slot row for all 8 KV heads; e.g. --cv 11)")
+    ap.add_argument("--pf", type=int, default=2, help="fields/natural: prefetch the next block into L1 (1), L2 (2, the "
+                    "default) or not (0)")
     a = ap.parse_args()
     tiles = a.kernel == "tiles"
     bt = a.bt or (64 if tiles else 32)
@@ -147,7 +149,7 @@ def main():
     cvs = a.cv if a.cv is not None else ([10, 0] if tiles else [2])
     fn = None if tiles else K._kvq_decode_fields_kernel
     extra = None if tiles else dict(LUTX=True, PREFETCH=False, F32=False, NATURAL=a.kernel == "natural",
-                                    RELOAD=False, WIDE=False)
+                                    RELOAD=False, WIDE=False, PF=a.pf)
     for bits in a.bits:
         for cv in cvs:
             k = compile_decode(bits=bits, cv=cv, ck=ck, bt=bt, num_warps=a.warps, fn=fn, maxnreg=a.maxnreg,

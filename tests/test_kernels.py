@@ -251,6 +251,23 @@ def check_device_lengths(kernel, D, group, device):
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_decode_prefetch_option_interpret():
+    """prefetch: the PTX prefetch levels (no-ops under the interpreter: same result as none), the fields kernel's
+    register double buffering (True is its former name), and clear errors for the rest."""
+    st, _, _ = make_storage(1, 2, 128, 3, 70, 1, 0, "head", "cpu")
+    q = torch.randn(1, 8, 1, 128).bfloat16()
+    base = kernels.decode_attention(q, st, 0.088, kernel="natural", prefetch=False)
+    for pf in (None, "l1", "l2"):
+        assert torch.equal(kernels.decode_attention(q, st, 0.088, kernel="natural", prefetch=pf), base)
+    fields = kernels.decode_attention(q, st, 0.088, kernel="fields", prefetch=False)
+    assert torch.equal(kernels.decode_attention(q, st, 0.088, kernel="fields", prefetch=True), fields)
+    with pytest.raises(ValueError, match="'registers' / True for the fields kernel"):
+        kernels.decode_attention(q, st, 0.088, kernel="natural", prefetch="registers")
+    with pytest.raises(ValueError, match="prefetch must be"):
+        kernels.decode_attention(q, st, 0.088, prefetch="l3")
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
 def test_decode_natural_kernel_d64_interpret():
     # head_dim 64 (SmolLM2, Qwen2-0.5B): the default kernel for head-group storage; GQA 3 with left padding, and
     # non-consecutive positions (per-element RoPE fallback)
@@ -368,6 +385,9 @@ def test_decode_gpu(bits, D, dtype):
                      kernel="natural")
         check_decode(2, 8, 8, D, bits, 700, 1, 0, "head", "cuda", dtype=dtype, kernel="natural", offsets=[0, 77],
                      gap_at=300, reload=True)
+        for pf in (False, "l1"):  # the prefetch default is "l2" (every other check here)
+            check_decode(3, 32, 8, D, bits, 3000, 1, 17, "token", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype,
+                         kernel="natural", prefetch=pf)
     if D == 64:  # the natural kernel, the default for head-group storage at head_dim 64 (SmolLM2's shape: GQA 3)
         check_decode(3, 9, 3, D, bits, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], dtype=dtype,
                      kernel="natural")

@@ -134,7 +134,7 @@ def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int =
 # decode attention
 # ----------------------------------------------------------------------------------------------------------------
 def decode_attention(query, storage, scaling, attention_mask=None, num_splits=None, block_t=None, use_dot=None,
-                     num_warps=None, kernel=None, value_correction=None, maxnreg=None, prefetch=False, lutx=None,
+                     num_warps=None, kernel=None, value_correction=None, maxnreg=None, prefetch=None, lutx=None,
                      reload=None, wide_loads=None, lengths=None, bias=None):
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
@@ -147,8 +147,10 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     fields for 2-bit at head_dim >= 128; else tiles; :func:`decode_kernel` says which).
     ``value_correction=True``: the tiles kernel's value-slot correction (a one-hot dot after P@V) instead of the
     per-slot overwrite (slower on the H200).
-    ``prefetch=True``: the fields kernel loads block i + 1 while block i computes (off by default: no faster on the
-    H200, benchmarks/gpu_decode.md).
+    ``prefetch`` (natural and fields kernels): ``"l2"`` (the default, None) or ``"l1"``: each block asks for the next
+    block's rows (codes, zero/scale, slots, positions) with a PTX prefetch into that cache level, so they arrive while
+    it computes (3-8% faster on the H200, benchmarks/gpu_decode.md); False: no prefetch; ``"registers"`` (or True;
+    fields kernel only): block i + 1 is loaded into registers while block i computes (no faster on the H200).
     ``lutx`` (fields kernel): levels from a register lookup table (PRMT through inline PTX; the interpreter gathers
     from an fp16 table instead) and fp16 dequantisation/RoPE arithmetic; None = the default (on).
     ``maxnreg``: register cap per thread (0 = none; None = the measured default).
@@ -226,7 +228,7 @@ def decode_kernel(query, storage, **options) -> str:
 
 
 def _launch_options(num_splits=None, block_t=None, use_dot=None, num_warps=None, kernel=None, value_correction=None,
-                    maxnreg=None, prefetch=False, lutx=None, reload=None, wide_loads=None) -> tuple:
+                    maxnreg=None, prefetch=None, lutx=None, reload=None, wide_loads=None) -> tuple:
     """decode_attention's launch options (same names and defaults) as the tuple that keys its cached launch plan."""
     return (num_splits, block_t, use_dot, num_warps, kernel, value_correction, maxnreg, prefetch, lutx, reload,
             wide_loads)
@@ -308,6 +310,13 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         raise ValueError("the natural kernel needs head_dim 64/128/256, an affine key table, <= 4 key outlier "
                          "slots, <= 4 value slots (any number for token-group values), and the register lookup "
                          "table (lutx).")
+    if prefetch is True:  # the fields kernel's register double buffering, by its former name
+        prefetch = "registers"
+    if prefetch is None:
+        prefetch = PREFETCH_DEFAULT
+    if prefetch not in (False, "l1", "l2", "registers") or prefetch == "registers" and kernel != "fields":
+        raise ValueError(f"prefetch must be None, False, 'l1' or 'l2' (or 'registers' / True for the fields kernel), "
+                         f"got {prefetch!r} for the {kernel} kernel.")
     use_dot = use_dot or kernel in ("fields", "natural")
     gp = max(16, triton_next_pow2(group)) if use_dot else 1
     gr = triton_next_pow2(group)
@@ -335,7 +344,8 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if maxnreg and not interpreting():  # 0: no register cap
         consts["maxnreg"] = int(maxnreg)
     if kernel in ("fields", "natural"):
-        consts.update(NATURAL=kernel == "natural", PREFETCH=bool(prefetch), LUTX=lutx)
+        consts.update(NATURAL=kernel == "natural", PREFETCH=prefetch == "registers", LUTX=lutx,
+                      PF=_PREFETCH_LEVEL.get(prefetch, 0))
         if kernel == "natural":
             if bt < 32:
                 raise ValueError(f"the natural kernel needs block_t >= 32, got {bt}.")
@@ -377,6 +387,12 @@ def _mask_bias_memo(attention_mask, batch: int, total: int, device):
 
 
 LUTX_DEFAULT = True
+# decode_attention's prefetch default for the natural and fields kernels: the next block's rows into L2 (PTX
+# prefetch). H200, 128K, nuq3 (run 31, benchmarks/gpu_decode.md): Llama-3-8B batch 1 head-group values 322.8 vs
+# 334.3 us, token-group 464.1 vs 493.3; batch 8 3770 vs 3914 and 5106 vs 5560; Llama-2-7B 1986 vs 2096 and 2851 vs
+# 2958 (L1 within 1% of L2 in every row)
+PREFETCH_DEFAULT = "l2"
+_PREFETCH_LEVEL = {"l1": 1, "l2": 2}  # the kernels' PF constexpr
 
 
 def _tau_table(inv_freq: torch.Tensor, bt: int, dev) -> torch.Tensor:

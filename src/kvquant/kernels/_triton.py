@@ -843,12 +843,18 @@ def _overwrite(x, ch, sl, C: tl.constexpr):
 
 
 @triton.jit
-def _overwrite_run(x, ch, OI, OV, OE, row, erow, h, idx_off, tmask):
-    """x [BT, N] with KV head h's outlier slots set, for token-group value rows (one row holds every KV head's slots,
-    sorted by element; head h's run is columns [OE[h - 1], OE[h]), core.codec.head_ends): one overwrite pass per
-    rank, up to the block's largest run (on average C / H slots per token)."""
+def _run_bounds(OE, erow, h, tmask):
+    """KV head h's run [lo, hi) of outlier slots in token-group value rows (core.codec.head_ends), per token [BT]."""
     lo = tl.load(OE + erow + tl.maximum(h - 1, 0), mask=tmask, other=0).to(tl.int32) * (h > 0).to(tl.int32)
     hi = tl.load(OE + erow + h, mask=tmask, other=0).to(tl.int32)
+    return lo, hi
+
+
+@triton.jit
+def _overwrite_run(x, ch, OI, OV, lo, hi, row, idx_off):
+    """x [BT, N] with KV head h's outlier slots set, for token-group value rows (one row holds every KV head's slots,
+    sorted by element; head h's run is columns [lo, hi) = [OE[h - 1], OE[h]), _run_bounds): one overwrite pass per
+    rank, up to the block's largest run (on average C / H slots per token)."""
     for r in range(0, tl.max(hi - lo, 0)):
         c = lo + r
         has = c < hi
@@ -856,6 +862,44 @@ def _overwrite_run(x, ch, OI, OV, OE, row, erow, h, idx_off, tmask):
         val = tl.load(OV + row + c, mask=has, other=0.0).to(x.dtype)
         x = tl.where((tl.where(has, i, -1))[:, None] == ch[None, :], val[:, None], x)
     return x
+
+
+@triton.jit
+def _prefetch(ptr, mask, PF: tl.constexpr):
+    """Ask for the lines holding ptr (where mask) in L1 (PF 1) or L2 (PF 2), with no register result (PTX prefetch)."""
+    if PF == 1:
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.b32 $0, 0; }",
+                                  "=r,l,r", [ptr.to(tl.int64, bitcast=True), mask.to(tl.int32)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    elif PF == 2:
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+                                  "=r,l,r", [ptr.to(tl.int64, bitcast=True), mask.to(tl.int32)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_next(PF: tl.constexpr, tn, q_hi, QPOS, qpos_row, kc_base, skc_t, vc_base, svc_t, VZ, VS, vs_base, svs_t,
+                   KOI, KOV, ko_base, sko_t, VOI, VOV, vo_base, svo_t, VOE, oe_base, soe_t,
+                   CK: tl.constexpr, CV: tl.constexpr, F32: tl.constexpr):
+    """Prefetch (PF 1: L1, 2: L2; nothing under the interpreter) the rows of the block at tokens tn [BT] that the
+    decode kernels read: positions, key and value codes, value zero/scale, slots and run ends (a row's first byte;
+    the rows of a block are contiguous, so every line of it holds a row start except possibly the last). The block
+    is then on its way while the current one computes."""
+    if PF > 0 and not F32:
+        m = tn < q_hi
+        _prefetch(QPOS + qpos_row + tn, m, PF)
+        _prefetch(kc_base + tn * skc_t, m, PF)
+        _prefetch(vc_base + tn * svc_t, m, PF)
+        _prefetch(VZ + vs_base + tn * svs_t, m, PF)
+        _prefetch(VS + vs_base + tn * svs_t, m, PF)
+        if CK > 0:
+            _prefetch(KOI + ko_base + tn * sko_t, m, PF)
+            _prefetch(KOV + ko_base + tn * sko_t, m, PF)
+        if CV > 0:
+            _prefetch(VOI + vo_base + tn * svo_t, m, PF)
+            _prefetch(VOV + vo_base + tn * svo_t, m, PF)
+        if CV > 4:
+            _prefetch(VOE + oe_base + tn * soe_t, m, PF)
 
 
 @triton.jit
@@ -960,7 +1004,7 @@ def _kvq_decode_fields_kernel(
     F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
     PREFETCH: tl.constexpr = False, LUTX: tl.constexpr = False, KW=None, VW=None, KDLH=None,
     NATURAL: tl.constexpr = False, RELOAD: tl.constexpr = False, TAU=None, WIDE: tl.constexpr = False,
-    LENS=None, DEVLEN: tl.constexpr = False, VOE=None, soe_b=0, soe_t=0,
+    LENS=None, DEVLEN: tl.constexpr = False, VOE=None, soe_b=0, soe_t=0, PF: tl.constexpr = 0,
 ):
     """The fields kernel, and with NATURAL the natural kernel (LUTX levels; its own RELOAD / TAU / WIDE options; value
     rows with more than 4 slots, i.e. token-group values, through their per-head runs VOE, _overwrite_run):
@@ -1015,6 +1059,9 @@ def _kvq_decode_fields_kernel(
                 ksl = _slots(KOI, KOV, ko_base + t * sko_t, CK, 0, tmask)
                 if CV <= 4:
                     vsl = _slots(VOI, VOV, vo_base + t * svo_t, CV, v_idx_off, tmask)
+                _prefetch_next(PF, t + BT, q_hi, QPOS, b * sqp_b, kc_base, skc_t, vc_base, svc_t, VZ, VS, vs_base,
+                               svs_t, KOI, KOV, ko_base, sko_t, VOI, VOV, vo_base, svo_t, VOE, b * soe_b, soe_t, CK, CV,
+                               F32)
                 if RELOAD:  # loop invariants re-read from L1 every block: fewer registers, more resident warps
                     q1, q2, om, C0, S0, ks1, kz1, ks2, kz2 = _nat_consts(qrow, gm, rope_scale, INVF, kso, kzo, TAU,
                                                                          ch, taui, HALF, BT, F32, RELOAD)
@@ -1039,8 +1086,8 @@ def _kvq_decode_fields_kernel(
                 if CV <= 4:
                     v = _overwrite(v, chd, vsl, CV)
                 else:
-                    v = _overwrite_run(v, chd, VOI, VOV, VOE, vo_base + t * svo_t, b * soe_b + t * soe_t, h,
-                                       v_idx_off, tmask)
+                    rlo, rhi = _run_bounds(VOE, b * soe_b + t * soe_t, h, tmask)
+                    v = _overwrite_run(v, chd, VOI, VOV, rlo, rhi, vo_base + t * svo_t, v_idx_off)
                 acc = acc * alpha[:, None] + _mm(p.to(tl.float16), v, F32)
             tl.store(PACC + row[:, None] * D + chd[None, :], acc, mask=gmask[:, None])
         else:
@@ -1098,6 +1145,8 @@ def _kvq_decode_fields_kernel(
                 else:
                     c_pos, c_lo1, c_hi1, c_lo2, c_hi2 = _fetch_keys(t0, q_hi, taui, QPOS, b * sqp_b, kc_base, skc_t,
                                                                     k_half, D, NKC, BITS, LUTX)
+                _prefetch_next(PF, t + BT, q_hi, QPOS, b * sqp_b, kc_base, skc_t, vc_base, svc_t, VZ, VS, vs_base,
+                               svs_t, KOI, KOV, ko_base, sko_t, VOI, VOV, vo_base, svo_t, VZ, 0, 0, CK, CV, F32)
                 p0, contig = _block_start(c_pos, taui, tmask)
                 p0f = p0.to(tl.float32)
                 if contig:
