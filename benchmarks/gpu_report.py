@@ -43,10 +43,19 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run27_2026-11-30": "05568ac (runs: first 4 ranks preloaded, static passes; reverted after this run)",
     "run28_2026-11-30": "49cf810 (as run 26; slots sweep)",
     "run29_2026-11-30": "2713a86 (token-group value codes stored per head)",
+    "run30_2026-11-30": "7dceb05 (as run 29 plus the previous session's review refactors)",
+    "run31_2026-11-30": "7dceb05 + the prefetch experiment (PTX prefetch into L1 / L2, and 'top': token-group run "
+                        "bounds loaded at the top of a block, dropped before 6ecae3b)",
+    "run32_2026-11-30": "6ecae3b's kernels (PTX prefetch of the next block into L2, the default)",
+    "run33_2026-11-30": "6ecae3b's kernels",
+    "run34_2026-11-30": "6ecae3b's kernels",
+    "run34b_2026-11-30": "6ecae3b's kernels with kernels.PREFETCH_DEFAULT = False",
+    "run35_2026-11-30": "6ecae3b (the -noprefetch generate cache)",
 }
 
 # runs whose generate section is incomplete: listed after the full run, never taken as the latest
-PARTIAL_GENERATE = {"run20_2026-11-29", "run29_2026-11-30"}
+PARTIAL_GENERATE = {"run20_2026-11-29", "run29_2026-11-30", "run34_2026-11-30", "run34b_2026-11-30",
+                    "run35_2026-11-30"}
 
 # gpu_suite.py labelled every head-group KVQuant row "kvquant-fields" until it asked the library which kernel ran
 # (kernels.decode_kernel, added after run 13); in run 13 the diag sweep chose {"kernel": "natural"} for those rows
@@ -54,6 +63,35 @@ IMPL_FIX = {"run13_2026-11-29": {"kvquant-fields": "kvquant-natural"}}
 
 
 RUN_NOTES = {  # what a reader must know about a run's rows
+    "run31_2026-11-30": ("The prefetch sweep, first version: the natural kernel with the next block's rows prefetched "
+                         "into L1 or L2 (PTX prefetch), and 'top' (token-group run bounds loaded at the top of a "
+                         "block, alone and with a prefetch; dropped: with the prefetch it was slower than the "
+                         "prefetch alone)."),
+    "run32_2026-11-30": ("Decode matrix with the PTX prefetch of the next block into L2, the new default for the "
+                         "natural and fields kernels. Run 30, 8 minutes earlier on the same machine, measured the "
+                         "same matrix on the code without it (7dceb05): at 64K-512K the natural kernel's rows are "
+                         "1.00-1.12x faster here (nuq3 1.035-1.067x, token-group 1.036-1.10x, nuq4 1.00-1.12x), the "
+                         "fields kernel's nuq2 rows 1.02-1.08x (one 1.59x row at 64K batch 1, a slow run-30 row), "
+                         "and the rows without the prefetch stay put (SDPA 0.98-1.0x, tiles 0.97-1.01x; our "
+                         "split-K fp16 kernel 0.93-1.19x). Run 30's call first ran test_quantize_append_gpu (4), "
+                         "test_decode_gpu [3-256] and [4-128] and the CUDA-graph test with token-group values: 7 "
+                         "passed. This run's sweep: the prefetch against none for both kernels; followed by "
+                         "test_decode_gpu [3-128] and [2-128] (with the prefetch, and explicit l1 / off checks): 2 "
+                         "passed."),
+    "run33_2026-11-30": ("128K, four caches, two rounds, with the prefetch default. The head-group rounds (48.0 / "
+                         "45.0 ms) are far slower than in runs 28-29 (26.7-30.2 ms) and in this session's runs 34b-35 "
+                         "(23.2-26.7 ms); runs 34, 34b and 35 (partial runs below) chase it: the head-group rounds "
+                         "vary by up to 1.7x with the prefetch on or off, and the interleaved run 35 puts the prefetch "
+                         "ahead. Preceded in the same call by the CUDA-graph tests (token-group natural; head-group "
+                         "with a left-padded batch) and test_device_lengths_gpu (4): 6 passed."),
+    "run34_2026-11-30": "The two KVQuant caches again, with the prefetch: head-group 38.7 / 41.5 ms, token-group 28.2 "
+                        "/ 28.6 ms.",
+    "run34b_2026-11-30": ("Head-group without the prefetch (kernels.PREFETCH_DEFAULT = False through a wrapper, "
+                          "right after run 34 on the same machine): 23.2 / 39.6 ms. So the slow head-group rounds "
+                          "come with or without the prefetch."),
+    "run35_2026-11-30": ("Head-group with and without the prefetch in one process, interleaved (the suite's "
+                         "-noprefetch cache): 24.1 / 23.8 ms with it, 25.8 / 26.7 ms without (1.07-1.12x). The slow "
+                         "head-group rounds of runs 33-34 did not come back; their cause was not found."),
     "run26_2026-11-30": ("Token-group value rows hold their slots sorted by element plus each KV head's run end "
                          "(`v_out_ends`); the natural kernel reads only its head's run. Preceded in the same call by "
                          "`test_quantize_append_gpu` (4) and `test_decode_gpu` [3-128], [2-64], [3-256]: 7 passed; "
