@@ -490,7 +490,14 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
                            min_new_tokens=n_new, do_sample=False, streamer=stamps, disable_compile=True,
                            pad_token_id=0)
         gaps = [b - a for a, b in zip(stamps.t[2:], stamps.t[3:])]  # t[0]: prompt, t[1]: first token (prefill)
-        return dict(step=sorted(gaps)[len(gaps) // 2], prefill=stamps.t[1] - t0)
+        out = dict(step=sorted(gaps)[len(gaps) // 2], prefill=stamps.t[1] - t0,
+                   gaps_ms=[round(g * 1e3, 1) for g in gaps])
+        if isinstance(cache, KVQuantCache):  # which layers replayed graphs: a failed layer runs every step eagerly
+            graphs = [getattr(layer.storage, "_decode_graph", None) for layer in cache.layers]
+            out.update(graph_layers=sum(g is not None and g.graph is not None for g in graphs),
+                       graph_failed_layers=sum(g is not None and g.failed for g in graphs),
+                       graph_replays=sum(g.replays for g in graphs if g is not None))
+        return out
 
     for name in caches:  # warm-up (kernel compilation) on a short prompt
         try:
@@ -527,7 +534,9 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
                              step_ms=round(best["step"] * 1e3, 2), step_ms_rounds=[round(r["step"] * 1e3, 2)
                                                                                    for r in ok],
                              prefill_s=round(best["prefill"], 2), layers=n_layers,
-                             peak_mem_gib=round(max(r["peak"] for r in ok), 1)))
+                             peak_mem_gib=round(max(r["peak"] for r in ok), 1),
+                             round_details=[{k: v for k, v in r.items() if k not in ("step", "prefill", "peak")}
+                                            for r in ok]))
     os.environ.pop("KVQUANT_FUSED_DECODE", None)
     os.environ.pop("KVQUANT_CUDA_GRAPHS", None)
     res["generate"] = dict(model="random-weight Llama-3-8B shape (bf16)", layers=n_layers, new_tokens=new_tokens,
