@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -58,6 +59,7 @@ def env_info():
     return {
         "gpu": p.name, "sms": p.multi_processor_count, "memory_gib": round(p.total_memory / 2**30, 1),
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "transformers": importlib.metadata.version("transformers"),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": f"PYTHONPATH=src python3 benchmarks/{os.path.basename(sys.argv[0])} " + " ".join(sys.argv[1:]),
     }
