@@ -149,8 +149,9 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     per-slot overwrite (slower on the H200).
     ``prefetch`` (natural and fields kernels): ``"l2"`` (the default, None) or ``"l1"``: each block asks for the next
     block's rows (codes, zero/scale, slots, positions) with a PTX prefetch into that cache level, so they arrive while
-    it computes (3-8% faster on the H200, benchmarks/gpu_decode.md); False: no prefetch; ``"registers"`` (or True;
-    fields kernel only): block i + 1 is loaded into registers while block i computes (no faster on the H200).
+    it computes (3-12% faster per call on the H200, benchmarks/gpu_decode.md); False: no prefetch; ``"registers"``
+    (or True; fields kernel only): block i + 1 is loaded into registers while block i computes (no faster on the
+    H200).
     ``lutx`` (fields kernel): levels from a register lookup table (PRMT through inline PTX; the interpreter gathers
     from an fp16 table instead) and fp16 dequantisation/RoPE arithmetic; None = the default (on).
     ``maxnreg``: register cap per thread (0 = none; None = the measured default).
