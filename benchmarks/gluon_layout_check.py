@@ -1,19 +1,35 @@
-"""Compile-only check (no GPU needed): a Gluon kernel that loads a tile straight into the tensor-core A-operand layout
-(``DotOperandLayout`` of an ``mma.sync`` m16n8k16 layout), scales it in registers and runs ``mma_v2`` against an
-[D, 8] operand, with no shared memory at all. It is the first step of the register-layout decode kernel planned in
-benchmarks/gpu_notes.md (tokens as the MMA's M, 8 query heads as N). Compiled for sm_90 with the installed Triton
-(Gluon exists from 3.6, the device's version); prints the shared memory and the PTX load / shared / MMA ops.
+"""Compile-only study (no GPU needed) for the register-layout decode kernel planned in benchmarks/gpu_notes.md.
+
+A Gluon kernel reads 3-bit key rows in today's storage format (core/packing.py: a 2-bit low plane, then a 1-bit high
+plane) straight into the tensor-core A-operand layout of ``mma.sync`` m16n8k16, with the tokens as M and the channels
+as K. The steps:
+- each lane loads its tokens' low-plane words and high-plane half-words with 16-byte loads (layout ``wv``);
+- it renames them to the A layout seen as [tokens, k-step, 16] (``l3``; a register permutation only);
+- it extracts the 3-bit codes in place;
+- it reshapes to [tokens, channels] (``assert_trivial``: no data movement);
+- it runs ``mma_v2`` against 8 query heads as N.
+
+The codes go in as plain integers: no lookup table, affine or RoPE yet. It is compiled for sm_90 with the installed
+Triton (Gluon exists from 3.6, the device's version). The script prints the shared memory, the PTX loads and MMAs per
+thread, and the SASS opcode counts. Nothing here runs a kernel.
 
     PYTHONPATH=src python benchmarks/gluon_layout_check.py
 
-Result (triton 3.6 and 3.9, 2026-11-30): 0 bytes of shared memory; 64 ld.global.b8 + 16 ld.global.b16 per thread
-(one load per element here: the packed codes' word loads are the next step) and 8 mma.sync m16n8k16.
+Result (triton 3.6, 2026-11-30; BT 64, D 128, 2 warps: each thread holds 4 tokens x 32 channels):
+- 0 bytes of shared memory;
+- 12 ld.global.v4.b32 per thread, i.e. three 16-byte loads per token: 2 low-plane and 1 high-plane;
+- 16 mma.sync;
+- 1048 SASS instructions in all. The naive extraction is about 5.4 integer ops per element, plus an I2F per element
+  that a lookup table would replace.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import re
+import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -24,31 +40,61 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 
 @gluon.jit
-def _tile_scores(X, Q, O, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
-    """O [BT, N] = (0.5 * X [BT, D]) @ Q^T, X loaded as uint8 straight into the A-operand layout."""
+def _key_scores(KC, Q, O, stride_t, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
+    """O [BT, N] = codes(KC rows) [BT, D] @ Q^T [D, N] (codes as fp16 integers)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[2, 1], instr_shape=[16, 8])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    r = gl.arange(0, BT, layout=gl.SliceLayout(1, a_l))
-    c = gl.arange(0, D, layout=gl.SliceLayout(0, a_l))
-    x = gl.load(X + r[:, None] * D + c[None, :]).to(gl.float16) * 0.5
+    # a_l (gl.to_linear_layout) seen as [BT, D/16 (k-step s), 16 (m)], channel c = 16 s + m
+    l3: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [8, 0, 0], [0, 0, 8], [0, 1, 0], [0, 2, 0], [0, 4, 0], [32, 0, 0]],
+        lane_bases=[[0, 0, 2], [0, 0, 4], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[16, 0, 0]], block_bases=[], shape=[BT, D // 16, 16])
+    wl: gl.constexpr = gl.SliceLayout(2, l3)  # one word per (token, k-step), shared by the 4 lanes of a group
+    wv: gl.constexpr = gl.DistributedLinearLayout(  # the same, k-steps in the fastest registers: 16-byte loads
+        reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0], [32, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[16, 0]], block_bases=[], shape=[BT, D // 16])
+    t = gl.arange(0, BT, layout=gl.SliceLayout(1, wv))
+    s = gl.arange(0, D // 16, layout=gl.SliceLayout(0, wv))
+    w = gl.load(KC.to(gl.pointer_type(gl.int32)) + t[:, None] * (stride_t // 4) + s[None, :])  # low plane: bits 2m
+    h = gl.load(KC.to(gl.pointer_type(gl.int16)) + t[:, None] * (stride_t // 2) + D // 8 + s[None, :]).to(gl.int32)
+    w = gl.convert_layout(w, wl, assert_trivial=True)
+    h = gl.convert_layout(h, wl, assert_trivial=True)  # high plane: bit m
+    m = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, l3)))[None, :][:, None, :]
+    code = ((w[:, :, None] >> (2 * m)) & 3) | (((h[:, :, None] >> m) & 1) << 2)
+    x = gl.convert_layout(gl.reshape(code.to(gl.float16), [BT, D]), a_l, assert_trivial=True)
     qk = gl.arange(0, D, layout=gl.SliceLayout(1, b_l))
     qn = gl.arange(0, N, layout=gl.SliceLayout(0, b_l))
-    q = gl.load(Q + qn[None, :] * D + qk[:, None])
-    acc = mma_v2(x, q, gl.zeros([BT, N], gl.float32, layout=mma))
+    acc = mma_v2(x, gl.load(Q + qn[None, :] * D + qk[:, None]), gl.zeros([BT, N], gl.float32, layout=mma))
     orow = gl.arange(0, BT, layout=gl.SliceLayout(1, mma))
     ocol = gl.arange(0, N, layout=gl.SliceLayout(0, mma))
     gl.store(O + orow[:, None] * N + ocol[None, :], acc)
 
 
+def sass_opcodes(cubin: bytes) -> collections.Counter:
+    import triton.backends.nvidia as nv
+
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.cubin")
+        with open(p, "wb") as f:
+            f.write(cubin)
+        tool = os.path.join(os.path.dirname(nv.__file__), "bin", "nvdisasm")
+        txt = subprocess.run([tool, "-c", p], capture_output=True, text=True, check=True).stdout
+    return collections.Counter(m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
+                                                               txt))
+
+
 def main():
-    src = GluonASTSource(_tile_scores, {"X": "*u8", "Q": "*fp16", "O": "*fp32"},
-                         constexprs={"BT": 64, "D": 64, "N": 8})
+    div16 = [["tt.divisibility", 16]]
+    src = GluonASTSource(_key_scores, {"KC": "*u8", "Q": "*fp16", "O": "*fp32", "stride_t": "i32"},
+                         constexprs={"BT": 64, "D": 128, "N": 8}, attrs={(0,): div16, (3,): div16})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=2))
     ops = collections.Counter(re.findall(r"\b(ld\.global[.\w]*|st\.shared[.\w]*|ld\.shared[.\w]*|ldmatrix[.\w]*|"
                                          r"mma[.\w]*|bar\.sync)", k.asm["ptx"]))
-    print(f"triton {triton.__version__}: shared memory {k.metadata.shared} B; PTX ops per thread:",
+    print(f"triton {triton.__version__}: shared memory {k.metadata.shared} B; PTX per thread:",
           ", ".join(f"{o} {n}" for o, n in ops.most_common()))
+    sass = sass_opcodes(k.asm["cubin"])
+    print(f"SASS {sum(sass.values())} instructions:", ", ".join(f"{o} {n}" for o, n in sass.most_common(12)))
 
 
 if __name__ == "__main__":
