@@ -9,7 +9,8 @@ as K. The steps:
 - it reshapes to [tokens, channels] (``assert_trivial``: no data movement);
 - it runs ``mma_v2`` against 8 query heads as N.
 
-The codes go in as plain integers: no lookup table, affine or RoPE yet. It is compiled for sm_90 with the installed
+The levels are the codes as plain integers, or (second variant) an 8-entry table looked up through
+``gl.gather``. There is no affine or RoPE yet. It is compiled for sm_90 with the installed
 Triton (Gluon exists from 3.6, the device's version). The script prints the shared memory, the PTX loads and MMAs per
 thread, and the SASS opcode counts. Nothing here runs a kernel.
 
@@ -19,8 +20,11 @@ Result (triton 3.6, 2026-11-30; BT 64, D 128, 2 warps: each thread holds 4 token
 - 0 bytes of shared memory;
 - 12 ld.global.v4.b32 per thread, i.e. three 16-byte loads per token: 2 low-plane and 1 high-plane;
 - 16 mma.sync;
-- 1048 SASS instructions in all. The naive extraction is about 5.4 integer ops per element, plus an I2F per element
-  that a lookup table would replace.
+- 1048 SASS instructions in all. The naive extraction is about 5.4 integer ops per element, plus an I2F per
+  element.
+- With the ``gl.gather`` table, the table is 2 KB of shared memory (it is stored once per program in a real
+  kernel), with one ``LDS.U16`` and one address ``IMAD`` per element: 1432 SASS instructions. A table of fp16 pairs
+  indexed by 6 bits would halve that.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 
 @gluon.jit
-def _key_scores(KC, Q, O, stride_t, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
-    """O [BT, N] = codes(KC rows) [BT, D] @ Q^T [D, N] (codes as fp16 integers)."""
+def _key_scores(KC, Q, O, LUT, stride_t, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr,
+                GATHER: gl.constexpr):
+    """O [BT, N] = levels(KC rows) [BT, D] @ Q^T [D, N]: levels = the codes as fp16 integers, or (GATHER) looked up
+    in an 8-entry fp16 table LUT through gl.gather."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[2, 1], instr_shape=[16, 8])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
@@ -62,7 +68,14 @@ def _key_scores(KC, Q, O, stride_t, BT: gl.constexpr, D: gl.constexpr, N: gl.con
     h = gl.convert_layout(h, wl, assert_trivial=True)  # high plane: bit m
     m = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, l3)))[None, :][:, None, :]
     code = ((w[:, :, None] >> (2 * m)) & 3) | (((h[:, :, None] >> m) & 1) << 2)
-    x = gl.convert_layout(gl.reshape(code.to(gl.float16), [BT, D]), a_l, assert_trivial=True)
+    if GATHER:  # an [8, D] table (the codebook repeated per channel): gl.gather lowers it to shared memory
+        idx = gl.convert_layout(gl.reshape(code, [BT, D]), a_l, assert_trivial=True)
+        tb: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, 2], [1, 0])
+        tr = gl.arange(0, 8, layout=gl.SliceLayout(1, tb))
+        tc = gl.arange(0, D, layout=gl.SliceLayout(0, tb))
+        x = gl.gather(gl.convert_layout(gl.load(LUT + tr[:, None] + 0 * tc[None, :]), a_l), idx, 0)
+    else:
+        x = gl.convert_layout(gl.reshape(code.to(gl.float16), [BT, D]), a_l, assert_trivial=True)
     qk = gl.arange(0, D, layout=gl.SliceLayout(1, b_l))
     qn = gl.arange(0, N, layout=gl.SliceLayout(0, b_l))
     acc = mma_v2(x, gl.load(Q + qn[None, :] * D + qk[:, None]), gl.zeros([BT, N], gl.float32, layout=mma))
@@ -86,15 +99,17 @@ def sass_opcodes(cubin: bytes) -> collections.Counter:
 
 def main():
     div16 = [["tt.divisibility", 16]]
-    src = GluonASTSource(_key_scores, {"KC": "*u8", "Q": "*fp16", "O": "*fp32", "stride_t": "i32"},
-                         constexprs={"BT": 64, "D": 128, "N": 8}, attrs={(0,): div16, (3,): div16})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=2))
-    ops = collections.Counter(re.findall(r"\b(ld\.global[.\w]*|st\.shared[.\w]*|ld\.shared[.\w]*|ldmatrix[.\w]*|"
-                                         r"mma[.\w]*|bar\.sync)", k.asm["ptx"]))
-    print(f"triton {triton.__version__}: shared memory {k.metadata.shared} B; PTX per thread:",
-          ", ".join(f"{o} {n}" for o, n in ops.most_common()))
-    sass = sass_opcodes(k.asm["cubin"])
-    print(f"SASS {sum(sass.values())} instructions:", ", ".join(f"{o} {n}" for o, n in sass.most_common(12)))
+    for gather in (False, True):
+        src = GluonASTSource(_key_scores, {"KC": "*u8", "Q": "*fp16", "O": "*fp32", "LUT": "*fp16", "stride_t": "i32"},
+                             constexprs={"BT": 64, "D": 128, "N": 8, "GATHER": gather},
+                             attrs={(0,): div16, (4,): div16})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=2))
+        ops = collections.Counter(re.findall(r"\b(ld\.global[.\w]*|st\.shared[.\w]*|ld\.shared[.\w]*|"
+                                             r"ldmatrix[.\w]*|mma[.\w]*|bar\.sync)", k.asm["ptx"]))
+        sass = sass_opcodes(k.asm["cubin"])
+        print(f"{'gl.gather table' if gather else 'codes as integers'} (triton {triton.__version__}): shared memory "
+              f"{k.metadata.shared} B; PTX per thread: " + ", ".join(f"{o} {n}" for o, n in ops.most_common()))
+        print(f"   SASS {sum(sass.values())} instructions: " + ", ".join(f"{o} {n}" for o, n in sass.most_common(12)))
 
 
 if __name__ == "__main__":
