@@ -26,17 +26,7 @@ Result (triton 3.6, 2026-11-30; BT 64, D 128, 2 warps: each thread holds 4 token
   kernel), with one ``LDS.U16`` and one address ``IMAD`` per element: 1432 SASS instructions. A table of fp16 pairs
   indexed by 6 bits would halve that.
 
-A third kernel, ``_key_block``, is a whole key block of the plan on one warp (BT 32, D 128, 8 query heads), built in
-four chunks. Each chunk pairs channels 16 j + m and 64 + 16 j + m, RoPE's partners, in the same thread. Per chunk it
-does the lookup (``gl.gather``), the per-channel affine and RoPE from a cos/sin table, then ``mma_v2``.
-- It compiles (triton 3.6 and 3.9) to 108 registers, no local memory, and 512 B of shared memory (one layout
-  conversion of the table).
-- The codes take 8 16-byte and 8 8-byte loads per thread (4 tokens).
-- 1808 SASS instructions. The per-element loads of the study's tables are 232 ``LDG.E.U16`` plus their addressing;
-  a real kernel holds those tables across blocks.
-- Without them, about 1450 instructions for 128 key elements per thread: about 11 per element, against about 22
-  per element (keys and values) in today's Triton kernel. The gather became one ``SHFL.IDX`` per element (the
-  table fits in a warp), and the naive code extraction is most of the rest.
+A whole decode split built on this (keys, values, online softmax) is ``benchmarks/gluon_decode_study.py``.
 """
 
 from __future__ import annotations
@@ -96,78 +86,6 @@ def _key_scores(KC, Q, O, LUT, stride_t, BT: gl.constexpr, D: gl.constexpr, N: g
     gl.store(O + orow[:, None] * N + ocol[None, :], acc)
 
 
-@gluon.jit
-def _split4(x):
-    """[A, 4] -> its four [A] columns (register subsets: reshape and split, no data movement)."""
-    a, b = gl.split(gl.reshape(x, [x.shape[0], 2, 2]))
-    a0, a1 = gl.split(a)
-    b0, b1 = gl.split(b)
-    return a0, b0, a1, b1
-
-
-@gluon.jit
-def _key_block(KC, Q, O, KS, KZ, CS, LUT, stride_t, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
-    """One block of the planned kernel's key side, one warp: S^T [BT, N] = RoPE(levels * s + z) [BT, D] @ Q^T.
-    The A operand is built in 4 chunks of 32 K indices, each pairing channels 16 j + m and 64 + 16 j + m (RoPE's
-    rotate-half partners, in the same thread's registers); levels by gl.gather from an 8-entry table; per-channel
-    scale/zero KS/KZ; the cos/sin table CS [2, BT, D/2] of the offsets in the block."""
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
-    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    # a chunk of the A operand [BT, 32] seen as [BT, 2 (half), 16 (m)]
-    l3: gl.constexpr = gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1], [8, 0, 0], [0, 0, 8], [0, 1, 0], [16, 0, 0]],
-        lane_bases=[[0, 0, 2], [0, 0, 4], [1, 0, 0], [2, 0, 0], [4, 0, 0]], warp_bases=[], block_bases=[],
-        shape=[BT, 2, 16])
-    # a block's words [BT, 2 (half), 4 (j)] = word 4 half + j, the j fastest (vector loads)
-    lw: gl.constexpr = gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 1, 0], [8, 0, 0], [16, 0, 0]],
-        lane_bases=[[0, 0, 0], [0, 0, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]], warp_bases=[], block_bases=[],
-        shape=[BT, 2, 4])
-    t = gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, lw)))[:, None, None]
-    hf = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, lw)))[None, :, None]
-    jj = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, lw)))[None, None, :]
-    w = gl.load(KC.to(gl.pointer_type(gl.int32)) + t * (stride_t // 4) + 4 * hf + jj)
-    h = gl.load(KC.to(gl.pointer_type(gl.int16)) + t * (stride_t // 2) + D // 8 + 4 * hf + jj).to(gl.int32)
-    w0, w1, w2, w3 = _split4(gl.reshape(w, [BT * 2, 4]))
-    h0, h1, h2, h3 = _split4(gl.reshape(h, [BT * 2, 4]))
-    tb: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, 1], [1, 0])
-    lut = gl.load(LUT + gl.arange(0, 8, layout=gl.SliceLayout(1, tb))[:, None]
-                  + 0 * gl.arange(0, 32, layout=gl.SliceLayout(0, tb))[None, :])
-    lut = gl.convert_layout(lut, a_l)
-    kk = gl.arange(0, 32, layout=gl.SliceLayout(0, a_l))
-    ta = gl.arange(0, BT, layout=gl.SliceLayout(1, a_l))
-    bk = gl.arange(0, 32, layout=gl.SliceLayout(1, b_l))
-    bn = gl.arange(0, N, layout=gl.SliceLayout(0, b_l))
-    m = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, l3)))[None, :][:, None, :]
-    acc = gl.zeros([BT, N], gl.float32, layout=mma)
-    for j in gl.static_range(4):
-        if j == 0:
-            wj, hj = w0, h0
-        elif j == 1:
-            wj, hj = w1, h1
-        elif j == 2:
-            wj, hj = w2, h2
-        else:
-            wj, hj = w3, h3
-        wj = gl.convert_layout(gl.reshape(wj, [BT, 2]), gl.SliceLayout(2, l3), assert_trivial=True)
-        hj = gl.convert_layout(gl.reshape(hj, [BT, 2]), gl.SliceLayout(2, l3), assert_trivial=True)
-        code = ((wj[:, :, None] >> (2 * m)) & 3) | (((hj[:, :, None] >> m) & 1) << 2)
-        lev = gl.gather(lut, gl.convert_layout(gl.reshape(code, [BT, 32]), a_l, assert_trivial=True), 0)
-        ch = 64 * (kk // 16) + 16 * j + kk % 16
-        k = lev * gl.load(KS + ch)[None, :] + gl.load(KZ + ch)[None, :]
-        cs = CS + ta[:, None] * (D // 2) + (16 * j + kk % 16)[None, :]
-        k1, k2 = gl.split(gl.permute(gl.reshape(k, [BT, 2, 16]), [0, 2, 1]))
-        c1, _ = gl.split(gl.permute(gl.reshape(gl.load(cs), [BT, 2, 16]), [0, 2, 1]))
-        s1, _ = gl.split(gl.permute(gl.reshape(gl.load(cs + BT * (D // 2)), [BT, 2, 16]), [0, 2, 1]))
-        r = gl.reshape(gl.permute(gl.join(k1 * c1 - k2 * s1, k2 * c1 + k1 * s1), [0, 2, 1]), [BT, 32])
-        q = gl.load(Q + bn[None, :] * D + (64 * (bk // 16) + 16 * j + bk % 16)[:, None])
-        acc = mma_v2(gl.convert_layout(r, a_l, assert_trivial=True), q, acc)
-    orow = gl.arange(0, BT, layout=gl.SliceLayout(1, mma))
-    ocol = gl.arange(0, N, layout=gl.SliceLayout(0, mma))
-    gl.store(O + orow[:, None] * N + ocol[None, :], acc)
-
-
 def sass_opcodes(cubin: bytes) -> collections.Counter:
     import triton.backends.nvidia as nv
 
@@ -212,11 +130,6 @@ def main():
                              attrs={(0,): div16, (4,): div16})
         report("gl.gather table" if gather else "codes as integers",
                triton.compile(src, target=target, options=dict(num_warps=2)))
-    sig = {"KC": "*u8", "Q": "*fp16", "O": "*fp32", "KS": "*fp16", "KZ": "*fp16", "CS": "*fp16", "LUT": "*fp16",
-           "stride_t": "i32"}
-    src = GluonASTSource(_key_block, sig, constexprs={"BT": 32, "D": 128, "N": 8}, attrs={(0,): div16, (7,): div16})
-    report("key block (lookup, affine, RoPE, 4 MMA chunks; 1 warp)",
-           triton.compile(src, target=target, options=dict(num_warps=1)))
 
 
 if __name__ == "__main__":
