@@ -36,10 +36,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import torch
 import triton
@@ -50,7 +47,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ptx_count import sass_loop  # noqa: E402
+from ptx_count import resource_usage, sass_loop  # noqa: E402
 
 BT, D, N = 32, 128, 8
 SIG = {"KC": "*u8", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16", "KS": "*fp16", "KZ": "*fp16", "KLUT": "*fp16",
@@ -240,17 +237,8 @@ def static_report():
     attrs = {(names.index(n),): div16 for n in ("KC", "VC", "skc", "svc")}
     src = GluonASTSource(_decode_split, SIG, constexprs={"BT": BT, "D": D, "N": N}, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
-    import triton.backends.nvidia as nv
-
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "k.cubin")
-        with open(p, "wb") as f:
-            f.write(k.asm["cubin"])
-        ru = subprocess.run([os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump"), "--dump-resource-usage",
-                             p], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+)", ru)
     tot, loop, ops, loc = sass_loop(k.asm["cubin"])
-    print(f"triton {triton.__version__}, sm_90: {m.group(1) if m else '?'} registers, shared {k.metadata.shared} B, "
+    print(f"triton {triton.__version__}, sm_90: {resource_usage(k.asm['cubin'])}, shared {k.metadata.shared} B, "
           f"SASS {tot} instructions, hot loop {loop} ({loop / (2 * BT * D / 32):.1f} per element and thread), "
           f"{loc} local loads/stores")
     print("   hot loop:", ", ".join(f"{o} {c}" for o, c in ops.most_common(16)))

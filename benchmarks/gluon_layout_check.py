@@ -34,8 +34,7 @@ from __future__ import annotations
 import collections
 import os
 import re
-import subprocess
-import tempfile
+import sys
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -43,6 +42,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ptx_count import resource_usage, sass_ops  # noqa: E402
 
 
 @gluon.jit
@@ -86,38 +88,12 @@ def _key_scores(KC, Q, O, LUT, stride_t, BT: gl.constexpr, D: gl.constexpr, N: g
     gl.store(O + orow[:, None] * N + ocol[None, :], acc)
 
 
-def sass_opcodes(cubin: bytes) -> collections.Counter:
-    import triton.backends.nvidia as nv
-
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "k.cubin")
-        with open(p, "wb") as f:
-            f.write(cubin)
-        tool = os.path.join(os.path.dirname(nv.__file__), "bin", "nvdisasm")
-        txt = subprocess.run([tool, "-c", p], capture_output=True, text=True, check=True).stdout
-    return collections.Counter(m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
-                                                               txt))
-
-
-def resources(cubin: bytes) -> str:
-    import triton.backends.nvidia as nv
-
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "k.cubin")
-        with open(p, "wb") as f:
-            f.write(cubin)
-        tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
-        txt = subprocess.run([tool, "--dump-resource-usage", p], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", txt)
-    return f"{m.group(1)} registers, {m.group(2)} B local" if m else "?"
-
-
 def report(name, k):
     ops = collections.Counter(re.findall(r"\b(ld\.global[.\w]*|st\.shared[.\w]*|ld\.shared[.\w]*|ldmatrix[.\w]*|"
                                          r"mma[.\w]*|bar\.sync)", k.asm["ptx"]))
-    sass = sass_opcodes(k.asm["cubin"])
-    print(f"{name} (triton {triton.__version__}): shared memory {k.metadata.shared} B, {resources(k.asm['cubin'])}; "
-          "PTX per thread: " + ", ".join(f"{o} {n}" for o, n in ops.most_common()))
+    sass = sass_ops(k.asm["cubin"])
+    print(f"{name} (triton {triton.__version__}): shared memory {k.metadata.shared} B, "
+          f"{resource_usage(k.asm['cubin'])}; PTX per thread: " + ", ".join(f"{o} {n}" for o, n in ops.most_common()))
     print(f"   SASS {sum(sass.values())} instructions: " + ", ".join(f"{o} {n}" for o, n in sass.most_common(14)))
 
 

@@ -115,11 +115,8 @@ def fill_storages(B, H, D, ctx, bits_list, value_group="head", dtype=torch.bfloa
 def storage_bytes_read(st, n_q):
     """Bytes the decode kernel reads for n_q quantized tokens (every quantized field + q_pos) + sinks/window."""
     per_tok = 0
-    for name in ("k_codes", "k_out_idx", "k_out_val", "v_codes", "v_zero", "v_scale", "v_out_idx", "v_out_val",
-                 "v_out_ends"):
-        t = getattr(st, name, None)
-        if t is None:
-            continue
+    for name in st._fields():  # the allocated quantized fields ([B, G, capacity, ...])
+        t = getattr(st, name)
         per_tok += t.shape[0] * t.shape[1] * t.shape[3] * t.element_size()
     per_tok += 4 * st.q_pos.shape[0]
     dense = sum(x.numel() * x.element_size() for x in (st.sink_k, st.sink_v, st.win_k, st.win_v))
@@ -457,6 +454,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     model = random_llama3(n_layers)
     quant = synthetic_nuq3_quantizer(model, n_layers)
     quant_token = synthetic_nuq3_quantizer(model, n_layers, "token")
+    prefetch_default = kernels.PREFETCH_DEFAULT
     rows = []
 
     class Stamps(BaseStreamer):
@@ -473,7 +471,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     def make_cache(name, max_len):
         os.environ["KVQUANT_FUSED_DECODE"] = "0" if name.endswith("-reference") else "1"
         os.environ["KVQUANT_CUDA_GRAPHS"] = "0" if name.endswith("-eager") else "1"
-        kernels.PREFETCH_DEFAULT = False if name.endswith("-noprefetch") else "l2"  # read when a plan is built
+        kernels.PREFETCH_DEFAULT = False if name.endswith("-noprefetch") else prefetch_default  # read by each plan
         if name == "dynamic":
             return DynamicCache(config=model.config)
         if name == "static":  # preallocated fp16 cache (no per-step concatenation)
@@ -541,6 +539,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
                                             for r in ok]))
     os.environ.pop("KVQUANT_FUSED_DECODE", None)
     os.environ.pop("KVQUANT_CUDA_GRAPHS", None)
+    kernels.PREFETCH_DEFAULT = prefetch_default
     res["generate"] = dict(model="random-weight Llama-3-8B shape (bf16)", layers=n_layers, new_tokens=new_tokens,
                            via="model.generate", rounds=reps, rows=rows)
 

@@ -84,21 +84,40 @@ def ptx_stats(ptx: str):
     return len(lines), len(ins), ops
 
 
-def sass_loop(cubin: bytes):
-    """SASS instruction count of the whole kernel and of its largest backward-branch loop."""
+def cuda_tool(tool: str, cubin: bytes, *args: str) -> str | None:
+    """Output of ``tool`` (nvdisasm, cuobjdump: on the PATH, else triton's copy) on ``cubin``; None if absent."""
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "k.cubin")
         with open(p, "wb") as f:
             f.write(cubin)
-        try:
-            txt = subprocess.run(["nvdisasm", "-c", p], capture_output=True, text=True, check=True).stdout
-        except Exception:
+        for exe in (tool, None):
             try:
-                import triton.backends.nvidia as nv
-                tool = os.path.join(os.path.dirname(nv.__file__), "bin", "nvdisasm")
-                txt = subprocess.run([tool, "-c", p], capture_output=True, text=True, check=True).stdout
+                if exe is None:
+                    import triton.backends.nvidia as nv
+                    exe = os.path.join(os.path.dirname(nv.__file__), "bin", tool)
+                return subprocess.run([exe, *args, p], capture_output=True, text=True, check=True).stdout
             except Exception:
-                return None
+                continue
+    return None
+
+
+def sass_ops(cubin: bytes) -> Counter:
+    """Opcode counts of the whole kernel's SASS (empty if nvdisasm is absent)."""
+    txt = cuda_tool("nvdisasm", cubin, "-c") or ""
+    return Counter(m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", txt))
+
+
+def resource_usage(cubin: bytes) -> str:
+    """"R registers, S B stack" of the kernel in ``cubin`` (cuobjdump; spills live on the stack), or "?"."""
+    m = re.search(r"REG:(\d+) STACK:(\d+)", cuda_tool("cuobjdump", cubin, "--dump-resource-usage") or "")
+    return f"{m.group(1)} registers, {m.group(2)} B stack" if m else "?"
+
+
+def sass_loop(cubin: bytes):
+    """SASS instruction count of the whole kernel and of its largest backward-branch loop."""
+    txt = cuda_tool("nvdisasm", cubin, "-c")
+    if txt is None:
+        return None
     ins = []
     labels = {}
     pending = []
