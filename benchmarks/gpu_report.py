@@ -51,11 +51,12 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run34_2026-11-30": "6ecae3b's kernels",
     "run34b_2026-11-30": "6ecae3b's kernels with kernels.PREFETCH_DEFAULT = False",
     "run35_2026-11-30": "6ecae3b (the -noprefetch generate cache)",
+    "run36_2026-11-30": "f857163 (round_details: per-round token gaps and graph replays)",
 }
 
 # runs whose generate section is incomplete: listed after the full run, never taken as the latest
 PARTIAL_GENERATE = {"run20_2026-11-29", "run29_2026-11-30", "run34_2026-11-30", "run34b_2026-11-30",
-                    "run35_2026-11-30"}
+                    "run35_2026-11-30", "run36_2026-11-30"}
 
 # gpu_suite.py labelled every head-group KVQuant row "kvquant-fields" until it asked the library which kernel ran
 # (kernels.decode_kernel, added after run 13); in run 13 the diag sweep chose {"kernel": "natural"} for those rows
@@ -92,6 +93,11 @@ RUN_NOTES = {  # what a reader must know about a run's rows
     "run35_2026-11-30": ("Head-group with and without the prefetch in one process, interleaved (the suite's "
                          "-noprefetch cache): 24.1 / 23.8 ms with it, 25.8 / 26.7 ms without (1.07-1.12x). The slow "
                          "head-group rounds of runs 33-34 did not come back; their cause was not found."),
+    "run36_2026-11-30": ("The two KVQuant caches with the new per-round diagnostics: head-group 22.6 / 22.2 ms, "
+                         "token-group 27.9 / 27.7 ms; in every round all 32 layers replayed their CUDA graphs (448 "
+                         "replays, no eager fallback) and no token gap exceeded 30 ms, so the slow head-group rounds "
+                         "of runs 33-34 did not come back. Preceded in the same call by the first GPU run of "
+                         "benchmarks/gluon_decode_study.py (gpu_runs/run36_gluon_study.txt)."),
     "run26_2026-11-30": ("Token-group value rows hold their slots sorted by element plus each KV head's run end "
                          "(`v_out_ends`); the natural kernel reads only its head's run. Preceded in the same call by "
                          "`test_quantize_append_gpu` (4) and `test_decode_gpu` [3-128], [2-64], [3-256]: 7 passed; "
