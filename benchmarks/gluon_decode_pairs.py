@@ -1,0 +1,453 @@
+"""Study (not part of the library): the Gluon decode split of ``gluon_decode_study.py`` rebuilt around pair tables,
+for the same simplest storage (3-bit head-group keys and values, head_dim 128, no outlier slots, contiguous
+positions, no mask).
+
+What changes against ``gluon_decode_study.py`` (run 36: 292 us at 128K, 14.5 SASS instructions per element):
+- **Pair tables.** Two neighbouring codes of an MMA operand register (two channels of a key, two tokens of a value
+  channel) form a 6-bit index: their low-plane bits and their high-plane bits, read in place from the packed words.
+  One 32-bit load from a 64-entry table of fp16 pairs gives both levels. The table is replicated per lane (entry e
+  of lane l at word 32 e + l), so a warp's lookup touches one 128-byte line: it stays in L1 and never conflicts.
+- **Channel order inside an MMA chunk** is chosen so that a thread's channels are neighbours in the packed words
+  (keys: the 4 channels of a thread in one byte of the low plane; values: 2 channels per word).
+- **fp16x2 arithmetic** (inline PTX ``fma.rn.f16x2``): the per-channel key scale/zero and RoPE work on the pairs as
+  loaded, two elements per instruction. The key's RoPE angles come from a [block offset, channel pair] table of
+  fp16 pairs; the query is rotated back by the block start as before.
+The rest (tokens as the MMA's M, online softmax in the warp, O^T = V^T P^T, split-K partials) is the study's.
+
+    PYTHONPATH=src python benchmarks/gluon_decode_pairs.py          # compile for sm_90, print static SASS counts
+    PYTHONPATH=src python benchmarks/gluon_decode_pairs.py --mirror # CPU: the tables and index math in PyTorch
+    PYTHONPATH=src python benchmarks/gluon_decode_pairs.py --run    # CUDA: check against PyTorch, time at 128K
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gluon_decode_study import _chunk, _cos_sin, make_case, reference  # noqa: E402
+from ptx_count import resource_usage, sass_loop  # noqa: E402
+
+BT, D, N = 32, 128, 8
+SIG = {"KC": "*u8", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16", "KSZ": "*i32", "KT": "*i32", "VT": "*i32",
+       "CSP": "*i32", "INVF": "*fp32", "Q": "*fp16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32",
+       "n_tok": "i32", "chunk": "i32", "pos0": "i32", "qk_scale": "fp32", "skc": "i32", "svc": "i32", "skh": "i64",
+       "svh": "i64", "NSPLIT": "i32"}
+
+
+# ---------------------------------------------------------------------------------------------------- fp16x2 helpers
+@gluon.jit
+def _unpack(x):
+    """int32 fp16 pairs -> (low half, high half) as fp16."""
+    return gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [x], dtype=(gl.float16, gl.float16),
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _hfma2(a, b, c):
+    return gl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _rope2(k1, k2, c, s):
+    """RoPE on fp16 pairs: (k1 c - k2 s, k2 c + k1 s)."""
+    r1 = gl.inline_asm_elementwise("{ .reg .b32 t; mul.rn.f16x2 t, $2, $4; neg.f16x2 t, t; "
+                                   "fma.rn.f16x2 $0, $1, $3, t; }", "=r,r,r,r,r", [k1, k2, c, s], dtype=gl.int32,
+                                   is_pure=True, pack=1)
+    r2 = gl.inline_asm_elementwise("{ .reg .b32 t; mul.rn.f16x2 t, $2, $3; fma.rn.f16x2 $0, $1, $4, t; }",
+                                   "=r,r,r,r,r", [k1, k2, c, s], dtype=gl.int32, is_pure=True, pack=1)
+    return r1, r2
+
+
+@gluon.jit
+def _to_operand(x, layout: gl.constexpr, R: gl.constexpr):
+    """[R, 16] int32 fp16 pairs (pair p = operand K indices 2 p, 2 p + 1) -> the [R, 32] fp16 operand."""
+    lo, hi = _unpack(x)
+    return gl.convert_layout(gl.reshape(gl.join(lo, hi), [R, 32]), layout, assert_trivial=True)
+
+
+@gluon.jit
+def _pick4(j: gl.constexpr, x0, x1, x2, x3):
+    if j == 0:
+        return x0
+    elif j == 1:
+        return x1
+    elif j == 2:
+        return x2
+    else:
+        return x3
+
+
+@gluon.jit
+def _kchan(k, j: gl.constexpr):
+    """Key channel of operand K index k (0..31) in chunk j: the 4 channels a thread holds are neighbours."""
+    return 64 * (k // 16) + 16 * j + 4 * ((k % 16) // 2 % 4) + 2 * ((k % 16) // 8) + k % 2
+
+
+@gluon.jit
+def _q_chunk(Q, bn, bk, j: gl.constexpr, qk_scale, D: gl.constexpr):
+    return (gl.load(Q + bn[None, :] * D + _kchan(bk, j)[:, None]).to(gl.float32) * qk_scale).to(gl.float16)
+
+
+def _axis(parent, dim, rank):
+    """Layout of a 1-D arange along ``dim`` that expands (x[None, :, None, ...]) into ``parent``."""
+    lay = parent
+    for d in reversed(range(rank)):
+        if d != dim:
+            lay = gl.SliceLayout(d, lay)
+    return lay
+
+
+# key pairs of chunk j as [token, half, p]: operand K index 16 half + 2 p + e; channel 64 half + 16 j + 4 (p % 4) +
+# 2 (p // 4) + e (e = the element of the pair): a thread's 4 channels of a half are neighbours (one low-plane byte)
+P3 = gl.DistributedLinearLayout(
+    reg_bases=[[8, 0, 0], [0, 0, 4], [0, 1, 0], [16, 0, 0]],
+    lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]], warp_bases=[], block_bases=[],
+    shape=[BT, 2, 8])
+# value pairs of chunk i, before the transpose, as [sw, mh, ml, ph, pl]: the pair (token 8 ph + ml, channels 32 i +
+# 16 sw + 8 mh + 2 pl + e). movmatrix.trans turns each register into the V^T operand's pair (channel 32 i + 16 sw +
+# 8 mh + ml, tokens 8 ph + 2 pl + e), i.e. operand M index 16 sw + 8 mh + ml, K index 8 ph + 2 pl + e.
+V5 = gl.DistributedLinearLayout(
+    reg_bases=[[0, 1, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [1, 0, 0, 0, 0]],
+    lane_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 0, 4, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[2, 2, 8, 4, 4])
+VW = gl.SliceLayout(1, gl.SliceLayout(4, V5))  # [sw, ml, ph]: the words of a value pair's token
+C_P3 = {d: gl.constexpr(_axis(P3, d, 3)) for d in range(3)}
+C_V5 = {d: gl.constexpr(_axis(V5, d, 5)) for d in range(5)}
+C_VW = {d: gl.constexpr(_axis(VW, d, 3)) for d in range(3)}
+P3c, V5c, VWc = gl.constexpr(P3), gl.constexpr(V5), gl.constexpr(VW)
+P3_T, P3_H, P3_P = C_P3[0], C_P3[1], C_P3[2]
+V5_SW, V5_MH, V5_ML, V5_PH, V5_PL = C_V5[0], C_V5[1], C_V5[2], C_V5[3], C_V5[4]
+VW_SW, VW_ML, VW_PH = C_VW[0], C_VW[1], C_VW[2]
+KW_L = gl.constexpr(gl.SliceLayout(2, P3))  # [token, half]: a key word, shared by a lane group
+KC_L = gl.constexpr(gl.SliceLayout(1, P3))  # [token, p]: per channel pair below 64
+KS_L = gl.constexpr(gl.SliceLayout(0, P3))  # [half, p]: per channel pair
+
+
+@gluon.jit
+def _smem_addr(x):
+    """The shared-window address of Triton's dynamic shared memory (PTX symbol global_smem) plus x."""
+    return gl.inline_asm_elementwise("{ .reg .u32 b; mov.u32 b, global_smem; add.u32 $0, b, $1; }", "=r,r", [x],
+                                     dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _lookup(w, h, rw, rh, base):
+    """The pair-table entry of a channel pair: w rotated right by rw puts its 4 low-plane bits at bits 7-10, h
+    rotated by rh its 2 high-plane bits at 11-12; base = table + 4 lane (shared address)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 a, b; shf.r.wrap.b32 a, $1, $1, $3; shf.r.wrap.b32 b, $2, $2, $4; and.b32 a, a, 0x780; "
+        "and.b32 b, b, 0x1800; or.b32 a, a, b; add.u32 a, a, $5; ld.shared.b32 $0, [a]; }",
+        "=r,r,r,r,r,r", [w, h, rw, rh, base], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _movmatrix_t(x):
+    return gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [x], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _decode_split(KC, VC, VS, VZ, KSZ, KT, VT, CSP, INVF, Q, PACC, PM, PL, n_tok, chunk, pos0, qk_scale,
+                  skc, svc, skh, svh, NSPLIT, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
+    """One KV head's tokens [pid * chunk, pid * chunk + chunk) of the 3-bit head-group storage; arguments as in
+    gluon_decode_study._decode_split, except: KSZ [H, 2, D/2] int32 (key scale, key zero as fp16 pairs per channel
+    pair), KT / VT [64, 32] int32 (lane-replicated pair tables of the key / value codebook, copied to shared
+    memory), CSP [2, BT, D/4] int32 (cos, sin of offset * theta as fp16 pairs per channel pair below D/2)."""
+    pid = gl.program_id(0)
+    hd = gl.program_id(1).to(gl.int64)
+    KC += hd * skh
+    VC += hd * svh
+    VS += hd * n_tok
+    VZ += hd * n_tok
+    KSZ += hd * D
+    Q += hd * N * D
+    PACC += hd * NSPLIT * N * D
+    PM += hd * NSPLIT * N
+    PL += hd * NSPLIT * N
+    lo_t = pid * chunk
+    hi_t = gl.minimum(lo_t + chunk, n_tok)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    # the two pair tables into shared memory (the only allocation: offset 0 of global_smem)
+    tb_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, 1], [1, 0])
+    te_ = gl.arange(0, 128, layout=gl.SliceLayout(1, tb_l))[:, None]  # entries 0-63: keys, 64-127: values
+    tl_ = gl.arange(0, 32, layout=gl.SliceLayout(0, tb_l))[None, :]
+    tvals = gl.where(te_ < 64, gl.load(KT + (te_ % 64) * 32 + tl_), gl.load(VT + (te_ % 64) * 32 + tl_))
+    tab = gl.allocate_shared_memory(gl.int32, [128, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), tvals)
+    gl.thread_barrier()
+    # key side invariants
+    t3 = gl.arange(0, BT, layout=P3_T)[:, None, None]
+    q3 = gl.arange(0, 8, layout=P3_P)[None, None, :]
+    k_base = _smem_addr(4 * ((q3 % 4) + 4 * (t3 % 8)))
+    k_rw = (2 * (4 * (q3 % 4) + 2 * (q3 // 4)) - 7) & 31  # first channel's low-plane bit -> bit 7
+    k_rh = (4 * (q3 % 4) + 2 * (q3 // 4) - 11) & 31  # its high-plane bit -> bit 11
+    hs = gl.arange(0, 2, layout=gl.SliceLayout(1, KS_L))[:, None]
+    qs = gl.arange(0, 8, layout=gl.SliceLayout(0, KS_L))[None, :]
+    ks_off = 32 * hs + 2 * (qs % 4) + qs // 4  # channel pair (without the 8 j)
+    tw = gl.arange(0, BT, layout=gl.SliceLayout(1, KW_L))[:, None]
+    hw = gl.arange(0, 2, layout=gl.SliceLayout(0, KW_L))[None, :]
+    tcs = gl.arange(0, BT, layout=gl.SliceLayout(1, KC_L))[:, None]
+    qcs = gl.arange(0, 8, layout=gl.SliceLayout(0, KC_L))[None, :]
+    cs_off = tcs * (D // 4) + 2 * (qcs % 4) + qcs // 4
+    # value side invariants
+    mh5 = gl.arange(0, 2, layout=V5_MH)[None, :, None, None, None]
+    ml5 = gl.arange(0, 8, layout=V5_ML)[None, None, :, None, None]
+    pl5 = gl.arange(0, 4, layout=V5_PL)[None, None, None, None, :]
+    v_base = _smem_addr(64 * 32 * 4 + 4 * (pl5 + 4 * ml5) + 0 * mh5)
+    v_rw = (2 * (8 * mh5 + 2 * pl5) - 7) & 31
+    v_rh = (8 * mh5 + 2 * pl5 - 11) & 31
+    sww = gl.arange(0, 2, layout=VW_SW)[:, None, None]
+    mlw = gl.arange(0, 8, layout=VW_ML)[None, :, None]
+    phw = gl.arange(0, 4, layout=VW_PH)[None, None, :]
+    v_tok = 8 * phw + mlw  # the token of a value pair before the transpose
+    bk = gl.arange(0, 32, layout=gl.SliceLayout(1, b_l))
+    bn = gl.arange(0, N, layout=gl.SliceLayout(0, b_l))
+    q0 = _q_chunk(Q, bn, bk, 0, qk_scale, D)
+    q1 = _q_chunk(Q, bn, bk, 1, qk_scale, D)
+    q2 = _q_chunk(Q, bn, bk, 2, qk_scale, D)
+    q3q = _q_chunk(Q, bn, bk, 3, qk_scale, D)
+    c_l: gl.constexpr = gl.SliceLayout(1, mma)
+    h_l: gl.constexpr = gl.SliceLayout(0, mma)
+    tc_ = gl.arange(0, BT, layout=c_l)
+    m_i = gl.full([N], -1.0e30, gl.float32, layout=h_l)
+    l_i = gl.zeros([N], gl.float32, layout=h_l)
+    z_i = gl.zeros([N], gl.float32, layout=h_l)
+    acc0 = gl.zeros([32, N], gl.float32, layout=mma)
+    acc1 = gl.zeros([32, N], gl.float32, layout=mma)
+    acc2 = gl.zeros([32, N], gl.float32, layout=mma)
+    acc3 = gl.zeros([32, N], gl.float32, layout=mma)
+    KC32 = KC.to(gl.pointer_type(gl.int32))
+    KC16 = KC.to(gl.pointer_type(gl.int16))
+    VC32 = VC.to(gl.pointer_type(gl.int32))
+    VC16 = VC.to(gl.pointer_type(gl.int16))
+    for t0 in range(lo_t, hi_t, BT):
+        tmask = (t0 + tc_) < hi_t
+        vsc = gl.load(VS + t0 + tc_, mask=tmask, other=0.0).to(gl.float32)
+        vzr = gl.load(VZ + t0 + tc_, mask=tmask, other=0.0).to(gl.float32)
+        p0 = (pos0 + t0).to(gl.float32)
+        s = gl.zeros([BT, N], gl.float32, layout=mma)
+        kmask = (t0 + tw) < hi_t
+        for j in gl.static_range(4):
+            # the words of the chunk (channels 64 half + 16 j ..): low plane word 4 half + j, high plane half-word
+            w = gl.load(KC32 + (t0 + tw) * (skc // 4) + 4 * hw + j, mask=kmask, other=0)
+            h = gl.load(KC16 + (t0 + tw) * (skc // 2) + D // 8 + 4 * hw + j, mask=kmask, other=0).to(gl.int32)
+            lev = _lookup(w[:, :, None], h[:, :, None], k_rw, k_rh, k_base)
+            ksz = ks_off + 8 * j
+            k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
+            k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
+            c = gl.convert_layout(gl.load(CSP + cs_off + 8 * j), k1.type.layout, assert_trivial=True)
+            sn = gl.convert_layout(gl.load(CSP + BT * (D // 4) + cs_off + 8 * j), k1.type.layout, assert_trivial=True)
+            r1, r2 = _rope2(k1, k2, c, sn)
+            kr = _to_operand(gl.reshape(gl.permute(gl.join(r1, r2), [0, 2, 1]), [BT, 16]), a_l, BT)
+            # the query chunk rotated back by the block start p0 (RoPE(p0 + tau) = RoPE(tau) RoPE(p0))
+            qj = _pick4(j, q0, q1, q2, q3q).to(gl.float32)
+            cz, sz = _cos_sin(p0 * gl.load(INVF + _kchan(bk, j) % 64))
+            qa, qb = gl.split(gl.permute(gl.reshape(qj, [2, 16, N]), [1, 2, 0]))
+            ca, _c2 = gl.split(gl.permute(gl.reshape(cz[:, None] + 0.0 * qj, [2, 16, N]), [1, 2, 0]))
+            sa, _s2 = gl.split(gl.permute(gl.reshape(sz[:, None] + 0.0 * qj, [2, 16, N]), [1, 2, 0]))
+            qr = gl.reshape(gl.permute(gl.join(qa * ca + qb * sa, qb * ca - qa * sa), [2, 0, 1]), [32, N])
+            s = mma_v2(kr, gl.convert_layout(qr.to(gl.float16), b_l), s)
+        # online softmax over the block's tokens (axis 0), base 2 (qk_scale holds log2 e / sqrt(D))
+        s = gl.where(tmask[:, None], s, -1.0e30)
+        m_new = gl.maximum(m_i, gl.max(s, 0))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + gl.sum(p, 0)
+        z_i = z_i * alpha + gl.sum(p * vzr[:, None], 0)
+        m_i = m_new
+        pv = gl.convert_layout((p * vsc[:, None]).to(gl.float16), b_l)
+        vmask = (t0 + v_tok) < hi_t
+        for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
+            w = gl.load(VC32 + (t0 + v_tok) * (svc // 4) + 2 * i + sww, mask=vmask, other=0)
+            h = gl.load(VC16 + (t0 + v_tok) * (svc // 2) + D // 8 + 2 * i + sww, mask=vmask, other=0).to(gl.int32)
+            lev = _movmatrix_t(_lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base))
+            vt = _to_operand(gl.reshape(lev, [32, BT // 2]), a_l, 32)
+            if i == 0:
+                acc0 = mma_v2(vt, pv, acc0 * alpha[None, :])
+            elif i == 1:
+                acc1 = mma_v2(vt, pv, acc1 * alpha[None, :])
+            elif i == 2:
+                acc2 = mma_v2(vt, pv, acc2 * alpha[None, :])
+            else:
+                acc3 = mma_v2(vt, pv, acc3 * alpha[None, :])
+    # partials: O^T chunks [32 channels, N] (natural channel order) + the zero term
+    oc = gl.arange(0, 32, layout=c_l)[:, None]
+    oh = gl.arange(0, N, layout=h_l)[None, :]
+    base = PACC + pid * N * D + oh * D
+    gl.store(base + oc, acc0 + z_i[None, :])
+    gl.store(base + 32 + oc, acc1 + z_i[None, :])
+    gl.store(base + 64 + oc, acc2 + z_i[None, :])
+    gl.store(base + 96 + oc, acc3 + z_i[None, :])
+    hh = gl.arange(0, N, layout=h_l)
+    # one read of the tables after the loop keeps their allocation alive (inline PTX reads it: Triton cannot see
+    # that), so no scratch buffer can alias it; the term is 0 unless n_tok < 0
+    keep = gl.sum(gl.sum(tab.slice(0, 1, dim=0).load(tb_l), 1), 0)
+    gl.store(PM + pid * N + hh, m_i + gl.where(n_tok < 0, keep.to(gl.float32), 0.0))
+    gl.store(PL + pid * N + hh, l_i)
+
+
+# ---------------------------------------------------------------------------------------------------- host side
+def pair_table(lut: torch.Tensor) -> torch.Tensor:
+    """[64, 32] int32: entry idx = lo_a | lo_b << 2 | hi_a << 4 | hi_b << 5 holds fp16 pair (lut[a], lut[b]) with
+    a = lo_a | hi_a << 2, replicated over the 32 lanes."""
+    idx = torch.arange(64)
+    a = (idx & 3) | (((idx >> 4) & 1) << 2)
+    b = ((idx >> 2) & 3) | (((idx >> 5) & 1) << 2)
+    lev = lut.detach().half().cpu()
+    bits = torch.stack([lev[a], lev[b]], 1).contiguous().view(torch.int32)[:, 0]
+    return bits[:, None].expand(64, 32).contiguous().to(lut.device)
+
+
+def half_pairs(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2 n] -> [..., n] int32 holding (x[2 i], x[2 i + 1]) as fp16 pairs."""
+    return x.half().contiguous().view(torch.int32)
+
+
+def tables(c):
+    """The kernel's extra inputs, built from the study's case."""
+    dev = c["KLUT"].device
+    tau = torch.arange(BT, device=dev).float()[:, None] * c["INVF"][None, :]  # [BT, D/2]
+    return dict(KT=pair_table(c["KLUT"]), VT=pair_table(c["VLUT"]),
+                KSZ=torch.stack([half_pairs(c["KS"]), half_pairs(c["KZ"])], 1).contiguous(),  # [H, 2, D/2]
+                CSP=torch.stack([half_pairs(tau.cos()), half_pairs(tau.sin())]).contiguous())  # [2, BT, D/4]
+
+
+def static_report():
+    div16 = [["tt.divisibility", 16]]
+    names = list(SIG)
+    attrs = {(names.index(n),): div16 for n in ("KC", "VC", "skc", "svc")}
+    src = GluonASTSource(_decode_split, SIG, constexprs={"BT": BT, "D": D, "N": N}, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+    tot, loop, ops, loc = sass_loop(k.asm["cubin"])
+    print(f"triton {triton.__version__}, sm_90: {resource_usage(k.asm['cubin'])}, shared {k.metadata.shared} B, "
+          f"SASS {tot} instructions, hot loop {loop} ({loop / (2 * BT * D / 32):.1f} per element and thread), "
+          f"{loc} local loads/stores")
+    print("   hot loop:", ", ".join(f"{o} {c}" for o, c in ops.most_common(18)))
+
+
+def launch(c, tb, T, H, nsplit, pos0=0):
+    """The kernel's launch (returns the partials) and the torch merge of the splits, as two callables."""
+    chunk = _chunk(T, nsplit)
+    pacc = torch.empty(H, nsplit, N, D, device="cuda")
+    pm = torch.empty(H, nsplit, N, device="cuda")
+    pl = torch.empty(H, nsplit, N, device="cuda")
+    qk = math.log2(math.e) / math.sqrt(D)
+
+    def go():
+        _decode_split[(nsplit, H)](c["KC"], c["VC"], c["VS"], c["VZ"], tb["KSZ"], tb["KT"], tb["VT"], tb["CSP"],
+                                   c["INVF"], c["Q"], pacc, pm, pl, T, chunk, pos0, qk, c["KC"].stride(1),
+                                   c["VC"].stride(1), c["KC"].stride(0), c["VC"].stride(0), nsplit, BT=BT, D=D, N=N,
+                                   num_warps=1)
+
+    def merge():
+        w = torch.exp2(pm - pm.max(1, keepdim=True).values)
+        return ((pacc * w[..., None]).sum(1) / (pl * w).sum(1)[..., None])[:, :4]
+
+    return go, merge
+
+
+def run_kernel(c, tb, T, H, nsplit, pos0=0):
+    go, merge = launch(c, tb, T, H, nsplit, pos0)
+    go()
+    return merge()
+
+
+def mirror(c, T, H, pos0=0):
+    """The pair tables and index formulas in PyTorch (whole tokens at once, float32 RoPE from the fp16 tables):
+    checks the tables, the channel order and the pair indices on a CPU; not the Gluon code."""
+    tb = tables(c)
+    kt = tb["KT"][:, 0].contiguous().view(torch.float16).view(64, 2).float()
+    vt = tb["VT"][:, 0].contiguous().view(torch.float16).view(64, 2).float()
+    kw = c["KC"].contiguous().view(torch.int32).long()  # [H, T, 12]
+    kh = c["KC"][:, :, D // 4:].contiguous().view(torch.int16).long()  # [H, T, 8]
+    ch = torch.arange(0, D, 2)  # first channel of each pair
+    word, bit = ch // 16, ch % 16
+    idx = ((kw[..., word] >> (2 * bit)) & 15) | (((kh[..., word] >> bit) & 3) << 4)  # [H, T, D/2]
+    klev = kt[idx].reshape(H, T, D)
+    k = klev * c["KS"].float()[:, None] + c["KZ"].float()[:, None]
+    vw = c["VC"].contiguous().view(torch.int32).long()
+    vh = c["VC"][:, :, D // 4:].contiguous().view(torch.int16).long()
+    chv = torch.arange(D)
+    Te = T // 2 * 2
+    we, wo = vw[:, 0:Te:2][..., chv // 16], vw[:, 1:Te:2][..., chv // 16]
+    he, ho = vh[:, 0:Te:2][..., chv // 16], vh[:, 1:Te:2][..., chv // 16]
+    b = chv % 16
+    vidx = ((we >> (2 * b)) & 3) | (((wo >> (2 * b)) & 3) << 2) | (((he >> b) & 1) << 4) | (((ho >> b) & 1) << 5)
+    v = vt[vidx].permute(0, 1, 3, 2).reshape(H, Te, D)  # token pairs back to tokens
+    v = v * c["VS"].float()[:, :Te, None] + c["VZ"].float()[:, :Te, None]
+    ang = (pos0 + torch.arange(Te)).float()[:, None] * c["INVF"][None, :]
+    k1, k2 = k[:, :Te, : D // 2], k[:, :Te, D // 2:]
+    k = torch.cat([k1 * ang.cos() - k2 * ang.sin(), k2 * ang.cos() + k1 * ang.sin()], -1)
+    q = c["Q"][:, :4].float()
+    p = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D), -1)
+    return p @ v, Te
+
+
+def run_checks():
+    """Correctness first (against the float32 reference), then 128K timings side by side in one process: this
+    kernel (alone, and with the torch merge), gluon_decode_study's kernel, the library's natural kernel on the same
+    kind of storage, and bf16 SDPA (GQA, and with the KV heads expanded)."""
+    import gluon_decode_study as study
+    from triton.testing import do_bench
+
+    def bench(fn):
+        return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+    for T, pos0 in ((4096, 0), (3000, 12345), (77, 5)):
+        c = make_case(T, 2)
+        got, ref = run_kernel(c, tables(c), T, 2, 8, pos0), reference(c, T, 2, pos0)
+        print(f"pairs kernel correctness T={T} pos0={pos0}: relative error {((got - ref).norm() / ref.norm()):.2e}")
+    T, H = 131072, 8  # Llama-3-8B shape, one layer, batch 1
+    c = make_case(T, H)
+    tb = tables(c)
+    for nsplit in (64, 128, 256):
+        go, merge = launch(c, tb, T, H, nsplit)
+        print(f"pairs kernel, 128K, 8 KV heads, {nsplit} splits: {bench(go):.1f} us alone, "
+              f"{bench(lambda: (go(), merge())):.1f} us with the torch merge")  # noqa: B023
+    print(f"study kernel (run 36's), 128 splits, with the torch merge: "
+          f"{bench(lambda: study.run_kernel(c, T, H, 128)):.1f} us")
+    c.clear()
+    tb.clear()
+    from gpu_suite import fill_storages
+
+    from kvquant import kernels
+
+    kf, vf, sts, _ = fill_storages(1, H, D, T, [(3, "head")], frac=0.0)
+    q = torch.randn(1, 4 * H, 1, D, device="cuda").bfloat16()
+    st = sts[(3, "head")]
+    print(f"library natural kernel (nuq3, no slots): {bench(lambda: kernels.decode_attention(q, st, D**-0.5)):.1f} us")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    print(f"SDPA bf16 GQA (enable_gqa): {bench(lambda: sdpa(q, kf, vf, enable_gqa=True)):.1f} us")
+    k16, v16 = kf.repeat_interleave(4, 1), vf.repeat_interleave(4, 1)
+    print(f"SDPA bf16, KV heads expanded to 32: {bench(lambda: sdpa(q, k16, v16)):.1f} us")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", action="store_true", help="on CUDA: correctness against PyTorch and timing at 128K")
+    ap.add_argument("--mirror", action="store_true", help="on the CPU: tables and pair indices against the reference")
+    a = ap.parse_args()
+    if a.run:
+        run_checks()
+    elif a.mirror:
+        for T, pos0 in ((200, 0), (257, 9000)):
+            cc = make_case(T, 2, device="cpu")
+            got, Te = mirror(cc, T, 2, pos0)
+            ref = reference({**cc, "kcodes": cc["kcodes"][:, :Te], "vcodes": cc["vcodes"][:, :Te],
+                             "VS": cc["VS"][:, :Te], "VZ": cc["VZ"][:, :Te]}, Te, 2, pos0)
+            print(f"mirror T={Te} pos0={pos0}: relative error {((got - ref).norm() / ref.norm()):.2e}")
+    else:
+        static_report()
