@@ -39,7 +39,7 @@ from gluon_decode_study import _chunk, _cos_sin, make_case, reference  # noqa: E
 from ptx_count import resource_usage, sass_loop  # noqa: E402
 
 BT, D, N = 32, 128, 8
-SIG = {"KC": "*u8", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16", "KSZ": "*i32", "KT": "*i32", "VT": "*i32",
+SIG = {"KC": "*u8", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16", "KSZ": "*i32", "TAB": "*i32",
        "CSP": "*i32", "INVF": "*fp32", "Q": "*fp16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32",
        "n_tok": "i32", "chunk": "i32", "pos0": "i32", "qk_scale": "fp32", "skc": "i32", "svc": "i32", "skh": "i64",
        "svh": "i64", "NSPLIT": "i32"}
@@ -112,14 +112,14 @@ def _axis(parent, dim, rank):
 # key pairs of chunk j as [token, half, p]: operand K index 16 half + 2 p + e; channel 64 half + 16 j + 4 (p % 4) +
 # 2 (p // 4) + e (e = the element of the pair): a thread's 4 channels of a half are neighbours (one low-plane byte)
 P3 = gl.DistributedLinearLayout(
-    reg_bases=[[8, 0, 0], [0, 0, 4], [0, 1, 0], [16, 0, 0]],
+    reg_bases=[[0, 0, 4], [8, 0, 0], [0, 1, 0], [16, 0, 0]],
     lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]], warp_bases=[], block_bases=[],
     shape=[BT, 2, 8])
 # value pairs of chunk i, before the transpose, as [sw, mh, ml, ph, pl]: the pair (token 8 ph + ml, channels 32 i +
 # 16 sw + 8 mh + 2 pl + e). movmatrix.trans turns each register into the V^T operand's pair (channel 32 i + 16 sw +
 # 8 mh + ml, tokens 8 ph + 2 pl + e), i.e. operand M index 16 sw + 8 mh + ml, K index 8 ph + 2 pl + e.
 V5 = gl.DistributedLinearLayout(
-    reg_bases=[[0, 1, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [1, 0, 0, 0, 0]],
+    reg_bases=[[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0]],
     lane_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 0, 4, 0, 0]],
     warp_bases=[], block_bases=[], shape=[2, 2, 8, 4, 4])
 VW = gl.SliceLayout(1, gl.SliceLayout(4, V5))  # [sw, ml, ph]: the words of a value pair's token
@@ -131,6 +131,10 @@ P3_T, P3_H, P3_P = C_P3[0], C_P3[1], C_P3[2]
 V5_SW, V5_MH, V5_ML, V5_PH, V5_PL = C_V5[0], C_V5[1], C_V5[2], C_V5[3], C_V5[4]
 VW_SW, VW_ML, VW_PH = C_VW[0], C_VW[1], C_VW[2]
 KW_L = gl.constexpr(gl.SliceLayout(2, P3))  # [token, half]: a key word, shared by a lane group
+# [token, word]: a lane group's 4 tokens, all 8 words of each in consecutive registers (16-byte loads)
+KROW = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0], [16, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+    warp_bases=[], block_bases=[], shape=[BT, 8]))
 KC_L = gl.constexpr(gl.SliceLayout(1, P3))  # [token, p]: per channel pair below 64
 KS_L = gl.constexpr(gl.SliceLayout(0, P3))  # [half, p]: per channel pair
 
@@ -143,13 +147,24 @@ def _smem_addr(x):
 
 
 @gluon.jit
-def _lookup(w, h, rw, rh, base):
-    """The pair-table entry of a channel pair: w rotated right by rw puts its 4 low-plane bits at bits 7-10, h
-    rotated by rh its 2 high-plane bits at 11-12; base = table + 4 lane (shared address)."""
+def _entry(w, h, rw, rh, base):
+    """Address of the pair-table entry of a channel pair: w rotated right by rw puts its 4 low-plane bits at bits
+    7-10, h rotated by rh its 2 high-plane bits at 11-12; base = table + 4 lane."""
     return gl.inline_asm_elementwise(
         "{ .reg .b32 a, b; shf.r.wrap.b32 a, $1, $1, $3; shf.r.wrap.b32 b, $2, $2, $4; and.b32 a, a, 0x780; "
-        "and.b32 b, b, 0x1800; or.b32 a, a, b; add.u32 a, a, $5; ld.shared.b32 $0, [a]; }",
+        "and.b32 b, b, 0x1800; or.b32 a, a, b; add.u32 $0, a, $5; }",
         "=r,r,r,r,r,r", [w, h, rw, rh, base], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _lookup(w, h, rw, rh, base, TAB, SMEM: gl.constexpr):
+    """The entry from shared memory (base holds the shared address) or from global memory through L1 (TAB)."""
+    off = _entry(w, h, rw, rh, base)
+    if SMEM:
+        return gl.inline_asm_elementwise("ld.shared.b32 $0, [$1];", "=r,r", [off], dtype=gl.int32, is_pure=True,
+                                         pack=1)
+    else:
+        return gl.load((TAB.to(gl.pointer_type(gl.int8)) + off).to(gl.pointer_type(gl.int32)))
 
 
 @gluon.jit
@@ -159,12 +174,14 @@ def _movmatrix_t(x):
 
 
 @gluon.jit
-def _decode_split(KC, VC, VS, VZ, KSZ, KT, VT, CSP, INVF, Q, PACC, PM, PL, n_tok, chunk, pos0, qk_scale,
-                  skc, svc, skh, svh, NSPLIT, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
+def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, INVF, Q, PACC, PM, PL, n_tok, chunk, pos0, qk_scale,
+                  skc, svc, skh, svh, NSPLIT, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr,
+                  SMEM: gl.constexpr):
     """One KV head's tokens [pid * chunk, pid * chunk + chunk) of the 3-bit head-group storage; arguments as in
     gluon_decode_study._decode_split, except: KSZ [H, 2, D/2] int32 (key scale, key zero as fp16 pairs per channel
-    pair), KT / VT [64, 32] int32 (lane-replicated pair tables of the key / value codebook, copied to shared
-    memory), CSP [2, BT, D/4] int32 (cos, sin of offset * theta as fp16 pairs per channel pair below D/2)."""
+    pair), TAB [128, 32] int32 (lane-replicated pair tables of the key, then the value codebook; copied to shared
+    memory), CSP [4 (chunk), 2 (cos, sin), 8 (register), 32 (lane)] int32: cos and sin of offset * theta as fp16
+    pairs, in the order the threads hold them (one 128-byte line per warp-wide load; see fragment_rope_table)."""
     pid = gl.program_id(0)
     hd = gl.program_id(1).to(gl.int64)
     KC += hd * skh
@@ -183,30 +200,36 @@ def _decode_split(KC, VC, VS, VZ, KSZ, KT, VT, CSP, INVF, Q, PACC, PM, PL, n_tok
     b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     # the two pair tables into shared memory (the only allocation: offset 0 of global_smem)
     tb_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, 1], [1, 0])
-    te_ = gl.arange(0, 128, layout=gl.SliceLayout(1, tb_l))[:, None]  # entries 0-63: keys, 64-127: values
-    tl_ = gl.arange(0, 32, layout=gl.SliceLayout(0, tb_l))[None, :]
-    tvals = gl.where(te_ < 64, gl.load(KT + (te_ % 64) * 32 + tl_), gl.load(VT + (te_ % 64) * 32 + tl_))
-    tab = gl.allocate_shared_memory(gl.int32, [128, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), tvals)
-    gl.thread_barrier()
+    if SMEM:  # the two tables into shared memory (the only allocation: offset 0 of global_smem)
+        te_ = gl.arange(0, 128, layout=gl.SliceLayout(1, tb_l))[:, None]
+        tl_ = gl.arange(0, 32, layout=gl.SliceLayout(0, tb_l))[None, :]
+        tab = gl.allocate_shared_memory(gl.int32, [128, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+                                        gl.load(TAB + te_ * 32 + tl_))
+        gl.thread_barrier()
     # key side invariants
     t3 = gl.arange(0, BT, layout=P3_T)[:, None, None]
     q3 = gl.arange(0, 8, layout=P3_P)[None, None, :]
-    k_base = _smem_addr(4 * ((q3 % 4) + 4 * (t3 % 8)))
+    k_base = 4 * ((q3 % 4) + 4 * (t3 % 8))
+    if SMEM:
+        k_base = _smem_addr(k_base)
     k_rw = (2 * (4 * (q3 % 4) + 2 * (q3 // 4)) - 7) & 31  # first channel's low-plane bit -> bit 7
     k_rh = (4 * (q3 % 4) + 2 * (q3 // 4) - 11) & 31  # its high-plane bit -> bit 11
     hs = gl.arange(0, 2, layout=gl.SliceLayout(1, KS_L))[:, None]
     qs = gl.arange(0, 8, layout=gl.SliceLayout(0, KS_L))[None, :]
     ks_off = 32 * hs + 2 * (qs % 4) + qs // 4  # channel pair (without the 8 j)
-    tw = gl.arange(0, BT, layout=gl.SliceLayout(1, KW_L))[:, None]
-    hw = gl.arange(0, 2, layout=gl.SliceLayout(0, KW_L))[None, :]
+    trow = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW))[:, None]
+    wcol = gl.arange(0, 8, layout=gl.SliceLayout(0, KROW))[None, :]
     tcs = gl.arange(0, BT, layout=gl.SliceLayout(1, KC_L))[:, None]
     qcs = gl.arange(0, 8, layout=gl.SliceLayout(0, KC_L))[None, :]
-    cs_off = tcs * (D // 4) + 2 * (qcs % 4) + qcs // 4
+    # fragment order: register s + 2 (tau // 8 % 2) + 4 (tau // 16) of lane p % 4 + 4 (tau % 8), s = p // 4
+    cs_off = 32 * ((qcs // 4) + 2 * ((tcs // 8) % 2) + 4 * (tcs // 16)) + (qcs % 4) + 4 * (tcs % 8)
     # value side invariants
     mh5 = gl.arange(0, 2, layout=V5_MH)[None, :, None, None, None]
     ml5 = gl.arange(0, 8, layout=V5_ML)[None, None, :, None, None]
     pl5 = gl.arange(0, 4, layout=V5_PL)[None, None, None, None, :]
-    v_base = _smem_addr(64 * 32 * 4 + 4 * (pl5 + 4 * ml5) + 0 * mh5)
+    v_base = 64 * 32 * 4 + 4 * (pl5 + 4 * ml5) + 0 * mh5
+    if SMEM:
+        v_base = _smem_addr(v_base)
     v_rw = (2 * (8 * mh5 + 2 * pl5) - 7) & 31
     v_rh = (8 * mh5 + 2 * pl5 - 11) & 31
     sww = gl.arange(0, 2, layout=VW_SW)[:, None, None]
@@ -239,17 +262,26 @@ def _decode_split(KC, VC, VS, VZ, KSZ, KT, VT, CSP, INVF, Q, PACC, PM, PL, n_tok
         vzr = gl.load(VZ + t0 + tc_, mask=tmask, other=0.0).to(gl.float32)
         p0 = (pos0 + t0).to(gl.float32)
         s = gl.zeros([BT, N], gl.float32, layout=mma)
-        kmask = (t0 + tw) < hi_t
+        # the block's key rows, 16 bytes per load: low-plane words [token, 8] and high-plane half-words [token, 8]
+        kmask = (t0 + trow) < hi_t
+        wrow = gl.load(KC32 + (t0 + trow) * (skc // 4) + wcol, mask=kmask, other=0)
+        hrow = gl.load(KC16 + (t0 + trow) * (skc // 2) + D // 8 + wcol, mask=kmask, other=0).to(gl.int32)
+        wrow = gl.reshape(wrow, [BT, 2, 2, 2])  # word 4 half + 2 jh + jl
+        hrow = gl.reshape(hrow, [BT, 2, 2, 2])
+        w_l0, w_l1 = gl.split(wrow)
+        h_l0, h_l1 = gl.split(hrow)
         for j in gl.static_range(4):
-            # the words of the chunk (channels 64 half + 16 j ..): low plane word 4 half + j, high plane half-word
-            w = gl.load(KC32 + (t0 + tw) * (skc // 4) + 4 * hw + j, mask=kmask, other=0)
-            h = gl.load(KC16 + (t0 + tw) * (skc // 2) + D // 8 + 4 * hw + j, mask=kmask, other=0).to(gl.int32)
-            lev = _lookup(w[:, :, None], h[:, :, None], k_rw, k_rh, k_base)
+            # the words of chunk j (channels 64 half + 16 j ..): low-plane word 4 half + j, high-plane half-word
+            w = _pick4(j, gl.split(w_l0)[0], gl.split(w_l1)[0], gl.split(w_l0)[1], gl.split(w_l1)[1])
+            h = _pick4(j, gl.split(h_l0)[0], gl.split(h_l1)[0], gl.split(h_l0)[1], gl.split(h_l1)[1])
+            w = gl.convert_layout(w, KW_L, assert_trivial=True)
+            h = gl.convert_layout(h, KW_L, assert_trivial=True)
+            lev = _lookup(w[:, :, None], h[:, :, None], k_rw, k_rh, k_base, TAB, SMEM)
             ksz = ks_off + 8 * j
             k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
             k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
-            c = gl.convert_layout(gl.load(CSP + cs_off + 8 * j), k1.type.layout, assert_trivial=True)
-            sn = gl.convert_layout(gl.load(CSP + BT * (D // 4) + cs_off + 8 * j), k1.type.layout, assert_trivial=True)
+            c = gl.convert_layout(gl.load(CSP + cs_off + 512 * j), k1.type.layout, assert_trivial=True)
+            sn = gl.convert_layout(gl.load(CSP + cs_off + 512 * j + 256), k1.type.layout, assert_trivial=True)
             r1, r2 = _rope2(k1, k2, c, sn)
             kr = _to_operand(gl.reshape(gl.permute(gl.join(r1, r2), [0, 2, 1]), [BT, 16]), a_l, BT)
             # the query chunk rotated back by the block start p0 (RoPE(p0 + tau) = RoPE(tau) RoPE(p0))
@@ -273,7 +305,8 @@ def _decode_split(KC, VC, VS, VZ, KSZ, KT, VT, CSP, INVF, Q, PACC, PM, PL, n_tok
         for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
             w = gl.load(VC32 + (t0 + v_tok) * (svc // 4) + 2 * i + sww, mask=vmask, other=0)
             h = gl.load(VC16 + (t0 + v_tok) * (svc // 2) + D // 8 + 2 * i + sww, mask=vmask, other=0).to(gl.int32)
-            lev = _movmatrix_t(_lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base))
+            lev = _movmatrix_t(_lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, TAB,
+                                       SMEM))
             vt = _to_operand(gl.reshape(lev, [32, BT // 2]), a_l, 32)
             if i == 0:
                 acc0 = mma_v2(vt, pv, acc0 * alpha[None, :])
@@ -286,7 +319,7 @@ def _decode_split(KC, VC, VS, VZ, KSZ, KT, VT, CSP, INVF, Q, PACC, PM, PL, n_tok
     # partials: O^T chunks [32 channels, N] (natural channel order) + the zero term
     oc = gl.arange(0, 32, layout=c_l)[:, None]
     oh = gl.arange(0, N, layout=h_l)[None, :]
-    base = PACC + pid * N * D + oh * D
+    base = PACC + (oh * NSPLIT + pid) * D
     gl.store(base + oc, acc0 + z_i[None, :])
     gl.store(base + 32 + oc, acc1 + z_i[None, :])
     gl.store(base + 64 + oc, acc2 + z_i[None, :])
@@ -294,9 +327,11 @@ def _decode_split(KC, VC, VS, VZ, KSZ, KT, VT, CSP, INVF, Q, PACC, PM, PL, n_tok
     hh = gl.arange(0, N, layout=h_l)
     # one read of the tables after the loop keeps their allocation alive (inline PTX reads it: Triton cannot see
     # that), so no scratch buffer can alias it; the term is 0 unless n_tok < 0
-    keep = gl.sum(gl.sum(tab.slice(0, 1, dim=0).load(tb_l), 1), 0)
-    gl.store(PM + pid * N + hh, m_i + gl.where(n_tok < 0, keep.to(gl.float32), 0.0))
-    gl.store(PL + pid * N + hh, l_i)
+    if SMEM:
+        keep = gl.sum(gl.sum(tab.slice(0, 1, dim=0).load(tb_l), 1), 0)
+        m_i += gl.where(n_tok < 0, keep.to(gl.float32), 0.0)
+    gl.store(PM + hh * NSPLIT + pid, m_i)
+    gl.store(PL + hh * NSPLIT + pid, l_i)
 
 
 # ---------------------------------------------------------------------------------------------------- host side
@@ -316,51 +351,71 @@ def half_pairs(x: torch.Tensor) -> torch.Tensor:
     return x.half().contiguous().view(torch.int32)
 
 
+def fragment_rope_table(tau: torch.Tensor) -> torch.Tensor:
+    """[4, 2, 8, 32] int32 from the angles tau [BT, D/2]: for chunk j, cos / sin, register r and lane l, the fp16
+    pair of channel pair 8 j + 2 (l % 4) + (r % 2) at block offset l // 4 + 8 (r // 2 % 2) + 16 (r // 4): the
+    values a thread of the key layout holds, so a warp's load reads one contiguous line."""
+    cs = torch.stack([half_pairs(tau.cos()), half_pairs(tau.sin())])  # [2, BT, D/4]
+    j, r, lane = torch.arange(4)[:, None, None], torch.arange(8)[None, :, None], torch.arange(32)[None, None, :]
+    tok = lane // 4 + 8 * (r // 2 % 2) + 16 * (r // 4)
+    cp = 8 * j + 2 * (lane % 4) + r % 2
+    return cs[:, tok.to(cs.device), cp.to(cs.device)].permute(1, 0, 2, 3).contiguous()  # [4, 2, 8, 32]
+
+
 def tables(c):
     """The kernel's extra inputs, built from the study's case."""
     dev = c["KLUT"].device
     tau = torch.arange(BT, device=dev).float()[:, None] * c["INVF"][None, :]  # [BT, D/2]
-    return dict(KT=pair_table(c["KLUT"]), VT=pair_table(c["VLUT"]),
+    return dict(TAB=torch.cat([pair_table(c["KLUT"]), pair_table(c["VLUT"])]).contiguous(),
                 KSZ=torch.stack([half_pairs(c["KS"]), half_pairs(c["KZ"])], 1).contiguous(),  # [H, 2, D/2]
-                CSP=torch.stack([half_pairs(tau.cos()), half_pairs(tau.sin())]).contiguous())  # [2, BT, D/4]
+                CSP=fragment_rope_table(tau))
 
 
-def static_report():
+def static_report(smem=True, maxnreg=None):
     div16 = [["tt.divisibility", 16]]
     names = list(SIG)
-    attrs = {(names.index(n),): div16 for n in ("KC", "VC", "skc", "svc")}
-    src = GluonASTSource(_decode_split, SIG, constexprs={"BT": BT, "D": D, "N": N}, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+    attrs = {(names.index(n),): div16 for n in ("KC", "VC", "skc", "svc", "skh", "svh")}
+    src = GluonASTSource(_decode_split, SIG, constexprs={"BT": BT, "D": D, "N": N, "SMEM": smem},
+                         attrs=attrs)
+    opt = {} if maxnreg is None else {"maxnreg": maxnreg}
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1, **opt))
     tot, loop, ops, loc = sass_loop(k.asm["cubin"])
-    print(f"triton {triton.__version__}, sm_90: {resource_usage(k.asm['cubin'])}, shared {k.metadata.shared} B, "
+    print(f"tables in {'shared memory' if smem else 'global memory (L1)'}, maxnreg {maxnreg}: "
+          f"triton {triton.__version__}, sm_90: {resource_usage(k.asm['cubin'])}, shared {k.metadata.shared} B, "
           f"SASS {tot} instructions, hot loop {loop} ({loop / (2 * BT * D / 32):.1f} per element and thread), "
           f"{loc} local loads/stores")
     print("   hot loop:", ", ".join(f"{o} {c}" for o, c in ops.most_common(18)))
 
 
-def launch(c, tb, T, H, nsplit, pos0=0):
-    """The kernel's launch (returns the partials) and the torch merge of the splits, as two callables."""
+def launch(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True):
+    """The kernel's launch (partials [H, N, nsplit, D]) and the merge of the splits by the library's reduce kernel,
+    as two callables."""
+    from kvquant.kernels._triton import _reduce_kernel
+
     chunk = _chunk(T, nsplit)
-    pacc = torch.empty(H, nsplit, N, D, device="cuda")
-    pm = torch.empty(H, nsplit, N, device="cuda")
-    pl = torch.empty(H, nsplit, N, device="cuda")
+    pacc = torch.empty(H, N, nsplit, D, device="cuda")
+    pm = torch.empty(H, N, nsplit, device="cuda")
+    pl = torch.empty(H, N, nsplit, device="cuda")
+    out = torch.empty(H, N, D, device="cuda", dtype=torch.bfloat16)
     qk = math.log2(math.e) / math.sqrt(D)
+    opt = {} if maxnreg is None else {"maxnreg": maxnreg}
 
     def go():
-        _decode_split[(nsplit, H)](c["KC"], c["VC"], c["VS"], c["VZ"], tb["KSZ"], tb["KT"], tb["VT"], tb["CSP"],
+        _decode_split[(nsplit, H)](c["KC"], c["VC"], c["VS"], c["VZ"], tb["KSZ"], tb["TAB"], tb["CSP"],
                                    c["INVF"], c["Q"], pacc, pm, pl, T, chunk, pos0, qk, c["KC"].stride(1),
                                    c["VC"].stride(1), c["KC"].stride(0), c["VC"].stride(0), nsplit, BT=BT, D=D, N=N,
-                                   num_warps=1)
+                                   SMEM=smem, num_warps=1, **opt)
 
     def merge():
-        w = torch.exp2(pm - pm.max(1, keepdim=True).values)
-        return ((pacc * w[..., None]).sum(1) / (pl * w).sum(1)[..., None])[:, :4]
+        _reduce_kernel[(H * N,)](pacc, pm, pl, out, 0, D, H * N, nsplit, SP=triton.next_power_of_2(nsplit), D=D,
+                                 num_warps=4)
+        return out[:, :4].float()
 
     return go, merge
 
 
-def run_kernel(c, tb, T, H, nsplit, pos0=0):
-    go, merge = launch(c, tb, T, H, nsplit, pos0)
+def run_kernel(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True):
+    go, merge = launch(c, tb, T, H, nsplit, pos0, maxnreg, smem)
     go()
     return merge()
 
@@ -369,8 +424,8 @@ def mirror(c, T, H, pos0=0):
     """The pair tables and index formulas in PyTorch (whole tokens at once, float32 RoPE from the fp16 tables):
     checks the tables, the channel order and the pair indices on a CPU; not the Gluon code."""
     tb = tables(c)
-    kt = tb["KT"][:, 0].contiguous().view(torch.float16).view(64, 2).float()
-    vt = tb["VT"][:, 0].contiguous().view(torch.float16).view(64, 2).float()
+    kt = tb["TAB"][:64, 0].contiguous().view(torch.float16).view(64, 2).float()
+    vt = tb["TAB"][64:, 0].contiguous().view(torch.float16).view(64, 2).float()
     kw = c["KC"].contiguous().view(torch.int32).long()  # [H, T, 12]
     kh = c["KC"][:, :, D // 4:].contiguous().view(torch.int16).long()  # [H, T, 8]
     ch = torch.arange(0, D, 2)  # first channel of each pair
@@ -406,17 +461,22 @@ def run_checks():
     def bench(fn):
         return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
-    for T, pos0 in ((4096, 0), (3000, 12345), (77, 5)):
-        c = make_case(T, 2)
-        got, ref = run_kernel(c, tables(c), T, 2, 8, pos0), reference(c, T, 2, pos0)
-        print(f"pairs kernel correctness T={T} pos0={pos0}: relative error {((got - ref).norm() / ref.norm()):.2e}")
+    # run 38 also measured the tables in global memory (L1) and register caps: all slower (see gpu_notes.md)
+    variants = ((True, None, (96, 128, 192)),)
+    for smem, maxnreg, _ in variants:
+        for T, pos0 in ((4096, 0), (3000, 12345), (77, 5)):
+            c = make_case(T, 2)
+            got, ref = run_kernel(c, tables(c), T, 2, 8, pos0, maxnreg, smem), reference(c, T, 2, pos0)
+            print(f"pairs kernel smem={smem} maxnreg={maxnreg} correctness T={T} pos0={pos0}: relative error "
+                  f"{((got - ref).norm() / ref.norm()):.2e}")
     T, H = 131072, 8  # Llama-3-8B shape, one layer, batch 1
     c = make_case(T, H)
     tb = tables(c)
-    for nsplit in (64, 128, 256):
-        go, merge = launch(c, tb, T, H, nsplit)
-        print(f"pairs kernel, 128K, 8 KV heads, {nsplit} splits: {bench(go):.1f} us alone, "
-              f"{bench(lambda: (go(), merge())):.1f} us with the torch merge")  # noqa: B023
+    for smem, maxnreg, splits in variants:
+        for nsplit in splits:
+            go, merge = launch(c, tb, T, H, nsplit, maxnreg=maxnreg, smem=smem)
+            print(f"pairs kernel smem={smem} maxnreg={maxnreg}, 128K, 8 KV heads, {nsplit} splits: {bench(go):.1f} us "
+                  f"alone, {bench(lambda: (go(), merge())):.1f} us with the library's reduce kernel")  # noqa: B023
     print(f"study kernel (run 36's), 128 splits, with the torch merge: "
           f"{bench(lambda: study.run_kernel(c, T, H, 128)):.1f} us")
     c.clear()
@@ -438,10 +498,21 @@ def run_checks():
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", action="store_true", help="on CUDA: correctness against PyTorch and timing at 128K")
+    ap.add_argument("--profile", default=None, help="on CUDA: launch one variant twice at 128K for ncu, given as "
+                    "smem,maxnreg,splits (e.g. 1,0,128; maxnreg 0 = none)")
+    ap.add_argument("--global-tables", action="store_true", help="static report: the tables in global memory")
+    ap.add_argument("--maxnreg", type=int, default=None, help="static report: register cap")
     ap.add_argument("--mirror", action="store_true", help="on the CPU: tables and pair indices against the reference")
     a = ap.parse_args()
     if a.run:
         run_checks()
+    elif a.profile:
+        sm, mr, ns = (int(x) for x in a.profile.split(","))
+        cc = make_case(131072, 8)
+        go_, _ = launch(cc, tables(cc), 131072, 8, ns, maxnreg=mr or None, smem=bool(sm))
+        go_()
+        go_()
+        torch.cuda.synchronize()
     elif a.mirror:
         for T, pos0 in ((200, 0), (257, 9000)):
             cc = make_case(T, 2, device="cpu")
@@ -450,4 +521,4 @@ if __name__ == "__main__":
                              "VS": cc["VS"][:, :Te], "VZ": cc["VZ"][:, :Te]}, Te, 2, pos0)
             print(f"mirror T={Te} pos0={pos0}: relative error {((got - ref).norm() / ref.norm()):.2e}")
     else:
-        static_report()
+        static_report(not a.global_tables, a.maxnreg)
