@@ -140,31 +140,44 @@ KS_L = gl.constexpr(gl.SliceLayout(0, P3))  # [half, p]: per channel pair
 
 
 @gluon.jit
-def _smem_addr(x):
-    """The shared-window address of Triton's dynamic shared memory (PTX symbol global_smem) plus x."""
-    return gl.inline_asm_elementwise("{ .reg .u32 b; mov.u32 b, global_smem; add.u32 $0, b, $1; }", "=r,r", [x],
-                                     dtype=gl.int32, is_pure=True, pack=1)
-
-
-@gluon.jit
-def _entry(w, h, rw, rh, base):
-    """Address of the pair-table entry of a channel pair: w rotated right by rw puts its 4 low-plane bits at bits
-    7-10, h rotated by rh its 2 high-plane bits at 11-12; base = table + 4 lane."""
+def _entry(w, h, rw, rh, lane4):
+    """Byte offset of the pair-table entry of a channel pair: w rotated right by rw puts its 4 low-plane bits at
+    bits 7-10, h rotated by rh its 2 high-plane bits at 11-12, OR 4 lane (bits 2-6)."""
     return gl.inline_asm_elementwise(
         "{ .reg .b32 a, b; shf.r.wrap.b32 a, $1, $1, $3; shf.r.wrap.b32 b, $2, $2, $4; and.b32 a, a, 0x780; "
-        "and.b32 b, b, 0x1800; or.b32 a, a, b; add.u32 $0, a, $5; }",
-        "=r,r,r,r,r,r", [w, h, rw, rh, base], dtype=gl.int32, is_pure=True, pack=1)
+        "and.b32 b, b, 0x1800; or.b32 a, a, $5; or.b32 $0, a, b; }",
+        "=r,r,r,r,r,r", [w, h, rw, rh, lane4], dtype=gl.int32, is_pure=True, pack=1)
 
 
 @gluon.jit
-def _lookup(w, h, rw, rh, base, TAB, SMEM: gl.constexpr):
-    """The entry from shared memory (base holds the shared address) or from global memory through L1 (TAB)."""
-    off = _entry(w, h, rw, rh, base)
+def _lookup(w, h, rw, rh, lane4, TAB, SMEM: gl.constexpr, OFF: gl.constexpr):
+    """The entry of table OFF (0: keys, 1: values) from shared memory (Triton's dynamic shared memory, symbol
+    global_smem, whose constant address ptxas folds into the load) or from global memory through L1 (TAB)."""
+    off = _entry(w, h, rw, rh, lane4)
     if SMEM:
-        return gl.inline_asm_elementwise("ld.shared.b32 $0, [$1];", "=r,r", [off], dtype=gl.int32, is_pure=True,
-                                         pack=1)
+        if OFF == 0:
+            return gl.inline_asm_elementwise("{ .reg .u32 b; mov.u32 b, global_smem; add.u32 b, b, $1; "
+                                             "ld.shared.b32 $0, [b]; }", "=r,r", [off], dtype=gl.int32,
+                                             is_pure=True, pack=1)
+        else:
+            return gl.inline_asm_elementwise("{ .reg .u32 b; mov.u32 b, global_smem; add.u32 b, b, $1; "
+                                             "ld.shared.b32 $0, [b+8192]; }", "=r,r", [off], dtype=gl.int32,
+                                             is_pure=True, pack=1)
     else:
-        return gl.load((TAB.to(gl.pointer_type(gl.int8)) + off).to(gl.pointer_type(gl.int32)))
+        return gl.load((TAB.to(gl.pointer_type(gl.int8)) + (off + 8192 * OFF)).to(gl.pointer_type(gl.int32)))
+
+
+@gluon.jit
+def _prefetch(ptr, mask, PF: gl.constexpr):
+    """PTX prefetch of the lines holding ptr (where mask) into L1 (PF 1) or L2 (PF 2); no register result."""
+    if PF == 1:
+        gl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.b32 $0, 0; }",
+                                  "=r,l,r", [ptr.to(gl.int64, bitcast=True), mask.to(gl.int32)], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+    elif PF == 2:
+        gl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+                                  "=r,l,r", [ptr.to(gl.int64, bitcast=True), mask.to(gl.int32)], dtype=gl.int32,
+                                  is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -176,7 +189,7 @@ def _movmatrix_t(x):
 @gluon.jit
 def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, INVF, Q, PACC, PM, PL, n_tok, chunk, pos0, qk_scale,
                   skc, svc, skh, svh, NSPLIT, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr,
-                  SMEM: gl.constexpr):
+                  SMEM: gl.constexpr, PF: gl.constexpr):
     """One KV head's tokens [pid * chunk, pid * chunk + chunk) of the 3-bit head-group storage; arguments as in
     gluon_decode_study._decode_split, except: KSZ [H, 2, D/2] int32 (key scale, key zero as fp16 pairs per channel
     pair), TAB [128, 32] int32 (lane-replicated pair tables of the key, then the value codebook; copied to shared
@@ -210,8 +223,6 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, INVF, Q, PACC, PM, PL, n_tok, c
     t3 = gl.arange(0, BT, layout=P3_T)[:, None, None]
     q3 = gl.arange(0, 8, layout=P3_P)[None, None, :]
     k_base = 4 * ((q3 % 4) + 4 * (t3 % 8))
-    if SMEM:
-        k_base = _smem_addr(k_base)
     k_rw = (2 * (4 * (q3 % 4) + 2 * (q3 // 4)) - 7) & 31  # first channel's low-plane bit -> bit 7
     k_rh = (4 * (q3 % 4) + 2 * (q3 // 4) - 11) & 31  # its high-plane bit -> bit 11
     hs = gl.arange(0, 2, layout=gl.SliceLayout(1, KS_L))[:, None]
@@ -227,9 +238,7 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, INVF, Q, PACC, PM, PL, n_tok, c
     mh5 = gl.arange(0, 2, layout=V5_MH)[None, :, None, None, None]
     ml5 = gl.arange(0, 8, layout=V5_ML)[None, None, :, None, None]
     pl5 = gl.arange(0, 4, layout=V5_PL)[None, None, None, None, :]
-    v_base = 64 * 32 * 4 + 4 * (pl5 + 4 * ml5) + 0 * mh5
-    if SMEM:
-        v_base = _smem_addr(v_base)
+    v_base = 4 * (pl5 + 4 * ml5) + 0 * mh5
     v_rw = (2 * (8 * mh5 + 2 * pl5) - 7) & 31
     v_rh = (8 * mh5 + 2 * pl5 - 11) & 31
     sww = gl.arange(0, 2, layout=VW_SW)[:, None, None]
@@ -256,7 +265,15 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, INVF, Q, PACC, PM, PL, n_tok, c
     KC16 = KC.to(gl.pointer_type(gl.int16))
     VC32 = VC.to(gl.pointer_type(gl.int32))
     VC16 = VC.to(gl.pointer_type(gl.int16))
+    pf_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))
     for t0 in range(lo_t, hi_t, BT):
+        if PF > 0:  # the next block's rows (a row start per lane touches every line: rows are < 128 bytes)
+            nxt = t0 + BT + pf_t
+            pmask = nxt < hi_t
+            _prefetch(KC + nxt * skc, pmask, PF)
+            _prefetch(VC + nxt * svc, pmask, PF)
+            _prefetch(VS + nxt, pmask, PF)
+            _prefetch(VZ + nxt, pmask, PF)
         tmask = (t0 + tc_) < hi_t
         vsc = gl.load(VS + t0 + tc_, mask=tmask, other=0.0).to(gl.float32)
         vzr = gl.load(VZ + t0 + tc_, mask=tmask, other=0.0).to(gl.float32)
@@ -276,7 +293,7 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, INVF, Q, PACC, PM, PL, n_tok, c
             h = _pick4(j, gl.split(h_l0)[0], gl.split(h_l1)[0], gl.split(h_l0)[1], gl.split(h_l1)[1])
             w = gl.convert_layout(w, KW_L, assert_trivial=True)
             h = gl.convert_layout(h, KW_L, assert_trivial=True)
-            lev = _lookup(w[:, :, None], h[:, :, None], k_rw, k_rh, k_base, TAB, SMEM)
+            lev = _lookup(w[:, :, None], h[:, :, None], k_rw, k_rh, k_base, TAB, SMEM, 0)
             ksz = ks_off + 8 * j
             k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
             k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
@@ -306,7 +323,7 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, INVF, Q, PACC, PM, PL, n_tok, c
             w = gl.load(VC32 + (t0 + v_tok) * (svc // 4) + 2 * i + sww, mask=vmask, other=0)
             h = gl.load(VC16 + (t0 + v_tok) * (svc // 2) + D // 8 + 2 * i + sww, mask=vmask, other=0).to(gl.int32)
             lev = _movmatrix_t(_lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, TAB,
-                                       SMEM))
+                                       SMEM, 1))
             vt = _to_operand(gl.reshape(lev, [32, BT // 2]), a_l, 32)
             if i == 0:
                 acc0 = mma_v2(vt, pv, acc0 * alpha[None, :])
@@ -371,23 +388,23 @@ def tables(c):
                 CSP=fragment_rope_table(tau))
 
 
-def static_report(smem=True, maxnreg=None):
+def static_report(smem=True, maxnreg=None, pf=0):
     div16 = [["tt.divisibility", 16]]
     names = list(SIG)
     attrs = {(names.index(n),): div16 for n in ("KC", "VC", "skc", "svc", "skh", "svh")}
-    src = GluonASTSource(_decode_split, SIG, constexprs={"BT": BT, "D": D, "N": N, "SMEM": smem},
+    src = GluonASTSource(_decode_split, SIG, constexprs={"BT": BT, "D": D, "N": N, "SMEM": smem, "PF": pf},
                          attrs=attrs)
     opt = {} if maxnreg is None else {"maxnreg": maxnreg}
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1, **opt))
     tot, loop, ops, loc = sass_loop(k.asm["cubin"])
-    print(f"tables in {'shared memory' if smem else 'global memory (L1)'}, maxnreg {maxnreg}: "
+    print(f"tables in {'shared memory' if smem else 'global memory (L1)'}, maxnreg {maxnreg}, prefetch {pf}: "
           f"triton {triton.__version__}, sm_90: {resource_usage(k.asm['cubin'])}, shared {k.metadata.shared} B, "
           f"SASS {tot} instructions, hot loop {loop} ({loop / (2 * BT * D / 32):.1f} per element and thread), "
           f"{loc} local loads/stores")
     print("   hot loop:", ", ".join(f"{o} {c}" for o, c in ops.most_common(18)))
 
 
-def launch(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True):
+def launch(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True, pf=0):
     """The kernel's launch (partials [H, N, nsplit, D]) and the merge of the splits by the library's reduce kernel,
     as two callables."""
     from kvquant.kernels._triton import _reduce_kernel
@@ -404,7 +421,7 @@ def launch(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True):
         _decode_split[(nsplit, H)](c["KC"], c["VC"], c["VS"], c["VZ"], tb["KSZ"], tb["TAB"], tb["CSP"],
                                    c["INVF"], c["Q"], pacc, pm, pl, T, chunk, pos0, qk, c["KC"].stride(1),
                                    c["VC"].stride(1), c["KC"].stride(0), c["VC"].stride(0), nsplit, BT=BT, D=D, N=N,
-                                   SMEM=smem, num_warps=1, **opt)
+                                   SMEM=smem, PF=pf, num_warps=1, **opt)
 
     def merge():
         _reduce_kernel[(H * N,)](pacc, pm, pl, out, 0, D, H * N, nsplit, SP=triton.next_power_of_2(nsplit), D=D,
@@ -414,8 +431,8 @@ def launch(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True):
     return go, merge
 
 
-def run_kernel(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True):
-    go, merge = launch(c, tb, T, H, nsplit, pos0, maxnreg, smem)
+def run_kernel(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True, pf=0):
+    go, merge = launch(c, tb, T, H, nsplit, pos0, maxnreg, smem, pf)
     go()
     return merge()
 
@@ -462,21 +479,24 @@ def run_checks():
         return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
     # run 38 also measured the tables in global memory (L1) and register caps: all slower (see gpu_notes.md)
-    variants = ((True, None, (96, 128, 192)),)
-    for smem, maxnreg, _ in variants:
+    # runs 38-40 also measured the tables in global memory (L1) and register caps: all slower (see gpu_notes.md)
+    variants = ((None, 0, (128,)), (None, 2, (128, 192)), (None, 1, (128, 192)), (168, 2, (192,)))
+    for maxnreg, pf, _ in variants:
         for T, pos0 in ((4096, 0), (3000, 12345), (77, 5)):
             c = make_case(T, 2)
-            got, ref = run_kernel(c, tables(c), T, 2, 8, pos0, maxnreg, smem), reference(c, T, 2, pos0)
-            print(f"pairs kernel smem={smem} maxnreg={maxnreg} correctness T={T} pos0={pos0}: relative error "
+            got, ref = run_kernel(c, tables(c), T, 2, 8, pos0, maxnreg, True, pf), reference(c, T, 2, pos0)
+            print(f"pairs kernel maxnreg={maxnreg} prefetch={pf} correctness T={T} pos0={pos0}: relative error "
                   f"{((got - ref).norm() / ref.norm()):.2e}")
     T, H = 131072, 8  # Llama-3-8B shape, one layer, batch 1
     c = make_case(T, H)
     tb = tables(c)
-    for smem, maxnreg, splits in variants:
-        for nsplit in splits:
-            go, merge = launch(c, tb, T, H, nsplit, maxnreg=maxnreg, smem=smem)
-            print(f"pairs kernel smem={smem} maxnreg={maxnreg}, 128K, 8 KV heads, {nsplit} splits: {bench(go):.1f} us "
-                  f"alone, {bench(lambda: (go(), merge())):.1f} us with the library's reduce kernel")  # noqa: B023
+    for rep in range(2):  # twice, interleaved: the spread between repeats bounds the noise
+        for maxnreg, pf, splits in variants:
+            for nsplit in splits:
+                go, merge = launch(c, tb, T, H, nsplit, maxnreg=maxnreg, pf=pf)
+                alone, merged = bench(go), bench(lambda g=go, m=merge: (g(), m()))
+                print(f"[{rep}] pairs kernel maxnreg={maxnreg} prefetch={pf}, 128K, 8 KV heads, {nsplit} splits: "
+                      f"{alone:.1f} us alone, {merged:.1f} us with the library's reduce kernel")
     print(f"study kernel (run 36's), 128 splits, with the torch merge: "
           f"{bench(lambda: study.run_kernel(c, T, H, 128)):.1f} us")
     c.clear()
@@ -502,6 +522,7 @@ if __name__ == "__main__":
                     "smem,maxnreg,splits (e.g. 1,0,128; maxnreg 0 = none)")
     ap.add_argument("--global-tables", action="store_true", help="static report: the tables in global memory")
     ap.add_argument("--maxnreg", type=int, default=None, help="static report: register cap")
+    ap.add_argument("--pf", type=int, default=0, help="static report: prefetch the next block (1: L1, 2: L2)")
     ap.add_argument("--mirror", action="store_true", help="on the CPU: tables and pair indices against the reference")
     a = ap.parse_args()
     if a.run:
@@ -509,7 +530,7 @@ if __name__ == "__main__":
     elif a.profile:
         sm, mr, ns = (int(x) for x in a.profile.split(","))
         cc = make_case(131072, 8)
-        go_, _ = launch(cc, tables(cc), 131072, 8, ns, maxnreg=mr or None, smem=bool(sm))
+        go_, _ = launch(cc, tables(cc), 131072, 8, ns, maxnreg=mr or None, smem=bool(sm), pf=a.pf)
         go_()
         go_()
         torch.cuda.synchronize()
@@ -521,4 +542,4 @@ if __name__ == "__main__":
                              "VS": cc["VS"][:, :Te], "VZ": cc["VZ"][:, :Te]}, Te, 2, pos0)
             print(f"mirror T={Te} pos0={pos0}: relative error {((got - ref).norm() / ref.norm()):.2e}")
     else:
-        static_report(not a.global_tables, a.maxnreg)
+        static_report(not a.global_tables, a.maxnreg, a.pf)
