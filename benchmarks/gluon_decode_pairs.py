@@ -515,9 +515,61 @@ def run_checks():
     print(f"SDPA bf16, KV heads expanded to 32: {bench(lambda: sdpa(q, k16, v16)):.1f} us")
 
 
+def timing_case(T, H, g, seed=0):
+    """Random packed codes (uniformly random bytes: every code and bit pattern) and tables on the GPU for timing at
+    long contexts, without the reference's int64 code tensors; query heads beyond the GQA group g are zero."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    c = make_case(32, H)  # small case: codebooks, scales, frequencies, queries
+    row = 3 * D // 8
+    c["KC"] = torch.randint(0, 256, (H, T, row), generator=gen, device="cuda", dtype=torch.uint8)
+    c["VC"] = torch.randint(0, 256, (H, T, row), generator=gen, device="cuda", dtype=torch.uint8)
+    c["VS"] = (torch.rand(H, T, generator=gen, device="cuda") * 0.5 + 0.05).half()
+    c["VZ"] = (torch.randn(H, T, generator=gen, device="cuda") * 0.2).half()
+    c["Q"][:, g:] = 0
+    return c
+
+
+def run_sweep():
+    """The kernel (L2 prefetch) against bf16 SDPA (GQA-aware) at 32K-512K for the Llama-3-8B (8 KV heads, GQA 4)
+    and Llama-2-7B (32 heads, MHA) shapes, batch 1, one layer, side by side in one process; the kernel alone, and
+    with the reduce (kernel + reduce replayed as one CUDA graph)."""
+    from triton.testing import do_bench
+
+    def bench(fn):
+        return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for name, H, g in (("llama3-8b", 8, 4), ("llama2-7b", 32, 1)):
+        for T in (32768, 131072, 524288):
+            c = timing_case(T, H, g)
+            tb = tables(c)
+            best = None
+            for nsplit in (1024 // H, 2048 // H):
+                go, merge = launch(c, tb, T, H, nsplit, pf=2)
+                go(), merge()  # compile, then the pair as one CUDA graph: no host launch gaps in the timing
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    go()
+                    merge()
+                alone, merged = bench(go), bench(graph.replay)
+                best = min(best or (merged, alone, nsplit), (merged, alone, nsplit))
+                print(f"{name} {T}: pairs kernel {nsplit} splits: {alone:.1f} us alone, {merged:.1f} us with the "
+                      "reduce")
+            del c, tb
+            kf = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
+            vf = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
+            q = torch.randn(1, H * g, 1, D, device="cuda", dtype=torch.bfloat16)
+            us = bench(lambda q_=q, k_=kf, v_=vf, gq=g > 1: sdpa(q_, k_, v_, enable_gqa=gq))
+            del kf, vf
+            print(f"{name} {T}: SDPA bf16 {us:.1f} us; pairs kernel best {best[0]:.1f} us with the reduce "
+                  f"({best[2]} splits): {us / best[0]:.2f}x SDPA ({us / best[1]:.2f}x kernel alone)")
+            torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", action="store_true", help="on CUDA: correctness against PyTorch and timing at 128K")
+    ap.add_argument("--sweep", action="store_true", help="on CUDA: 32K-512K, two shapes, against SDPA")
     ap.add_argument("--profile", default=None, help="on CUDA: launch one variant twice at 128K for ncu, given as "
                     "smem,maxnreg,splits (e.g. 1,0,128; maxnreg 0 = none)")
     ap.add_argument("--global-tables", action="store_true", help="static report: the tables in global memory")
@@ -527,6 +579,8 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.run:
         run_checks()
+    elif a.sweep:
+        run_sweep()
     elif a.profile:
         sm, mr, ns = (int(x) for x in a.profile.split(","))
         cc = make_case(131072, 8)
