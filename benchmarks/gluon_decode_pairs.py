@@ -478,8 +478,8 @@ def run_checks():
     def bench(fn):
         return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
-    # run 38 also measured the tables in global memory (L1) and register caps: all slower (see gpu_notes.md)
-    # runs 38-40 also measured the tables in global memory (L1) and register caps: all slower (see gpu_notes.md)
+    # runs 38 and 40 also measured the tables in global memory (L1) and register caps: all slower (see gpu_notes.md)
+    # runs 38 and 40 also measured the tables in global memory (L1) and register caps: all slower (see gpu_notes.md)
     variants = ((None, 0, (128,)), (None, 2, (128, 192)), (None, 1, (128, 192)), (168, 2, (192,)))
     for maxnreg, pf, _ in variants:
         for T, pos0 in ((4096, 0), (3000, 12345), (77, 5)):
