@@ -73,8 +73,10 @@ def _rope2(k1, k2, c, s):
 @gluon.jit
 def _to_operand(x, layout: gl.constexpr, R: gl.constexpr):
     """[R, 16] int32 fp16 pairs (pair p = operand K indices 2 p, 2 p + 1) -> the [R, 32] fp16 operand."""
-    lo, hi = _unpack(x)
-    return gl.convert_layout(gl.reshape(gl.join(lo, hi), [R, 32]), layout, assert_trivial=True)
+    x2 = gl.reshape(gl.join(x, x), [R, 32])  # each pair's word twice: the two elements' slots
+    # pack=2: one asm per two elements, whose fp16 results form one 32-bit register: the word itself
+    h = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [x2], dtype=gl.float16, is_pure=True, pack=2)
+    return gl.convert_layout(h, layout, assert_trivial=True)
 
 
 @gluon.jit
@@ -144,8 +146,8 @@ def _entry(w, h, rw, rh, lane4):
     """Byte offset of the pair-table entry of a channel pair: w rotated right by rw puts its 4 low-plane bits at
     bits 7-10, h rotated by rh its 2 high-plane bits at 11-12, OR 4 lane (bits 2-6)."""
     return gl.inline_asm_elementwise(
-        "{ .reg .b32 a, b; shf.r.wrap.b32 a, $1, $1, $3; shf.r.wrap.b32 b, $2, $2, $4; and.b32 a, a, 0x780; "
-        "and.b32 b, b, 0x1800; or.b32 a, a, $5; or.b32 $0, a, b; }",
+        "{ .reg .b32 a, b; shf.r.wrap.b32 a, $1, $1, $3; shf.r.wrap.b32 b, $2, $2, $4; "
+        "lop3.b32 a, a, 0x780, $5, 0xEA; lop3.b32 $0, b, 0x1800, a, 0xEA; }",  # (x & mask) | y, twice
         "=r,r,r,r,r,r", [w, h, rw, rh, lane4], dtype=gl.int32, is_pure=True, pack=1)
 
 
@@ -479,8 +481,8 @@ def run_checks():
         return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
     # runs 38 and 40 also measured the tables in global memory (L1) and register caps: all slower (see gpu_notes.md)
-    # runs 38 and 40 also measured the tables in global memory (L1) and register caps: all slower (see gpu_notes.md)
-    variants = ((None, 0, (128,)), (None, 2, (128, 192)), (None, 1, (128, 192)), (168, 2, (192,)))
+    # and run 41 the prefetch into L1 (the same as L2) or none (6% slower)
+    variants = ((None, 2, (128,)),)
     for maxnreg, pf, _ in variants:
         for T, pos0 in ((4096, 0), (3000, 12345), (77, 5)):
             c = make_case(T, 2)
