@@ -40,7 +40,7 @@ from ptx_count import resource_usage, sass_loop  # noqa: E402
 
 BT, D, N = 32, 128, 8
 SIG = {"KC": "*u8", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16", "KSZ": "*i32", "TAB": "*i32",
-       "CSP": "*i32", "INVF": "*fp32", "Q": "*fp16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32",
+       "CSP": "*i32", "BROT": "*fp32", "INVF": "*fp32", "Q": "*fp16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32",
        "n_tok": "i32", "chunk": "i32", "pos0": "i32", "qk_scale": "fp32", "skc": "i32", "svc": "i32", "skh": "i64",
        "svh": "i64", "NSPLIT": "i32"}
 
@@ -95,6 +95,23 @@ def _pick4(j: gl.constexpr, x0, x1, x2, x3):
 def _kchan(k, j: gl.constexpr):
     """Key channel of operand K index k (0..31) in chunk j: the 4 channels a thread holds are neighbours."""
     return 64 * (k // 16) + 16 * j + 4 * ((k % 16) // 2 % 4) + 2 * ((k % 16) // 8) + k % 2
+
+
+@gluon.jit
+def _rot_q(qj, ang_or_tab, j: gl.constexpr, N: gl.constexpr, FROM_TABLE: gl.constexpr):
+    """R(a)^T applied to a query chunk [32, N] (K indices m and 16 + m are RoPE partners): the angle a of K index m
+    is ang_or_tab * theta (FROM_TABLE False: ang_or_tab = (position, INVF)) or read from a cos/sin table (True:
+    ang_or_tab = pointer to 16 cos then 16 sin)."""
+    qa, qb = gl.split(gl.permute(gl.reshape(qj.to(gl.float32), [2, 16, N]), [1, 2, 0]))
+    mq = gl.arange(0, 16, layout=gl.SliceLayout(1, qa.type.layout))
+    if FROM_TABLE:
+        ca = gl.load(ang_or_tab + mq)[:, None]
+        sa = gl.load(ang_or_tab + 16 + mq)[:, None]
+    else:
+        pos, INVF = ang_or_tab
+        ca, sa = _cos_sin(pos * gl.load(INVF + _kchan(mq, j)))
+        ca, sa = ca[:, None], sa[:, None]
+    return gl.reshape(gl.permute(gl.join(qa * ca + qb * sa, qb * ca - qa * sa), [2, 0, 1]), [32, N]).to(gl.float16)
 
 
 @gluon.jit
@@ -189,7 +206,7 @@ def _movmatrix_t(x):
 
 
 @gluon.jit
-def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, INVF, Q, PACC, PM, PL, n_tok, chunk, pos0, qk_scale,
+def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, BROT, INVF, Q, PACC, PM, PL, n_tok, chunk, pos0, qk_scale,
                   skc, svc, skh, svh, NSPLIT, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr,
                   SMEM: gl.constexpr, PF: gl.constexpr):
     """One KV head's tokens [pid * chunk, pid * chunk + chunk) of the 3-bit head-group storage; arguments as in
@@ -249,10 +266,13 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, INVF, Q, PACC, PM, PL, n_tok, c
     v_tok = 8 * phw + mlw  # the token of a value pair before the transpose
     bk = gl.arange(0, 32, layout=gl.SliceLayout(1, b_l))
     bn = gl.arange(0, N, layout=gl.SliceLayout(0, b_l))
-    q0 = _q_chunk(Q, bn, bk, 0, qk_scale, D)
-    q1 = _q_chunk(Q, bn, bk, 1, qk_scale, D)
-    q2 = _q_chunk(Q, bn, bk, 2, qk_scale, D)
-    q3q = _q_chunk(Q, bn, bk, 3, qk_scale, D)
+    # the query chunks rotated back by the split's first position (RoPE(p + tau) = RoPE(tau) RoPE(p)); each block
+    # then rotates them by its offset b BT in the split, from the table BROT
+    p_split = (pos0 + lo_t).to(gl.float32)
+    q0 = _rot_q(_q_chunk(Q, bn, bk, 0, qk_scale, D), (p_split, INVF), 0, N, False)
+    q1 = _rot_q(_q_chunk(Q, bn, bk, 1, qk_scale, D), (p_split, INVF), 1, N, False)
+    q2 = _rot_q(_q_chunk(Q, bn, bk, 2, qk_scale, D), (p_split, INVF), 2, N, False)
+    q3q = _rot_q(_q_chunk(Q, bn, bk, 3, qk_scale, D), (p_split, INVF), 3, N, False)
     c_l: gl.constexpr = gl.SliceLayout(1, mma)
     h_l: gl.constexpr = gl.SliceLayout(0, mma)
     tc_ = gl.arange(0, BT, layout=c_l)
@@ -279,7 +299,6 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, INVF, Q, PACC, PM, PL, n_tok, c
         tmask = (t0 + tc_) < hi_t
         vsc = gl.load(VS + t0 + tc_, mask=tmask, other=0.0).to(gl.float32)
         vzr = gl.load(VZ + t0 + tc_, mask=tmask, other=0.0).to(gl.float32)
-        p0 = (pos0 + t0).to(gl.float32)
         s = gl.zeros([BT, N], gl.float32, layout=mma)
         # the block's key rows, 16 bytes per load: low-plane words [token, 8] and high-plane half-words [token, 8]
         kmask = (t0 + trow) < hi_t
@@ -304,13 +323,8 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, INVF, Q, PACC, PM, PL, n_tok, c
             r1, r2 = _rope2(k1, k2, c, sn)
             kr = _to_operand(gl.reshape(gl.permute(gl.join(r1, r2), [0, 2, 1]), [BT, 16]), a_l, BT)
             # the query chunk rotated back by the block start p0 (RoPE(p0 + tau) = RoPE(tau) RoPE(p0))
-            qj = _pick4(j, q0, q1, q2, q3q).to(gl.float32)
-            cz, sz = _cos_sin(p0 * gl.load(INVF + _kchan(bk, j) % 64))
-            qa, qb = gl.split(gl.permute(gl.reshape(qj, [2, 16, N]), [1, 2, 0]))
-            ca, _c2 = gl.split(gl.permute(gl.reshape(cz[:, None] + 0.0 * qj, [2, 16, N]), [1, 2, 0]))
-            sa, _s2 = gl.split(gl.permute(gl.reshape(sz[:, None] + 0.0 * qj, [2, 16, N]), [1, 2, 0]))
-            qr = gl.reshape(gl.permute(gl.join(qa * ca + qb * sa, qb * ca - qa * sa), [2, 0, 1]), [32, N])
-            s = mma_v2(kr, gl.convert_layout(qr.to(gl.float16), b_l), s)
+            qr = _rot_q(_pick4(j, q0, q1, q2, q3q), BROT + ((t0 - lo_t) // BT * 4 + j) * 32, j, N, True)
+            s = mma_v2(kr, gl.convert_layout(qr, b_l), s)
         # online softmax over the block's tokens (axis 0), base 2 (qk_scale holds log2 e / sqrt(D))
         s = gl.where(tmask[:, None], s, -1.0e30)
         m_new = gl.maximum(m_i, gl.max(s, 0))
@@ -381,13 +395,23 @@ def fragment_rope_table(tau: torch.Tensor) -> torch.Tensor:
     return cs[:, tok.to(cs.device), cp.to(cs.device)].permute(1, 0, 2, 3).contiguous()  # [4, 2, 8, 32]
 
 
-def tables(c):
-    """The kernel's extra inputs, built from the study's case."""
+def block_rope_table(inv_freq: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """[n_blocks, 4, 2, 16] fp32: for the block offset b BT in a split, chunk j, cos / sin of b BT theta for the query
+    K index m (< 16) of chunk j, i.e. channel _kchan(m, j) (computed in float64)."""
+    m = torch.arange(16)
+    ch = (16 * torch.arange(4)[:, None] + 4 * ((m // 2) % 4) + 2 * (m // 8) + m % 2).to(inv_freq.device)  # [4, 16]
+    ang = (torch.arange(n_blocks, device=inv_freq.device).double() * BT)[:, None, None] * inv_freq.double()[ch]
+    return torch.stack([ang.cos(), ang.sin()], 2).float().contiguous()
+
+
+def tables(c, n_tok=None):
+    """The kernel's extra inputs, built from the study's case (n_tok: the longest split, default the whole case)."""
     dev = c["KLUT"].device
     tau = torch.arange(BT, device=dev).float()[:, None] * c["INVF"][None, :]  # [BT, D/2]
+    n_tok = n_tok or c["KC"].shape[1]
     return dict(TAB=torch.cat([pair_table(c["KLUT"]), pair_table(c["VLUT"])]).contiguous(),
                 KSZ=torch.stack([half_pairs(c["KS"]), half_pairs(c["KZ"])], 1).contiguous(),  # [H, 2, D/2]
-                CSP=fragment_rope_table(tau))
+                CSP=fragment_rope_table(tau), BROT=block_rope_table(c["INVF"], math.ceil(n_tok / BT) + 1))
 
 
 def static_report(smem=True, maxnreg=None, pf=0):
@@ -403,7 +427,7 @@ def static_report(smem=True, maxnreg=None, pf=0):
           f"triton {triton.__version__}, sm_90: {resource_usage(k.asm['cubin'])}, shared {k.metadata.shared} B, "
           f"SASS {tot} instructions, hot loop {loop} ({loop / (2 * BT * D / 32):.1f} per element and thread), "
           f"{loc} local loads/stores")
-    print("   hot loop:", ", ".join(f"{o} {c}" for o, c in ops.most_common(18)))
+    print("   hot loop:", ", ".join(f"{o} {c}" for o, c in ops.most_common(40)))
 
 
 def launch(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True, pf=0):
@@ -420,7 +444,7 @@ def launch(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True, pf=0):
     opt = {} if maxnreg is None else {"maxnreg": maxnreg}
 
     def go():
-        _decode_split[(nsplit, H)](c["KC"], c["VC"], c["VS"], c["VZ"], tb["KSZ"], tb["TAB"], tb["CSP"],
+        _decode_split[(nsplit, H)](c["KC"], c["VC"], c["VS"], c["VZ"], tb["KSZ"], tb["TAB"], tb["CSP"], tb["BROT"],
                                    c["INVF"], c["Q"], pacc, pm, pl, T, chunk, pos0, qk, c["KC"].stride(1),
                                    c["VC"].stride(1), c["KC"].stride(0), c["VC"].stride(0), nsplit, BT=BT, D=D, N=N,
                                    SMEM=smem, PF=pf, num_warps=1, **opt)
