@@ -154,6 +154,9 @@ KW_L = gl.constexpr(gl.SliceLayout(2, P3))  # [token, half]: a key word, shared 
 KROW = gl.constexpr(gl.DistributedLinearLayout(
     reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0], [16, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
     warp_bases=[], block_bases=[], shape=[BT, 8]))
+KROW4 = gl.constexpr(gl.DistributedLinearLayout(  # the same for the 4 high-plane words of a row
+    reg_bases=[[0, 1], [0, 2], [8, 0], [16, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+    warp_bases=[], block_bases=[], shape=[BT, 4]))
 KC_L = gl.constexpr(gl.SliceLayout(1, P3))  # [token, p]: per channel pair below 64
 KS_L = gl.constexpr(gl.SliceLayout(0, P3))  # [half, p]: per channel pair
 
@@ -243,12 +246,15 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, BROT, INVF, Q, PACC, PM, PL, n_
     q3 = gl.arange(0, 8, layout=P3_P)[None, None, :]
     k_base = 4 * ((q3 % 4) + 4 * (t3 % 8))
     k_rw = (2 * (4 * (q3 % 4) + 2 * (q3 // 4)) - 7) & 31  # first channel's low-plane bit -> bit 7
-    k_rh = (4 * (q3 % 4) + 2 * (q3 // 4) - 11) & 31  # its high-plane bit -> bit 11
+    k_rh = (4 * (q3 % 4) + 2 * (q3 // 4) - 11) & 31  # its high-plane bit -> bit 11 (half-word 0 of a word)
+    k_rh16 = (k_rh + 16) & 31  # (half-word 1)
     hs = gl.arange(0, 2, layout=gl.SliceLayout(1, KS_L))[:, None]
     qs = gl.arange(0, 8, layout=gl.SliceLayout(0, KS_L))[None, :]
     ks_off = 32 * hs + 2 * (qs % 4) + qs // 4  # channel pair (without the 8 j)
     trow = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW))[:, None]
     wcol = gl.arange(0, 8, layout=gl.SliceLayout(0, KROW))[None, :]
+    trow4 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW4))[:, None]
+    hcol = gl.arange(0, 4, layout=gl.SliceLayout(0, KROW4))[None, :]
     tcs = gl.arange(0, BT, layout=gl.SliceLayout(1, KC_L))[:, None]
     qcs = gl.arange(0, 8, layout=gl.SliceLayout(0, KC_L))[None, :]
     # fragment order: register s + 2 (tau // 8 % 2) + 4 (tau // 16) of lane p % 4 + 4 (tau % 8), s = p // 4
@@ -259,7 +265,8 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, BROT, INVF, Q, PACC, PM, PL, n_
     pl5 = gl.arange(0, 4, layout=V5_PL)[None, None, None, None, :]
     v_base = 4 * (pl5 + 4 * ml5) + 0 * mh5
     v_rw = (2 * (8 * mh5 + 2 * pl5) - 7) & 31
-    v_rh = (8 * mh5 + 2 * pl5 - 11) & 31
+    sw5 = gl.arange(0, 2, layout=V5_SW)[:, None, None, None, None]
+    v_rh = (8 * mh5 + 2 * pl5 - 11 + 16 * sw5) & 31  # high-plane word i holds half-words 2 i + sw
     sww = gl.arange(0, 2, layout=VW_SW)[:, None, None]
     mlw = gl.arange(0, 8, layout=VW_ML)[None, :, None]
     phw = gl.arange(0, 4, layout=VW_PH)[None, None, :]
@@ -284,9 +291,7 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, BROT, INVF, Q, PACC, PM, PL, n_
     acc2 = gl.zeros([32, N], gl.float32, layout=mma)
     acc3 = gl.zeros([32, N], gl.float32, layout=mma)
     KC32 = KC.to(gl.pointer_type(gl.int32))
-    KC16 = KC.to(gl.pointer_type(gl.int16))
     VC32 = VC.to(gl.pointer_type(gl.int32))
-    VC16 = VC.to(gl.pointer_type(gl.int16))
     pf_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))
     for t0 in range(lo_t, hi_t, BT):
         if PF > 0:  # the next block's rows (a row start per lane touches every line: rows are < 128 bytes)
@@ -300,21 +305,22 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, BROT, INVF, Q, PACC, PM, PL, n_
         vsc = gl.load(VS + t0 + tc_, mask=tmask, other=0.0).to(gl.float32)
         vzr = gl.load(VZ + t0 + tc_, mask=tmask, other=0.0).to(gl.float32)
         s = gl.zeros([BT, N], gl.float32, layout=mma)
-        # the block's key rows, 16 bytes per load: low-plane words [token, 8] and high-plane half-words [token, 8]
+        # the block's key rows, 16 bytes per load: low-plane words [token, 8], high-plane words [token, 4] (read as
+        # 32-bit words: half-word 4 half + j is half j % 2 of word 2 half + j // 2, no sign extension)
         kmask = (t0 + trow) < hi_t
         wrow = gl.load(KC32 + (t0 + trow) * (skc // 4) + wcol, mask=kmask, other=0)
-        hrow = gl.load(KC16 + (t0 + trow) * (skc // 2) + D // 8 + wcol, mask=kmask, other=0).to(gl.int32)
+        hrow = gl.load(KC32 + (t0 + trow4) * (skc // 4) + D // 16 + hcol, mask=(t0 + trow4) < hi_t, other=0)
         wrow = gl.reshape(wrow, [BT, 2, 2, 2])  # word 4 half + 2 jh + jl
-        hrow = gl.reshape(hrow, [BT, 2, 2, 2])
         w_l0, w_l1 = gl.split(wrow)
-        h_l0, h_l1 = gl.split(hrow)
+        h_w0, h_w1 = gl.split(gl.reshape(hrow, [BT, 2, 2]))  # word 2 half + j // 2
         for j in gl.static_range(4):
             # the words of chunk j (channels 64 half + 16 j ..): low-plane word 4 half + j, high-plane half-word
             w = _pick4(j, gl.split(w_l0)[0], gl.split(w_l1)[0], gl.split(w_l0)[1], gl.split(w_l1)[1])
-            h = _pick4(j, gl.split(h_l0)[0], gl.split(h_l1)[0], gl.split(h_l0)[1], gl.split(h_l1)[1])
+            h = h_w0 if j < 2 else h_w1
             w = gl.convert_layout(w, KW_L, assert_trivial=True)
             h = gl.convert_layout(h, KW_L, assert_trivial=True)
-            lev = _lookup(w[:, :, None], h[:, :, None], k_rw, k_rh, k_base, TAB, SMEM, 0)
+            rh = k_rh if j % 2 == 0 else k_rh16
+            lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, TAB, SMEM, 0)
             ksz = ks_off + 8 * j
             k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
             k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
@@ -337,7 +343,7 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, CSP, BROT, INVF, Q, PACC, PM, PL, n_
         vmask = (t0 + v_tok) < hi_t
         for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
             w = gl.load(VC32 + (t0 + v_tok) * (svc // 4) + 2 * i + sww, mask=vmask, other=0)
-            h = gl.load(VC16 + (t0 + v_tok) * (svc // 2) + D // 8 + 2 * i + sww, mask=vmask, other=0).to(gl.int32)
+            h = gl.load(VC32 + (t0 + v_tok) * (svc // 4) + D // 16 + i + 0 * sww, mask=vmask, other=0)
             lev = _movmatrix_t(_lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, TAB,
                                        SMEM, 1))
             vt = _to_operand(gl.reshape(lev, [32, BT // 2]), a_l, 32)
