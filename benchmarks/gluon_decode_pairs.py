@@ -1,22 +1,39 @@
-"""Study (not part of the library): the Gluon decode split of ``gluon_decode_study.py`` rebuilt around pair tables,
-for the same simplest storage (3-bit head-group keys and values, head_dim 128, no outlier slots, contiguous
-positions, no mask).
+"""Study (not part of the library yet): the Gluon decode split of ``gluon_decode_study.py`` rebuilt around pair
+tables, for the same simplest storage (3-bit head-group keys and values, head_dim 128, no outlier slots, contiguous
+positions, no mask). It writes split-K partials [KV head, query head, split, D] that the library's reduce kernel
+merges.
 
-What changes against ``gluon_decode_study.py`` (run 36: 292 us at 128K, 14.5 SASS instructions per element):
-- **Pair tables.** Two neighbouring codes of an MMA operand register (two channels of a key, two tokens of a value
-  channel) form a 6-bit index: their low-plane bits and their high-plane bits, read in place from the packed words.
-  One 32-bit load from a 64-entry table of fp16 pairs gives both levels. The table is replicated per lane (entry e
-  of lane l at word 32 e + l), so a warp's lookup touches one 128-byte line: it stays in L1 and never conflicts.
-- **Channel order inside an MMA chunk** is chosen so that a thread's channels are neighbours in the packed words
-  (keys: the 4 channels of a thread in one byte of the low plane; values: 2 channels per word).
-- **fp16x2 arithmetic** (inline PTX ``fma.rn.f16x2``): the per-channel key scale/zero and RoPE work on the pairs as
-  loaded, two elements per instruction. The key's RoPE angles come from a [block offset, channel pair] table of
-  fp16 pairs; the query is rotated back by the block start as before.
-The rest (tokens as the MMA's M, online softmax in the warp, O^T = V^T P^T, split-K partials) is the study's.
+What changes against ``gluon_decode_study.py`` (run 36: about 250 us at 128K, 3716 SASS instructions per block):
+- **Pair tables in shared memory.** Two neighbouring codes of an MMA operand register (two channels of a key, two
+  channels of a value before the transpose) form a 6-bit index from their low-plane and high-plane bits, read in
+  place from the packed words (two funnel shifts and two ``lop3``). One ``LDS`` from a 64-entry table of fp16 pairs
+  gives both levels. The table is replicated per lane (entry e of lane l at word 32 e + l): any index pattern is
+  free of bank conflicts. The looked-up word is the MMA operand register itself (no unpack and repack).
+- **Channel order inside an MMA chunk** chosen so that a thread's channels are neighbours in the packed words (keys:
+  4 channels of a thread in one byte of the low plane; values: 2 channels per word).
+- **Values** are looked up as channel pairs of a token, like keys, and ``movmatrix.trans`` turns each register into
+  the token pair that the V^T operand needs.
+- **fp16x2 arithmetic** (inline PTX ``fma.rn.f16x2``): the per-channel key scale/zero and RoPE, two elements per
+  instruction. The keys' RoPE angles come from a [block offset, channel pair] table stored in the order the threads
+  hold it (one 128-byte line per warp-wide load). The query is rotated by the split's first position once, then by
+  each block's offset from a small [block, chunk, cos/sin] table: no MUFU in the loop.
+- **Loads**: key rows as 16-byte loads, high-plane codes as 32-bit words, and a PTX prefetch of the next block's
+  rows into L2.
+
+Measured on an H200 (benchmarks/gpu_runs/run37..run44, notes in gpu_notes.md): run 44, 106.4 us alone at 128K for
+the Llama-3-8B shape; with the reduce, in one CUDA graph, 1.19-1.24x bf16 SDPA at 32K-512K for the Llama-3-8B and
+Llama-2-7B shapes. Static (triton 3.6, sm_90): 246 registers, no spills, 16 KB of shared memory, hot loop 1504 SASS
+instructions per 32-token block and warp.
 
     PYTHONPATH=src python benchmarks/gluon_decode_pairs.py          # compile for sm_90, print static SASS counts
     PYTHONPATH=src python benchmarks/gluon_decode_pairs.py --mirror # CPU: the tables and index math in PyTorch
     PYTHONPATH=src python benchmarks/gluon_decode_pairs.py --run    # CUDA: check against PyTorch, time at 128K
+    PYTHONPATH=src python benchmarks/gluon_decode_pairs.py --sweep  # CUDA: 32K-512K, two shapes, against SDPA
+    ncu ... python benchmarks/gluon_decode_pairs.py --profile 1,0,128 --pf 2   # one variant, launched twice
+
+The shared tables are read through inline PTX at the address of Triton's dynamic shared memory (symbol
+``global_smem``): Gluon 3.6 has no indexed shared-memory load. The kernel therefore keeps its allocation alive to the
+end and checks at compile time that it is the only one (16384 bytes in all).
 """
 
 from __future__ import annotations
@@ -428,6 +445,8 @@ def static_report(smem=True, maxnreg=None, pf=0):
                          attrs=attrs)
     opt = {} if maxnreg is None else {"maxnreg": maxnreg}
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1, **opt))
+    if smem:  # the tables must be the only shared allocation (offset 0 of global_smem, where the inline PTX reads)
+        assert k.metadata.shared == 16384, f"shared memory {k.metadata.shared} B: another allocation beside the tables"
     tot, loop, ops, loc = sass_loop(k.asm["cubin"])
     print(f"tables in {'shared memory' if smem else 'global memory (L1)'}, maxnreg {maxnreg}, prefetch {pf}: "
           f"triton {triton.__version__}, sm_90: {resource_usage(k.asm['cubin'])}, shared {k.metadata.shared} B, "
@@ -450,10 +469,10 @@ def launch(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True, pf=0):
     opt = {} if maxnreg is None else {"maxnreg": maxnreg}
 
     def go():
-        _decode_split[(nsplit, H)](c["KC"], c["VC"], c["VS"], c["VZ"], tb["KSZ"], tb["TAB"], tb["CSP"], tb["BROT"],
-                                   c["INVF"], c["Q"], pacc, pm, pl, T, chunk, pos0, qk, c["KC"].stride(1),
-                                   c["VC"].stride(1), c["KC"].stride(0), c["VC"].stride(0), nsplit, BT=BT, D=D, N=N,
-                                   SMEM=smem, PF=pf, num_warps=1, **opt)
+        return _decode_split[(nsplit, H)](
+            c["KC"], c["VC"], c["VS"], c["VZ"], tb["KSZ"], tb["TAB"], tb["CSP"], tb["BROT"], c["INVF"], c["Q"], pacc,
+            pm, pl, T, chunk, pos0, qk, c["KC"].stride(1), c["VC"].stride(1), c["KC"].stride(0), c["VC"].stride(0),
+            nsplit, BT=BT, D=D, N=N, SMEM=smem, PF=pf, num_warps=1, **opt)
 
     def merge():
         _reduce_kernel[(H * N,)](pacc, pm, pl, out, 0, D, H * N, nsplit, SP=triton.next_power_of_2(nsplit), D=D,
@@ -465,7 +484,9 @@ def launch(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True, pf=0):
 
 def run_kernel(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True, pf=0):
     go, merge = launch(c, tb, T, H, nsplit, pos0, maxnreg, smem, pf)
-    go()
+    k = go()
+    if smem:  # the tables must be the only shared allocation (offset 0 of global_smem, where the inline PTX reads)
+        assert k.metadata.shared == 16384, f"shared memory {k.metadata.shared} B: another allocation beside the tables"
     return merge()
 
 

@@ -1,4 +1,4 @@
-"""Study (not part of the library; never run yet): the register-layout decode kernel planned in
+"""Study (not part of the library): the register-layout decode kernel planned in
 benchmarks/gpu_notes.md, in Gluon, for the simplest storage. That storage is 3-bit keys and values, head_dim 128,
 head-group values, no outlier slots, contiguous positions and no mask. It writes split-K partials like the library's
 kernels.
@@ -21,7 +21,9 @@ move from the accumulator to the B operand.
     PYTHONPATH=src python benchmarks/gluon_decode_study.py --mirror # CPU: the same algorithm in PyTorch
 
 The mirror (the kernel's chunks, word extraction, rotations, online softmax and merge, op for op in PyTorch) matches
-the reference to 8e-5 and 1.3e-4 (fp16 rounding), so the index math is right; the Gluon code itself has not run.
+the reference to 8e-5 and 1.3e-4 (fp16 rounding). On an H200 (run 36, benchmarks/gpu_runs/run36_gluon_study.txt) the
+kernel matched the reference to 5e-5 / 6e-5 and took 292 us at 128K with a torch merge of the splits (about 250 us
+alone; predicted 180-250). ``gluon_decode_pairs.py`` rebuilds it on pair tables: 106 us (run 44).
 
 Static result (triton 3.6, sm_90, 2026-11-30): 255 registers, 9 local loads/stores, 512 B of shared memory.
 - The hot loop is 3716 SASS instructions per 32-token block on one warp, i.e. 14.5 per key or value element per
