@@ -384,6 +384,11 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
             _prefetch(VC + nxt * svc, pmask, PF)
             _prefetch(VS + nxt, pmask, PF)
             _prefetch(VZ + nxt, pmask, PF)
+            if SLOTS:  # and the slots (each a dependent chain: channel -> code words -> codebook)
+                _prefetch(KOI + nxt, pmask, PF)
+                _prefetch(KOV + nxt, pmask, PF)
+                _prefetch(VOI + nxt, pmask, PF)
+                _prefetch(VOV + nxt, pmask, PF)
         tmask = (t0 + tc_) < hi_t
         vsc = gl.load(VS + t0 + tc_, mask=tmask, other=0.0).to(gl.float32)
         vzr = gl.load(VZ + t0 + tc_, mask=tmask, other=0.0).to(gl.float32)
