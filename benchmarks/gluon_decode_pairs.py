@@ -60,7 +60,7 @@ SIG = {"KC": "*u8", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16", "KSZ": "*i32", "T
        "KZ": "*fp16", "KLUT": "*fp16", "VLUT": "*fp16", "KOI": "*u8", "KOV": "*fp16", "VOI": "*u8", "VOV": "*fp16",
        "CSP": "*i32", "BROT": "*fp32", "INVF": "*fp32", "Q": "*fp16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32",
        "n_tok": "i32", "chunk": "i32", "pos0": "i32", "qk_scale": "fp32", "skc": "i32", "svc": "i32", "skh": "i64",
-       "svh": "i64", "NSPLIT": "i32"}
+       "svh": "i64", "NSPLIT": "i32", "G": "i32"}
 
 
 # ---------------------------------------------------------------------------------------------------- fp16x2 helpers
@@ -273,16 +273,18 @@ def _movmatrix_t(x):
 
 @gluon.jit
 def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, VOV, CSP, BROT, INVF, Q, PACC, PM,
-                  PL, n_tok, chunk, pos0, qk_scale, skc, svc, skh, svh, NSPLIT, BT: gl.constexpr, D: gl.constexpr,
+                  PL, n_tok, chunk, pos0, qk_scale, skc, svc, skh, svh, NSPLIT, G, BT: gl.constexpr, D: gl.constexpr,
                   N: gl.constexpr, SMEM: gl.constexpr, PF: gl.constexpr, SLOTS: gl.constexpr):
     """One KV head's tokens [pid * chunk, pid * chunk + chunk) of the 3-bit head-group storage; arguments as in
     gluon_decode_study._decode_split, except: KSZ [H, 2, D/2] int32 (key scale, key zero as fp16 pairs per channel
     pair), TAB [128, 32] int32 (lane-replicated pair tables of the key, then the value codebook; copied to shared
     memory), CSP [4 (chunk), 2 (cos, sin), 8 (register), 32 (lane)] int32: cos and sin of offset * theta as fp16
     pairs, in the order the threads hold them (one 128-byte line per warp-wide load; see fragment_rope_table).
-    SLOTS: one exact fp16 outlier per key and per value vector (nuq3-1% at head_dim 128), channel KOI / VOI [H, T]
+    SLOTS 1: one exact fp16 outlier per key and per value vector (nuq3-1% at head_dim 128), channel KOI / VOI [H, T]
     uint8 and value KOV / VOV [H, T]; KS / KZ [H, D] fp16 and the codebooks KLUT / VLUT [8] serve their
-    corrections. A key slot adds its score correction, delta x (R(p)^T q)_c, to the scores; a value slot adds
+    corrections. SLOTS 2: the slots hold the residual (exact - dequantised) instead, a format the append kernel
+    could write: no code lookup at decode time. G: query heads per KV head (the rest of N is padding).
+    A key slot adds its score correction, delta x (R(p)^T q)_c, to the scores; a value slot adds
     p x delta to one output channel through shared-memory atomics into a [D, N] buffer (rescaled when a running
     max grows), added to the accumulators at the end."""
     pid = gl.program_id(0)
@@ -423,14 +425,17 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
             tk = t0 + tl_tok
             mk = tk < hi_t
             ci = gl.load(KOI + tk, mask=mk, other=0).to(gl.int32)
-            code = _code3(KC32, tk * (skc // 4), ci, mk, D)
-            deq = (gl.load(KLUT + code).to(gl.float32) * gl.load(KS + ci).to(gl.float32)
-                   + gl.load(KZ + ci).to(gl.float32))
-            dk = gl.where(mk, gl.load(KOV + tk, mask=mk, other=0.0).to(gl.float32) - deq, 0.0) * qk_scale
+            dk = gl.load(KOV + tk, mask=mk, other=0.0).to(gl.float32)
+            if SLOTS == 1:  # exact values: delta = exact - dequantised, from the codes
+                code = _code3(KC32, tk * (skc // 4), ci, mk, D)
+                dk -= (gl.load(KLUT + code).to(gl.float32) * gl.load(KS + ci).to(gl.float32)
+                       + gl.load(KZ + ci).to(gl.float32))
+            dk = gl.where(mk, dk, 0.0) * qk_scale  # SLOTS 2: the slot holds the residual itself
             cs, sn = _cos_sin((pos0 + tk).to(gl.float32) * gl.load(INVF + ci % 64))
             sn = gl.where(ci < 64, sn, -sn)
-            qc = gl.load(Q + tl_h * D + ci[:, None]).to(gl.float32)
-            qp = gl.load(Q + tl_h * D + (ci ^ 64)[:, None]).to(gl.float32)
+            hm = tl_h < G  # the query heads of the GQA group only
+            qc = gl.load(Q + tl_h * D + ci[:, None], mask=hm, other=0.0).to(gl.float32)
+            qp = gl.load(Q + tl_h * D + (ci ^ 64)[:, None], mask=hm, other=0.0).to(gl.float32)
             # to the score layout through the staging area at 4096 (Triton's convert_layout would add an allocation)
             _sts(4096 + (tl_tok[:, None] * N + tl_h) * 4, dk[:, None] * (qc * cs[:, None] + qp * sn[:, None]))
             _warp_sync(n_tok)
@@ -449,10 +454,12 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
                 ba = (br_ * N + oh_) * 4
                 _sts(ba, _lds(ba) * alpha[None, :])
             vci = gl.load(VOI + tk, mask=mk, other=0).to(gl.int32)
-            vcode = _code3(VC32, tk * (svc // 4), vci, mk, D)
-            vdeq = (gl.load(VLUT + vcode).to(gl.float32) * gl.load(VS + tk, mask=mk, other=0.0).to(gl.float32)
-                    + gl.load(VZ + tk, mask=mk, other=0.0).to(gl.float32))
-            dv = gl.where(mk, gl.load(VOV + tk, mask=mk, other=0.0).to(gl.float32) - vdeq, 0.0)
+            dv = gl.load(VOV + tk, mask=mk, other=0.0).to(gl.float32)
+            if SLOTS == 1:
+                vcode = _code3(VC32, tk * (svc // 4), vci, mk, D)
+                dv -= (gl.load(VLUT + vcode).to(gl.float32) * gl.load(VS + tk, mask=mk, other=0.0).to(gl.float32)
+                       + gl.load(VZ + tk, mask=mk, other=0.0).to(gl.float32))
+            dv = gl.where(mk, dv, 0.0)
             _sts(5120 + tl_tok * 4, dv)  # (token, channel, delta) to the score layout through the staging area
             _sts(5248 + tl_tok * 4, vci)
             _warp_sync(n_tok)  # the staged values and the rescale's writes before the reads and atomics
@@ -550,7 +557,7 @@ def tables(c, n_tok=None):
 def check_shared(k, slots):
     """The inline PTX reads the tables at offset 0 of Triton's shared memory and the slot buffer at 16384: the
     allocations must add up to exactly those buffers (a wrong placement shows as garbage in --run's checks)."""
-    want = 16384 + 8192 * slots
+    want = 16384 + 8192 * bool(slots)
     assert k.metadata.shared == want, f"shared memory {k.metadata.shared} B, the inline PTX expects {want} B"
 
 
@@ -591,7 +598,8 @@ def launch(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True, pf=0, slots=Fal
             c["KC"], c["VC"], c["VS"], c["VZ"], tb["KSZ"], tb["TAB"], c["KS"], c["KZ"], c["KLUT"], c["VLUT"],
             c["KOI"] if slots else c["KC"], c["KOV"] if slots else c["VS"], c["VOI"] if slots else c["KC"],
             c["VOV"] if slots else c["VS"], tb["CSP"], tb["BROT"], c["INVF"], c["Q"], pacc, pm, pl, T, chunk, pos0,
-            qk, c["KC"].stride(1), c["VC"].stride(1), c["KC"].stride(0), c["VC"].stride(0), nsplit, BT=BT, D=D, N=N,
+            qk, c["KC"].stride(1), c["VC"].stride(1), c["KC"].stride(0), c["VC"].stride(0), nsplit, c.get("G", 4),
+            BT=BT, D=D, N=N,
             SMEM=smem, PF=pf, SLOTS=slots, num_warps=1, **opt)
 
     def merge():
@@ -620,6 +628,17 @@ def add_slots(c, seed=1):
         c[n + "OI"] = torch.randint(0, D, (H, T), generator=g).to(torch.uint8).to(dev)
         c[n + "OV"] = (torch.randn(H, T, generator=g) * 4).half().to(dev)
     return c
+
+
+def residual_slots(c):
+    """A copy of the case whose slots hold the residual (exact - dequantised) instead of the exact value (SLOTS 2)."""
+    dev = c["KC"].device
+    h = torch.arange(c["VS"].shape[0], device=dev)[:, None]
+    t = torch.arange(c["VS"].shape[1], device=dev)[None, :]
+    ki, vi = c["KOI"].long(), c["VOI"].long()
+    kdeq = c["KLUT"].float()[c["kcodes"].to(dev)[h, t, ki]] * c["KS"].float()[h, ki] + c["KZ"].float()[h, ki]
+    vdeq = c["VLUT"].float()[c["vcodes"].to(dev)[h, t, vi]] * c["VS"].float() + c["VZ"].float()
+    return {**c, "KOV": (c["KOV"].float() - kdeq).half(), "VOV": (c["VOV"].float() - vdeq).half()}
 
 
 def reference_slots(c, T, H, pos0=0):
@@ -668,7 +687,7 @@ def mirror(c, T, H, pos0=0):
     return p @ v, Te
 
 
-def run_checks():
+def run_checks(quick=False):
     """Correctness first (against the float32 reference), then 128K timings side by side in one process: this
     kernel (alone, and with the torch merge), gluon_decode_study's kernel, the library's natural kernel on the same
     kind of storage, and bf16 SDPA (GQA, and with the KV heads expanded)."""
@@ -680,14 +699,15 @@ def run_checks():
 
     # runs 38 and 40 also measured the tables in global memory (L1) and register caps: all slower (see gpu_notes.md)
     # and run 41 the prefetch into L1 (the same as L2) or none (6% slower)
-    variants = ((None, 2, (128,), False), (None, 2, (128,), True))
+    variants = ((None, 2, (128,), 0), (None, 2, (128,), 1), (None, 2, (128,), 2))  # slots: none, exact, residual
     for maxnreg, pf, _, slots in variants:
         for T, pos0 in ((4096, 0), (3000, 12345), (77, 5)):
             c = make_case(T, 2)
             if slots:
                 add_slots(c)
             ref = (reference_slots if slots else reference)(c, T, 2, pos0)
-            got = run_kernel(c, tables(c), T, 2, 8, pos0, maxnreg, True, pf, slots)
+            got = run_kernel(residual_slots(c) if slots == 2 else c, tables(c), T, 2, 8, pos0, maxnreg, True, pf,
+                             slots)
             print(f"pairs kernel maxnreg={maxnreg} prefetch={pf} slots={slots} correctness T={T} pos0={pos0}: "
                   f"relative error {((got - ref).norm() / ref.norm()):.2e}")
     T, H = 131072, 8  # Llama-3-8B shape, one layer, batch 1
@@ -706,6 +726,12 @@ def run_checks():
                 print(f"[{rep}] pairs kernel maxnreg={maxnreg} prefetch={pf} slots={slots}, 128K, 8 KV heads, "
                       f"{nsplit} splits: {alone:.1f} us alone, {merged:.1f} us with the library's reduce kernel "
                       "(one graph)")
+    if quick:
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        kf = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(1, 4 * H, 1, D, device="cuda", dtype=torch.bfloat16)
+        print(f"SDPA bf16 GQA (enable_gqa): {bench(lambda: sdpa(q, kf, kf, enable_gqa=True)):.1f} us")
+        return
     print(f"study kernel (run 36's), 128 splits, with the torch merge: "
           f"{bench(lambda: study.run_kernel(c, T, H, 128)):.1f} us")
     c.clear()
@@ -764,7 +790,7 @@ def run_sweep():
                 best = min(best or (merged, alone, nsplit), (merged, alone, nsplit))
                 print(f"{name} {T}: pairs kernel {nsplit} splits: {alone:.1f} us alone, {merged:.1f} us with the "
                       "reduce")
-            go, merge = launch(c, tb, T, H, 1024 // H, pf=2, slots=True)  # one slot per key and value vector
+            go, merge = launch(c, tb, T, H, 1024 // H, pf=2, slots=1)  # one slot per key and value vector
             go(), merge()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -786,17 +812,19 @@ def run_sweep():
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", action="store_true", help="on CUDA: correctness against PyTorch and timing at 128K")
+    ap.add_argument("--quick", action="store_true", help="--run without the study and natural kernel timings")
     ap.add_argument("--sweep", action="store_true", help="on CUDA: 32K-512K, two shapes, against SDPA")
     ap.add_argument("--profile", default=None, help="on CUDA: launch one variant twice at 128K for ncu, given as "
                     "smem,maxnreg,splits (e.g. 1,0,128; maxnreg 0 = none)")
     ap.add_argument("--global-tables", action="store_true", help="static report: the tables in global memory")
     ap.add_argument("--maxnreg", type=int, default=None, help="static report: register cap")
     ap.add_argument("--pf", type=int, default=0, help="static report: prefetch the next block (1: L1, 2: L2)")
-    ap.add_argument("--slots", action="store_true", help="static report: one outlier slot per key / value vector")
+    ap.add_argument("--slots", type=int, default=0, help="static report: 1 = one exact outlier per key / value "
+                    "vector, 2 = one residual")
     ap.add_argument("--mirror", action="store_true", help="on the CPU: tables and pair indices against the reference")
     a = ap.parse_args()
     if a.run:
-        run_checks()
+        run_checks(a.quick)
     elif a.sweep:
         run_sweep()
     elif a.profile:
