@@ -20,14 +20,19 @@ What changes against ``gluon_decode_study.py`` (run 36: about 250 us at 128K, 37
 - **Loads**: key rows as 16-byte loads, high-plane codes as 32-bit words, and a PTX prefetch of the next block's
   rows into L2.
 
-Measured on an H200 (benchmarks/gpu_runs/run37..run44, notes in gpu_notes.md): run 44, 106.4 us alone at 128K for
+Measured on an H200 (benchmarks/gpu_runs/run37..run47, notes in gpu_notes.md): run 44, 106.4 us alone at 128K for
 the Llama-3-8B shape; with the reduce, in one CUDA graph, 1.19-1.24x bf16 SDPA at 32K-512K for the Llama-3-8B and
 Llama-2-7B shapes. Static (triton 3.6, sm_90): 246 registers, no spills, 16 KB of shared memory, hot loop 1504 SASS
 instructions per 32-token block and warp.
 
+``SLOTS`` adds nuq3-1%'s one outlier slot per key and value vector (score corrections for keys, shared-memory
+atomics for values; 8 KB more shared memory): correct, but 199 us at 128K (run 47), 0.63-0.75x SDPA. ``SLOTS 2``
+(slots holding the residual, no code lookup at decode time) compiles and has not run.
+
     PYTHONPATH=src python benchmarks/gluon_decode_pairs.py          # compile for sm_90, print static SASS counts
     PYTHONPATH=src python benchmarks/gluon_decode_pairs.py --mirror # CPU: the tables and index math in PyTorch
     PYTHONPATH=src python benchmarks/gluon_decode_pairs.py --run    # CUDA: check against PyTorch, time at 128K
+                                                                    #   (--quick: without the older kernels)
     PYTHONPATH=src python benchmarks/gluon_decode_pairs.py --sweep  # CUDA: 32K-512K, two shapes, against SDPA
     ncu ... python benchmarks/gluon_decode_pairs.py --profile 1,0,128 --pf 2   # one variant, launched twice
 
