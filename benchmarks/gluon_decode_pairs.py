@@ -692,6 +692,17 @@ def mirror(c, T, H, pos0=0):
     return p @ v, Te
 
 
+def graphed(go, merge):
+    """Launch once (compiles), then capture kernel + reduce as one CUDA graph; returns its replay (no host launch
+    gaps in a timing)."""
+    go(), merge()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        go()
+        merge()
+    return graph.replay
+
+
 def run_checks(quick=False):
     """Correctness first (against the float32 reference), then 128K timings side by side in one process: this
     kernel (alone, and with the torch merge), gluon_decode_study's kernel, the library's natural kernel on the same
@@ -722,12 +733,7 @@ def run_checks(quick=False):
         for maxnreg, pf, splits, slots in variants:
             for nsplit in splits:
                 go, merge = launch(c, tb, T, H, nsplit, maxnreg=maxnreg, pf=pf, slots=slots)
-                go(), merge()  # compile, then the pair as one CUDA graph: no host launch gaps in the timing
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    go()
-                    merge()
-                alone, merged = bench(go), bench(graph.replay)
+                alone, merged = bench(go), bench(graphed(go, merge))
                 print(f"[{rep}] pairs kernel maxnreg={maxnreg} prefetch={pf} slots={slots}, 128K, 8 KV heads, "
                       f"{nsplit} splits: {alone:.1f} us alone, {merged:.1f} us with the library's reduce kernel "
                       "(one graph)")
@@ -786,22 +792,11 @@ def run_sweep():
             best = None
             for nsplit in (1024 // H, 2048 // H):
                 go, merge = launch(c, tb, T, H, nsplit, pf=2)
-                go(), merge()  # compile, then the pair as one CUDA graph: no host launch gaps in the timing
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    go()
-                    merge()
-                alone, merged = bench(go), bench(graph.replay)
+                alone, merged = bench(go), bench(graphed(go, merge))
                 best = min(best or (merged, alone, nsplit), (merged, alone, nsplit))
                 print(f"{name} {T}: pairs kernel {nsplit} splits: {alone:.1f} us alone, {merged:.1f} us with the "
                       "reduce")
-            go, merge = launch(c, tb, T, H, 1024 // H, pf=2, slots=1)  # one slot per key and value vector
-            go(), merge()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                go()
-                merge()
-            slots_us = bench(graph.replay)
+            slots_us = bench(graphed(*launch(c, tb, T, H, 1024 // H, pf=2, slots=1)))  # one slot per key / value
             del c, tb
             kf = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
             vf = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
