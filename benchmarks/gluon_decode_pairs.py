@@ -70,13 +70,6 @@ SIG = {"KC": "*u8", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16", "KSZ": "*i32", "T
 
 # ---------------------------------------------------------------------------------------------------- fp16x2 helpers
 @gluon.jit
-def _unpack(x):
-    """int32 fp16 pairs -> (low half, high half) as fp16."""
-    return gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [x], dtype=(gl.float16, gl.float16),
-                                     is_pure=True, pack=1)
-
-
-@gluon.jit
 def _hfma2(a, b, c):
     return gl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=gl.int32,
                                      is_pure=True, pack=1)
@@ -168,9 +161,8 @@ VW = gl.SliceLayout(1, gl.SliceLayout(4, V5))  # [sw, ml, ph]: the words of a va
 C_P3 = {d: gl.constexpr(_axis(P3, d, 3)) for d in range(3)}
 C_V5 = {d: gl.constexpr(_axis(V5, d, 5)) for d in range(5)}
 C_VW = {d: gl.constexpr(_axis(VW, d, 3)) for d in range(3)}
-P3c, V5c, VWc = gl.constexpr(P3), gl.constexpr(V5), gl.constexpr(VW)
-P3_T, P3_H, P3_P = C_P3[0], C_P3[1], C_P3[2]
-V5_SW, V5_MH, V5_ML, V5_PH, V5_PL = C_V5[0], C_V5[1], C_V5[2], C_V5[3], C_V5[4]
+P3_T, P3_P = C_P3[0], C_P3[2]
+V5_SW, V5_MH, V5_ML, V5_PL = C_V5[0], C_V5[1], C_V5[2], C_V5[4]
 VW_SW, VW_ML, VW_PH = C_VW[0], C_VW[1], C_VW[2]
 KW_L = gl.constexpr(gl.SliceLayout(2, P3))  # [token, half]: a key word, shared by a lane group
 # [token, word]: a lane group's 4 tokens, all 8 words of each in consecutive registers (16-byte loads)
@@ -198,18 +190,13 @@ def _entry(w, h, rw, rh, lane4):
 def _lookup(w, h, rw, rh, lane4, TAB, SMEM: gl.constexpr, OFF: gl.constexpr):
     """The entry of table OFF (0: keys, 1: values) from shared memory (Triton's dynamic shared memory, symbol
     global_smem, whose constant address ptxas folds into the load) or from global memory through L1 (TAB)."""
-    off = _entry(w, h, rw, rh, lane4)
+    off = _entry(w, h, rw, rh, lane4) + 8192 * OFF
     if SMEM:
-        if OFF == 0:
-            return gl.inline_asm_elementwise("{ .reg .u32 b; mov.u32 b, global_smem; add.u32 b, b, $1; "
-                                             "ld.shared.b32 $0, [b]; }", "=r,r", [off], dtype=gl.int32,
-                                             is_pure=True, pack=1)
-        else:
-            return gl.inline_asm_elementwise("{ .reg .u32 b; mov.u32 b, global_smem; add.u32 b, b, $1; "
-                                             "ld.shared.b32 $0, [b+8192]; }", "=r,r", [off], dtype=gl.int32,
-                                             is_pure=True, pack=1)
+        return gl.inline_asm_elementwise("{ .reg .u32 b; mov.u32 b, global_smem; add.u32 b, b, $1; "
+                                         "ld.shared.b32 $0, [b]; }", "=r,r", [off], dtype=gl.int32, is_pure=True,
+                                         pack=1)
     else:
-        return gl.load((TAB.to(gl.pointer_type(gl.int8)) + (off + 8192 * OFF)).to(gl.pointer_type(gl.int32)))
+        return gl.load((TAB.to(gl.pointer_type(gl.int8)) + off).to(gl.pointer_type(gl.int32)))
 
 
 @gluon.jit
@@ -244,9 +231,7 @@ def _lds(off):
 
 @gluon.jit
 def _lds_i32(off):
-    return gl.inline_asm_elementwise("{ .reg .u32 b; mov.u32 b, global_smem; add.u32 b, b, $1; "
-                                     "ld.shared.b32 $0, [b+16384]; }", "=r,r", [off], dtype=gl.int32,
-                                     is_pure=False, pack=1)
+    return _lds(off).to(gl.int32, bitcast=True)
 
 
 @gluon.jit
@@ -314,9 +299,8 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    # the two pair tables into shared memory (the only allocation: offset 0 of global_smem)
     tb_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, 1], [1, 0])
-    if SMEM:  # the two tables into shared memory (the only allocation: offset 0 of global_smem)
+    if SMEM:  # the two pair tables into shared memory (the first allocation: offset 0 of global_smem)
         te_ = gl.arange(0, 128, layout=gl.SliceLayout(1, tb_l))[:, None]
         tl_ = gl.arange(0, 32, layout=gl.SliceLayout(0, tb_l))[None, :]
         tab = gl.allocate_shared_memory(gl.int32, [128, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
@@ -566,7 +550,14 @@ def check_shared(k, slots):
     assert k.metadata.shared == want, f"shared memory {k.metadata.shared} B, the inline PTX expects {want} B"
 
 
+def _check_options(smem, slots):
+    if slots and not smem:
+        raise ValueError("slots need the tables in shared memory (the slot area follows them there); drop "
+                         "--global-tables or the slots.")
+
+
 def static_report(smem=True, maxnreg=None, pf=0, slots=False):
+    _check_options(smem, slots)
     div16 = [["tt.divisibility", 16]]
     names = list(SIG)
     attrs = {(names.index(n),): div16 for n in ("KC", "VC", "skc", "svc", "skh", "svh")}
@@ -588,6 +579,7 @@ def static_report(smem=True, maxnreg=None, pf=0, slots=False):
 def launch(c, tb, T, H, nsplit, pos0=0, maxnreg=None, smem=True, pf=0, slots=False):
     """The kernel's launch (partials [H, N, nsplit, D]) and the merge of the splits by the library's reduce kernel,
     as two callables."""
+    _check_options(smem, slots)
     from kvquant.kernels._triton import _reduce_kernel
 
     chunk = _chunk(T, nsplit)
@@ -692,6 +684,13 @@ def mirror(c, T, H, pos0=0):
     return p @ v, Te
 
 
+def bench(fn):
+    """Median time of fn in microseconds (triton's do_bench: L2 flushed between calls)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+
 def graphed(go, merge):
     """Launch once (compiles), then capture kernel + reduce as one CUDA graph; returns its replay (no host launch
     gaps in a timing)."""
@@ -705,13 +704,10 @@ def graphed(go, merge):
 
 def run_checks(quick=False):
     """Correctness first (against the float32 reference), then 128K timings side by side in one process: this
-    kernel (alone, and with the torch merge), gluon_decode_study's kernel, the library's natural kernel on the same
-    kind of storage, and bf16 SDPA (GQA, and with the KV heads expanded)."""
+    kernel without slots, with exact slots and with residual slots (alone, and with the library's reduce in one CUDA
+    graph), and unless quick: gluon_decode_study's kernel, the library's natural kernel on the same kind of storage
+    and bf16 SDPA (GQA, and with the KV heads expanded); with quick: SDPA (GQA) only."""
     import gluon_decode_study as study
-    from triton.testing import do_bench
-
-    def bench(fn):
-        return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
     # runs 38 and 40 also measured the tables in global memory (L1) and register caps: all slower (see gpu_notes.md)
     # and run 41 the prefetch into L1 (the same as L2) or none (6% slower)
@@ -779,11 +775,6 @@ def run_sweep():
     """The kernel (L2 prefetch) against bf16 SDPA (GQA-aware) at 32K-512K for the Llama-3-8B (8 KV heads, GQA 4)
     and Llama-2-7B (32 heads, MHA) shapes, batch 1, one layer, side by side in one process; the kernel alone, and
     with the reduce (kernel + reduce replayed as one CUDA graph)."""
-    from triton.testing import do_bench
-
-    def bench(fn):
-        return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
-
     sdpa = torch.nn.functional.scaled_dot_product_attention
     for name, H, g in (("llama3-8b", 8, 4), ("llama2-7b", 32, 1)):
         for T in (32768, 131072, 524288):
