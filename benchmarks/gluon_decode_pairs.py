@@ -76,6 +76,20 @@ def _hfma2(a, b, c):
 
 
 @gluon.jit
+def _hadd2(a, b):
+    return gl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.int32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def _slot_add(lev, rel, pair, add):
+    """lev + add (fp16 pairs) where rel == pair, else lev: a compare and a predicated add."""
+    return gl.inline_asm_elementwise("{ .reg .pred p; setp.eq.s32 p, $2, $3; @p add.rn.f16x2 $0, $1, $4; "
+                                     "@!p mov.b32 $0, $1; }", "=r,r,r,r,r", [lev, rel, pair, add], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
 def _rope2(k1, k2, c, s):
     """RoPE on fp16 pairs: (k1 c - k2 s, k2 c + k1 s)."""
     r1 = gl.inline_asm_elementwise("{ .reg .b32 t; mul.rn.f16x2 t, $2, $4; neg.f16x2 t, t; "
@@ -161,8 +175,8 @@ VW = gl.SliceLayout(1, gl.SliceLayout(4, V5))  # [sw, ml, ph]: the words of a va
 C_P3 = {d: gl.constexpr(_axis(P3, d, 3)) for d in range(3)}
 C_V5 = {d: gl.constexpr(_axis(V5, d, 5)) for d in range(5)}
 C_VW = {d: gl.constexpr(_axis(VW, d, 3)) for d in range(3)}
-P3_T, P3_P = C_P3[0], C_P3[2]
-V5_SW, V5_MH, V5_ML, V5_PL = C_V5[0], C_V5[1], C_V5[2], C_V5[4]
+P3_T, P3_H, P3_P = C_P3[0], C_P3[1], C_P3[2]
+V5_SW, V5_MH, V5_ML, V5_PH, V5_PL = C_V5[0], C_V5[1], C_V5[2], C_V5[3], C_V5[4]
 VW_SW, VW_ML, VW_PH = C_VW[0], C_VW[1], C_VW[2]
 KW_L = gl.constexpr(gl.SliceLayout(2, P3))  # [token, half]: a key word, shared by a lane group
 # [token, word]: a lane group's 4 tokens, all 8 words of each in consecutive registers (16-byte loads)
@@ -279,6 +293,10 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
     max grows), added to the accumulators at the end."""
     pid = gl.program_id(0)
     hd = gl.program_id(1).to(gl.int64)
+    STAGED: gl.constexpr = SLOTS == 1 or SLOTS == 2  # slots through the shared slot area
+    if SLOTS == 3:  # KOV / VOV: [H, T] int32 words (passed as fp16 [H, 2 T]): residual in level units | channel << 16
+        KOW = KOV.to(gl.pointer_type(gl.int32)) + hd * n_tok
+        VOW = VOV.to(gl.pointer_type(gl.int32)) + hd * n_tok
     KC += hd * skh
     VC += hd * svh
     VS += hd * n_tok
@@ -305,7 +323,7 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
         tl_ = gl.arange(0, 32, layout=gl.SliceLayout(0, tb_l))[None, :]
         tab = gl.allocate_shared_memory(gl.int32, [128, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
                                         gl.load(TAB + te_ * 32 + tl_))
-        if SLOTS:  # the slot area (offset 16384, checked by the host): value corrections [D, N] fp32 at 0, zeroed;
+        if STAGED:  # the slot area (offset 16384, checked by the host): value corrections [D, N] fp32 at 0, zeroed;
             # staging for the key corrections [BT, N] at 4096 and the value slots' delta / channel at 5120 / 5248
             buf = gl.allocate_shared_memory(gl.int32, [64, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
                                             gl.zeros([64, 32], gl.int32, tb_l))
@@ -313,6 +331,8 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
     # key side invariants
     t3 = gl.arange(0, BT, layout=P3_T)[:, None, None]
     q3 = gl.arange(0, 8, layout=P3_P)[None, None, :]
+    h3 = gl.arange(0, 2, layout=P3_H)[None, :, None]
+    k_pair = 64 * h3 + 2 * (q3 // 4)  # a key pair's first channel, less 16 j and the lane's 4 (p % 4) (SLOTS 3)
     k_base = 4 * ((q3 % 4) + 4 * (t3 % 8))
     k_rw = (2 * (4 * (q3 % 4) + 2 * (q3 // 4)) - 7) & 31  # first channel's low-plane bit -> bit 7
     k_rh = (4 * (q3 % 4) + 2 * (q3 // 4) - 11) & 31  # its high-plane bit -> bit 11 (half-word 0 of a word)
@@ -332,6 +352,7 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
     mh5 = gl.arange(0, 2, layout=V5_MH)[None, :, None, None, None]
     ml5 = gl.arange(0, 8, layout=V5_ML)[None, None, :, None, None]
     pl5 = gl.arange(0, 4, layout=V5_PL)[None, None, None, None, :]
+    ph5 = gl.arange(0, 4, layout=V5_PH)[None, None, None, :, None]
     v_base = 4 * (pl5 + 4 * ml5) + 0 * mh5
     v_rw = (2 * (8 * mh5 + 2 * pl5) - 7) & 31
     sw5 = gl.arange(0, 2, layout=V5_SW)[:, None, None, None, None]
@@ -340,6 +361,8 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
     mlw = gl.arange(0, 8, layout=VW_ML)[None, :, None]
     phw = gl.arange(0, 4, layout=VW_PH)[None, None, :]
     v_tok = 8 * phw + mlw  # the token of a value pair before the transpose
+    v_tok5 = 8 * ph5 + ml5  # (the same in the pairs' layout)
+    v_pair = 16 * sw5 + 8 * mh5  # a value pair's first channel, less 32 i and the lane's 2 pl (SLOTS 3)
     bk = gl.arange(0, 32, layout=gl.SliceLayout(1, b_l))
     bn = gl.arange(0, N, layout=gl.SliceLayout(0, b_l))
     # the query chunks rotated back by the split's first position (RoPE(p + tau) = RoPE(tau) RoPE(p)); each block
@@ -375,7 +398,10 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
             _prefetch(VC + nxt * svc, pmask, PF)
             _prefetch(VS + nxt, pmask, PF)
             _prefetch(VZ + nxt, pmask, PF)
-            if SLOTS:  # and the slots (each a dependent chain: channel -> code words -> codebook)
+            if SLOTS == 3:  # and the slot words
+                _prefetch(KOW + nxt, pmask, PF)
+                _prefetch(VOW + nxt, pmask, PF)
+            if STAGED:  # and the slots (each a dependent chain: channel -> code words -> codebook)
                 _prefetch(KOI + nxt, pmask, PF)
                 _prefetch(KOV + nxt, pmask, PF)
                 _prefetch(VOI + nxt, pmask, PF)
@@ -389,6 +415,10 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
         kmask = (t0 + trow) < hi_t
         wrow = gl.load(KC32 + (t0 + trow) * (skc // 4) + wcol, mask=kmask, other=0)
         hrow = gl.load(KC32 + (t0 + trow4) * (skc // 4) + D // 16 + hcol, mask=(t0 + trow4) < hi_t, other=0)
+        if SLOTS == 3:  # the block's key slots: the residual's fp16 bits in the pair's half of the channel's pair
+            kw_ = gl.load(KOW + t0 + t3, mask=(t0 + t3) < hi_t, other=-1)  # [BT, 1, 1]; -1: no channel matches
+            k_add = gl.where((kw_ & 65536) != 0, kw_ << 16, kw_ & 65535)
+            k_rel = ((kw_ >> 16) & 65534) - 4 * (q3 % 4)  # [BT, 1, 8]: compared with constants per register
         wrow = gl.reshape(wrow, [BT, 2, 2, 2])  # word 4 half + 2 jh + jl
         w_l0, w_l1 = gl.split(wrow)
         h_w0, h_w1 = gl.split(gl.reshape(hrow, [BT, 2, 2]))  # word 2 half + j // 2
@@ -400,6 +430,8 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
             h = gl.convert_layout(h, KW_L, assert_trivial=True)
             rh = k_rh if j % 2 == 0 else k_rh16
             lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, TAB, SMEM, 0)
+            if SLOTS == 3:  # the slot's residual (in code-level units) onto its level, before the affine and RoPE
+                lev = _hadd2(lev, gl.where(k_rel == k_pair + 16 * j, k_add, 0))
             ksz = ks_off + 8 * j
             k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
             k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
@@ -410,7 +442,7 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
             # the query chunk rotated back by the block start p0 (RoPE(p0 + tau) = RoPE(tau) RoPE(p0))
             qr = _rot_q(_pick4(j, q0, q1, q2, q3q), BROT + ((t0 - lo_t) // BT * 4 + j) * 32, j, N, True)
             s = mma_v2(kr, gl.convert_layout(qr, b_l), s)
-        if SLOTS:  # key slots, one token per lane: s += delta x (R(p)^T q)_c, delta = exact - dequantised (pre-RoPE)
+        if STAGED:  # key slots, one token per lane: s += delta x (R(p)^T q)_c, delta = exact - dequantised (pre-RoPE)
             tk = t0 + tl_tok
             mk = tk < hi_t
             ci = gl.load(KOI + tk, mask=mk, other=0).to(gl.int32)
@@ -437,7 +469,7 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
         l_i = l_i * alpha + gl.sum(p, 0)
         z_i = z_i * alpha + gl.sum(p * vzr[:, None], 0)
         m_i = m_new
-        if SLOTS:  # value slots: buffer[c, h] += p x (exact - dequantised), after rescaling it by alpha if needed
+        if STAGED:  # value slots: buffer[c, h] += p x (exact - dequantised), after rescaling it by alpha if needed
             _warp_sync(n_tok)  # the previous block's atomics before the rescale's reads
             if gl.min(alpha, 0) < 1.0:
                 ba = (br_ * N + oh_) * 4
@@ -456,11 +488,17 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
             _red_add((_lds_i32(5248 + tc_ * 4)[:, None] * N + oh_) * 4, p * dvm[:, None])
         pv = gl.convert_layout((p * vsc[:, None]).to(gl.float16), b_l)
         vmask = (t0 + v_tok) < hi_t
+        if SLOTS == 3:  # the block's value slots, as for keys
+            vw_ = gl.load(VOW + t0 + v_tok5, mask=(t0 + v_tok5) < hi_t, other=-1)  # [1, 1, 8, 4, 1]
+            v_add = gl.where((vw_ & 65536) != 0, vw_ << 16, vw_ & 65535)
+            v_rel = ((vw_ >> 16) & 65534) - 2 * pl5  # [1, 1, 8, 4, 4]
         for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
             w = gl.load(VC32 + (t0 + v_tok) * (svc // 4) + 2 * i + sww, mask=vmask, other=0)
             h = gl.load(VC32 + (t0 + v_tok) * (svc // 4) + D // 16 + i + 0 * sww, mask=vmask, other=0)
-            lev = _movmatrix_t(_lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, TAB,
-                                       SMEM, 1))
+            lev = _lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, TAB, SMEM, 1)
+            if SLOTS == 3:
+                lev = _hadd2(lev, gl.where(v_rel == v_pair + 32 * i, v_add, 0))
+            lev = _movmatrix_t(lev)
             vt = _to_operand(gl.reshape(lev, [32, BT // 2]), a_l, 32)
             if i == 0:
                 acc0 = mma_v2(vt, pv, acc0 * alpha[None, :])
@@ -474,7 +512,7 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
     oc = gl.arange(0, 32, layout=c_l)[:, None]
     oh = gl.arange(0, N, layout=h_l)[None, :]
     base = PACC + (oh * NSPLIT + pid) * D
-    if SLOTS:  # the value-slot corrections
+    if STAGED:  # the value-slot corrections
         _warp_sync(n_tok)
         acc0 += _lds((oc * N + oh) * 4)
         acc1 += _lds(((32 + oc) * N + oh) * 4)
@@ -489,7 +527,7 @@ def _decode_split(KC, VC, VS, VZ, KSZ, TAB, KS, KZ, KLUT, VLUT, KOI, KOV, VOI, V
     # that), so no scratch buffer can alias it; the term is 0 unless n_tok < 0
     if SMEM:
         keep = gl.sum(gl.sum(tab.slice(0, 1, dim=0).load(tb_l), 1), 0)
-        if SLOTS:
+        if STAGED:
             keep += gl.sum(gl.sum(buf.slice(0, 1, dim=0).load(tb_l), 1), 0)
         m_i += gl.where(n_tok < 0, keep.to(gl.float32), 0.0)
     gl.store(PM + hh * NSPLIT + pid, m_i)
@@ -546,7 +584,7 @@ def tables(c, n_tok=None):
 def check_shared(k, slots):
     """The inline PTX reads the tables at offset 0 of Triton's shared memory and the slot buffer at 16384: the
     allocations must add up to exactly those buffers (a wrong placement shows as garbage in --run's checks)."""
-    want = 16384 + 8192 * bool(slots)
+    want = 16384 + 8192 * (slots in (1, 2))
     assert k.metadata.shared == want, f"shared memory {k.metadata.shared} B, the inline PTX expects {want} B"
 
 
@@ -638,6 +676,29 @@ def residual_slots(c):
     return {**c, "KOV": (c["KOV"].float() - kdeq).half(), "VOV": (c["VOV"].float() - vdeq).half()}
 
 
+def slot_words(idx, res):
+    """SLOTS 3's slot words: [H, T] int32 holding the channel idx in the high half and the residual res as fp16 bits
+    in the low half, viewed as fp16 [H, 2 T] (the kernel's pointer type)."""
+    bits = res.half().contiguous().view(torch.int16).int() & 0xFFFF
+    return ((idx.int() << 16) | bits).contiguous().view(torch.float16)
+
+
+def level_slots(c):
+    """A copy of the case whose slots hold the residual (exact - dequantised) in code-level units, i.e. divided by the
+    key channel's scale or the value vector's scale, packed with the channel (SLOTS 3): the kernel adds it to the
+    looked-up level before the affine map, so the slot needs no arithmetic of its own."""
+    dev = c["KC"].device
+    h = torch.arange(c["VS"].shape[0], device=dev)[:, None]
+    t = torch.arange(c["VS"].shape[1], device=dev)[None, :]
+    ki, vi = c["KOI"].long(), c["VOI"].long()
+    klev = c["KLUT"].float()[c["kcodes"].to(dev)[h, t, ki]]
+    vlev = c["VLUT"].float()[c["vcodes"].to(dev)[h, t, vi]]
+    ks, kz = c["KS"].float()[h, ki], c["KZ"].float()[h, ki]
+    kres = (c["KOV"].float() - kz) / ks - klev
+    vres = (c["VOV"].float() - c["VZ"].float()) / c["VS"].float() - vlev
+    return {**c, "KOV": slot_words(ki, kres), "VOV": slot_words(vi, vres)}
+
+
 def reference_slots(c, T, H, pos0=0):
     """gluon_decode_study.reference with the slots' exact values written over the dequantised keys (pre-RoPE) and
     values."""
@@ -702,6 +763,10 @@ def graphed(go, merge):
     return graph.replay
 
 
+def _slot_case(c, slots):
+    return residual_slots(c) if slots == 2 else level_slots(c) if slots == 3 else c
+
+
 def run_checks(quick=False):
     """Correctness first (against the float32 reference), then 128K timings side by side in one process: this
     kernel without slots, with exact slots and with residual slots (alone, and with the library's reduce in one CUDA
@@ -711,24 +776,25 @@ def run_checks(quick=False):
 
     # runs 38 and 40 also measured the tables in global memory (L1) and register caps: all slower (see gpu_notes.md)
     # and run 41 the prefetch into L1 (the same as L2) or none (6% slower)
-    variants = ((None, 2, (128,), 0), (None, 2, (128,), 1), (None, 2, (128,), 2))  # slots: none, exact, residual
+    # slots: none, exact, residual, residual in level units added in registers
+    variants = ((None, 2, (128,), 0), (None, 2, (128,), 1), (None, 2, (128,), 2), (None, 2, (128,), 3))
     for maxnreg, pf, _, slots in variants:
         for T, pos0 in ((4096, 0), (3000, 12345), (77, 5)):
             c = make_case(T, 2)
             if slots:
                 add_slots(c)
             ref = (reference_slots if slots else reference)(c, T, 2, pos0)
-            got = run_kernel(residual_slots(c) if slots == 2 else c, tables(c), T, 2, 8, pos0, maxnreg, True, pf,
-                             slots)
+            got = run_kernel(_slot_case(c, slots), tables(c), T, 2, 8, pos0, maxnreg, True, pf, slots)
             print(f"pairs kernel maxnreg={maxnreg} prefetch={pf} slots={slots} correctness T={T} pos0={pos0}: "
                   f"relative error {((got - ref).norm() / ref.norm()):.2e}")
     T, H = 131072, 8  # Llama-3-8B shape, one layer, batch 1
     c = add_slots(make_case(T, H))
     tb = tables(c)
+    cases = {s: _slot_case(c, s) for s in (0, 1, 2, 3)}
     for rep in range(2):  # twice, interleaved: the spread between repeats bounds the noise
         for maxnreg, pf, splits, slots in variants:
             for nsplit in splits:
-                go, merge = launch(c, tb, T, H, nsplit, maxnreg=maxnreg, pf=pf, slots=slots)
+                go, merge = launch(cases[slots], tb, T, H, nsplit, maxnreg=maxnreg, pf=pf, slots=slots)
                 alone, merged = bench(go), bench(graphed(go, merge))
                 print(f"[{rep}] pairs kernel maxnreg={maxnreg} prefetch={pf} slots={slots}, 128K, 8 KV heads, "
                       f"{nsplit} splits: {alone:.1f} us alone, {merged:.1f} us with the library's reduce kernel "
@@ -743,6 +809,7 @@ def run_checks(quick=False):
           f"{bench(lambda: study.run_kernel(c, T, H, 128)):.1f} us")
     c.clear()
     tb.clear()
+    cases.clear()
     from gpu_suite import fill_storages
 
     from kvquant import kernels
@@ -788,6 +855,9 @@ def run_sweep():
                 print(f"{name} {T}: pairs kernel {nsplit} splits: {alone:.1f} us alone, {merged:.1f} us with the "
                       "reduce")
             slots_us = bench(graphed(*launch(c, tb, T, H, 1024 // H, pf=2, slots=1)))  # one slot per key / value
+            c3 = {**c, "KOV": slot_words(c["KOI"], c["KOV"]), "VOV": slot_words(c["VOI"], c["VOV"])}  # (timing only)
+            slots3_us = bench(graphed(*launch(c3, tb, T, H, 1024 // H, pf=2, slots=3)))
+            del c3
             del c, tb
             kf = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
             vf = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
@@ -796,7 +866,9 @@ def run_sweep():
             del kf, vf
             print(f"{name} {T}: SDPA bf16 {us:.1f} us; pairs kernel best {best[0]:.1f} us with the reduce "
                   f"({best[2]} splits): {us / best[0]:.2f}x SDPA ({us / best[1]:.2f}x kernel alone); with one "
-                  f"outlier slot per key and value vector {slots_us:.1f} us: {us / slots_us:.2f}x SDPA")
+                  f"outlier slot per key and value vector {slots_us:.1f} us: {us / slots_us:.2f}x SDPA; with the "
+                  f"slots as level residuals added in registers (SLOTS 3) {slots3_us:.1f} us: "
+                  f"{us / slots3_us:.2f}x SDPA")
             torch.cuda.empty_cache()
 
 
@@ -810,8 +882,8 @@ if __name__ == "__main__":
     ap.add_argument("--global-tables", action="store_true", help="static report: the tables in global memory")
     ap.add_argument("--maxnreg", type=int, default=None, help="static report: register cap")
     ap.add_argument("--pf", type=int, default=0, help="static report: prefetch the next block (1: L1, 2: L2)")
-    ap.add_argument("--slots", type=int, default=0, help="static report: 1 = one exact outlier per key / value "
-                    "vector, 2 = one residual")
+    ap.add_argument("--slots", type=int, default=0, help="static report and --profile: 1 = one exact outlier per "
+                    "key / value vector, 2 = one residual, 3 = one residual in level units, added in registers")
     ap.add_argument("--mirror", action="store_true", help="on the CPU: tables and pair indices against the reference")
     a = ap.parse_args()
     if a.run:
@@ -821,7 +893,9 @@ if __name__ == "__main__":
     elif a.profile:
         sm, mr, ns = (int(x) for x in a.profile.split(","))
         cc = make_case(131072, 8)
-        go_, _ = launch(cc, tables(cc), 131072, 8, ns, maxnreg=mr or None, smem=bool(sm), pf=a.pf)
+        if a.slots:
+            cc = _slot_case(add_slots(cc), a.slots)
+        go_, _ = launch(cc, tables(cc), 131072, 8, ns, maxnreg=mr or None, smem=bool(sm), pf=a.pf, slots=a.slots)
         go_()
         go_()
         torch.cuda.synchronize()
