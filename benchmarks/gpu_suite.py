@@ -132,6 +132,13 @@ def sdpa_decode(q, k, v, scaling, gqa):
     return F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)
 
 
+def pairs_ok(q, st) -> bool:
+    try:
+        return kernels.decode_kernel(q, st, kernel="pairs") == "pairs"
+    except ValueError:
+        return False
+
+
 def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, extra=True):
     rows = res.setdefault("rows", [])
     checks = res.setdefault("checks", [])
@@ -185,8 +192,15 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
                     kw0 = dict(KV_OPTS) if vg == "head" and D > 64 else {}
                     # the default kernel and the tiles kernel that ran before, side by side: head_dim 64 (natural
                     # since it was enabled there) and token-group values (natural since run 21)
-                    for kw in [kw0] + ([dict(kernel="tiles")] if vg == "token" or D == 64 else []):
+                    kws = [kw0] + ([dict(kernel="tiles")] if vg == "token" or D == 64 else [])
+                    if b == 3 and vg == "head" and D == 128:  # the Gluon pairs kernel beside the natural kernel
+                        kws += [dict(kernel="natural")] + ([dict(kernel="pairs")] if pairs_ok(q, st) else [])
+                    done = set()
+                    for kw in kws:
                         impl = "kvquant-" + kernels.decode_kernel(q, st, **kw)  # the kernel that actually runs
+                        if impl in done:
+                            continue
+                        done.add(impl)
                         us = bench(lambda: kernels.decode_attention(q, st, scaling, **kw))  # noqa: B023
                         name = f"nuq{b}-1pct" + ("" if vg == "head" else "-tokengroup")
                         rows.append(dict(shape=shape, context=ctx, batch=B, method=name, impl=impl, value_group=vg,

@@ -215,8 +215,10 @@ def test_device_lengths_interpret(kernel, D, group):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kernel,D,group", DEVICE_LENGTH_CASES)
+@pytest.mark.parametrize("kernel,D,group", DEVICE_LENGTH_CASES + [("pairs", 128, "head")])
 def test_device_lengths_gpu(kernel, D, group):
+    if kernel == "pairs" and not _pairs_here():
+        pytest.skip("needs the Gluon pairs kernel")
     check_device_lengths(kernel, D, group, "cuda")
 
 
@@ -393,6 +395,30 @@ def test_decode_gpu(bits, D, dtype):
                      kernel="natural")
         check_decode(2, 8, 8, D, bits, 700, 1, 0, "head", "cuda", dtype=dtype, kernel="natural", offsets=[0, 77],
                      gap_at=300)
+
+
+def _pairs_here() -> bool:
+    return torch.cuda.is_available() and kernels._pairs_available(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _pairs_here(), reason="needs CUDA sm_80+ and the Triton version of the Gluon pairs kernel")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_pairs_gpu(dtype):
+    """The Gluon pairs kernel (3-bit head-group, head_dim 128, <= 1 slot per vector) against the float reference:
+    GQA 4 / 3 / MHA, left padding, sinks and window, slots and none, one split past the query-rotation table,
+    non-consecutive positions (the exact RoPE path), RoPE attention scaling; and it is the default there."""
+    st, _, _ = make_storage(2, 8, 128, 3, 100, 1, 0, "head", "cuda")
+    assert kernels.decode_kernel(torch.zeros(2, 32, 1, 128, device="cuda"), st) == "pairs"
+    kw = dict(dtype=dtype, kernel="pairs", prefetch=None)
+    check_decode(3, 32, 8, 128, 3, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], **kw)
+    check_decode(2, 8, 8, 128, 3, 2000, 1, 0, "head", "cuda", frac=0.0, **kw)
+    check_decode(1, 6, 2, 128, 3, 1500, 4, 5, "head", "cuda", num_splits=1, **kw)
+    check_decode(1, 4, 1, 128, 3, 20000, 1, 0, "head", "cuda", num_splits=1, **kw)  # 625 blocks in one split
+    check_decode(2, 8, 8, 128, 3, 700, 1, 0, "head", "cuda", offsets=[0, 77], gap_at=300, **kw)
+    check_decode(2, 16, 8, 128, 3, 900, 1, 3, "head", "cuda", attention_scaling=1.3, **kw)
+    with pytest.raises(ValueError, match="pairs kernel needs"):
+        check_decode(1, 8, 8, 128, 3, 100, 1, 0, "token", "cuda", **kw)  # token-group values
 
 
 @pytest.mark.gpu

@@ -52,6 +52,17 @@ def available(device=None) -> bool:
     return dev.type == "cpu" and interpreting()
 
 
+def _pairs_available(dev) -> bool:
+    """Whether the Gluon pairs kernel can run on ``dev`` (KVQUANT_PAIRS=0 turns it off)."""
+    if dev.type != "cuda" or interpreting() or os.environ.get("KVQUANT_PAIRS", "1") == "0":
+        return False
+    try:
+        from . import _gluon
+    except Exception:  # noqa: BLE001 -- another Triton's Gluon API: the Triton kernels serve
+        return False
+    return _gluon.available(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,12 +149,16 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
                      reload=None, wide_loads=None, lengths=None, bias=None):
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
-    ``kernel``: ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key
+    ``kernel``: ``"pairs"`` (the Gluon kernel of :mod:`kvquant.kernels._gluon`: 3-bit head-group storage, head_dim
+    128, <= 1 outlier slot per key and value vector, <= 8 query heads per KV head, on sm_80+ with Triton 3.6; the
+    default there, KVQUANT_PAIRS=0 turns it off), ``"natural"`` (register lookup of the levels, field tiles
+    interleaved back into channel order, two key
     dots and one value dot per block; a per-channel affine key table, at most 4 key outlier slots per vector, and at
     most 4 value slots per head vector or token-group value rows with any number of slots: each KV head applies the
     ones that fall in it), ``"fields"`` (the head-group conditions and head_dim >= 128; twelve narrow dots per block,
     one per bit field),
-    ``"tiles"`` (interleave unpack; any slot count) or None (natural for 3/4-bit storage, and for 2-bit at head_dim 64;
+    ``"tiles"`` (interleave unpack; any slot count) or None (pairs where it applies and no natural/fields option is
+    given; else natural for 3/4-bit storage, and for 2-bit at head_dim 64;
     fields for 2-bit at head_dim >= 128; else tiles; :func:`decode_kernel` says which).
     ``value_correction=True``: the tiles kernel's value-slot correction (a one-hot dot after P@V) instead of the
     per-slot overwrite (slower on the H200).
@@ -191,6 +206,10 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
         if not num_splits:
             raise ValueError("lengths= needs a fixed num_splits.")
         nsq, chunk = int(num_splits), bt  # chunk: computed in the kernel from the device length
+    elif num_splits is None and plan.kernel == "pairs":
+        from ._gluon import splits as pairs_splits
+
+        nsq, chunk = pairs_splits(n_q, B * H, _num_sms(dev))
     elif num_splits is None:
         nsq, chunk = _splits(n_q, B * H, dev, bt)
     else:
@@ -209,23 +228,44 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     for t in (sk, sv, wk, wv):
         if t is not q and t.stride(-1) != 1:
             raise ValueError("sink/window tensors must have a contiguous last dimension.")
-    plan.fn[(B * H, nsplit)](
+    first = 0
+    if plan.kernel == "pairs":  # the quantized splits by the pairs kernel, the sinks/window split below
+        from . import _gluon
+
+        tb, group, ck, cv, quant = plan.pairs
+        if nsq:
+            _gluon.launch(q, pacc, pm, pl, quant, tb, bias, lengths, float(scaling) * K.LOG2E * plan.rope_scale,
+                          n_s, n_q, chunk, nsq, group, ck, cv)
+        first = nsq
+    plan.fn[(B * H, nsplit - first)](
         q, pacc, pm, pl, *plan.tensors, sk, sv, wk, wv, bias if bias is not None else pm,
         float(scaling) * K.LOG2E, plan.rope_scale, q.stride(0), q.stride(1), *plan.strides,
         *_s3(sk, n_s), *_s3(sv, n_s), *_s3(wk, n_w), *_s3(wv, n_w), bias.stride(0) if bias is not None else 0,
         n_s, n_q, n_w, chunk, nsq, HAS_MASK=bias is not None, **plan.consts,
-        **({} if lengths is None else dict(LENS=lengths, DEVLEN=True)),
+        **({} if lengths is None else dict(LENS=lengths, DEVLEN=True)), **({"split0": first} if first else {}),
     )
     return _reduce(pacc, pm, pl, B, Hq, nsplit, D, query.dtype, dev)
 
 
 def decode_kernel(query, storage, **options) -> str:
     """Which kernel :func:`decode_attention` runs for ``query``, ``storage`` and its keyword ``options``:
-    ``"natural"``, ``"fields"``, ``"tiles"`` or ``"reference"`` (the PyTorch path: no fused kernel for this
+    ``"pairs"``, ``"natural"``, ``"fields"``, ``"tiles"`` or ``"reference"`` (the PyTorch path: no fused kernel for this
     storage). Raises like decode_attention on invalid options."""
     B, Hq, _, D = query.shape
     plan = _decode_plan(storage, B, Hq, D, query.device, _launch_options(**options))
     return "reference" if plan is None else plan.kernel
+
+
+def graph_splits(storage, query) -> int:
+    """The fixed split count of a CUDA-graph decode step (the kernels derive each split's share from the device
+    length): sized for the storage's capacity, by the rule of the kernel that serves ``query``."""
+    st = storage
+    dev = query.device
+    if decode_kernel(query, st) == "pairs":
+        from ._gluon import splits as pairs_splits
+
+        return pairs_splits(st.capacity, st.batch * st.heads, _num_sms(dev))[0]
+    return _splits(st.capacity, st.batch * st.heads, dev, 32)[0]
 
 
 def _launch_options(num_splits=None, block_t=None, use_dot=None, num_warps=None, kernel=None, value_correction=None,
@@ -242,7 +282,7 @@ def _s3(t, n):
 class _Plan:
     """The per-storage constant part of a decode launch (see :func:`_decode_plan`)."""
 
-    __slots__ = ("H", "bt", "fn", "kernel", "tensors", "strides", "consts", "rope_scale")
+    __slots__ = ("H", "bt", "fn", "kernel", "tensors", "strides", "consts", "rope_scale", "pairs")
 
 
 def _decode_plan(st, B, Hq, D, dev, options) -> _Plan | None:
@@ -298,13 +338,33 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     # reads and applies only its own run of them, _overwrite_run)
     runs = v_token and voe is not None
     natural_ok = kaff is not None and (cv <= 4 or runs) and ck <= 4 and lutx is not False  # D: 64/128/256
+    # the pairs kernel (Gluon, _gluon.py): 3-bit head-group storage at head_dim 128 with <= 1 slot per vector; the
+    # natural kernel's sinks/window split completes it
+    pairs_ok = (has_q and natural_ok and bits == 3 and D == 128 and not v_token and G == H and ck <= 1 and cv <= 1
+                and group <= 8 and _pairs_available(dev))
+    natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
+    if kernel is None and pairs_ok and all(o is None for o in natural_options):
+        # H200, Llama-3-8B shape, 128K, nuq3-1% head-group (benchmarks/gpu_decode.md): see PAIRS_NOTE
+        kernel = "pairs"
     if kernel is None:
         # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md: natural in run 13, fields in run 4): per layer
         # nuq4 425 vs 514 us, nuq3 372 vs 435 us, but nuq2 371 vs 291 us (the natural kernel's cost does not shrink
         # with the width), so 2-bit storage keeps the fields kernel
         kernel = "natural" if natural_ok and (bits >= 3 or not fields_ok) else "fields" if fields_ok else "tiles"
-    if kernel not in ("fields", "natural", "tiles"):
-        raise ValueError(f"kernel must be 'fields', 'natural', 'tiles' or None, got {kernel!r}.")
+    if kernel not in ("pairs", "fields", "natural", "tiles"):
+        raise ValueError(f"kernel must be 'pairs', 'fields', 'natural', 'tiles' or None, got {kernel!r}.")
+    pairs = kernel == "pairs"
+    if pairs:
+        if not pairs_ok:
+            raise ValueError("the pairs kernel needs a CUDA GPU of sm_80 or newer, Triton 3.6 (its Gluon API; "
+                             "kernels/_gluon.py SUPPORTED_TRITON), KVQUANT_PAIRS unset or 1, quantized tokens, "
+                             "3-bit keys and values, head_dim 128, "
+                             "head-group values, at most 1 outlier slot per key and value vector, and at most 8 "
+                             "query heads per KV head; use kernel='natural'.")
+        if any(o is not None for o in natural_options):
+            raise ValueError("the pairs kernel takes no natural/fields launch options (block_t, use_dot, "
+                             "num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads).")
+        kernel = "natural"  # the sinks/window split's kernel
     if kernel == "fields" and not fields_ok:
         raise ValueError("the fields kernel needs head_dim >= 128, an affine key table and <= 4 value slots.")
     if kernel == "natural" and not natural_ok:
@@ -361,7 +421,13 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     plan = _Plan()
     plan.H, plan.bt = H, bt
     plan.fn = K._kvq_decode_fields_kernel if kernel in ("fields", "natural") else K._kvq_decode_kernel
-    plan.kernel = kernel
+    plan.kernel = "pairs" if pairs else kernel
+    plan.pairs = None
+    if pairs:
+        from . import _gluon
+
+        plan.pairs = (_cached(st, ("pairs_tables", dev), lambda: _gluon.tables(kaff[0], kaff[1], kaff[2], vlev, invf)),
+                      group, ck, cv, quant)
     plan.tensors = (*quant, klut, vlev, invf, *(kaff if kaff is not None else (klut, klut, klut)), vlevh)
     plan.strides = (*quant[0].stride()[:3], *quant[1].stride()[:3], *quant[3].stride()[:3], *quant[4].stride()[:3],
                     *quant[6].stride()[:3], quant[8].stride(0))

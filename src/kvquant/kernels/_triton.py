@@ -983,7 +983,7 @@ def _fetch_values(t0, q_hi, taui, vc_base, svc_t, VZ, VS, vs_base, svs_t, NVC: t
     return vlo, vhi, vz, vsc
 
 
-@triton.jit(do_not_specialize=_DECODE_DYNAMIC)
+@triton.jit(do_not_specialize=_DECODE_DYNAMIC + ("split0",))
 def _kvq_decode_fields_kernel(
     Q, PACC, PM, PL,
     KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS,
@@ -1004,16 +1004,17 @@ def _kvq_decode_fields_kernel(
     F32: tl.constexpr, K_AFFINE: tl.constexpr, GR: tl.constexpr, VCORR: tl.constexpr, VA: tl.constexpr,
     PREFETCH: tl.constexpr = False, LUTX: tl.constexpr = False, KW=None, VW=None, KDLH=None,
     NATURAL: tl.constexpr = False, RELOAD: tl.constexpr = False, TAU=None, WIDE: tl.constexpr = False,
-    LENS=None, DEVLEN: tl.constexpr = False, VOE=None, soe_b=0, soe_t=0, PF: tl.constexpr = 0,
+    LENS=None, DEVLEN: tl.constexpr = False, VOE=None, soe_b=0, soe_t=0, PF: tl.constexpr = 0, split0=0,
 ):
     """The fields kernel, and with NATURAL the natural kernel (LUTX levels; its own RELOAD / TAU / WIDE options; value
     rows with more than 4 slots, i.e. token-group values, through their per-head runs VOE, _overwrite_run):
-    same launch contract, same partials."""
+    same launch contract, same partials. ``split0``: the split of the grid's first column (the pairs kernel's
+    launch runs only the sinks/window split here: split0 = NSPLIT_Q, one column)."""
     HALF: tl.constexpr = D // 2
     NKC: tl.constexpr = D // 8  # columns per key half and field
     NVC: tl.constexpr = D // 4  # columns per value field
     pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_s = tl.program_id(1) + split0
     b = (pid_bh // H_KV).to(tl.int64)  # 64-bit base offsets: caches of > 2^31 bytes
     h = (pid_bh % H_KV).to(tl.int64)
     nsplit = NSPLIT_Q + 1

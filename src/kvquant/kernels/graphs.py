@@ -26,7 +26,7 @@ from .. import kernels as _k  # the package's functions looked up at call time (
 __all__ = ["LayerDecodeGraph", "graphs_enabled"]
 
 
-GRAPH_KERNELS = ("natural", "fields", "tiles")  # decode kernels whose steps are replayed as graphs
+GRAPH_KERNELS = ("pairs", "natural", "fields", "tiles")  # decode kernels whose steps are replayed as graphs
 
 
 def graphs_enabled() -> bool:
@@ -123,8 +123,7 @@ class LayerDecodeGraph:
     def _body(self, st, scaling):
         b = self.bufs
         dev = st.k_codes.device
-        splits = _k._cached(st, ("graph-splits", dev), lambda: _k._splits(st.capacity, st.batch * st.heads, dev, 32)[0],
-                            stamp=st.k_codes)
+        splits = _k._cached(st, ("graph-splits", dev), lambda: _k.graph_splits(st, b["q"]), stamp=st.k_codes)
         _k.quantize_append(st, b["k"], b["v"], b["pos"], codec=st.codec, lengths=self.lens)
         self.lens.add_(1)
         self.out = _k.decode_attention(b["q"], st, scaling, None, num_splits=splits, lengths=self.lens,

@@ -1,0 +1,591 @@
+"""The "pairs" decode kernel (Gluon, NVIDIA sm_80+): split-K decode attention over the quantized region of a layer
+stored as 3-bit head-group codes, head_dim 128, at most one outlier slot per key and per value vector (nuq3-1%).
+
+It was developed as ``benchmarks/gluon_decode_pairs.py`` (runs 37-48 in ``benchmarks/gpu_runs``, notes in
+``benchmarks/gpu_notes.md``); this is that kernel with what the library needs: batches, any positions, the
+attention mask, the library's slot format, device lengths for CUDA graphs, and the library's partials layout, so
+that the Triton kernel's sinks/window split and the reduce kernel finish the job (:func:`kvquant.kernels.
+decode_attention` launches the three).
+
+Per program (one warp): one (sequence, KV head, split) of 32-token blocks.
+- **Scores** S^T = K Q^T with mma.sync m16n8k16: tokens are M, the GQA group's query heads N (padded to 8).
+- **Key levels** from a 64-entry table of fp16 pairs in shared memory, replicated per lane (any index pattern is
+  free of bank conflicts): two neighbouring codes of an operand register form a 6-bit index read in place from the
+  packed words (two funnel shifts, two ``lop3``), and the looked-up word *is* the MMA operand register.
+- **Key channel order** inside an MMA chunk chosen so a thread's four channels share a byte of the low plane.
+- **Per-channel key affine and RoPE** in fp16x2. RoPE of a block's keys comes from a [block offset, channel pair]
+  cos/sin table stored in the order the threads hold it (one 128-byte line per warp-wide load); the query is rotated
+  back by the block's first position (once per split, then per block from a small table). So a block's positions
+  must be contiguous for the table path; a block whose positions are not (left padding, custom position ids) takes
+  a slower exact path that computes each token's angles.
+- **Values** looked up as channel pairs like the keys; ``movmatrix.trans`` turns each register into the token pair
+  that the V^T operand needs. The per-token scale is folded into P, the zero into one term per query head.
+- **Outlier slots** (the library's exact fp16 values and their channel): each is turned into its residual in
+  code-level units (exact - dequantised, divided by the channel's or the vector's scale) and added to the looked-up
+  level before the affine map: a compare, a select and an fp16 add per register, no shared-memory staging.
+- **Loads**: key rows as 16-byte loads, high-plane codes as 32-bit words, and a PTX prefetch of the next block's
+  rows into L2.
+
+The tables (16 KB) are read through inline PTX at the address of Triton's dynamic shared memory (symbol
+``global_smem``): Gluon 3.6 has no indexed shared-memory load. The kernel keeps that allocation alive to the end and
+the host checks that it is all the shared memory there is (:func:`_check_shared`). Hence the pinned Triton range in
+:func:`available`; elsewhere the library uses its Triton kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+BT, D, N = 32, 128, 8  # tokens per block, head_dim, query heads per program (the GQA group, padded)
+LOG2E = 1.4426950408889634
+TABLE_SHARED_BYTES = 16384
+
+
+# ---------------------------------------------------------------------------------------------------- fp16x2 helpers
+@gluon.jit
+def _hfma2(a, b, c):
+    return gl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _hadd2(a, b):
+    return gl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.int32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def _pack2(lo, hi):
+    """Two fp32 -> one fp16 pair (lo in the low half)."""
+    return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _rope2(k1, k2, c, s):
+    """RoPE on fp16 pairs: (k1 c - k2 s, k2 c + k1 s)."""
+    r1 = gl.inline_asm_elementwise("{ .reg .b32 t; mul.rn.f16x2 t, $2, $4; neg.f16x2 t, t; "
+                                   "fma.rn.f16x2 $0, $1, $3, t; }", "=r,r,r,r,r", [k1, k2, c, s], dtype=gl.int32,
+                                   is_pure=True, pack=1)
+    r2 = gl.inline_asm_elementwise("{ .reg .b32 t; mul.rn.f16x2 t, $2, $3; fma.rn.f16x2 $0, $1, $4, t; }",
+                                   "=r,r,r,r,r", [k1, k2, c, s], dtype=gl.int32, is_pure=True, pack=1)
+    return r1, r2
+
+
+@gluon.jit
+def _to_operand(x, layout: gl.constexpr, R: gl.constexpr):
+    """[R, 16] int32 fp16 pairs (pair p = operand K indices 2 p, 2 p + 1) -> the [R, 32] fp16 operand."""
+    x2 = gl.reshape(gl.join(x, x), [R, 32])  # each pair's word twice: the two elements' slots
+    # pack=2: one asm per two elements, whose fp16 results form one 32-bit register: the word itself
+    h = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [x2], dtype=gl.float16, is_pure=True, pack=2)
+    return gl.convert_layout(h, layout, assert_trivial=True)
+
+
+@gluon.jit
+def _pick4(j: gl.constexpr, x0, x1, x2, x3):
+    if j == 0:
+        return x0
+    elif j == 1:
+        return x1
+    elif j == 2:
+        return x2
+    else:
+        return x3
+
+
+@gluon.jit
+def _cos_sin(ang):
+    """cos and sin of fp32 angles, range-reduced to [-pi, pi] first (as the Triton kernels' _cos_sin)."""
+    k = gl.floor(ang * 0.15915494309189535 + 0.5)
+    r = gl.fma(-k, 6.28125, ang)
+    r = gl.fma(-k, 0.0019353071795864769, r)
+    c = gl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [r], dtype=gl.float32, is_pure=True, pack=1)
+    s = gl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [r], dtype=gl.float32, is_pure=True, pack=1)
+    return c, s
+
+
+@gluon.jit
+def _kchan(k, j: gl.constexpr):
+    """Key channel of operand K index k (0..31) in chunk j: the 4 channels a thread holds are neighbours."""
+    return 64 * (k // 16) + 16 * j + 4 * ((k % 16) // 2 % 4) + 2 * ((k % 16) // 8) + k % 2
+
+
+@gluon.jit
+def _rot_q(qj, ang_or_tab, j: gl.constexpr, N: gl.constexpr, FROM_TABLE: gl.constexpr):
+    """R(a)^T applied to a query chunk [32, N] (K indices m and 16 + m are RoPE partners): the angle a of K index m
+    is ang_or_tab * theta (FROM_TABLE False: ang_or_tab = (position, INVF)) or read from a cos/sin table (True:
+    ang_or_tab = pointer to 16 cos then 16 sin)."""
+    qa, qb = gl.split(gl.permute(gl.reshape(qj.to(gl.float32), [2, 16, N]), [1, 2, 0]))
+    mq = gl.arange(0, 16, layout=gl.SliceLayout(1, qa.type.layout))
+    if FROM_TABLE:
+        ca = gl.load(ang_or_tab + mq)[:, None]
+        sa = gl.load(ang_or_tab + 16 + mq)[:, None]
+    else:
+        pos, INVF = ang_or_tab
+        ca, sa = _cos_sin(pos * gl.load(INVF + _kchan(mq, j)))
+        ca, sa = ca[:, None], sa[:, None]
+    return gl.reshape(gl.permute(gl.join(qa * ca + qb * sa, qb * ca - qa * sa), [2, 0, 1]), [32, N]).to(gl.float16)
+
+
+@gluon.jit
+def _q_chunk(Qb, sqh, bn, bk, j: gl.constexpr, qk_scale, GROUP: gl.constexpr):
+    """Query chunk j [32 (K index), N (head)] scaled by qk_scale, zero for the padding heads."""
+    q = gl.load(Qb + bn[None, :] * sqh + _kchan(bk, j)[:, None], mask=(bn < GROUP)[None, :], other=0.0)
+    return (q.to(gl.float32) * qk_scale).to(gl.float16)
+
+
+def _axis(parent, dim, rank):
+    """Layout of a 1-D arange along ``dim`` that expands (x[None, :, None, ...]) into ``parent``."""
+    lay = parent
+    for d in reversed(range(rank)):
+        if d != dim:
+            lay = gl.SliceLayout(d, lay)
+    return lay
+
+
+# key pairs of chunk j as [token, half, p]: operand K index 16 half + 2 p + e; channel 64 half + 16 j + 4 (p % 4) +
+# 2 (p // 4) + e (e = the element of the pair): a thread's 4 channels of a half are neighbours (one low-plane byte)
+P3 = gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 4], [8, 0, 0], [0, 1, 0], [16, 0, 0]],
+    lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]], warp_bases=[], block_bases=[],
+    shape=[BT, 2, 8])
+# value pairs of chunk i, before the transpose, as [sw, mh, ml, ph, pl]: the pair (token 8 ph + ml, channels 32 i +
+# 16 sw + 8 mh + 2 pl + e). movmatrix.trans turns each register into the V^T operand's pair (channel 32 i + 16 sw +
+# 8 mh + ml, tokens 8 ph + 2 pl + e), i.e. operand M index 16 sw + 8 mh + ml, K index 8 ph + 2 pl + e.
+V5 = gl.DistributedLinearLayout(
+    reg_bases=[[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0]],
+    lane_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 0, 4, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[2, 2, 8, 4, 4])
+VW = gl.SliceLayout(1, gl.SliceLayout(4, V5))  # [sw, ml, ph]: the words of a value pair's token
+C_P3 = {d: gl.constexpr(_axis(P3, d, 3)) for d in range(3)}
+C_V5 = {d: gl.constexpr(_axis(V5, d, 5)) for d in range(5)}
+C_VW = {d: gl.constexpr(_axis(VW, d, 3)) for d in range(3)}
+P3_T, P3_H, P3_P = C_P3[0], C_P3[1], C_P3[2]
+V5_SW, V5_MH, V5_ML, V5_PH, V5_PL = C_V5[0], C_V5[1], C_V5[2], C_V5[3], C_V5[4]
+VW_SW, VW_ML, VW_PH = C_VW[0], C_VW[1], C_VW[2]
+KW_L = gl.constexpr(gl.SliceLayout(2, P3))  # [token, half]: a key word, shared by a lane group
+# [token, word]: a lane group's 4 tokens, all 8 words of each in consecutive registers (16-byte loads)
+KROW = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0], [16, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+    warp_bases=[], block_bases=[], shape=[BT, 8]))
+KROW4 = gl.constexpr(gl.DistributedLinearLayout(  # the same for the 4 high-plane words of a row
+    reg_bases=[[0, 1], [0, 2], [8, 0], [16, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+    warp_bases=[], block_bases=[], shape=[BT, 4]))
+KC_L = gl.constexpr(gl.SliceLayout(1, P3))  # [token, p]: per channel pair below 64
+KS_L = gl.constexpr(gl.SliceLayout(0, P3))  # [half, p]: per channel pair
+
+
+@gluon.jit
+def _entry(w, h, rw, rh, lane4):
+    """Byte offset of the pair-table entry of a channel pair: w rotated right by rw puts its 4 low-plane bits at
+    bits 7-10, h rotated by rh its 2 high-plane bits at 11-12, OR 4 lane (bits 2-6)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 a, b; shf.r.wrap.b32 a, $1, $1, $3; shf.r.wrap.b32 b, $2, $2, $4; "
+        "lop3.b32 a, a, 0x780, $5, 0xEA; lop3.b32 $0, b, 0x1800, a, 0xEA; }",  # (x & mask) | y, twice
+        "=r,r,r,r,r,r", [w, h, rw, rh, lane4], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _lookup(w, h, rw, rh, lane4, OFF: gl.constexpr):
+    """The entry of table OFF (0: keys, 1: values) from shared memory (Triton's dynamic shared memory, symbol
+    global_smem, whose constant address ptxas folds into the load)."""
+    off = _entry(w, h, rw, rh, lane4) + 8192 * OFF
+    return gl.inline_asm_elementwise("{ .reg .u32 b; mov.u32 b, global_smem; add.u32 b, b, $1; "
+                                     "ld.shared.b32 $0, [b]; }", "=r,r", [off], dtype=gl.int32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def _prefetch(ptr, mask, PF: gl.constexpr):
+    """PTX prefetch of the lines holding ptr (where mask) into L2 (PF 2); no register result."""
+    if PF == 2:
+        gl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+                                  "=r,l,r", [ptr.to(gl.int64, bitcast=True), mask.to(gl.int32)], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+
+@gluon.jit
+def _code3(C32, row_word, c, mask, D: gl.constexpr):
+    """3-bit code of channel c in the packed rows at word offsets row_word (core/packing.py's planes)."""
+    w = gl.load(C32 + row_word + c // 16, mask=mask, other=0)
+    h = gl.load(C32 + row_word + D // 16 + c // 32, mask=mask, other=0)
+    return ((w >> (2 * (c % 16))) & 3) | (((h >> (c % 32)) & 1) << 2)
+
+
+@gluon.jit
+def _slot_word(res, c):
+    """A slot's residual (fp32, code-level units) as an fp16 in the half of its channel pair's word that holds
+    channel c; and the pair's first channel (c with bit 0 clear; 254 for a masked slot's c = 255)."""
+    bits = res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 65535
+    return gl.where((c & 1) != 0, bits << 16, bits), c & 254
+
+
+# decode steps change these every step: not specialised (no recompilation mid-generation)
+_DYNAMIC = ("smask_b", "n_s", "n_q", "chunk", "NSPLIT_Q")
+
+
+@gluon.jit(do_not_specialize=_DYNAMIC)
+def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MASK, LENS,
+                  TAB, KSZ, KZI, KLEV, VLEV, CSP, BROT, INVF,
+                  qk_scale, sqb, sqh, skc_b, skc_h, skc_t, sko_b, sko_h, sko_t, svc_b, svc_h, svc_t,
+                  svs_b, svs_h, svs_t, svo_b, svo_h, svo_t, sqp_b, smask_b,
+                  n_s, n_q, chunk, NSPLIT_Q, n_brot,
+                  H_KV: gl.constexpr, GROUP: gl.constexpr, CK: gl.constexpr, CV: gl.constexpr,
+                  HAS_MASK: gl.constexpr, DEVLEN: gl.constexpr, PF: gl.constexpr, BT: gl.constexpr,
+                  D: gl.constexpr, N: gl.constexpr):
+    """Split pid of KV head h of sequence b (grid: NSPLIT_Q, H_KV, B): tokens [pid chunk, pid chunk + chunk) of the
+    quantized region. Storage as LayerStorage holds it (codes [B, H, cap, 48] uint8; value zero/scale [B, H, cap, 1]
+    fp16; slots [B, H, cap, CK/CV]; positions [B, cap] int32). TAB [128, 32] int32: the key then the value pair
+    table, lane-replicated; KSZ [H, 2, D/2] int32: key scale and zero as fp16 pairs; KZI [H, 2, D] fp32: key zero and
+    1 / scale (slot residuals); KLEV / VLEV [8] fp32: the levels the tables hold; CSP [4, 2, 8, 32] int32: cos / sin of
+    the block offsets in fragment order; BROT [n_brot, 4, 2, 16] fp32: the per-block query rotation; INVF [D/2].
+    Writes partials row ((b H_KV + h) GROUP + n) (NSPLIT_Q + 1) + pid of PACC [.., D], PM, PL (log2 units)."""
+    pid = gl.program_id(0)
+    hd = gl.program_id(1)
+    bb = gl.program_id(2).to(gl.int64)
+    h64 = hd.to(gl.int64)
+    if DEVLEN:  # CUDA-graph replay: the quantized length from device memory, each split's share of it
+        n_q = gl.load(LENS)
+        chunk = gl.cdiv(gl.cdiv(n_q, NSPLIT_Q), BT) * BT
+    KC += bb * skc_b + h64 * skc_h
+    VC += bb * svc_b + h64 * svc_h
+    VS += bb * svs_b + h64 * svs_h
+    VZ += bb * svs_b + h64 * svs_h
+    KOI += bb * sko_b + h64 * sko_h
+    KOV += bb * sko_b + h64 * sko_h
+    VOI += bb * svo_b + h64 * svo_h
+    VOV += bb * svo_b + h64 * svo_h
+    QP = QPOS + bb * sqp_b
+    MROW = MASK + bb * smask_b + n_s
+    KSZ += hd * D
+    KZI += hd * 2 * D
+    Qb = Q + bb * sqb + hd * GROUP * sqh
+    row0 = ((bb * H_KV + h64) * GROUP) * (NSPLIT_Q + 1) + pid  # partial row of query head n: row0 + n (NSPLIT_Q + 1)
+    lo_t = pid * chunk
+    hi_t = gl.minimum(lo_t + chunk, n_q)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    tb_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, 1], [1, 0])
+    # the two pair tables into shared memory: the only allocation, offset 0 of global_smem (checked by the host)
+    te_ = gl.arange(0, 128, layout=gl.SliceLayout(1, tb_l))[:, None]
+    tl_ = gl.arange(0, 32, layout=gl.SliceLayout(0, tb_l))[None, :]
+    tab = gl.allocate_shared_memory(gl.int32, [128, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+                                    gl.load(TAB + te_ * 32 + tl_))
+    gl.thread_barrier()
+    # key side invariants
+    t3 = gl.arange(0, BT, layout=P3_T)[:, None, None]
+    q3 = gl.arange(0, 8, layout=P3_P)[None, None, :]
+    h3 = gl.arange(0, 2, layout=P3_H)[None, :, None]
+    k_pair = 64 * h3 + 2 * (q3 // 4)  # a key pair's first channel, less 16 j and the lane's 4 (p % 4)
+    k_base = 4 * ((q3 % 4) + 4 * (t3 % 8))
+    k_rw = (2 * (4 * (q3 % 4) + 2 * (q3 // 4)) - 7) & 31  # first channel's low-plane bit -> bit 7
+    k_rh = (4 * (q3 % 4) + 2 * (q3 // 4) - 11) & 31  # its high-plane bit -> bit 11 (half-word 0 of a word)
+    k_rh16 = (k_rh + 16) & 31  # (half-word 1)
+    hs = gl.arange(0, 2, layout=gl.SliceLayout(1, KS_L))[:, None]
+    qs = gl.arange(0, 8, layout=gl.SliceLayout(0, KS_L))[None, :]
+    ks_off = 32 * hs + 2 * (qs % 4) + qs // 4  # channel pair (without the 8 j)
+    trow = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW))[:, None]
+    wcol = gl.arange(0, 8, layout=gl.SliceLayout(0, KROW))[None, :]
+    trow4 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW4))[:, None]
+    hcol = gl.arange(0, 4, layout=gl.SliceLayout(0, KROW4))[None, :]
+    tcs = gl.arange(0, BT, layout=gl.SliceLayout(1, KC_L))[:, None]
+    qcs = gl.arange(0, 8, layout=gl.SliceLayout(0, KC_L))[None, :]
+    # fragment order: register s + 2 (tau // 8 % 2) + 4 (tau // 16) of lane p % 4 + 4 (tau % 8), s = p // 4
+    cs_off = 32 * ((qcs // 4) + 2 * ((tcs // 8) % 2) + 4 * (tcs // 16)) + (qcs % 4) + 4 * (tcs % 8)
+    cs_ch = 4 * (qcs % 4) + 2 * (qcs // 4)  # the channel (below 16, even) of a key pair, less 16 j (exact path)
+    # value side invariants
+    mh5 = gl.arange(0, 2, layout=V5_MH)[None, :, None, None, None]
+    ml5 = gl.arange(0, 8, layout=V5_ML)[None, None, :, None, None]
+    pl5 = gl.arange(0, 4, layout=V5_PL)[None, None, None, None, :]
+    ph5 = gl.arange(0, 4, layout=V5_PH)[None, None, None, :, None]
+    v_base = 4 * (pl5 + 4 * ml5) + 0 * mh5
+    v_rw = (2 * (8 * mh5 + 2 * pl5) - 7) & 31
+    sw5 = gl.arange(0, 2, layout=V5_SW)[:, None, None, None, None]
+    v_rh = (8 * mh5 + 2 * pl5 - 11 + 16 * sw5) & 31  # high-plane word i holds half-words 2 i + sw
+    sww = gl.arange(0, 2, layout=VW_SW)[:, None, None]
+    mlw = gl.arange(0, 8, layout=VW_ML)[None, :, None]
+    phw = gl.arange(0, 4, layout=VW_PH)[None, None, :]
+    v_tok = 8 * phw + mlw  # the token of a value pair before the transpose
+    v_tok5 = 8 * ph5 + ml5  # (the same in the pairs' layout)
+    v_pair = 16 * sw5 + 8 * mh5  # a value pair's first channel, less 32 i and the lane's 2 pl
+    bk = gl.arange(0, 32, layout=gl.SliceLayout(1, b_l))
+    bn = gl.arange(0, N, layout=gl.SliceLayout(0, b_l))
+    # the query chunks rotated back by the split's first position p_split (RoPE(p + tau) = RoPE(tau) RoPE(p)); each
+    # block then rotates them by its start's offset from p_split: from the table BROT where the block starts where
+    # contiguous positions would put it, else from its own angles
+    p_split = gl.load(QP + gl.minimum(lo_t, gl.maximum(n_q - 1, 0)))
+    pf32 = p_split.to(gl.float32)
+    q0 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 0, qk_scale, GROUP), (pf32, INVF), 0, N, False)
+    q1 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 1, qk_scale, GROUP), (pf32, INVF), 1, N, False)
+    q2 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 2, qk_scale, GROUP), (pf32, INVF), 2, N, False)
+    q3q = _rot_q(_q_chunk(Qb, sqh, bn, bk, 3, qk_scale, GROUP), (pf32, INVF), 3, N, False)
+    c_l: gl.constexpr = gl.SliceLayout(1, mma)
+    h_l: gl.constexpr = gl.SliceLayout(0, mma)
+    tc_ = gl.arange(0, BT, layout=c_l)
+    m_i = gl.full([N], -1.0e30, gl.float32, layout=h_l)
+    l_i = gl.zeros([N], gl.float32, layout=h_l)
+    z_i = gl.zeros([N], gl.float32, layout=h_l)
+    acc0 = gl.zeros([32, N], gl.float32, layout=mma)
+    acc1 = gl.zeros([32, N], gl.float32, layout=mma)
+    acc2 = gl.zeros([32, N], gl.float32, layout=mma)
+    acc3 = gl.zeros([32, N], gl.float32, layout=mma)
+    KC32 = KC.to(gl.pointer_type(gl.int32))
+    VC32 = VC.to(gl.pointer_type(gl.int32))
+    pf_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    for t0 in range(lo_t, hi_t, BT):
+        if PF > 0:  # the next block's rows (a row start per lane touches every line: rows are < 128 bytes)
+            nxt = t0 + BT + pf_t
+            pmask = nxt < hi_t
+            _prefetch(KC + nxt * skc_t, pmask, PF)
+            _prefetch(VC + nxt * svc_t, pmask, PF)
+            _prefetch(VS + nxt * svs_t, pmask, PF)
+            _prefetch(VZ + nxt * svs_t, pmask, PF)
+            _prefetch(QP + nxt, pmask, PF)
+            if CK:
+                _prefetch(KOI + nxt * sko_t, pmask, PF)
+                _prefetch(KOV + nxt * sko_t, pmask, PF)
+            if CV:
+                _prefetch(VOI + nxt * svo_t, pmask, PF)
+                _prefetch(VOV + nxt * svo_t, pmask, PF)
+            if HAS_MASK:
+                _prefetch(MROW + nxt, pmask, PF)
+        tmask = (t0 + tc_) < hi_t
+        vsc = gl.load(VS + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
+        vzr = gl.load(VZ + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
+        # the block's positions: contiguous from its first token (the table path), and where that start lies
+        p_b = gl.load(QP + t0)
+        pos = gl.load(QP + t0 + tc_, mask=tmask, other=0)
+        contig = gl.max(gl.where(tmask & (pos != p_b + tc_), 1, 0), 0) == 0
+        bidx = (t0 - lo_t) // BT
+        q_tab = (p_b - p_split == t0 - lo_t) & (bidx < n_brot)
+        s = gl.zeros([BT, N], gl.float32, layout=mma)
+        # the block's key rows, 16 bytes per load: low-plane words [token, 8], high-plane words [token, 4] (read as
+        # 32-bit words: half-word 4 half + j is half j % 2 of word 2 half + j // 2, no sign extension)
+        kmask = (t0 + trow) < hi_t
+        wrow = gl.load(KC32 + (t0 + trow) * (skc_t // 4) + wcol, mask=kmask, other=0)
+        hrow = gl.load(KC32 + (t0 + trow4) * (skc_t // 4) + D // 16 + hcol, mask=(t0 + trow4) < hi_t, other=0)
+        if CK:  # the block's key slots as residuals in level units: (exact - zero) / scale - level(code)
+            kt = t0 + t3
+            km = kt < hi_t
+            ci = gl.load(KOI + kt * sko_t, mask=km, other=255).to(gl.int32)  # [BT, 1, 1]; 255: matches no pair
+            xk = gl.load(KOV + kt * sko_t, mask=km, other=0.0).to(gl.float32)
+            kcode = _code3(KC32, kt * (skc_t // 4), ci, km, D)
+            kres = ((xk - gl.load(KZI + ci, mask=km, other=0.0)) * gl.load(KZI + D + ci, mask=km, other=0.0)
+                    - gl.load(KLEV + kcode))
+            k_add, k_sp = _slot_word(kres, ci)
+            k_rel = k_sp - 4 * (q3 % 4)  # [BT, 1, 8]: compared with constants per register
+        wrow = gl.reshape(wrow, [BT, 2, 2, 2])  # word 4 half + 2 jh + jl
+        w_l0, w_l1 = gl.split(wrow)
+        h_w0, h_w1 = gl.split(gl.reshape(hrow, [BT, 2, 2]))  # word 2 half + j // 2
+        for j in gl.static_range(4):
+            # the words of chunk j (channels 64 half + 16 j ..): low-plane word 4 half + j, high-plane half-word
+            w = _pick4(j, gl.split(w_l0)[0], gl.split(w_l1)[0], gl.split(w_l0)[1], gl.split(w_l1)[1])
+            h = h_w0 if j < 2 else h_w1
+            w = gl.convert_layout(w, KW_L, assert_trivial=True)
+            h = gl.convert_layout(h, KW_L, assert_trivial=True)
+            rh = k_rh if j % 2 == 0 else k_rh16
+            lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, 0)
+            if CK:  # the slot's residual onto its level, before the affine map and RoPE
+                lev = _hadd2(lev, gl.where(k_rel == k_pair + 16 * j, k_add, 0))
+            ksz = ks_off + 8 * j
+            k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
+            k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
+            if contig:  # RoPE by the block offset from the fragment-order table
+                cw = gl.load(CSP + cs_off + 512 * j)
+                sw = gl.load(CSP + cs_off + 512 * j + 256)
+            else:  # each token's offset from the block's first position, its angles computed
+                dpos = (gl.load(QP + t0 + tcs, mask=(t0 + tcs) < hi_t, other=0) - p_b).to(gl.float32)
+                th = INVF + 16 * j + cs_ch
+                c0, s0 = _cos_sin(dpos * gl.load(th))
+                c1, s1 = _cos_sin(dpos * gl.load(th + 1))
+                cw = _pack2(c0, c1)
+                sw = _pack2(s0, s1)
+            r1, r2 = _rope2(k1, k2, gl.convert_layout(cw, k1.type.layout, assert_trivial=True),
+                            gl.convert_layout(sw, k1.type.layout, assert_trivial=True))
+            kr = _to_operand(gl.reshape(gl.permute(gl.join(r1, r2), [0, 2, 1]), [BT, 16]), a_l, BT)
+            # the query chunk rotated on from p_split to the block start p_b
+            qj = _pick4(j, q0, q1, q2, q3q)
+            if q_tab:
+                qr = _rot_q(qj, BROT + (bidx * 4 + j) * 32, j, N, True)
+            else:
+                qr = _rot_q(qj, ((p_b - p_split).to(gl.float32), INVF), j, N, False)
+            s = mma_v2(kr, gl.convert_layout(qr, b_l), s)
+        if HAS_MASK:  # the additive mask, natural-log units
+            s += gl.load(MROW + t0 + tc_, mask=tmask, other=0.0)[:, None] * 1.4426950408889634
+        # online softmax over the block's tokens (axis 0), base 2 (qk_scale holds log2 e / sqrt(D))
+        s = gl.where(tmask[:, None], s, -1.0e30)
+        m_new = gl.maximum(m_i, gl.max(s, 0))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + gl.sum(p, 0)
+        z_i = z_i * alpha + gl.sum(p * vzr[:, None], 0)
+        m_i = m_new
+        pv = gl.convert_layout((p * vsc[:, None]).to(gl.float16), b_l)
+        vmask = (t0 + v_tok) < hi_t
+        if CV:  # the block's value slots, as for keys: (exact - zero) / scale - level(code)
+            vt5 = t0 + v_tok5
+            vm = vt5 < hi_t
+            vi = gl.load(VOI + vt5 * svo_t, mask=vm, other=255).to(gl.int32)  # [1, 1, 8, 4, 1]
+            xv = gl.load(VOV + vt5 * svo_t, mask=vm, other=0.0).to(gl.float32)
+            vcode = _code3(VC32, vt5 * (svc_t // 4), vi, vm, D)
+            vs5 = gl.load(VS + vt5 * svs_t, mask=vm, other=1.0).to(gl.float32)
+            vz5 = gl.load(VZ + vt5 * svs_t, mask=vm, other=0.0).to(gl.float32)
+            v_add, v_sp = _slot_word((xv - vz5) / vs5 - gl.load(VLEV + vcode), vi)
+            v_rel = v_sp - 2 * pl5  # [1, 1, 8, 4, 4]
+        for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
+            w = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + 2 * i + sww, mask=vmask, other=0)
+            h = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + D // 16 + i + 0 * sww, mask=vmask, other=0)
+            lev = _lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, 1)
+            if CV:
+                lev = _hadd2(lev, gl.where(v_rel == v_pair + 32 * i, v_add, 0))
+            lev = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [lev],
+                                            dtype=gl.int32, is_pure=True, pack=1)
+            vt = _to_operand(gl.reshape(lev, [32, BT // 2]), a_l, 32)
+            if i == 0:
+                acc0 = mma_v2(vt, pv, acc0 * alpha[None, :])
+            elif i == 1:
+                acc1 = mma_v2(vt, pv, acc1 * alpha[None, :])
+            elif i == 2:
+                acc2 = mma_v2(vt, pv, acc2 * alpha[None, :])
+            else:
+                acc3 = mma_v2(vt, pv, acc3 * alpha[None, :])
+    # partials: O^T chunks [32 channels, N] (natural channel order) + the zero term, for the group's heads only
+    oc = gl.arange(0, 32, layout=c_l)[:, None]
+    oh = gl.arange(0, N, layout=h_l)[None, :]
+    om = (oh < GROUP) & (oc >= 0)
+    base = PACC + (row0 + oh.to(gl.int64) * (NSPLIT_Q + 1)) * D
+    gl.store(base + oc, acc0 + z_i[None, :], mask=om)
+    gl.store(base + 32 + oc, acc1 + z_i[None, :], mask=om)
+    gl.store(base + 64 + oc, acc2 + z_i[None, :], mask=om)
+    gl.store(base + 96 + oc, acc3 + z_i[None, :], mask=om)
+    hh = gl.arange(0, N, layout=h_l)
+    # one read of the tables after the loop keeps their allocation alive (inline PTX reads it: Triton cannot see
+    # that), so no scratch buffer can alias it; the term is 0 unless n_q < 0
+    keep = gl.sum(gl.sum(tab.slice(0, 1, dim=0).load(tb_l), 1), 0)
+    m_i += gl.where(n_q < 0, keep.to(gl.float32), 0.0)
+    prow = row0 + hh.to(gl.int64) * (NSPLIT_Q + 1)
+    gl.store(PM + prow, m_i, mask=hh < GROUP)
+    gl.store(PL + prow, l_i, mask=hh < GROUP)
+
+
+# ---------------------------------------------------------------------------------------------------- host side
+SUPPORTED_TRITON = ((3, 6),)  # Gluon is experimental: the (major, minor) versions this kernel was built and run on
+
+
+@functools.lru_cache(maxsize=None)
+def available(device_index: int = 0) -> bool:
+    """Whether the pairs kernel can run here: a tested Triton version and an NVIDIA GPU of sm_80 or newer (mma.sync
+    m16n8k16, movmatrix)."""
+    try:
+        ver = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    if ver not in SUPPORTED_TRITON or not torch.cuda.is_available() or torch.version.hip:
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def pair_table(levels: torch.Tensor) -> torch.Tensor:
+    """[64, 32] int32: entry idx = lo_a | lo_b << 2 | hi_a << 4 | hi_b << 5 holds the fp16 pair (levels[a],
+    levels[b]) with a = lo_a | hi_a << 2, b likewise (core/packing.py's 3-bit planes: 2 low bits, 1 high bit),
+    replicated over the 32 lanes."""
+    idx = torch.arange(64)
+    a = (idx & 3) | (((idx >> 4) & 1) << 2)
+    b = ((idx >> 2) & 3) | (((idx >> 5) & 1) << 2)
+    lev = levels.detach().half().cpu()
+    bits = torch.stack([lev[a], lev[b]], 1).contiguous().view(torch.int32)[:, 0]
+    return bits[:, None].expand(64, 32).contiguous().to(levels.device)
+
+
+def half_pairs(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2 n] -> [..., n] int32 holding (x[2 i], x[2 i + 1]) as fp16 pairs."""
+    return x.half().contiguous().view(torch.int32)
+
+
+def fragment_rope_table(inv_freq: torch.Tensor) -> torch.Tensor:
+    """[4, 2, 8, 32] int32: for chunk j, cos / sin, register r and lane l, the fp16 pair of channel pair
+    8 j + 2 (l % 4) + (r % 2) at block offset l // 4 + 8 (r // 2 % 2) + 16 (r // 4): the values a thread of the key
+    layout holds, so a warp's load reads one contiguous line."""
+    tau = torch.arange(BT, dtype=torch.float64, device=inv_freq.device)[:, None] * inv_freq.double()[None, :]
+    cs = torch.stack([half_pairs(tau.cos()), half_pairs(tau.sin())])  # [2, BT, D/4]
+    j, r, lane = torch.arange(4)[:, None, None], torch.arange(8)[None, :, None], torch.arange(32)[None, None, :]
+    tok = lane // 4 + 8 * (r // 2 % 2) + 16 * (r // 4)
+    cp = 8 * j + 2 * (lane % 4) + r % 2
+    return cs[:, tok.to(cs.device), cp.to(cs.device)].permute(1, 0, 2, 3).contiguous()
+
+
+def block_rope_table(inv_freq: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """[n_blocks, 4, 2, 16] fp32: for the block offset b BT in a split, chunk j, cos / sin of b BT theta for the query
+    K index m (< 16) of chunk j, i.e. channel _kchan(m, j) (computed in float64)."""
+    m = torch.arange(16)
+    ch = (16 * torch.arange(4)[:, None] + 4 * ((m // 2) % 4) + 2 * (m // 8) + m % 2).to(inv_freq.device)  # [4, 16]
+    ang = (torch.arange(n_blocks, device=inv_freq.device).double() * BT)[:, None, None] * inv_freq.double()[ch]
+    return torch.stack([ang.cos(), ang.sin()], 2).float().contiguous()
+
+
+BROT_BLOCKS = 512  # blocks per split served by the query-rotation table (16K tokens); further blocks compute angles
+
+
+def tables(key_levels, key_scale, key_zero, value_levels, inv_freq) -> dict:
+    """The kernel's derived inputs, from the storage's affine key table (levels [8], scale / zero [H, D]), value
+    levels [8] and RoPE frequencies [D/2]."""
+    return dict(
+        TAB=torch.cat([pair_table(key_levels), pair_table(value_levels)]).contiguous(),
+        KSZ=torch.stack([half_pairs(key_scale), half_pairs(key_zero)], 1).contiguous(),  # [H, 2, D/2]
+        KZI=torch.stack([key_zero.float(), 1.0 / key_scale.float()], 1).contiguous(),  # [H, 2, D]
+        KLEV=key_levels.half().float().contiguous(), VLEV=value_levels.half().float().contiguous(),
+        CSP=fragment_rope_table(inv_freq), BROT=block_rope_table(inv_freq, BROT_BLOCKS),
+        INVF=inv_freq.float().contiguous())
+
+
+def _check_shared(compiled) -> None:
+    """The inline PTX reads the tables at offset 0 of Triton's shared memory: the allocation must be all there is."""
+    got = compiled.metadata.shared
+    if got != TABLE_SHARED_BYTES:
+        raise RuntimeError(f"the pairs kernel was compiled with {got} B of shared memory; its inline PTX expects "
+                           f"exactly {TABLE_SHARED_BYTES} B (the tables). This Triton version lays it out "
+                           "differently: use kernel='natural'.")
+
+
+_CHECKED: set = set()
+
+
+def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, chunk, nsq, group, ck, cv):
+    """Launch the kernel over ``nsq`` splits (grid nsq x KV heads x batch); see _pairs_kernel for the arguments.
+    ``quant``: the storage's (k_codes, k_out_idx, k_out_val, v_codes, v_zero, v_scale, v_out_idx, v_out_val, q_pos)."""
+    kc, koi, kov, vc, vz, vs, voi, vov, qpos = quant
+    B, H = int(kc.shape[0]), int(kc.shape[1])
+    mask = bias if bias is not None else pm
+    k = _pairs_kernel[(nsq, H, B)](
+        q, pacc, pm, pl, kc, koi, kov, vc, vz, vs, voi, vov, qpos, mask, lengths if lengths is not None else qpos,
+        tb["TAB"], tb["KSZ"], tb["KZI"], tb["KLEV"], tb["VLEV"], tb["CSP"], tb["BROT"], tb["INVF"],
+        scaling_log2, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        koi.stride(0), koi.stride(1), koi.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+        vs.stride(0), vs.stride(1), vs.stride(2), voi.stride(0), voi.stride(1), voi.stride(2), qpos.stride(0),
+        bias.stride(0) if bias is not None else 0, n_s, n_q, chunk, nsq, BROT_BLOCKS,
+        H_KV=H, GROUP=group, CK=ck, CV=cv, HAS_MASK=bias is not None, DEVLEN=lengths is not None, PF=2, BT=BT, D=D,
+        N=N, num_warps=1)
+    key = id(k)
+    if key not in _CHECKED:
+        _check_shared(k)
+        _CHECKED.add(key)
+    return k
+
+
+def splits(n_tokens: int, programs: int, num_sms: int, min_chunk: int = 256) -> tuple[int, int]:
+    """(splits, chunk): one wave of one-warp programs, 8 per SM (H200 sweep, benchmarks/gpu_runs/run44: 128 splits
+    for 8 KV heads at 128K beat 256), at least ``min_chunk`` tokens each."""
+    if n_tokens <= 0:
+        return 0, BT
+    want = max(1, math.ceil(8 * num_sms / max(programs, 1)))
+    want = min(want, max(1, n_tokens // min_chunk))
+    chunk = math.ceil(math.ceil(n_tokens / want) / BT) * BT
+    return math.ceil(n_tokens / chunk), chunk
