@@ -69,6 +69,22 @@ def bench(fn, rep=200):
     return do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3  # us
 
 
+def bench_graph(fn, rep=200):
+    """fn captured as a CUDA graph and timed by replay: its GPU time without the host's launch cost (how generate
+    runs a decode step, kernels.graphs). A Gluon launch costs the host about 90 us, more than a 32K-128K batch-1
+    layer takes on the GPU, so eager timings of such short calls measure the host."""
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay, rep)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def copy_bandwidth():
     n = 2 * 2**30  # 2 GiB
@@ -170,13 +186,14 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
             for ctx in ctxs:
                 ks, vs = kf[:, :, :ctx], vf[:, :, :ctx]
                 fp16_bytes = 2 * B * H * ctx * D * 2
-                lat = {}
-                lat["sdpa"] = bench(lambda: sdpa_decode(q, ks, vs, scaling, gqa))  # noqa: B023
-                lat["splitk"] = bench(lambda: kernels.fp16_decode_attention(q, ks, vs, scaling))  # noqa: B023
+                lat, eager = {}, {}
+                for impl, fn in (("sdpa", lambda: sdpa_decode(q, ks, vs, scaling, gqa)),  # noqa: B023
+                                 ("splitk", lambda: kernels.fp16_decode_attention(q, ks, vs, scaling))):  # noqa: B023
+                    eager[impl], lat[impl] = bench(fn), bench_graph(fn)
                 best = min(lat.values())
                 for impl, us in lat.items():
                     rows.append(dict(shape=shape, context=ctx, batch=B, method="fp16", impl=impl, bits=16.0,
-                                     outlier_fraction=0.0, latency_us=round(us, 2),
+                                     outlier_fraction=0.0, latency_us=round(us, 2), eager_us=round(eager[impl], 2),
                                      gbps=round(fp16_bytes / (us * 1e-6) / 1e9, 1),
                                      bw_fraction=round(fp16_bytes / (us * 1e-6) / 1e9 / copy_bw, 3),
                                      speedup_vs_best_fp16=round(best / us, 3)))
@@ -201,11 +218,13 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
                         if impl in done:
                             continue
                         done.add(impl)
-                        us = bench(lambda: kernels.decode_attention(q, st, scaling, **kw))  # noqa: B023
+                        fn = lambda: kernels.decode_attention(q, st, scaling, **kw)  # noqa: B023, E731
+                        eager_us, us = bench(fn), bench_graph(fn)
                         name = f"nuq{b}-1pct" + ("" if vg == "head" else "-tokengroup")
                         rows.append(dict(shape=shape, context=ctx, batch=B, method=name, impl=impl, value_group=vg,
                                          bits=round(effective_bits(st), 3), outlier_fraction=0.01,
-                                         latency_us=round(us, 2), gbps=round(nbytes / (us * 1e-6) / 1e9, 1),
+                                         latency_us=round(us, 2), eager_us=round(eager_us, 2),
+                                         gbps=round(nbytes / (us * 1e-6) / 1e9, 1),
                                          bw_fraction=round(nbytes / (us * 1e-6) / 1e9 / copy_bw, 3),
                                          speedup_vs_best_fp16=round(best / us, 3)))
                         if check and ctx == min(ctxs):
@@ -447,10 +466,11 @@ def step_setup(a):
 
 GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1pct-reference",
               "kvquant-nuq3-1pct-fused", "kvquant-nuq3-1pct-fused-eager", "kvquant-nuq3-1pct-tokengroup-fused",
-              "kvquant-nuq3-1pct-fused-noprefetch")
+              "kvquant-nuq3-1pct-fused-noprefetch", "kvquant-nuq3-1pct-fused-natural")
 # -fused: the library default on CUDA (fused kernels, decode steps as CUDA-graph replays); -fused-eager: the same
 # kernels launched one by one (KVQUANT_CUDA_GRAPHS=0); -reference: the PyTorch path (KVQUANT_FUSED_DECODE=0);
-# -noprefetch: the decode kernels without their PTX prefetch of the next block (kernels.PREFETCH_DEFAULT = False)
+# -noprefetch: the decode kernels without their PTX prefetch of the next block (kernels.PREFETCH_DEFAULT = False);
+# -natural: the Triton natural kernel where the Gluon pairs kernel is the default (KVQUANT_PAIRS=0)
 # (value_group "head"; -tokengroup-: token-group values, 11 slots per row, the calibration default)
 
 
@@ -485,6 +505,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     def make_cache(name, max_len):
         os.environ["KVQUANT_FUSED_DECODE"] = "0" if name.endswith("-reference") else "1"
         os.environ["KVQUANT_CUDA_GRAPHS"] = "0" if name.endswith("-eager") else "1"
+        os.environ["KVQUANT_PAIRS"] = "0" if name.endswith("-natural") else "1"
         kernels.PREFETCH_DEFAULT = False if name.endswith("-noprefetch") else prefetch_default  # read by each plan
         if name == "dynamic":
             return DynamicCache(config=model.config)
@@ -553,6 +574,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
                                             for r in ok]))
     os.environ.pop("KVQUANT_FUSED_DECODE", None)
     os.environ.pop("KVQUANT_CUDA_GRAPHS", None)
+    os.environ.pop("KVQUANT_PAIRS", None)
     kernels.PREFETCH_DEFAULT = prefetch_default
     res["generate"] = dict(model="random-weight Llama-3-8B shape (bf16)", layers=n_layers, new_tokens=new_tokens,
                            via="model.generate", rounds=reps, rows=rows)

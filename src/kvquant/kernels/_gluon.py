@@ -585,7 +585,7 @@ def splits(n_tokens: int, programs: int, num_sms: int, min_chunk: int = 256) -> 
     for 8 KV heads at 128K beat 256), at least ``min_chunk`` tokens each."""
     if n_tokens <= 0:
         return 0, BT
-    want = max(1, math.ceil(8 * num_sms / max(programs, 1)))
+    want = max(1, 8 * num_sms // max(programs, 1))  # (rounded down: a second, nearly empty wave doubles the time)
     want = min(want, max(1, n_tokens // min_chunk))
     chunk = math.ceil(math.ceil(n_tokens / want) / BT) * BT
     return math.ceil(n_tokens / chunk), chunk
