@@ -56,12 +56,6 @@ def _hfma2(a, b, c):
 
 
 @gluon.jit
-def _hadd2(a, b):
-    return gl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.int32, is_pure=True,
-                                     pack=1)
-
-
-@gluon.jit
 def _pack2(lo, hi):
     """Two fp32 -> one fp16 pair (lo in the low half)."""
     return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=gl.int32,
@@ -212,19 +206,14 @@ def _prefetch(ptr, mask, PF: gl.constexpr):
 
 
 @gluon.jit
-def _code3(C32, row_word, c, mask, D: gl.constexpr):
-    """3-bit code of channel c in the packed rows at word offsets row_word (core/packing.py's planes)."""
-    w = gl.load(C32 + row_word + c // 16, mask=mask, other=0)
-    h = gl.load(C32 + row_word + D // 16 + c // 32, mask=mask, other=0)
-    return ((w >> (2 * (c % 16))) & 3) | (((h >> (c % 32)) & 1) << 2)
-
-
-@gluon.jit
-def _slot_word(res, c):
-    """A slot's residual (fp32, code-level units) as an fp16 in the half of its channel pair's word that holds
-    channel c; and the pair's first channel (c with bit 0 clear; 254 for a masked slot's c = 255)."""
-    bits = res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 65535
-    return gl.where((c & 1) != 0, bits << 16, bits), c & 254
+def _slot_word(lvl, c):
+    """A slot's exact value in code-level units (fp32; (exact - zero) / scale, which the affine map takes back to the
+    exact value) as an fp16 in the half of its channel pair's word that holds channel c, the mask of the other half
+    (kept from the looked-up pair), and the pair's first channel (c with bit 0 clear; 254 for a masked slot's
+    c = 255: no pair matches)."""
+    bits = gl.minimum(gl.maximum(lvl, -65000.0), 65000.0).to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32)
+    odd = (c & 1) != 0
+    return gl.where(odd, bits << 16, bits & 65535), gl.where(odd, 65535, -65536), c & 254
 
 
 # decode steps change these every step: not specialised (no recompilation mid-generation)
@@ -233,7 +222,7 @@ _DYNAMIC = ("smask_b", "n_s", "n_q", "chunk", "NSPLIT_Q")
 
 @gluon.jit(do_not_specialize=_DYNAMIC)
 def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MASK, LENS,
-                  TAB, KSZ, KZI, KLEV, VLEV, CSP, BROT, INVF,
+                  TAB, KSZ, KZI, CSP, BROT, INVF,
                   qk_scale, sqb, sqh, skc_b, skc_h, skc_t, sko_b, sko_h, sko_t, svc_b, svc_h, svc_t,
                   svs_b, svs_h, svs_t, svo_b, svo_h, svo_t, sqp_b, smask_b,
                   n_s, n_q, chunk, NSPLIT_Q, n_brot,
@@ -244,7 +233,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MAS
     quantized region. Storage as LayerStorage holds it (codes [B, H, cap, 48] uint8; value zero/scale [B, H, cap, 1]
     fp16; slots [B, H, cap, CK/CV]; positions [B, cap] int32). TAB [128, 32] int32: the key then the value pair
     table, lane-replicated; KSZ [H, 2, D/2] int32: key scale and zero as fp16 pairs; KZI [H, 2, D] fp32: key zero and
-    1 / scale (slot residuals); KLEV / VLEV [8] fp32: the levels the tables hold; CSP [4, 2, 8, 32] int32: cos / sin of
+    1 / scale (for the slots); CSP [4, 2, 8, 32] int32: cos / sin of
     the block offsets in fragment order; BROT [n_brot, 4, 2, 16] fp32: the per-block query rotation; INVF [D/2].
     Writes partials row ((b H_KV + h) GROUP + n) (NSPLIT_Q + 1) + pid of PACC [.., D], PM, PL (log2 units)."""
     pid = gl.program_id(0)
@@ -372,15 +361,13 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MAS
         kmask = (t0 + trow) < hi_t
         wrow = gl.load(KC32 + (t0 + trow) * (skc_t // 4) + wcol, mask=kmask, other=0)
         hrow = gl.load(KC32 + (t0 + trow4) * (skc_t // 4) + D // 16 + hcol, mask=(t0 + trow4) < hi_t, other=0)
-        if CK:  # the block's key slots as residuals in level units: (exact - zero) / scale - level(code)
+        if CK:  # the block's key slots in code-level units, (exact - zero) / scale, to replace their levels
             kt = t0 + t3
             km = kt < hi_t
             ci = gl.load(KOI + kt * sko_t, mask=km, other=255).to(gl.int32)  # [BT, 1, 1]; 255: matches no pair
             xk = gl.load(KOV + kt * sko_t, mask=km, other=0.0).to(gl.float32)
-            kcode = _code3(KC32, kt * (skc_t // 4), ci, km, D)
-            kres = ((xk - gl.load(KZI + ci, mask=km, other=0.0)) * gl.load(KZI + D + ci, mask=km, other=0.0)
-                    - gl.load(KLEV + kcode))
-            k_add, k_sp = _slot_word(kres, ci)
+            k_val, k_keep, k_sp = _slot_word(
+                (xk - gl.load(KZI + ci, mask=km, other=0.0)) * gl.load(KZI + D + ci, mask=km, other=0.0), ci)
             k_rel = k_sp - 4 * (q3 % 4)  # [BT, 1, 8]: compared with constants per register
         wrow = gl.reshape(wrow, [BT, 2, 2, 2])  # word 4 half + 2 jh + jl
         w_l0, w_l1 = gl.split(wrow)
@@ -393,8 +380,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MAS
             h = gl.convert_layout(h, KW_L, assert_trivial=True)
             rh = k_rh if j % 2 == 0 else k_rh16
             lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, 0)
-            if CK:  # the slot's residual onto its level, before the affine map and RoPE
-                lev = _hadd2(lev, gl.where(k_rel == k_pair + 16 * j, k_add, 0))
+            if CK:  # the slot's exact level in place of the looked-up one, before the affine map and RoPE
+                lev = gl.where(k_rel == k_pair + 16 * j, (lev & k_keep) | k_val, lev)
             ksz = ks_off + 8 * j
             k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
             k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
@@ -430,22 +417,21 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MAS
         m_i = m_new
         pv = gl.convert_layout((p * vsc[:, None]).to(gl.float16), b_l)
         vmask = (t0 + v_tok) < hi_t
-        if CV:  # the block's value slots, as for keys: (exact - zero) / scale - level(code)
+        if CV:  # the block's value slots, as for keys: (exact - zero) / scale
             vt5 = t0 + v_tok5
             vm = vt5 < hi_t
             vi = gl.load(VOI + vt5 * svo_t, mask=vm, other=255).to(gl.int32)  # [1, 1, 8, 4, 1]
             xv = gl.load(VOV + vt5 * svo_t, mask=vm, other=0.0).to(gl.float32)
-            vcode = _code3(VC32, vt5 * (svc_t // 4), vi, vm, D)
             vs5 = gl.load(VS + vt5 * svs_t, mask=vm, other=1.0).to(gl.float32)
             vz5 = gl.load(VZ + vt5 * svs_t, mask=vm, other=0.0).to(gl.float32)
-            v_add, v_sp = _slot_word((xv - vz5) / vs5 - gl.load(VLEV + vcode), vi)
+            v_val, v_keep, v_sp = _slot_word((xv - vz5) / vs5, vi)
             v_rel = v_sp - 2 * pl5  # [1, 1, 8, 4, 4]
         for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
             w = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + 2 * i + sww, mask=vmask, other=0)
             h = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + D // 16 + i + 0 * sww, mask=vmask, other=0)
             lev = _lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, 1)
             if CV:
-                lev = _hadd2(lev, gl.where(v_rel == v_pair + 32 * i, v_add, 0))
+                lev = gl.where(v_rel == v_pair + 32 * i, (lev & v_keep) | v_val, lev)
             lev = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [lev],
                                             dtype=gl.int32, is_pure=True, pack=1)
             vt = _to_operand(gl.reshape(lev, [32, BT // 2]), a_l, 32)
@@ -541,7 +527,6 @@ def tables(key_levels, key_scale, key_zero, value_levels, inv_freq) -> dict:
         TAB=torch.cat([pair_table(key_levels), pair_table(value_levels)]).contiguous(),
         KSZ=torch.stack([half_pairs(key_scale), half_pairs(key_zero)], 1).contiguous(),  # [H, 2, D/2]
         KZI=torch.stack([key_zero.float(), 1.0 / key_scale.float()], 1).contiguous(),  # [H, 2, D]
-        KLEV=key_levels.half().float().contiguous(), VLEV=value_levels.half().float().contiguous(),
         CSP=fragment_rope_table(inv_freq), BROT=block_rope_table(inv_freq, BROT_BLOCKS),
         INVF=inv_freq.float().contiguous())
 
@@ -566,7 +551,7 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     mask = bias if bias is not None else pm
     k = _pairs_kernel[(nsq, H, B)](
         q, pacc, pm, pl, kc, koi, kov, vc, vz, vs, voi, vov, qpos, mask, lengths if lengths is not None else qpos,
-        tb["TAB"], tb["KSZ"], tb["KZI"], tb["KLEV"], tb["VLEV"], tb["CSP"], tb["BROT"], tb["INVF"],
+        tb["TAB"], tb["KSZ"], tb["KZI"], tb["CSP"], tb["BROT"], tb["INVF"],
         scaling_log2, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         koi.stride(0), koi.stride(1), koi.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2), voi.stride(0), voi.stride(1), voi.stride(2), qpos.stride(0),
