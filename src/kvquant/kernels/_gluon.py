@@ -129,6 +129,17 @@ def _rot_q(qj, ang_or_tab, j: gl.constexpr, N: gl.constexpr, FROM_TABLE: gl.cons
 
 
 @gluon.jit
+def _q_table_store(qj, ptr, pos, INVF, j: gl.constexpr, N: gl.constexpr):
+    """Store cos / sin of pos * theta for the 16 K indices of query chunk j at ptr (16 cos, then 16 sin), in the
+    layout in which _rot_q(qj, ptr, j, N, True) reads them (so each reading thread wrote its values itself)."""
+    qa, qb = gl.split(gl.permute(gl.reshape(qj.to(gl.float32), [2, 16, N]), [1, 2, 0]))
+    mq = gl.arange(0, 16, layout=gl.SliceLayout(1, qa.type.layout))
+    ca, sa = _cos_sin(pos * gl.load(INVF + _kchan(mq, j)))
+    gl.store(ptr + mq, ca)
+    gl.store(ptr + 16 + mq, sa)
+
+
+@gluon.jit
 def _q_chunk(Qb, sqh, bn, bk, j: gl.constexpr, qk_scale, GROUP: gl.constexpr):
     """Query chunk j [32 (K index), N (head)] scaled by qk_scale, zero for the padding heads."""
     q = gl.load(Qb + bn[None, :] * sqh + _kchan(bk, j)[:, None], mask=(bn < GROUP)[None, :], other=0.0)
@@ -222,7 +233,7 @@ _DYNAMIC = ("smask_b", "n_s", "n_q", "chunk", "NSPLIT_Q")
 
 @gluon.jit(do_not_specialize=_DYNAMIC)
 def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MASK, LENS,
-                  TAB, KSZ, KZI, CSP, BROT, INVF,
+                  TAB, KSZ, KZI, CSP, BROT, INVF, SCR,
                   qk_scale, sqb, sqh, skc_b, skc_h, skc_t, sko_b, sko_h, sko_t, svc_b, svc_h, svc_t,
                   svs_b, svs_h, svs_t, svo_b, svo_h, svo_t, sqp_b, smask_b,
                   n_s, n_q, chunk, NSPLIT_Q, n_brot,
@@ -252,6 +263,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MAS
     VOI += bb * svo_b + h64 * svo_h
     VOV += bb * svo_b + h64 * svo_h
     QP = QPOS + bb * sqp_b
+    SCR += ((bb * H_KV + h64) * NSPLIT_Q + pid) * 2176  # this program's scratch: key cos/sin [2048], query [128]
+    SCRQ = SCR.to(gl.pointer_type(gl.float32)) + 2048
     MROW = MASK + bb * smask_b + n_s
     KSZ += hd * D
     KZI += hd * 2 * D
@@ -350,11 +363,31 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MAS
         vsc = gl.load(VS + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
         vzr = gl.load(VZ + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
         # the block's positions: contiguous from its first token (the table path), and where that start lies
+        bidx = (t0 - lo_t) // BT
         p_b = gl.load(QP + t0)
         pos = gl.load(QP + t0 + tc_, mask=tmask, other=0)
         contig = gl.max(gl.where(tmask & (pos != p_b + tc_), 1, 0), 0) == 0
-        bidx = (t0 - lo_t) // BT
         q_tab = (p_b - p_split == t0 - lo_t) & (bidx < n_brot)
+        # the RoPE tables this block reads: the static ones, or (positions not contiguous, or the block start not
+        # where contiguous positions put it) the program's scratch copy, filled here with computed angles in the
+        # same order and layout as it is read (each thread reads what it wrote: no barrier); the chunk loop below
+        # then has no branch, so the scheduler can hoist its loads
+        csb = CSP
+        qtb = BROT + bidx * 128
+        if not contig:
+            for jj in gl.static_range(4):
+                dpos = (gl.load(QP + t0 + tcs, mask=(t0 + tcs) < hi_t, other=0) - p_b).to(gl.float32)
+                th = INVF + 16 * jj + cs_ch
+                c0, s0 = _cos_sin(dpos * gl.load(th))
+                c1, s1 = _cos_sin(dpos * gl.load(th + 1))
+                gl.store(SCR + cs_off + 512 * jj, _pack2(c0, c1))
+                gl.store(SCR + cs_off + 512 * jj + 256, _pack2(s0, s1))
+            csb = SCR
+        if not q_tab:
+            for jj in gl.static_range(4):
+                _q_table_store(_pick4(jj, q0, q1, q2, q3q), SCRQ + jj * 32, (p_b - p_split).to(gl.float32), INVF,
+                               jj, N)
+            qtb = SCRQ
         s = gl.zeros([BT, N], gl.float32, layout=mma)
         # the block's key rows, 16 bytes per load: low-plane words [token, 8], high-plane words [token, 4] (read as
         # 32-bit words: half-word 4 half + j is half j % 2 of word 2 half + j // 2, no sign extension)
@@ -385,25 +418,15 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MAS
             ksz = ks_off + 8 * j
             k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
             k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
-            if contig:  # RoPE by the block offset from the fragment-order table
-                cw = gl.load(CSP + cs_off + 512 * j)
-                sw = gl.load(CSP + cs_off + 512 * j + 256)
-            else:  # each token's offset from the block's first position, its angles computed
-                dpos = (gl.load(QP + t0 + tcs, mask=(t0 + tcs) < hi_t, other=0) - p_b).to(gl.float32)
-                th = INVF + 16 * j + cs_ch
-                c0, s0 = _cos_sin(dpos * gl.load(th))
-                c1, s1 = _cos_sin(dpos * gl.load(th + 1))
-                cw = _pack2(c0, c1)
-                sw = _pack2(s0, s1)
+            # RoPE by each token's offset from the block start (fragment order: one line per warp-wide load)
+            cw = gl.load(csb + cs_off + 512 * j)
+            sw = gl.load(csb + cs_off + 512 * j + 256)
             r1, r2 = _rope2(k1, k2, gl.convert_layout(cw, k1.type.layout, assert_trivial=True),
                             gl.convert_layout(sw, k1.type.layout, assert_trivial=True))
             kr = _to_operand(gl.reshape(gl.permute(gl.join(r1, r2), [0, 2, 1]), [BT, 16]), a_l, BT)
             # the query chunk rotated on from p_split to the block start p_b
             qj = _pick4(j, q0, q1, q2, q3q)
-            if q_tab:
-                qr = _rot_q(qj, BROT + (bidx * 4 + j) * 32, j, N, True)
-            else:
-                qr = _rot_q(qj, ((p_b - p_split).to(gl.float32), INVF), j, N, False)
+            qr = _rot_q(qj, qtb + j * 32, j, N, True)
             s = mma_v2(kr, gl.convert_layout(qr, b_l), s)
         if HAS_MASK:  # the additive mask, natural-log units
             s += gl.load(MROW + t0 + tc_, mask=tmask, other=0.0)[:, None] * 1.4426950408889634
@@ -549,9 +572,10 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     kc, koi, kov, vc, vz, vs, voi, vov, qpos = quant
     B, H = int(kc.shape[0]), int(kc.shape[1])
     mask = bias if bias is not None else pm
+    scratch = torch.empty(B * H * nsq * 2176, device=q.device, dtype=torch.int32)  # RoPE tables of odd blocks
     k = _pairs_kernel[(nsq, H, B)](
         q, pacc, pm, pl, kc, koi, kov, vc, vz, vs, voi, vov, qpos, mask, lengths if lengths is not None else qpos,
-        tb["TAB"], tb["KSZ"], tb["KZI"], tb["CSP"], tb["BROT"], tb["INVF"],
+        tb["TAB"], tb["KSZ"], tb["KZI"], tb["CSP"], tb["BROT"], tb["INVF"], scratch,
         scaling_log2, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         koi.stride(0), koi.stride(1), koi.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2), voi.stride(0), voi.stride(1), voi.stride(2), qpos.stride(0),
