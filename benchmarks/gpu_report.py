@@ -52,11 +52,16 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run34b_2026-11-30": "6ecae3b's kernels with kernels.PREFETCH_DEFAULT = False",
     "run35_2026-11-30": "6ecae3b (the -noprefetch generate cache)",
     "run36_2026-11-30": "f857163 (round_details: per-round token gaps and graph replays)",
+    "run49_2026-11-30": "638df02 (the Gluon pairs kernel in the library, first version; eager timings)",
+    "run50_2026-11-30": "0bb5127 (pairs kernel: slots turned into level residuals through a code lookup; one wave of "
+                        "programs; rows timed as CUDA-graph replays)",
+    "run53_2026-11-30": "079b7f3 (pairs kernel: slots replace their levels; no branch in the chunk loop)",
+    "run54_2026-11-30": "079b7f3",
 }
 
 # runs whose generate section is incomplete: listed after the full run, never taken as the latest
 PARTIAL_GENERATE = {"run20_2026-11-29", "run29_2026-11-30", "run34_2026-11-30", "run34b_2026-11-30",
-                    "run35_2026-11-30", "run36_2026-11-30"}
+                    "run35_2026-11-30", "run36_2026-11-30", "run54_2026-11-30"}
 
 # gpu_suite.py labelled every head-group KVQuant row "kvquant-fields" until it asked the library which kernel ran
 # (kernels.decode_kernel, added after run 13); in run 13 the diag sweep chose {"kernel": "natural"} for those rows
@@ -64,6 +69,25 @@ IMPL_FIX = {"run13_2026-11-29": {"kvquant-fields": "kvquant-natural"}}
 
 
 RUN_NOTES = {  # what a reader must know about a run's rows
+    "run50_2026-11-30": ("The first decode matrix with the Gluon pairs kernel (kernels/_gluon.py; the default for "
+                         "3-bit head-group storage at head_dim 128 on sm_80+ with Triton 3.6), beside the natural "
+                         "kernel on the same storage. Every row, fp16 included, is a CUDA-graph replay of the call "
+                         "(the eager time is `eager_us` in the JSON): a Gluon launch costs the host about 90 us, more "
+                         "than a short batch-1 call takes on the GPU. This code (0bb5127) turned each slot into a "
+                         "residual through a code lookup; the final code (079b7f3: the slot's exact level replaces "
+                         "the looked-up one, and no branch in the chunk loop) was measured by run 53, which a timeout "
+                         "cut short (gpu_runs/run53_2026-11-30.json, rebuilt from its log: Llama-3-8B batch 1 and 8 "
+                         "at every context, Llama-2-7B batch 1 at 4K and 16K, the kvquant rows only). There, nuq3-1% "
+                         "with the pairs kernel took 158.3 us at 128K batch 1 (0.863x the best fp16, against 0.72x "
+                         "here) and 1108.6 us at batch 8 (0.847x); the natural kernel 327.0 and 3775.5 us. Preceded "
+                         "by the GPU tests of this code (6 passed, gpu_runs/gpu_tests_2026-11-30_runs49-53.txt)."),
+    "run54_2026-11-30": ("128K, the fp16 DynamicCache and the head-group KVQuant cache with the pairs kernel (the "
+                         "default) and with the natural kernel (KVQUANT_PAIRS=0), two rounds: 26.3 / 33.4 ms per "
+                         "token with the pairs kernel, 27.0 / 35.7 ms with the natural kernel, 69.0 / 72.5 ms for "
+                         "DynamicCache. The pairs kernel halves the attention's GPU time (run 53: 158 against 327 us "
+                         "per layer, about 5.4 ms per token over 32 layers), but the step moved by 0.7 ms: at batch 1 "
+                         "the step is most likely bound by the host (the Python of the model's other modules), not "
+                         "by the GPU (not profiled in this run)."),
     "run31_2026-11-30": ("The prefetch sweep, first version: the natural kernel with the next block's rows prefetched "
                          "into L1 or L2 (PTX prefetch), and 'top' (token-group run bounds loaded at the top of a "
                          "block, alone and with a prefetch; dropped: with the prefetch it was slower than the "
@@ -251,7 +275,9 @@ def decode_report(runs, out):
     md = "# Decode attention per layer on one H200\n\nRuns:\n\n" + "".join(env_line(n, e) for n, e in envs)
     md += "".join(f"\n**Note ({n}).** {RUN_NOTES[n]}\n" for n, _ in envs if n in RUN_NOTES)
     md += (f"\nDevice copy bandwidth (read + write of a 2 GiB copy), measured in each run: up to **{bw} GB/s**. "
-           "Latency: `triton.testing.do_bench` median. GB/s = bytes the kernel must read (fp16: K + V; KVQuant: "
+           "Latency: `triton.testing.do_bench` median; from run 49 on, of a CUDA-graph replay of the call (every "
+           "row, fp16 too; how `generate` runs a decode step), so the host's launch cost is not in it. "
+           "GB/s = bytes the kernel must read (fp16: K + V; KVQuant: "
            "every quantized field incl. outliers, scales and q_pos, plus the fp16 sink) / time; bits = that storage "
            "per K/V element, measured from the allocated tensors. Speedup = best fp16 (PyTorch SDPA or our split-K "
            "kernel) / this row. Synthetic quantizers (random sorted codebooks, random per-channel key ranges with "
