@@ -11,6 +11,11 @@ lookup table; `--ck/--cv` slots, `--bt`, `--warps`, `--maxnreg`; `--token-group`
 `--cv 11`), and `--div` adds the divisibility-by-16 hints
 that Triton attaches at run time to pointers and to the strides and sizes that are multiples of 16 (without them the
 loads do not vectorise as they do on the device). Results depend on the triton version: the H200 runs had 3.6.
+
+`--kernel pairs` compiles the Gluon pairs kernel (kvquant/kernels/_gluon.py; needs triton 3.6, e.g. installed with
+`pip install --no-deps --target /tmp/t36 triton==3.6.0` and put first on PYTHONPATH) for the Llama-3-8B shape with
+`--ck` slots per key and value vector (0 or 1) and `--mask`; its hot loop count includes the blocks that compute RoPE
+angles for non-contiguous positions, which contiguous blocks skip.
 """
 
 from __future__ import annotations
@@ -146,10 +151,35 @@ def sass_loop(cubin: bytes):
     return len(ins), n_body, ops, spills
 
 
+def compile_pairs(slots=1, has_mask=False, group=4, heads=8):
+    """The Gluon pairs kernel for sm_90 (divisibility hints on the code pointers and strides, as at run time)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kvquant.kernels import _gluon as G
+
+    ptrs = {"Q": "*bf16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32", "KC": "*u8", "KOI": "*u8", "KOV": "*fp16",
+            "VC": "*u8", "VZ": "*fp16", "VS": "*fp16", "VOI": "*u8", "VOV": "*fp16", "QPOS": "*i32", "MASK": "*fp32",
+            "LENS": "*i32", "TAB": "*i32", "KSZ": "*i32", "KZI": "*fp32", "CSP": "*i32", "BROT": "*fp32",
+            "INVF": "*fp32", "SCR": "*i32", "qk_scale": "fp32"}
+    names = [n for n in inspect.signature(G._pairs_kernel.fn).parameters]
+    sig = {n: ptrs.get(n, "i32") for n in names if n not in _PAIRS_CONST}
+    cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=slots, HAS_MASK=has_mask, DEVLEN=False, PF=2, BT=G.BT, D=G.D,
+              N=G.N)
+    order = list(sig)
+    div = [["tt.divisibility", 16]]
+    attrs = {(order.index(n),): div for n in ("KC", "VC", "skc_t", "svc_t", "skc_h", "svc_h", "skc_b", "svc_b")}
+    return triton.compile(GluonASTSource(G._pairs_kernel, sig, constexprs=cx, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+
+
+_PAIRS_CONST = ("H_KV", "GROUP", "CK", "CV", "HAS_MASK", "DEVLEN", "PF", "BT", "D", "N")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dump", default=None)
-    ap.add_argument("--kernel", default="tiles", choices=["tiles", "fields", "natural"])
+    ap.add_argument("--kernel", default="tiles", choices=["tiles", "fields", "natural", "pairs"])
+    ap.add_argument("--mask", action="store_true", help="pairs: with the additive mask")
     ap.add_argument("--bits", type=int, nargs="*", default=[3])
     ap.add_argument("--bt", type=int, default=None, help="tokens per block (default: 64 tiles, 32 fields/natural)")
     ap.add_argument("--warps", type=int, default=4)
@@ -162,6 +192,15 @@ def main():
     ap.add_argument("--pf", type=int, default=2, help="fields/natural: prefetch the next block into L1 (1), L2 (2, the "
                     "default) or not (0)")
     a = ap.parse_args()
+    if a.kernel == "pairs":
+        for slots in ([a.ck] if a.ck is not None else [1, 0]):
+            k = compile_pairs(slots, a.mask)
+            tot, loop, ops, loc = sass_loop(k.asm["cubin"])
+            print(f"pairs nuq3 slots={slots} mask={a.mask} (triton {triton.__version__}): "
+                  f"{resource_usage(k.asm['cubin'])}, shared {k.metadata.shared} B, SASS {tot} instr ({loc} local "
+                  f"ld/st), hot loop {loop} instr")
+            print("   SASS loop top:", ", ".join(f"{o} {c}" for o, c in ops.most_common(16)))
+        return
     tiles = a.kernel == "tiles"
     bt = a.bt or (64 if tiles else 32)
     ck = a.ck if a.ck is not None else (1 if tiles else 2)

@@ -397,6 +397,71 @@ def test_decode_gpu(bits, D, dtype):
                      gap_at=300)
 
 
+def _gluon_module():
+    try:
+        from kvquant.kernels import _gluon
+    except Exception as e:  # noqa: BLE001 -- a Triton without Gluon: the library never picks the pairs kernel
+        pytest.skip(f"triton.experimental.gluon does not import here: {e!r}")
+    return _gluon
+
+
+def test_pairs_kernel_tables_cpu():
+    """The pairs kernel's host tables against the storage format, on the CPU (the kernel itself needs a GPU): the
+    6-bit index the kernel forms from a channel pair's packed bits (core/packing.py: 2-bit low plane, 1-bit high
+    plane) selects the fp16 pair of the two levels; the fragment-order RoPE table read at the kernel's offsets gives
+    cos / sin of each token's offset for its channel pair; the query-rotation table follows _kchan; the split rule
+    fills one wave of programs and covers the tokens."""
+    from kvquant.core.packing import pack_codes
+
+    G = _gluon_module()
+    g = torch.Generator().manual_seed(0)
+    levels = torch.sort(torch.randn(8, generator=g)).values
+    tab = G.pair_table(levels)
+    assert tab.shape == (64, 32) and bool((tab == tab[:, :1]).all())  # replicated per lane
+    codes = torch.randint(0, 8, (5, 128), generator=g)
+    packed = pack_codes(codes, 3)  # [5, 48]: 32 bytes of low plane, 16 of high plane
+    lo = packed.contiguous().view(torch.int32).long()  # words 0-7: 16 channels each
+    hi = packed[:, 32:].contiguous().view(torch.int16).long()  # half-words: 16 channels each
+    ch = torch.arange(0, 128, 2)
+    word, bit = ch // 16, ch % 16
+    idx = ((lo[:, word] >> (2 * bit)) & 15) | (((hi[:, word] >> bit) & 3) << 4)
+    got = tab[idx, 0].contiguous().view(torch.float16).view(5, 64, 2)
+    want = torch.stack([levels[codes[:, ch]], levels[codes[:, ch + 1]]], -1).half()
+    assert torch.equal(got, want)
+
+    inv = synthetic_rope(128).inv_freq
+    csp = G.fragment_rope_table(inv).view(4, 2, 256)  # [chunk, cos/sin, register * 32 + lane]
+    t = torch.arange(32)[:, None]
+    q = torch.arange(8)[None, :]
+    off = 32 * ((q // 4) + 2 * ((t // 8) % 2) + 4 * (t // 16)) + (q % 4) + 4 * (t % 8)  # the kernel's cs_off
+    for j in range(4):
+        c = 16 * j + 4 * (q % 4) + 2 * (q // 4)  # the pair's first channel (the kernel's cs_ch + 16 j)
+        for k, fn in enumerate((torch.cos, torch.sin)):
+            pair = csp[j, k][off].contiguous().view(torch.float16).view(32, 8, 2).float()
+            ref = torch.stack([fn(t * inv[c].double()), fn(t * inv[c + 1].double())], -1).float()
+            assert (pair - ref).abs().max() < 1e-3
+    brot = G.block_rope_table(inv, 3)
+    m = torch.arange(16)
+    for j in range(4):
+        kc = 64 * (m // 16) + 16 * j + 4 * ((m % 16) // 2 % 4) + 2 * ((m % 16) // 8) + m % 2  # _kchan(m, j)
+        assert torch.allclose(brot[2, j, 0], torch.cos(2 * 32 * inv[kc].double()).float(), atol=1e-6)
+
+    for n, programs in ((131072, 8), (131072, 64), (4096, 8), (100, 256), (1, 1)):
+        nsq, chunk = G.splits(n, programs, 132)
+        assert nsq * programs <= max(8 * 132, programs) and chunk % 32 == 0
+        assert nsq * chunk >= n > (nsq - 1) * chunk
+
+
+def test_pairs_kernel_refused_clearly_cpu():
+    """Asked for where it cannot run (here: no CUDA), the pairs kernel is an error that says what it needs; the
+    default never picks it."""
+    st, _, _ = make_storage(1, 2, 128, 3, 40, 1, 0, "head", "cpu")
+    q = torch.zeros(1, 8, 1, 128).bfloat16()
+    assert kernels.decode_kernel(q, st) != "pairs"
+    with pytest.raises(ValueError, match="pairs kernel needs a CUDA GPU"):
+        kernels.decode_kernel(q, st, kernel="pairs")
+
+
 def _pairs_here() -> bool:
     return torch.cuda.is_available() and kernels._pairs_available(torch.device("cuda"))
 

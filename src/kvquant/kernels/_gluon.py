@@ -1,11 +1,12 @@
 """The "pairs" decode kernel (Gluon, NVIDIA sm_80+): split-K decode attention over the quantized region of a layer
 stored as 3-bit head-group codes, head_dim 128, at most one outlier slot per key and per value vector (nuq3-1%).
 
-It was developed as ``benchmarks/gluon_decode_pairs.py`` (runs 37-48 in ``benchmarks/gpu_runs``, notes in
-``benchmarks/gpu_notes.md``); this is that kernel with what the library needs: batches, any positions, the
-attention mask, the library's slot format, device lengths for CUDA graphs, and the library's partials layout, so
-that the Triton kernel's sinks/window split and the reduce kernel finish the job (:func:`kvquant.kernels.
-decode_attention` launches the three).
+It was developed as the study ``benchmarks/gluon_decode_pairs.py`` (runs 37-48 in ``benchmarks/gpu_runs``, notes in
+``benchmarks/gpu_notes.md``; the study scripts are in the history up to commit 6d41df6). This is that kernel with
+what the library needs: batches, any positions, the attention mask, the library's slot format, device lengths for
+CUDA graphs, and the library's partials layout, so that the Triton kernel's sinks/window split and the reduce kernel
+finish the job (:func:`kvquant.kernels.decode_attention` launches the three). Static SASS counts:
+``benchmarks/ptx_count.py --kernel pairs``.
 
 Per program (one warp): one (sequence, KV head, split) of 32-token blocks.
 - **Scores** S^T = K Q^T with mma.sync m16n8k16: tokens are M, the GQA group's query heads N (padded to 8).
