@@ -52,15 +52,17 @@ def available(device=None) -> bool:
     return dev.type == "cpu" and interpreting()
 
 
-def _pairs_available(dev) -> bool:
-    """Whether the Gluon pairs kernel can run on ``dev`` (KVQUANT_PAIRS=0 turns it off)."""
+def _pairs_available(dev, default: bool = False) -> bool:
+    """Whether the Gluon pairs kernel can run on ``dev`` (``default``: and is the default there, i.e. a GPU it was
+    measured on); KVQUANT_PAIRS=0 turns it off."""
     if dev.type != "cuda" or interpreting() or os.environ.get("KVQUANT_PAIRS", "1") == "0":
         return False
     try:
         from . import _gluon
     except Exception:  # noqa: BLE001 -- another Triton's Gluon API: the Triton kernels serve
         return False
-    return _gluon.available(dev.index if dev.index is not None else torch.cuda.current_device())
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return _gluon.default_here(index) if default else _gluon.available(index)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,9 +153,9 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
 
     ``kernel``: ``"pairs"`` (the Gluon kernel of :mod:`kvquant.kernels._gluon`: 3-bit head-group storage, head_dim
     128, <= 1 outlier slot per key and value vector, <= 8 query heads per KV head, on sm_80+ with Triton 3.6; the
-    default there, KVQUANT_PAIRS=0 turns it off), ``"natural"`` (register lookup of the levels, field tiles
-    interleaved back into channel order, two key
-    dots and one value dot per block; a per-channel affine key table, at most 4 key outlier slots per vector, and at
+    default on the GPUs it was measured on (sm_90), KVQUANT_PAIRS=0 turns it off), ``"natural"`` (register lookup of
+    the levels, field tiles interleaved back into channel order, two key dots and one value dot per block; a
+    per-channel affine key table, at most 4 key outlier slots per vector, and at
     most 4 value slots per head vector or token-group value rows with any number of slots: each KV head applies the
     ones that fall in it), ``"fields"`` (the head-group conditions and head_dim >= 128; twelve narrow dots per block,
     one per bit field),
@@ -343,7 +345,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     pairs_ok = (has_q and natural_ok and bits == 3 and D == 128 and not v_token and G == H and ck <= 1 and cv <= 1
                 and group <= 8 and _pairs_available(dev))
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
-    if kernel is None and pairs_ok and all(o is None for o in natural_options):
+    if kernel is None and pairs_ok and all(o is None for o in natural_options) and _pairs_available(dev, True):
         # H200, Llama-3-8B shape, 128K, nuq3-1% head-group (benchmarks/gpu_decode.md): see PAIRS_NOTE
         kernel = "pairs"
     if kernel is None:

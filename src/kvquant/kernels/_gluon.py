@@ -488,6 +488,13 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MAS
 
 # ---------------------------------------------------------------------------------------------------- host side
 SUPPORTED_TRITON = ((3, 6),)  # Gluon is experimental: the (major, minor) versions this kernel was built and run on
+MEASURED_GPUS = ((9, 0),)  # capabilities it was tested and timed on (H200): the default only there
+
+
+def default_here(device_index: int) -> bool:
+    """Whether decode_attention picks the pairs kernel by default on this GPU (tested there; elsewhere on sm_80+ it
+    runs when asked for with kernel="pairs")."""
+    return available(device_index) and torch.cuda.get_device_capability(device_index) in MEASURED_GPUS
 
 
 @functools.lru_cache(maxsize=None)
