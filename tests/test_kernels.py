@@ -508,6 +508,10 @@ def test_decode_steps_reuse_one_compiled_variant_gpu():
     st, codec, rope = make_storage(B, H, D, 3, 40, 1, 0, "head", "cuda")  # capacity 64: no reallocation below
     q = torch.randn(B, 4 * H, 1, D, device="cuda").bfloat16()
     fns = (K._kvq_decode_fields_kernel, K._quant_kv_kernel, K._reduce_kernel)
+    if _pairs_here():  # the Gluon pairs kernel serves this storage (head-group nuq3, d128) where it is available
+        from kvquant.kernels import _gluon
+
+        fns += (_gluon._pairs_kernel,)
 
     def step(i):
         pos = torch.full((B, 1), 41 + i, device="cuda")
