@@ -155,7 +155,9 @@ def pairs_ok(q, st) -> bool:
         return False
 
 
-def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, extra=True):
+def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, extra=True, on_context=None):
+    """The decode matrix; ``on_context`` (e.g. writing the JSON) runs after every context, so that a run stopped by
+    a time limit keeps every row it measured (run 53 lost its fp16 rows that way)."""
     rows = res.setdefault("rows", [])
     checks = res.setdefault("checks", [])
     for shape in shapes:
@@ -233,7 +235,9 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
                             checks.append(dict(kernel=f"{impl}_{name}", shape=shape, batch=B, context=ctx,
                                                rel_err=rel(out.float(), ref.float())))
                     st.n_q = cmax - st.n_s
-                log(rows[-5:])
+                log([r for r in rows if r["shape"] == shape and r["batch"] == B and r["context"] == ctx])
+                if on_context is not None:
+                    on_context()
             del kf, vf, sts
             torch.cuda.empty_cache()
 
@@ -646,7 +650,7 @@ def main():
         ("capacity_first", None),
         ("decode", lambda: decode_section(res, res["copy_bandwidth_gbps"], args.shapes.split(","),
                                           [int(b) for b in args.batches.split(",")],
-                                          only_ctx=only_ctx)),
+                                          only_ctx=only_ctx, on_context=save)),
         ("capacity", lambda: capacity_section(res, args.out, torch.cuda.get_device_properties(0).total_memory)),
         ("calib", lambda: calibration_section(res)),
         ("generate", lambda: generate_section(res, [int(c) for c in args.gen_contexts.split(",")],
