@@ -341,12 +341,14 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     runs = v_token and voe is not None
     natural_ok = kaff is not None and (cv <= 4 or runs) and ck <= 4 and lutx is not False  # D: 64/128/256
     # the pairs kernel (Gluon, _gluon.py): 3-bit head-group storage at head_dim 128 with <= 1 slot per vector; the
-    # natural kernel's sinks/window split completes it
-    pairs_ok = (has_q and natural_ok and bits == 3 and D == 128 and not v_token and G == H and ck <= 1 and cv <= 1
+    # natural kernel's sinks/window split completes it (and is all that runs while no token is quantized yet)
+    pairs_ok = (natural_ok and bits == 3 and D == 128 and not v_token and G == H and ck <= 1 and cv <= 1
                 and group <= 8 and _pairs_available(dev))
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
     if kernel is None and pairs_ok and all(o is None for o in natural_options) and _pairs_available(dev, True):
-        # H200, Llama-3-8B shape, 128K, nuq3-1% head-group (benchmarks/gpu_decode.md): see PAIRS_NOTE
+        # H200, Llama-3-8B shape, nuq3-1% head-group, graph replays (benchmarks/gpu_decode.md, run 53): 158.3 vs 327.0
+        # us at 128K batch 1 against the natural kernel, 1108.6 vs 3775.5 at batch 8, 89.5 vs 172.8 at 64K; slower
+        # only at 4K (49.9 vs 44.5 us), where a decode step costs little either way
         kernel = "pairs"
     if kernel is None:
         # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md: natural in run 13, fields in run 4): per layer
@@ -359,10 +361,9 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if pairs:
         if not pairs_ok:
             raise ValueError("the pairs kernel needs a CUDA GPU of sm_80 or newer, Triton 3.6 (its Gluon API; "
-                             "kernels/_gluon.py SUPPORTED_TRITON), KVQUANT_PAIRS unset or 1, quantized tokens, "
-                             "3-bit keys and values, head_dim 128, "
-                             "head-group values, at most 1 outlier slot per key and value vector, and at most 8 "
-                             "query heads per KV head; use kernel='natural'.")
+                             "kernels/_gluon.py SUPPORTED_TRITON), KVQUANT_PAIRS unset or 1, 3-bit keys and values, "
+                             "head_dim 128, head-group values, at most 1 outlier slot per key and value vector, and "
+                             "at most 8 query heads per KV head; use kernel='natural'.")
         if any(o is not None for o in natural_options):
             raise ValueError("the pairs kernel takes no natural/fields launch options (block_t, use_dot, "
                              "num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads).")
