@@ -457,7 +457,7 @@ def test_pairs_kernel_refused_clearly_cpu():
     default never picks it."""
     st, _, _ = make_storage(1, 2, 128, 3, 40, 1, 0, "head", "cpu")
     q = torch.zeros(1, 8, 1, 128).bfloat16()
-    assert kernels.decode_kernel(q, st) != "pairs"
+    assert kernels.decode_kernel(q, st) != "pairs" and kernels.decode_kernel(q, st, graph=True) != "pairs"
     with pytest.raises(ValueError, match="pairs kernel needs a CUDA GPU"):
         kernels.decode_kernel(q, st, kernel="pairs")
 
@@ -472,9 +472,12 @@ def _pairs_here() -> bool:
 def test_decode_pairs_gpu(dtype):
     """The Gluon pairs kernel (3-bit head-group, head_dim 128, <= 1 slot per vector) against the float reference:
     GQA 4 / 3 / MHA, left padding, sinks and window, slots and none, one split past the query-rotation table,
-    non-consecutive positions (the exact RoPE path), RoPE attention scaling; and it is the default there."""
+    non-consecutive positions (the exact RoPE path), RoPE attention scaling; and it is the default in graph
+    steps."""
     st, _, _ = make_storage(2, 8, 128, 3, 100, 1, 0, "head", "cuda")
-    assert kernels.decode_kernel(torch.zeros(2, 32, 1, 128, device="cuda"), st) == "pairs"
+    q0 = torch.zeros(2, 32, 1, 128, device="cuda")
+    assert kernels.decode_kernel(q0, st, graph=True) == "pairs"  # the default in CUDA-graph steps
+    assert kernels.decode_kernel(q0, st) == "natural"  # eager: a Gluon launch costs the host too much
     kw = dict(dtype=dtype, kernel="pairs", prefetch=None)
     check_decode(3, 32, 8, 128, 3, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], **kw)
     check_decode(2, 8, 8, 128, 3, 2000, 1, 0, "head", "cuda", frac=0.0, **kw)
@@ -508,10 +511,6 @@ def test_decode_steps_reuse_one_compiled_variant_gpu():
     st, codec, rope = make_storage(B, H, D, 3, 40, 1, 0, "head", "cuda")  # capacity 64: no reallocation below
     q = torch.randn(B, 4 * H, 1, D, device="cuda").bfloat16()
     fns = (K._kvq_decode_fields_kernel, K._quant_kv_kernel, K._reduce_kernel)
-    if _pairs_here():  # the Gluon pairs kernel serves this storage (head-group nuq3, d128) where it is available
-        from kvquant.kernels import _gluon
-
-        fns += (_gluon._pairs_kernel,)
 
     def step(i):
         pos = torch.full((B, 1), 41 + i, device="cuda")
@@ -583,11 +582,13 @@ def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, fra
     """generate with the CUDA-graph decode steps (kernels.graphs) gives the eager fused path's tokens, through
     reallocations of the storage (re-recorded graphs), and the graphs are used. Token-group values with more than 4
     slots per row take the natural kernel; with more than 4 key slots (4%), the tiles kernel. padded: a left-padded
-    batch (the mask as a shared bias buffer)."""
+    batch (the mask as a shared bias buffer). The pairs kernel, which serves graph steps only, is off here so that
+    both paths run the same kernel (it has its own GPU tests against the reference)."""
     from kvquant import KVQuantCache
     from kvquant.models import model_identity, tiny_random_model
     from kvquant.quantizer import Quantizer, QuantizerConfig
 
+    monkeypatch.setenv("KVQUANT_PAIRS", "0")
     model = tiny_random_model("llama", head_dim=head_dim).cuda().to(torch.bfloat16)
     cfg = model.config
     H, D = cfg.num_key_value_heads, cfg.head_dim

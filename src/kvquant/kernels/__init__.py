@@ -153,14 +153,14 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
 
     ``kernel``: ``"pairs"`` (the Gluon kernel of :mod:`kvquant.kernels._gluon`: 3-bit head-group storage, head_dim
     128, <= 1 outlier slot per key and value vector, <= 8 query heads per KV head, on sm_80+ with Triton 3.6; the
-    default on the GPUs it was measured on (sm_90), KVQUANT_PAIRS=0 turns it off), ``"natural"`` (register lookup of
-    the levels, field tiles interleaved back into channel order, two key dots and one value dot per block; a
-    per-channel affine key table, at most 4 key outlier slots per vector, and at
-    most 4 value slots per head vector or token-group value rows with any number of slots: each KV head applies the
+    default in CUDA-graph steps on the GPUs it was measured on (sm_90), KVQUANT_PAIRS=0 turns it off),
+    ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key dots and
+    one value dot per block; a per-channel affine key table, at most 4 key outlier slots per vector, and at most 4
+    value slots per head vector or token-group value rows with any number of slots: each KV head applies the
     ones that fall in it), ``"fields"`` (the head-group conditions and head_dim >= 128; twelve narrow dots per block,
     one per bit field),
-    ``"tiles"`` (interleave unpack; any slot count) or None (pairs where it applies and no natural/fields option is
-    given; else natural for 3/4-bit storage, and for 2-bit at head_dim 64;
+    ``"tiles"`` (interleave unpack; any slot count) or None (pairs in CUDA-graph steps where it applies and no
+    natural/fields option is given; else natural for 3/4-bit storage, and for 2-bit at head_dim 64;
     fields for 2-bit at head_dim >= 128; else tiles; :func:`decode_kernel` says which).
     ``value_correction=True``: the tiles kernel's value-slot correction (a one-hot dot after P@V) instead of the
     per-slot overwrite (slower on the H200).
@@ -192,7 +192,7 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     dev = query.device
     plan = _decode_plan(st, B, Hq, D, dev, _launch_options(num_splits, block_t, use_dot, num_warps, kernel,
                                                            value_correction, maxnreg, prefetch, lutx, reload,
-                                                           wide_loads))
+                                                           wide_loads, graph=lengths is not None))
     if plan is None:
         from .reference import reference_decode_attention
 
@@ -249,12 +249,13 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     return _reduce(pacc, pm, pl, B, Hq, nsplit, D, query.dtype, dev)
 
 
-def decode_kernel(query, storage, **options) -> str:
-    """Which kernel :func:`decode_attention` runs for ``query``, ``storage`` and its keyword ``options``:
-    ``"pairs"``, ``"natural"``, ``"fields"``, ``"tiles"`` or ``"reference"`` (the PyTorch path: no fused kernel for this
-    storage). Raises like decode_attention on invalid options."""
+def decode_kernel(query, storage, graph: bool = False, **options) -> str:
+    """Which kernel :func:`decode_attention` runs for ``query``, ``storage`` and its keyword ``options`` (``graph``:
+    in a CUDA-graph decode step, i.e. with ``lengths=``): ``"pairs"``, ``"natural"``, ``"fields"``, ``"tiles"`` or
+    ``"reference"`` (the PyTorch path: no fused kernel for this storage). Raises like decode_attention on invalid
+    options."""
     B, Hq, _, D = query.shape
-    plan = _decode_plan(storage, B, Hq, D, query.device, _launch_options(**options))
+    plan = _decode_plan(storage, B, Hq, D, query.device, _launch_options(**options, graph=graph))
     return "reference" if plan is None else plan.kernel
 
 
@@ -263,7 +264,7 @@ def graph_splits(storage, query) -> int:
     length): sized for the storage's capacity, by the rule of the kernel that serves ``query``."""
     st = storage
     dev = query.device
-    if decode_kernel(query, st) == "pairs":
+    if decode_kernel(query, st, graph=True) == "pairs":
         from ._gluon import splits as pairs_splits
 
         return pairs_splits(st.capacity, st.batch * st.heads, _num_sms(dev))[0]
@@ -271,10 +272,11 @@ def graph_splits(storage, query) -> int:
 
 
 def _launch_options(num_splits=None, block_t=None, use_dot=None, num_warps=None, kernel=None, value_correction=None,
-                    maxnreg=None, prefetch=None, lutx=None, reload=None, wide_loads=None) -> tuple:
-    """decode_attention's launch options (same names and defaults) as the tuple that keys its cached launch plan."""
+                    maxnreg=None, prefetch=None, lutx=None, reload=None, wide_loads=None, graph=False) -> tuple:
+    """decode_attention's launch options (same names and defaults; ``graph``: a CUDA-graph step, lengths= given) as
+    the tuple that keys its cached launch plan."""
     return (num_splits, block_t, use_dot, num_warps, kernel, value_correction, maxnreg, prefetch, lutx, reload,
-            wide_loads)
+            wide_loads, bool(graph))
 
 
 def _s3(t, n):
@@ -300,7 +302,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     from . import _triton as K
 
     (num_splits, block_t, use_dot, num_warps, kernel, value_correction, maxnreg, prefetch, lutx, reload,
-     wide_loads) = options
+     wide_loads, graph) = options
     codec = getattr(st, "codec", None)
     if (st.key_lut is None or not getattr(st, "pre_rope", True)
             or (codec is not None and codec.key_mode != "channel")):
@@ -345,10 +347,12 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     pairs_ok = (natural_ok and bits == 3 and D == 128 and not v_token and G == H and ck <= 1 and cv <= 1
                 and group <= 8 and _pairs_available(dev))
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
-    if kernel is None and pairs_ok and all(o is None for o in natural_options) and _pairs_available(dev, True):
+    if (kernel is None and graph and pairs_ok and all(o is None for o in natural_options)
+            and _pairs_available(dev, True)):
         # H200, Llama-3-8B shape, nuq3-1% head-group, graph replays (benchmarks/gpu_decode.md, run 53): 158.3 vs 327.0
         # us at 128K batch 1 against the natural kernel, 1108.6 vs 3775.5 at batch 8, 89.5 vs 172.8 at 64K; slower
-        # only at 4K (49.9 vs 44.5 us), where a decode step costs little either way
+        # only at 4K (49.9 vs 44.5 us). Only in CUDA-graph steps: launched eagerly, the Gluon kernel costs the host
+        # 270-500 us per call (run 53's eager_us), against 110-330 us for the natural kernel's whole call
         kernel = "pairs"
     if kernel is None:
         # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md: natural in run 13, fields in run 4): per layer

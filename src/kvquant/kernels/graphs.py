@@ -73,7 +73,7 @@ class LayerDecodeGraph:
         if self.failed or not self.steady(st, query.shape[2]):
             return False
         if self.kernel_ok is None or self.kernel_ok[0] is not st.k_codes:
-            self.kernel_ok = (st.k_codes, _k.decode_kernel(query, st) in GRAPH_KERNELS)
+            self.kernel_ok = (st.k_codes, _k.decode_kernel(query, st, graph=True) in GRAPH_KERNELS)
         return self.kernel_ok[1]
 
     def step(self, st, k, v, pos, query, scaling, attention_mask=None):
