@@ -16,14 +16,14 @@ Per program (one warp): one (sequence, KV head, split) of 32-token blocks.
 - **Key channel order** inside an MMA chunk chosen so a thread's four channels share a byte of the low plane.
 - **Per-channel key affine and RoPE** in fp16x2. RoPE of a block's keys comes from a [block offset, channel pair]
   cos/sin table stored in the order the threads hold it (one 128-byte line per warp-wide load); the query is rotated
-  back by the block's first position (once per split, then per block from a small table). So a block's positions
-  must be contiguous for the table path; a block whose positions are not (left padding, custom position ids) takes
-  a slower exact path that computes each token's angles.
+  back by the block's first position (once per split, then per block from a small table). A block whose positions
+  are not contiguous (left padding, custom position ids), or whose start lies off that table, first writes computed
+  angles to the program's scratch in the same order; the chunk loop reads either through one pointer (no branch).
 - **Values** looked up as channel pairs like the keys; ``movmatrix.trans`` turns each register into the token pair
   that the V^T operand needs. The per-token scale is folded into P, the zero into one term per query head.
-- **Outlier slots** (the library's exact fp16 values and their channel): each is turned into its residual in
-  code-level units (exact - dequantised, divided by the channel's or the vector's scale) and added to the looked-up
-  level before the affine map: a compare, a select and an fp16 add per register, no shared-memory staging.
+- **Outlier slots** (the library's exact fp16 values and their channel): each exact value, in code-level units
+  ((exact - zero) / scale), replaces its channel's looked-up level before the affine map: a compare, an AND-OR merge
+  and a select per register; no code lookup for the slot, no shared-memory staging.
 - **Loads**: key rows as 16-byte loads, high-plane codes as 32-bit words, and a PTX prefetch of the next block's
   rows into L2.
 
