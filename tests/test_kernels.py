@@ -462,6 +462,39 @@ def test_pairs_kernel_refused_clearly_cpu():
         kernels.decode_kernel(q, st, kernel="pairs")
 
 
+def test_pairs_kernel_selection_cpu(monkeypatch):
+    """The selection policy, with the pairs kernel made available on the CPU (plans only: nothing is launched): the
+    default takes it in CUDA-graph steps only, for 3-bit head-group storage at head_dim 128 with <= 1 slot per vector,
+    never with a natural/fields launch option; asking for it before any token is quantized is not an error; the real
+    availability check honours KVQUANT_PAIRS=0."""
+    _gluon_module()
+    monkeypatch.setattr(kernels, "_pairs_available", lambda dev, default=False: True)
+    q = torch.zeros(1, 8, 1, 128).bfloat16()
+    st, codec, rope = make_storage(1, 2, 128, 3, 40, 1, 0, "head", "cpu")
+    assert kernels.decode_kernel(q, st, graph=True) == "pairs"
+    assert kernels.decode_kernel(q, st) == "natural"  # eager
+    assert kernels.decode_kernel(q, st, graph=True, prefetch="l1") == "natural"
+    assert kernels.decode_kernel(q, st, kernel="pairs") == "pairs"
+    with pytest.raises(ValueError, match="no natural/fields launch options"):
+        kernels.decode_kernel(q, st, kernel="pairs", block_t=64)
+    for args, kw in (((1, 8, 128, 3, 40, 1, 0, "token"), {}),  # token-group values
+                     ((1, 2, 128, 4, 40, 1, 0, "head"), {}),  # 4-bit
+                     ((1, 2, 64, 3, 40, 1, 0, "head"), {}),  # head_dim 64
+                     ((1, 2, 128, 3, 40, 1, 0, "head"), {"frac": 0.03})):  # 4 slots per vector
+        other, _, _ = make_storage(*args, "cpu", **kw)
+        qo = torch.zeros(1, 4 * args[1], 1, args[2]).bfloat16()
+        assert kernels.decode_kernel(qo, other, graph=True) != "pairs", (args, kw)
+    sinks_only = LayerStorage(codec, rope, 1, 0, 1, torch.bfloat16, "cpu")
+    pos = torch.zeros(1, 1, dtype=torch.long)
+    k, v = synthetic_kv(codec, rope, 1, 1, pos)
+    sinks_only.append(k, v, pos)
+    assert sinks_only.k_codes is None
+    assert kernels.decode_kernel(q, sinks_only, kernel="pairs") == "pairs"  # the sinks split alone will run
+    monkeypatch.undo()
+    monkeypatch.setenv("KVQUANT_PAIRS", "0")
+    assert not kernels._pairs_available(torch.device("cuda")) and not kernels._pairs_available(torch.device("cpu"))
+
+
 def _pairs_here() -> bool:
     return torch.cuda.is_available() and kernels._pairs_available(torch.device("cuda"))
 
