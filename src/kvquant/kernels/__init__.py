@@ -208,12 +208,8 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
         if not num_splits:
             raise ValueError("lengths= needs a fixed num_splits.")
         nsq, chunk = int(num_splits), bt  # chunk: computed in the kernel from the device length
-    elif num_splits is None and plan.kernel == "pairs":
-        from ._gluon import splits as pairs_splits
-
-        nsq, chunk = pairs_splits(n_q, B * H, _num_sms(dev))
     elif num_splits is None:
-        nsq, chunk = _splits(n_q, B * H, dev, bt)
+        nsq, chunk = _kernel_splits(plan.kernel, n_q, B * H, dev, bt)
     else:
         nsq = min(num_splits, max(1, math.ceil(n_q / bt))) if n_q else 0
         chunk = math.ceil(math.ceil(max(n_q, 1) / max(nsq, 1)) / bt) * bt
@@ -263,12 +259,17 @@ def graph_splits(storage, query) -> int:
     """The fixed split count of a CUDA-graph decode step (the kernels derive each split's share from the device
     length): sized for the storage's capacity, by the rule of the kernel that serves ``query``."""
     st = storage
-    dev = query.device
-    if decode_kernel(query, st, graph=True) == "pairs":
-        from ._gluon import splits as pairs_splits
+    return _kernel_splits(decode_kernel(query, st, graph=True), st.capacity, st.batch * st.heads, query.device, 32)[0]
 
-        return pairs_splits(st.capacity, st.batch * st.heads, _num_sms(dev))[0]
-    return _splits(st.capacity, st.batch * st.heads, dev, 32)[0]
+
+def _kernel_splits(kernel: str, n_tokens: int, programs: int, device, block_t: int) -> tuple[int, int]:
+    """(splits, chunk) by the rule of ``kernel``: the pairs kernel fills one wave of one-warp programs
+    (_gluon.splits), the Triton kernels about four waves (_splits)."""
+    if kernel == "pairs":
+        from ._gluon import splits
+
+        return splits(n_tokens, programs, _num_sms(device))
+    return _splits(n_tokens, programs, device, block_t)
 
 
 def _launch_options(num_splits=None, block_t=None, use_dot=None, num_warps=None, kernel=None, value_correction=None,

@@ -45,7 +45,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 BT, D, N = 32, 128, 8  # tokens per block, head_dim, query heads per program (the GQA group, padded)
-LOG2E = 1.4426950408889634
 TABLE_SHARED_BYTES = 16384
 
 
