@@ -44,6 +44,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from ._triton import PREFETCH_L2  # the prefetch's PTX, shared with the Triton kernels
+
 BT, D, N = 32, 128, 8  # tokens per block, head_dim, query heads per program (the GQA group, padded)
 TABLE_SHARED_BYTES = 16384
 
@@ -211,9 +213,8 @@ def _lookup(w, h, rw, rh, lane4, OFF: gl.constexpr):
 def _prefetch(ptr, mask, PF: gl.constexpr):
     """PTX prefetch of the lines holding ptr (where mask) into L2 (PF 2); no register result."""
     if PF == 2:
-        gl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-                                  "=r,l,r", [ptr.to(gl.int64, bitcast=True), mask.to(gl.int32)], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+        gl.inline_asm_elementwise(PREFETCH_L2, "=r,l,r", [ptr.to(gl.int64, bitcast=True), mask.to(gl.int32)],
+                                  dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit

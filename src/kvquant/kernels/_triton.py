@@ -864,17 +864,21 @@ def _overwrite_run(x, ch, OI, OV, lo, hi, row, idx_off):
     return x
 
 
+# PTX prefetch of the line at operand $1 where $2 != 0, into L1 or L2 (no register result: $0 is a dummy); shared
+# with the Gluon pairs kernel (_gluon._prefetch: a Gluon kernel cannot call a triton.jit helper)
+PREFETCH_L1 = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.b32 $0, 0; }")
+PREFETCH_L2 = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }")
+
+
 @triton.jit
 def _prefetch(ptr, mask, PF: tl.constexpr):
     """Ask for the lines holding ptr (where mask) in L1 (PF 1) or L2 (PF 2), with no register result (PTX prefetch)."""
     if PF == 1:
-        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.b32 $0, 0; }",
-                                  "=r,l,r", [ptr.to(tl.int64, bitcast=True), mask.to(tl.int32)], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+        tl.inline_asm_elementwise(PREFETCH_L1, "=r,l,r", [ptr.to(tl.int64, bitcast=True), mask.to(tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
     elif PF == 2:
-        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-                                  "=r,l,r", [ptr.to(tl.int64, bitcast=True), mask.to(tl.int32)], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+        tl.inline_asm_elementwise(PREFETCH_L2, "=r,l,r", [ptr.to(tl.int64, bitcast=True), mask.to(tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
