@@ -1,8 +1,9 @@
 """Where the library's pairs kernel spends its time: one layer at 128K (Llama-3-8B shape, batch 1 and 8), nuq3
-head-group storage with 1% outlier slots and without, the pairs kernel beside the natural kernel and bf16 SDPA, all
+storage with 1% outlier slots and without (head-group values; ``--groups head,token`` adds token-group values, the
+calibration default), the pairs kernel beside the natural kernel and bf16 SDPA, all
 timed as CUDA-graph replays in one process; each kvquant row checked against the float reference at 4K first.
 
-    PYTHONPATH=src python benchmarks/gpu_pairs_probe.py [--contexts 131072] [--batches 1,8]
+    PYTHONPATH=src python benchmarks/gpu_pairs_probe.py [--contexts 131072] [--batches 1,8] [--groups head,token]
 """
 
 from __future__ import annotations
@@ -24,17 +25,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="131072")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--groups", default="head", help="value groupings: head, token or both")
     a = ap.parse_args()
+    groups = a.groups.split(",")
     print(env_info())
     Hq, H, D = 32, 8, 128
-    for frac in (0.01, 0.0):  # correctness at 4K, both kernels
-        _, _, sts, _ = fill_storages(2, H, D, 4096, [(3, "head")], frac=frac, want_fp16=False)
-        st = sts[(3, "head")]
-        q = torch.randn(2, Hq, 1, D, device="cuda").bfloat16()
-        ref = reference_decode_attention(q, st, D**-0.5).float()
-        for kernel in ("pairs", "natural"):
-            err = rel(kernels.decode_attention(q, st, D**-0.5, kernel=kernel).float(), ref)
-            print(f"check 4K batch 2 slots {frac}: {kernel} relative error {err:.2e}")
+    for vg in groups:
+        for frac in (0.01, 0.0):  # correctness at 4K, both kernels
+            _, _, sts, _ = fill_storages(2, H, D, 4096, [(3, vg)], frac=frac, want_fp16=False)
+            st = sts[(3, vg)]
+            q = torch.randn(2, Hq, 1, D, device="cuda").bfloat16()
+            ref = reference_decode_attention(q, st, D**-0.5).float()
+            for kernel in ("pairs", "natural"):
+                err = rel(kernels.decode_attention(q, st, D**-0.5, kernel=kernel).float(), ref)
+                print(f"check 4K batch 2 {vg}-group slots {frac}: {kernel} relative error {err:.2e}")
     for ctx in (int(c) for c in a.contexts.split(",")):
         for B in (int(b) for b in a.batches.split(",")):
             q = torch.randn(B, Hq, 1, D, device="cuda").bfloat16()
@@ -43,12 +47,12 @@ def main():
             sdpa = bench_graph(lambda q_=q, k_=kf, v_=vf: sdpa_decode(q_, k_, v_, D**-0.5, True))
             kf = vf = None
             print(f"{ctx} b{B}: SDPA bf16 {sdpa:.1f} us")
-            for frac in (0.01, 0.0):
-                _, _, sts, _ = fill_storages(B, H, D, ctx, [(3, "head")], frac=frac, want_fp16=False)
-                st = sts[(3, "head")]
+            for vg, frac in ((vg, frac) for vg in groups for frac in (0.01, 0.0)):
+                _, _, sts, _ = fill_storages(B, H, D, ctx, [(3, vg)], frac=frac, want_fp16=False)
+                st = sts[(3, vg)]
                 for kernel in ("pairs", "natural"):
                     us = bench_graph(lambda q_=q, s_=st, k_=kernel: kernels.decode_attention(q_, s_, 0.088, kernel=k_))
-                    print(f"{ctx} b{B} slots {frac}: {kernel} {us:.1f} us ({sdpa / us:.2f}x SDPA)")
+                    print(f"{ctx} b{B} {vg}-group slots {frac}: {kernel} {us:.1f} us ({sdpa / us:.2f}x SDPA)")
                 sts = st = None
                 torch.cuda.empty_cache()
 

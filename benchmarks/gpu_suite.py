@@ -40,7 +40,7 @@ SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128), "smollm2-135m":
 CONTEXTS = {"llama2-7b": [4096, 16384, 65536, 131072, 524288], "llama3-8b": [4096, 16384, 65536, 131072],
             "smollm2-135m": [16384, 131072]}
 BITS = [4, 3, 2]
-# decode rows: head-group value storage at every width + token-group storage (the natural and the tiles kernel)
+# decode rows: head-group value storage at every width + token-group storage (natural, tiles and pairs kernels)
 METHODS = [(4, "head"), (3, "head"), (2, "head"), (3, "token")]
 KV_OPTS = {}  # launch options of the fields kernel, chosen by diag_section (fastest at 128K) when it runs first
 
@@ -212,7 +212,7 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
                     # the default kernel and the tiles kernel that ran before, side by side: head_dim 64 (natural
                     # since it was enabled there) and token-group values (natural since run 21)
                     kws = [kw0] + ([dict(kernel="tiles")] if vg == "token" or D == 64 else [])
-                    if b == 3 and vg == "head" and D == 128:  # the Gluon pairs kernel beside the natural kernel
+                    if b == 3 and D == 128:  # the Gluon pairs kernel beside the natural kernel (both value groupings)
                         kws += [dict(kernel="natural")] + ([dict(kernel="pairs")] if pairs_ok(q, st) else [])
                     done = set()
                     for kw in kws:
@@ -470,7 +470,8 @@ def step_setup(a):
 
 GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1pct-reference",
               "kvquant-nuq3-1pct-fused", "kvquant-nuq3-1pct-fused-eager", "kvquant-nuq3-1pct-tokengroup-fused",
-              "kvquant-nuq3-1pct-fused-noprefetch", "kvquant-nuq3-1pct-fused-natural")
+              "kvquant-nuq3-1pct-fused-noprefetch", "kvquant-nuq3-1pct-fused-natural",
+              "kvquant-nuq3-1pct-tokengroup-fused-natural")
 # -fused: the library default on CUDA (fused kernels, decode steps as CUDA-graph replays); -fused-eager: the same
 # kernels launched one by one (KVQUANT_CUDA_GRAPHS=0); -reference: the PyTorch path (KVQUANT_FUSED_DECODE=0);
 # -noprefetch: the decode kernels without their PTX prefetch of the next block (kernels.PREFETCH_DEFAULT = False);

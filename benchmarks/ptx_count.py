@@ -151,20 +151,24 @@ def sass_loop(cubin: bytes):
     return len(ins), n_body, ops, spills
 
 
-def compile_pairs(slots=1, has_mask=False, group=4, heads=8):
-    """The Gluon pairs kernel for sm_90 (divisibility hints on the code pointers and strides, as at run time)."""
+def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0):
+    """The Gluon pairs kernel for sm_90 (divisibility hints on the code pointers and strides, as at run time);
+    ``token_group``: token-group values with that many slots per row (0: head-group, ``slots`` per vector)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from kvquant.kernels import _gluon as G
 
     ptrs = {"Q": "*bf16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32", "KC": "*u8", "KOI": "*u8", "KOV": "*fp16",
-            "VC": "*u8", "VZ": "*fp16", "VS": "*fp16", "VOI": "*u8", "VOV": "*fp16", "QPOS": "*i32", "MASK": "*fp32",
+            "VC": "*u8", "VZ": "*fp16", "VS": "*fp16", "VOI": "*i16" if token_group else "*u8", "VOV": "*fp16",
+            "VOE": "*u8", "QPOS": "*i32", "MASK": "*fp32",
             "LENS": "*i32", "TAB": "*i32", "KSZ": "*i32", "KZI": "*fp32", "CSP": "*i32", "BROT": "*fp32",
             "INVF": "*fp32", "SCR": "*i32", "qk_scale": "fp32"}
     names = [n for n in inspect.signature(G._pairs_kernel.fn).parameters]
     sig = {n: ptrs.get(n, "i32") for n in names if n not in _PAIRS_CONST}
-    cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=slots, HAS_MASK=has_mask, DEVLEN=False, PF=2, BT=G.BT, D=G.D,
-              N=G.N)
+    cv = token_group or slots
+    vrun = bool(token_group) or cv > 1
+    cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=cv, VRUN=vrun, VENDS=token_group >= 5,
+              V_OFF=G.D if token_group else 0, HAS_MASK=has_mask, DEVLEN=False, PF=2, BT=G.BT, D=G.D, N=G.N)
     order = list(sig)
     div = [["tt.divisibility", 16]]
     attrs = {(order.index(n),): div for n in ("KC", "VC", "skc_t", "svc_t", "skc_h", "svc_h", "skc_b", "svc_b")}
@@ -172,7 +176,7 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8):
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
 
 
-_PAIRS_CONST = ("H_KV", "GROUP", "CK", "CV", "HAS_MASK", "DEVLEN", "PF", "BT", "D", "N")
+_PAIRS_CONST = ("H_KV", "GROUP", "CK", "CV", "VRUN", "VENDS", "V_OFF", "HAS_MASK", "DEVLEN", "PF", "BT", "D", "N")
 
 
 def main():
@@ -188,15 +192,17 @@ def main():
     ap.add_argument("--cv", type=int, nargs="*", default=None, help="value slots (default: 10 and 0 / 2)")
     ap.add_argument("--div", action="store_true", help="run-time divisibility hints (see the module docstring)")
     ap.add_argument("--token-group", action="store_true",
-                    help="fields/natural: token-group values (one slot row for all 8 KV heads; e.g. --cv 11)")
+                    help="fields/natural/pairs: token-group values (one slot row for all 8 KV heads; e.g. --cv 11; "
+                    "pairs: --cv 10, the default)")
     ap.add_argument("--pf", type=int, default=2, help="fields/natural: prefetch the next block into L1 (1), L2 (2, the "
                     "default) or not (0)")
     a = ap.parse_args()
     if a.kernel == "pairs":
+        tg = (a.cv or [10])[0] if a.token_group else 0
         for slots in ([a.ck] if a.ck is not None else [1, 0]):
-            k = compile_pairs(slots, a.mask)
+            k = compile_pairs(slots, a.mask, token_group=tg)
             tot, loop, ops, loc = sass_loop(k.asm["cubin"])
-            print(f"pairs nuq3 slots={slots} mask={a.mask} (triton {triton.__version__}): "
+            print(f"pairs nuq3 slots={slots} token-group slots={tg} mask={a.mask} (triton {triton.__version__}): "
                   f"{resource_usage(k.asm['cubin'])}, shared {k.metadata.shared} B, SASS {tot} instr ({loc} local "
                   f"ld/st), hot loop {loop} instr")
             print("   SASS loop top:", ", ".join(f"{o} {c}" for o, c in ops.most_common(16)))

@@ -31,8 +31,8 @@ def rel(a, b):
 
 
 def make_storage(B, H, D, bits, n_q, n_s=1, n_w=0, value_group="token", device="cpu", dtype=torch.bfloat16,
-                 seed=0, fill="kernel", frac=0.01, offsets=None, gap_at=None, attention_scaling=1.0):
-    codec = synthetic_codec(H, D, bits, frac, value_group, seed=seed)
+                 seed=0, fill="kernel", frac=0.01, offsets=None, gap_at=None, attention_scaling=1.0, vfrac=None):
+    codec = synthetic_codec(H, D, bits, frac, value_group, seed=seed, value_fraction=vfrac)
     rope = synthetic_rope(D, attention_scaling=attention_scaling)
     st = LayerStorage(codec, rope, n_s, n_w, B, dtype, device)
     total = n_s + n_q + n_w
@@ -123,9 +123,9 @@ def test_quantize_append_head_group_d128_interpret():
 def check_decode(B, Hq, H, D, bits, n_q, n_s, n_w, value_group, device, mask_lens=None, dtype=torch.bfloat16,
                  fill="kernel", use_dot=None, num_splits=None, tol=1e-2, frac=0.01, kernel=None, offsets=None,
                  gap_at=None, value_correction=None, prefetch=False, attention_scaling=1.0, lutx=None, reload=None,
-                 wide_loads=None):
+                 wide_loads=None, vfrac=None):
     st, codec, rope = make_storage(B, H, D, bits, n_q, n_s, n_w, value_group, device, dtype, fill=fill, frac=frac,
-                                   offsets=offsets, gap_at=gap_at, attention_scaling=attention_scaling)
+                                   offsets=offsets, gap_at=gap_at, attention_scaling=attention_scaling, vfrac=vfrac)
     g = torch.Generator().manual_seed(7)
     q = (torch.randn(B, Hq, 1, D, generator=g) * 2).to(dtype).to(device)
     total = n_s + n_q + n_w
@@ -215,7 +215,7 @@ def test_device_lengths_interpret(kernel, D, group):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kernel,D,group", DEVICE_LENGTH_CASES + [("pairs", 128, "head")])
+@pytest.mark.parametrize("kernel,D,group", DEVICE_LENGTH_CASES + [("pairs", 128, "head"), ("pairs", 128, "token")])
 def test_device_lengths_gpu(kernel, D, group):
     if kernel == "pairs" and not _pairs_here():
         pytest.skip("needs the Gluon pairs kernel")
@@ -464,9 +464,9 @@ def test_pairs_kernel_refused_clearly_cpu():
 
 def test_pairs_kernel_selection_cpu(monkeypatch):
     """The selection policy, with the pairs kernel made available on the CPU (plans only: nothing is launched): the
-    default takes it in CUDA-graph steps only, for 3-bit head-group storage at head_dim 128 with <= 1 slot per vector,
-    never with a natural/fields launch option; asking for it before any token is quantized is not an error; the real
-    availability check honours KVQUANT_PAIRS=0."""
+    default takes it in CUDA-graph steps only, for 3-bit storage at head_dim 128 with <= 1 key slot per vector
+    (head-group or token-group values), never with a natural/fields launch option; asking for it before any token is
+    quantized is not an error; the real availability check honours KVQUANT_PAIRS=0."""
     _gluon_module()
     monkeypatch.setattr(kernels, "_pairs_available", lambda dev, default=False: True)
     q = torch.zeros(1, 8, 1, 128).bfloat16()
@@ -477,8 +477,12 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
     assert kernels.decode_kernel(q, st, kernel="pairs") == "pairs"
     with pytest.raises(ValueError, match="no natural/fields launch options"):
         kernels.decode_kernel(q, st, kernel="pairs", block_t=64)
-    for args, kw in (((1, 8, 128, 3, 40, 1, 0, "token"), {}),  # token-group values
-                     ((1, 2, 128, 4, 40, 1, 0, "head"), {}),  # 4-bit
+    for vals in ("token", "token-2"):  # token-group values: with run ends (8 KV heads), and without (2)
+        heads = 8 if vals == "token" else 2
+        tg, _, _ = make_storage(1, heads, 128, 3, 40, 1, 0, "token", "cpu")
+        assert (tg.v_out_ends is not None) == (heads == 8)
+        assert kernels.decode_kernel(torch.zeros(1, 4 * heads, 1, 128), tg, graph=True) == "pairs"
+    for args, kw in (((1, 2, 128, 4, 40, 1, 0, "head"), {}),  # 4-bit
                      ((1, 2, 64, 3, 40, 1, 0, "head"), {}),  # head_dim 64
                      ((1, 2, 128, 3, 40, 1, 0, "head"), {"frac": 0.03})):  # 4 slots per vector
         other, _, _ = make_storage(*args, "cpu", **kw)
@@ -503,14 +507,17 @@ def _pairs_here() -> bool:
 @pytest.mark.skipif(not _pairs_here(), reason="needs CUDA sm_80+ and the Triton version of the Gluon pairs kernel")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_pairs_gpu(dtype):
-    """The Gluon pairs kernel (3-bit head-group, head_dim 128, <= 1 slot per vector) against the float reference:
-    GQA 4 / 3 / MHA, left padding, sinks and window, slots and none, one split past the query-rotation table,
-    non-consecutive positions (the exact RoPE path), RoPE attention scaling; and it is the default in graph
+    """The Gluon pairs kernel (3-bit, head_dim 128, <= 1 key slot per vector) against the float reference: GQA 4 / 3 /
+    MHA, left padding, sinks and window, slots and none, one split past the query-rotation table, non-consecutive
+    positions (the exact RoPE path), RoPE attention scaling; token-group values (the calibration default: slot runs
+    per KV head with their ends, long runs, and rows without ends over 2 KV heads); and it is the default in graph
     steps."""
     st, _, _ = make_storage(2, 8, 128, 3, 100, 1, 0, "head", "cuda")
     q0 = torch.zeros(2, 32, 1, 128, device="cuda")
     assert kernels.decode_kernel(q0, st, graph=True) == "pairs"  # the default in CUDA-graph steps
     assert kernels.decode_kernel(q0, st) == "natural"  # eager: a Gluon launch costs the host too much
+    tg, _, _ = make_storage(2, 8, 128, 3, 100, 1, 0, "token", "cuda")
+    assert tg.v_out_ends is not None and kernels.decode_kernel(q0, tg, graph=True) == "pairs"
     kw = dict(dtype=dtype, kernel="pairs", prefetch=None)
     check_decode(3, 32, 8, 128, 3, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], **kw)
     check_decode(2, 8, 8, 128, 3, 2000, 1, 0, "head", "cuda", frac=0.0, **kw)
@@ -518,8 +525,11 @@ def test_decode_pairs_gpu(dtype):
     check_decode(1, 4, 1, 128, 3, 20000, 1, 0, "head", "cuda", num_splits=1, **kw)  # 625 blocks in one split
     check_decode(2, 8, 8, 128, 3, 700, 1, 0, "head", "cuda", offsets=[0, 77], gap_at=300, **kw)
     check_decode(2, 16, 8, 128, 3, 900, 1, 3, "head", "cuda", attention_scaling=1.3, **kw)
-    with pytest.raises(ValueError, match="pairs kernel needs"):
-        check_decode(1, 8, 8, 128, 3, 100, 1, 0, "token", "cuda", **kw)  # token-group values
+    # token-group values: 10 slots per row over 8 KV heads (runs with ends), 51 (long runs), 3 over 2 heads (no ends)
+    check_decode(3, 32, 8, 128, 3, 3000, 1, 17, "token", "cuda", mask_lens=[3018, 2000, 100], **kw)
+    check_decode(1, 8, 8, 128, 3, 1500, 1, 0, "token", "cuda", vfrac=0.05, **kw)
+    check_decode(2, 8, 2, 128, 3, 900, 1, 3, "token", "cuda", **kw)
+    check_decode(2, 8, 8, 128, 3, 700, 1, 0, "token", "cuda", offsets=[0, 77], gap_at=300, **kw)
 
 
 @pytest.mark.gpu

@@ -230,10 +230,10 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     if plan.kernel == "pairs":  # the quantized splits by the pairs kernel, the sinks/window split below
         from . import _gluon
 
-        tb, group, ck, cv, quant = plan.pairs
+        tb, group, ck, cv, quant, voe = plan.pairs
         if nsq:
             _gluon.launch(q, pacc, pm, pl, quant, tb, bias, lengths, float(scaling) * K.LOG2E * plan.rope_scale,
-                          n_s, n_q, chunk, nsq, group, ck, cv)
+                          n_s, n_q, chunk, nsq, group, ck, cv, voe)
         first = nsq
     plan.fn[(B * H, nsplit - first)](
         q, pacc, pm, pl, *plan.tensors, sk, sv, wk, wv, bias if bias is not None else pm,
@@ -343,17 +343,20 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     # reads and applies only its own run of them, _overwrite_run)
     runs = v_token and voe is not None
     natural_ok = kaff is not None and (cv <= 4 or runs) and ck <= 4 and lutx is not False  # D: 64/128/256
-    # the pairs kernel (Gluon, _gluon.py): 3-bit head-group storage at head_dim 128 with <= 1 slot per vector; the
-    # natural kernel's sinks/window split completes it (and is all that runs while no token is quantized yet)
-    pairs_ok = (natural_ok and bits == 3 and D == 128 and not v_token and G == H and ck <= 1 and cv <= 1
-                and group <= 8 and _pairs_available(dev))
+    # the pairs kernel (Gluon, _gluon.py): 3-bit storage at head_dim 128 with <= 1 key slot per vector, head-group or
+    # token-group values with any number of slots; the natural kernel's sinks/window split completes it (and is all
+    # that runs while no token is quantized yet)
+    pairs_ok = (natural_ok and bits == 3 and D == 128 and (v_token or G == H) and ck <= 1 and group <= 8
+                and _pairs_available(dev))
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
     if (kernel is None and graph and pairs_ok and all(o is None for o in natural_options)
             and _pairs_available(dev, True)):
-        # H200, Llama-3-8B shape, nuq3-1% head-group, graph replays (benchmarks/gpu_decode.md, run 53): 158.3 vs 327.0
-        # us at 128K batch 1 against the natural kernel, 1108.6 vs 3775.5 at batch 8, 89.5 vs 172.8 at 64K; slower
-        # only at 4K (49.9 vs 44.5 us). Only in CUDA-graph steps: launched eagerly, the Gluon kernel costs the host
-        # 270-500 us per call (run 53's eager_us), against 110-330 us for the natural kernel's whole call
+        # H200, Llama-3-8B shape, nuq3-1%, graph replays (benchmarks/gpu_decode.md): head-group values 158.3 vs 326.7
+        # us at 128K batch 1 against the natural kernel, 1117.3 vs 3808.7 at batch 8, 89.6 vs 172.3 at 64K; slower
+        # only at 4K (49.9 vs 43.9 us) (run 55); token-group values (the calibration default) 250.1 vs 459.2 us at
+        # 128K batch 1, 1828.2 vs 5081.9 at batch 8, 64.6 vs 79.3 at 16K (run 57). Only in CUDA-graph steps:
+        # launched eagerly, the Gluon kernel costs the host 270-500 us per call (run 53's eager_us), against 110-330
+        # us for the natural kernel's whole call
         kernel = "pairs"
     if kernel is None:
         # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md: natural in run 13, fields in run 4): per layer
@@ -367,8 +370,8 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         if not pairs_ok:
             raise ValueError("the pairs kernel needs a CUDA GPU of sm_80 or newer, Triton 3.6 (its Gluon API; "
                              "kernels/_gluon.py SUPPORTED_TRITON), KVQUANT_PAIRS unset or 1, 3-bit keys and values, "
-                             "head_dim 128, head-group values, at most 1 outlier slot per key and value vector, and "
-                             "at most 8 query heads per KV head; use kernel='natural'.")
+                             "head_dim 128, channel-mode keys with at most 1 outlier slot per vector, and at most 8 "
+                             "query heads per KV head; use kernel='natural'.")
         if any(o is not None for o in natural_options):
             raise ValueError("the pairs kernel takes no natural/fields launch options (block_t, use_dot, "
                              "num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads).")
@@ -435,7 +438,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         from . import _gluon
 
         plan.pairs = (_cached(st, ("pairs_tables", dev), lambda: _gluon.tables(kaff[0], kaff[1], kaff[2], vlev, invf)),
-                      group, ck, cv, quant)
+                      group, ck, cv, quant, voe)
     plan.tensors = (*quant, klut, vlev, invf, *(kaff if kaff is not None else (klut, klut, klut)), vlevh)
     plan.strides = (*quant[0].stride()[:3], *quant[1].stride()[:3], *quant[3].stride()[:3], *quant[4].stride()[:3],
                     *quant[6].stride()[:3], quant[8].stride(0))

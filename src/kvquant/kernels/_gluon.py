@@ -1,5 +1,7 @@
 """The "pairs" decode kernel (Gluon, NVIDIA sm_80+): split-K decode attention over the quantized region of a layer
-stored as 3-bit head-group codes, head_dim 128, at most one outlier slot per key and per value vector (nuq3-1%).
+stored as 3-bit codes, head_dim 128, at most one outlier slot per key vector (nuq3-1%), with head-group values (at
+most one slot per vector: a fixed merge) or token-group values (the calibration default: one zero / scale and one row
+of slots per token for every KV head; each KV head merges its run of slots, one pass per rank).
 
 It was developed as the study ``benchmarks/gluon_decode_pairs.py`` (runs 37-48 in ``benchmarks/gpu_runs``, notes in
 ``benchmarks/gpu_notes.md``; the study scripts are in the history up to commit 6d41df6). This is that kernel with
@@ -23,7 +25,9 @@ Per program (one warp): one (sequence, KV head, split) of 32-token blocks.
   that the V^T operand needs. The per-token scale is folded into P, the zero into one term per query head.
 - **Outlier slots** (the library's exact fp16 values and their channel): each exact value, in code-level units
   ((exact - zero) / scale), replaces its channel's looked-up level before the affine map: a compare, an AND-OR merge
-  and a select per register; no code lookup for the slot, no shared-memory staging.
+  and a select per register; no code lookup for the slot, no shared-memory staging. Token-group values: a block
+  looks up all its value levels first, then merges head h's slots in passes, one per rank up to the block's longest
+  run (core.codec.head_ends; about 3.7 passes for 10 slots over 8 KV heads), each pass loading the next rank's slots.
 - **Loads**: key rows as 16-byte loads, high-plane codes as 32-bit words, and a PTX prefetch of the next block's
   rows into L2.
 
@@ -210,6 +214,15 @@ def _lookup(w, h, rw, rh, lane4, OFF: gl.constexpr):
 
 
 @gluon.jit
+def _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i: gl.constexpr, D: gl.constexpr):
+    """The value levels of channels 32 i .. 32 i + 31 of a block, as channel pairs in the layout V5 (low-plane words
+    2 i + sw, high-plane word D / 16 + i)."""
+    w = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + 2 * i + sww, mask=vmask, other=0)
+    h = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + D // 16 + i + 0 * sww, mask=vmask, other=0)
+    return _lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, 1)
+
+
+@gluon.jit
 def _prefetch(ptr, mask, PF: gl.constexpr):
     """PTX prefetch of the lines holding ptr (where mask) into L2 (PF 2); no register result."""
     if PF == 2:
@@ -233,17 +246,22 @@ _DYNAMIC = ("smask_b", "n_s", "n_q", "chunk", "NSPLIT_Q")
 
 
 @gluon.jit(do_not_specialize=_DYNAMIC)
-def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MASK, LENS,
+def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS, MASK, LENS,
                   TAB, KSZ, KZI, CSP, BROT, INVF, SCR,
                   qk_scale, sqb, sqh, skc_b, skc_h, skc_t, sko_b, sko_h, sko_t, svc_b, svc_h, svc_t,
-                  svs_b, svs_h, svs_t, svo_b, svo_h, svo_t, sqp_b, smask_b,
+                  svs_b, svs_h, svs_t, svo_b, svo_h, svo_t, soe_b, soe_t, sqp_b, smask_b,
                   n_s, n_q, chunk, NSPLIT_Q, n_brot,
                   H_KV: gl.constexpr, GROUP: gl.constexpr, CK: gl.constexpr, CV: gl.constexpr,
+                  VRUN: gl.constexpr, VENDS: gl.constexpr, V_OFF: gl.constexpr,
                   HAS_MASK: gl.constexpr, DEVLEN: gl.constexpr, PF: gl.constexpr, BT: gl.constexpr,
                   D: gl.constexpr, N: gl.constexpr):
     """Split pid of KV head h of sequence b (grid: NSPLIT_Q, H_KV, B): tokens [pid chunk, pid chunk + chunk) of the
     quantized region. Storage as LayerStorage holds it (codes [B, H, cap, 48] uint8; value zero/scale [B, H, cap, 1]
-    fp16; slots [B, H, cap, CK/CV]; positions [B, cap] int32). TAB [128, 32] int32: the key then the value pair
+    fp16; slots [B, H, cap, CK/CV]; positions [B, cap] int32). Values in runs (VRUN: token-group value rows, whose
+    zero / scale / slots [B, 1, cap, ..] serve every KV head (the host passes head strides 0, V_OFF = D: head h's slot
+    elements are h D ..), or head-group rows with several slots, V_OFF = 0): one merge pass per slot rank, up to the
+    block's longest run of head h (VENDS: the runs' ends VOE [B, 1, cap, H], core.codec.head_ends; else every slot of
+    the row is tried and kept if it lies in head h). TAB [128, 32] int32: the key then the value pair
     table, lane-replicated; KSZ [H, 2, D/2] int32: key scale and zero as fp16 pairs; KZI [H, 2, D] fp32: key zero and
     1 / scale (for the slots); CSP [4, 2, 8, 32] int32: cos / sin of
     the block offsets in fragment order; BROT [n_brot, 4, 2, 16] fp32: the per-block query rotation; INVF [D/2].
@@ -263,6 +281,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MAS
     KOV += bb * sko_b + h64 * sko_h
     VOI += bb * svo_b + h64 * svo_h
     VOV += bb * svo_b + h64 * svo_h
+    VOE += bb * soe_b
     QP = QPOS + bb * sqp_b
     SCR += ((bb * H_KV + h64) * NSPLIT_Q + pid) * 2176  # this program's scratch: key cos/sin [2048], query [128]
     SCRQ = SCR.to(gl.pointer_type(gl.float32)) + 2048
@@ -358,11 +377,27 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MAS
             if CV:
                 _prefetch(VOI + nxt * svo_t, pmask, PF)
                 _prefetch(VOV + nxt * svo_t, pmask, PF)
+            if VENDS:
+                _prefetch(VOE + nxt * soe_t, pmask, PF)
             if HAS_MASK:
                 _prefetch(MROW + nxt, pmask, PF)
         tmask = (t0 + tc_) < hi_t
         vsc = gl.load(VS + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
         vzr = gl.load(VZ + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
+        if VRUN:  # head h's run of each token's value slots, loaded early: [r_lo, r_hi), and the block's longest
+            vt5 = t0 + v_tok5
+            vm = vt5 < hi_t
+            if VENDS:  # [ends[h - 1], ends[h]) of the sorted slots
+                r_lo = gl.load(VOE + vt5 * soe_t + gl.maximum(hd - 1, 0), mask=vm & (hd > 0), other=0).to(gl.int32)
+                r_hi = gl.load(VOE + vt5 * soe_t + hd, mask=vm, other=0).to(gl.int32)
+                b_lo = gl.load(VOE + (t0 + tc_) * soe_t + gl.maximum(hd - 1, 0), mask=tmask & (hd > 0),
+                               other=0).to(gl.int32)
+                b_hi = gl.load(VOE + (t0 + tc_) * soe_t + hd, mask=tmask, other=0).to(gl.int32)
+                npass = gl.max(b_hi - b_lo, 0)
+            else:  # every slot of the row, kept where it lies in head h
+                r_lo = 0 * vt5
+                r_hi = gl.where(vm, CV, 0)
+                npass = CV
         # the block's positions: contiguous from its first token (the table path), and where that start lies
         bidx = (t0 - lo_t) // BT
         p_b = gl.load(QP + t0)
@@ -441,7 +476,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MAS
         m_i = m_new
         pv = gl.convert_layout((p * vsc[:, None]).to(gl.float16), b_l)
         vmask = (t0 + v_tok) < hi_t
-        if CV:  # the block's value slots, as for keys: (exact - zero) / scale
+        if CV and not VRUN:  # the block's value slots, as for keys: (exact - zero) / scale
             vt5 = t0 + v_tok5
             vm = vt5 < hi_t
             vi = gl.load(VOI + vt5 * svo_t, mask=vm, other=255).to(gl.int32)  # [1, 1, 8, 4, 1]
@@ -450,12 +485,37 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, QPOS, MAS
             vz5 = gl.load(VZ + vt5 * svs_t, mask=vm, other=0.0).to(gl.float32)
             v_val, v_keep, v_sp = _slot_word((xv - vz5) / vs5, vi)
             v_rel = v_sp - 2 * pl5  # [1, 1, 8, 4, 4]
+        if VRUN:  # every chunk's levels, then one merge pass per slot rank of head h (runs vary per token); each
+            # pass loads the next rank's slots before its merges, and rank 0's loads go out before the lookups
+            col = r_lo
+            vi_n = gl.load(VOI + vt5 * svo_t + col, mask=col < r_hi, other=0)
+            xv_n = gl.load(VOV + vt5 * svo_t + col, mask=col < r_hi, other=0.0)
+            lv0 = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, 0, D)
+            lv1 = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, 1, D)
+            lv2 = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, 2, D)
+            lv3 = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, 3, D)
+            vz5 = gl.load(VZ + vt5 * svs_t, mask=vm, other=0.0).to(gl.float32)
+            vinv5 = 1.0 / gl.load(VS + vt5 * svs_t, mask=vm, other=1.0).to(gl.float32)
+            for _r in range(npass):
+                vi = vi_n.to(gl.int32) - hd * V_OFF
+                xv = xv_n.to(gl.float32)
+                has = ((col < r_hi) & (vi >= 0)) & (vi < D)
+                col = col + 1
+                vi_n = gl.load(VOI + vt5 * svo_t + col, mask=col < r_hi, other=0)
+                xv_n = gl.load(VOV + vt5 * svo_t + col, mask=col < r_hi, other=0.0)
+                v_val, v_keep, v_sp = _slot_word((xv - vz5) * vinv5, gl.where(has, vi, 255))
+                v_rel = v_sp - 2 * pl5
+                lv0 = gl.where(v_rel == v_pair, (lv0 & v_keep) | v_val, lv0)
+                lv1 = gl.where(v_rel == v_pair + 32, (lv1 & v_keep) | v_val, lv1)
+                lv2 = gl.where(v_rel == v_pair + 64, (lv2 & v_keep) | v_val, lv2)
+                lv3 = gl.where(v_rel == v_pair + 96, (lv3 & v_keep) | v_val, lv3)
         for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
-            w = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + 2 * i + sww, mask=vmask, other=0)
-            h = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + D // 16 + i + 0 * sww, mask=vmask, other=0)
-            lev = _lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, 1)
-            if CV:
-                lev = gl.where(v_rel == v_pair + 32 * i, (lev & v_keep) | v_val, lev)
+            if VRUN:
+                lev = _pick4(i, lv0, lv1, lv2, lv3)
+            else:
+                lev = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i, D)
+                if CV:
+                    lev = gl.where(v_rel == v_pair + 32 * i, (lev & v_keep) | v_val, lev)
             lev = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [lev],
                                             dtype=gl.int32, is_pure=True, pack=1)
             vt = _to_operand(gl.reshape(lev, [32, BT // 2]), a_l, 32)
@@ -574,22 +634,30 @@ def _check_shared(compiled) -> None:
 _CHECKED: set = set()
 
 
-def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, chunk, nsq, group, ck, cv):
+def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, chunk, nsq, group, ck, cv, voe=None):
     """Launch the kernel over ``nsq`` splits (grid nsq x KV heads x batch); see _pairs_kernel for the arguments.
-    ``quant``: the storage's (k_codes, k_out_idx, k_out_val, v_codes, v_zero, v_scale, v_out_idx, v_out_val, q_pos)."""
+    ``quant``: the storage's (k_codes, k_out_idx, k_out_val, v_codes, v_zero, v_scale, v_out_idx, v_out_val, q_pos);
+    token-group values (v_zero [B, 1, ..]) and head-group values with more than one slot run the slot passes, with
+    ``voe`` (v_out_ends) where the storage has it."""
     kc, koi, kov, vc, vz, vs, voi, vov, qpos = quant
     B, H = int(kc.shape[0]), int(kc.shape[1])
+    v_token = int(vz.shape[1]) == 1 and H > 1
+    vrun = v_token or cv > 1
     mask = bias if bias is not None else pm
     scratch = torch.empty(B * H * nsq * 2176, device=q.device, dtype=torch.int32)  # RoPE tables of odd blocks
+    ends = voe if voe is not None else qpos
+    svh = 0 if v_token else 1  # token-group rows: one zero / scale / slot row for every KV head
     k = _pairs_kernel[(nsq, H, B)](
-        q, pacc, pm, pl, kc, koi, kov, vc, vz, vs, voi, vov, qpos, mask, lengths if lengths is not None else qpos,
+        q, pacc, pm, pl, kc, koi, kov, vc, vz, vs, voi, vov, ends, qpos, mask,
+        lengths if lengths is not None else qpos,
         tb["TAB"], tb["KSZ"], tb["KZI"], tb["CSP"], tb["BROT"], tb["INVF"], scratch,
         scaling_log2, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         koi.stride(0), koi.stride(1), koi.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-        vs.stride(0), vs.stride(1), vs.stride(2), voi.stride(0), voi.stride(1), voi.stride(2), qpos.stride(0),
+        vs.stride(0), svh * vs.stride(1), vs.stride(2), voi.stride(0), svh * voi.stride(1), voi.stride(2),
+        ends.stride(0), ends.stride(-2) if voe is not None else 0, qpos.stride(0),
         bias.stride(0) if bias is not None else 0, n_s, n_q, chunk, nsq, BROT_BLOCKS,
-        H_KV=H, GROUP=group, CK=ck, CV=cv, HAS_MASK=bias is not None, DEVLEN=lengths is not None, PF=2, BT=BT, D=D,
-        N=N, num_warps=1)
+        H_KV=H, GROUP=group, CK=ck, CV=cv, VRUN=vrun, VENDS=vrun and voe is not None, V_OFF=D if v_token else 0,
+        HAS_MASK=bias is not None, DEVLEN=lengths is not None, PF=2, BT=BT, D=D, N=N, num_warps=1)
     key = id(k)
     if key not in _CHECKED:
         _check_shared(k)

@@ -10,7 +10,8 @@ from ..core.rope import RopeSpec, apply_rope
 
 
 def synthetic_codec(heads: int, head_dim: int, bits: int, outlier_fraction: float = 0.01,
-                    value_group: str = "token", seed: int = 0, n_outlier_channels: int = 4) -> LayerCodec:
+                    value_group: str = "token", seed: int = 0, n_outlier_channels: int = 4,
+                    value_fraction: float | None = None) -> LayerCodec:
     g = torch.Generator().manual_seed(seed)
     L = 2**bits
 
@@ -28,7 +29,8 @@ def synthetic_codec(heads: int, head_dim: int, bits: int, outlier_fraction: floa
     return LayerCodec(
         cb(), cb(), heads=heads, head_dim=head_dim, key_mode="channel", key_zero=zero, key_scale=scale,
         key_capacity=outlier_capacity(outlier_fraction, head_dim),
-        value_capacity=outlier_capacity(outlier_fraction, nv), value_group=value_group,
+        value_capacity=outlier_capacity(outlier_fraction if value_fraction is None else value_fraction, nv),
+        value_group=value_group,
     )
 
 
