@@ -485,44 +485,30 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             vz5 = gl.load(VZ + vt5 * svs_t, mask=vm, other=0.0).to(gl.float32)
             v_val, v_keep, v_sp = _slot_word((xv - vz5) / vs5, vi)
             v_rel = v_sp - 2 * pl5  # [1, 1, 8, 4, 4]
-        if VRUN:  # every chunk's levels, then merge passes over head h's slot ranks (runs vary per token), two ranks
-            # per pass (two independent chains); each pass loads the next two ranks' slots before its merges, and the
-            # first loads go out before the lookups
+        if VRUN:  # every chunk's levels, then one merge pass per slot rank of head h (runs vary per token); each
+            # pass loads the next rank's slots before its merges, and rank 0's loads go out before the lookups
             col = r_lo
-            va_n = gl.load(VOI + vt5 * svo_t + col, mask=col < r_hi, other=0)
-            xa_n = gl.load(VOV + vt5 * svo_t + col, mask=col < r_hi, other=0.0)
-            vb_n = gl.load(VOI + vt5 * svo_t + col + 1, mask=col + 1 < r_hi, other=0)
-            xb_n = gl.load(VOV + vt5 * svo_t + col + 1, mask=col + 1 < r_hi, other=0.0)
+            vi_n = gl.load(VOI + vt5 * svo_t + col, mask=col < r_hi, other=0)
+            xv_n = gl.load(VOV + vt5 * svo_t + col, mask=col < r_hi, other=0.0)
             lv0 = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, 0, D)
             lv1 = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, 1, D)
             lv2 = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, 2, D)
             lv3 = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, 3, D)
             vz5 = gl.load(VZ + vt5 * svs_t, mask=vm, other=0.0).to(gl.float32)
             vinv5 = 1.0 / gl.load(VS + vt5 * svs_t, mask=vm, other=1.0).to(gl.float32)
-            for _r in range((npass + 1) // 2):
-                ka = va_n.to(gl.int32) - hd * V_OFF
-                kb = vb_n.to(gl.int32) - hd * V_OFF
-                ya = xa_n.to(gl.float32)
-                yb = xb_n.to(gl.float32)
-                ha = ((col < r_hi) & (ka >= 0)) & (ka < D)
-                hb = ((col + 1 < r_hi) & (kb >= 0)) & (kb < D)
-                col = col + 2
-                va_n = gl.load(VOI + vt5 * svo_t + col, mask=col < r_hi, other=0)
-                xa_n = gl.load(VOV + vt5 * svo_t + col, mask=col < r_hi, other=0.0)
-                vb_n = gl.load(VOI + vt5 * svo_t + col + 1, mask=col + 1 < r_hi, other=0)
-                xb_n = gl.load(VOV + vt5 * svo_t + col + 1, mask=col + 1 < r_hi, other=0.0)
-                a_val, a_keep, a_sp = _slot_word((ya - vz5) * vinv5, gl.where(ha, ka, 255))
-                b_val, b_keep, b_sp = _slot_word((yb - vz5) * vinv5, gl.where(hb, kb, 255))
-                a_rel = a_sp - 2 * pl5
-                b_rel = b_sp - 2 * pl5
-                lv0 = gl.where(a_rel == v_pair, (lv0 & a_keep) | a_val, lv0)
-                lv1 = gl.where(a_rel == v_pair + 32, (lv1 & a_keep) | a_val, lv1)
-                lv2 = gl.where(a_rel == v_pair + 64, (lv2 & a_keep) | a_val, lv2)
-                lv3 = gl.where(a_rel == v_pair + 96, (lv3 & a_keep) | a_val, lv3)
-                lv0 = gl.where(b_rel == v_pair, (lv0 & b_keep) | b_val, lv0)
-                lv1 = gl.where(b_rel == v_pair + 32, (lv1 & b_keep) | b_val, lv1)
-                lv2 = gl.where(b_rel == v_pair + 64, (lv2 & b_keep) | b_val, lv2)
-                lv3 = gl.where(b_rel == v_pair + 96, (lv3 & b_keep) | b_val, lv3)
+            for _r in range(npass):
+                vi = vi_n.to(gl.int32) - hd * V_OFF
+                xv = xv_n.to(gl.float32)
+                has = ((col < r_hi) & (vi >= 0)) & (vi < D)
+                col = col + 1
+                vi_n = gl.load(VOI + vt5 * svo_t + col, mask=col < r_hi, other=0)
+                xv_n = gl.load(VOV + vt5 * svo_t + col, mask=col < r_hi, other=0.0)
+                v_val, v_keep, v_sp = _slot_word((xv - vz5) * vinv5, gl.where(has, vi, 255))
+                v_rel = v_sp - 2 * pl5
+                lv0 = gl.where(v_rel == v_pair, (lv0 & v_keep) | v_val, lv0)
+                lv1 = gl.where(v_rel == v_pair + 32, (lv1 & v_keep) | v_val, lv1)
+                lv2 = gl.where(v_rel == v_pair + 64, (lv2 & v_keep) | v_val, lv2)
+                lv3 = gl.where(v_rel == v_pair + 96, (lv3 & v_keep) | v_val, lv3)
         for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
             if VRUN:
                 lev = _pick4(i, lv0, lv1, lv2, lv3)
