@@ -57,11 +57,14 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
                         "programs; rows timed as CUDA-graph replays)",
     "run53_2026-11-30": "079b7f3 (pairs kernel: slots replace their levels; no branch in the chunk loop)",
     "run54_2026-11-30": "079b7f3",
+    "run55_2026-11-30": "435a6a7 (the previous session's final code: pairs only in graph steps, sm_90 default)",
+    "run58_2026-11-30": "34ff711 (pairs kernel with token-group values, two slot ranks per merge pass; reverted "
+                        "after this run for its decode time, run58_pairs_probe.txt)",
 }
 
 # runs whose generate section is incomplete: listed after the full run, never taken as the latest
 PARTIAL_GENERATE = {"run20_2026-11-29", "run29_2026-11-30", "run34_2026-11-30", "run34b_2026-11-30",
-                    "run35_2026-11-30", "run36_2026-11-30", "run54_2026-11-30"}
+                    "run35_2026-11-30", "run36_2026-11-30", "run54_2026-11-30", "run58_2026-11-30"}
 
 # gpu_suite.py labelled every head-group KVQuant row "kvquant-fields" until it asked the library which kernel ran
 # (kernels.decode_kernel, added after run 13); in run 13 the diag sweep chose {"kernel": "natural"} for those rows
@@ -69,6 +72,20 @@ IMPL_FIX = {"run13_2026-11-29": {"kvquant-fields": "kvquant-natural"}}
 
 
 RUN_NOTES = {  # what a reader must know about a run's rows
+    "run55_2026-11-30": ("The full decode matrix on the previous session's final code (435a6a7), every row a "
+                         "CUDA-graph replay: the pairs kernel (head-group nuq3-1%) 158.3 us at 128K batch 1, 0.863x "
+                         "the best fp16, as in run 53. The token-group rows predate the pairs kernel's token-group "
+                         "path (139a45c): gpu_runs/run57_pairs_probe.txt measured it at 250.1 us at 128K batch 1 "
+                         "against the natural kernel's 459.2 (1828.2 against 5081.9 at batch 8). Preceded in the same "
+                         "call by the GPU tests (13 passed before the call's timeout, none failed; "
+                         "gpu_runs/gpu_tests_2026-11-30_runs55-57.txt)."),
+    "run58_2026-11-30": ("128K, DynamicCache and the token-group KVQuant cache (the calibration default) with the "
+                         "pairs kernel (the new default in graph steps; this run's code, 34ff711, merged two slot "
+                         "ranks per pass and was reverted for its decode time: 286.5 against 250.1 us per layer) and "
+                         "with the natural kernel (KVQUANT_PAIRS=0), two rounds: 25.6 / 27.5 ms per token with the "
+                         "pairs kernel, 28.4 / 28.0 ms with the natural kernel (1.10x at the best rounds), 116.9 / "
+                         "96.0 ms for DynamicCache (slower than run 54's 69.0 ms on another machine start: its "
+                         "per-step concatenation follows the host)."),
     "run50_2026-11-30": ("The first decode matrix with the Gluon pairs kernel (kernels/_gluon.py; the default for "
                          "3-bit head-group storage at head_dim 128 on sm_80+ with Triton 3.6), beside the natural "
                          "kernel on the same storage. Every row, fp16 included, is a CUDA-graph replay of the call "
