@@ -14,7 +14,8 @@ loads do not vectorise as they do on the device). Results depend on the triton v
 
 `--kernel pairs` compiles the Gluon pairs kernel (kvquant/kernels/_gluon.py; needs triton 3.6, e.g. installed with
 `pip install --no-deps --target /tmp/t36 triton==3.6.0` and put first on PYTHONPATH) for the Llama-3-8B shape with
-`--ck` slots per key and value vector (0 or 1) and `--mask`; its hot loop count includes the blocks that compute RoPE
+`--ck` slots per key and value vector (0 or 1), `--mask`, and `--token-group` (token-group values, `--cv` slots per
+row, 10 by default: the slot passes); its hot loop count includes the blocks that compute RoPE
 angles for non-contiguous positions, which contiguous blocks skip.
 """
 
@@ -106,12 +107,6 @@ def cuda_tool(tool: str, cubin: bytes, *args: str) -> str | None:
     return None
 
 
-def sass_ops(cubin: bytes) -> Counter:
-    """Opcode counts of the whole kernel's SASS (empty if nvdisasm is absent)."""
-    txt = cuda_tool("nvdisasm", cubin, "-c") or ""
-    return Counter(m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", txt))
-
-
 def resource_usage(cubin: bytes) -> str:
     """"R registers, S B stack" of the kernel in ``cubin`` (cuobjdump; spills live on the stack), or "?"."""
     m = re.search(r"REG:(\d+) STACK:(\d+)", cuda_tool("cuobjdump", cubin, "--dump-resource-usage") or "")
@@ -156,6 +151,7 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0):
     ``token_group``: token-group values with that many slots per row (0: head-group, ``slots`` per vector)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    from kvquant.core.codec import uses_head_ends
     from kvquant.kernels import _gluon as G
 
     ptrs = {"Q": "*bf16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32", "KC": "*u8", "KOI": "*u8", "KOV": "*fp16",
@@ -167,7 +163,7 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0):
     sig = {n: ptrs.get(n, "i32") for n in names if n not in _PAIRS_CONST}
     cv = token_group or slots
     vrun = bool(token_group) or cv > 1
-    cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=cv, VRUN=vrun, VENDS=token_group >= 5,
+    cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=cv, VRUN=vrun, VENDS=uses_head_ends("token", heads, token_group),
               V_OFF=G.D if token_group else 0, HAS_MASK=has_mask, DEVLEN=False, PF=2, BT=G.BT, D=G.D, N=G.N)
     order = list(sig)
     div = [["tt.divisibility", 16]]

@@ -477,14 +477,13 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
     assert kernels.decode_kernel(q, st, kernel="pairs") == "pairs"
     with pytest.raises(ValueError, match="no natural/fields launch options"):
         kernels.decode_kernel(q, st, kernel="pairs", block_t=64)
-    for vals in ("token", "token-2"):  # token-group values: with run ends (8 KV heads), and without (2)
-        heads = 8 if vals == "token" else 2
+    for heads in (8, 2):  # token-group values: with run ends (8 KV heads), and without (2)
         tg, _, _ = make_storage(1, heads, 128, 3, 40, 1, 0, "token", "cpu")
         assert (tg.v_out_ends is not None) == (heads == 8)
         assert kernels.decode_kernel(torch.zeros(1, 4 * heads, 1, 128), tg, graph=True) == "pairs"
     for args, kw in (((1, 2, 128, 4, 40, 1, 0, "head"), {}),  # 4-bit
                      ((1, 2, 64, 3, 40, 1, 0, "head"), {}),  # head_dim 64
-                     ((1, 2, 128, 3, 40, 1, 0, "head"), {"frac": 0.03})):  # 4 slots per vector
+                     ((1, 2, 128, 3, 40, 1, 0, "head"), {"frac": 0.03})):  # 4 key slots per vector
         other, _, _ = make_storage(*args, "cpu", **kw)
         qo = torch.zeros(1, 4 * args[1], 1, args[2]).bfloat16()
         assert kernels.decode_kernel(qo, other, graph=True) != "pairs", (args, kw)

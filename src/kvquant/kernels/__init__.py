@@ -151,9 +151,10 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
                      reload=None, wide_loads=None, lengths=None, bias=None):
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
-    ``kernel``: ``"pairs"`` (the Gluon kernel of :mod:`kvquant.kernels._gluon`: 3-bit head-group storage, head_dim
-    128, <= 1 outlier slot per key and value vector, <= 8 query heads per KV head, on sm_80+ with Triton 3.6; the
-    default in CUDA-graph steps on the GPUs it was measured on (sm_90), KVQUANT_PAIRS=0 turns it off),
+    ``kernel``: ``"pairs"`` (the Gluon kernel of :mod:`kvquant.kernels._gluon`: 3-bit storage, head_dim 128, <= 1
+    outlier slot per key vector, head-group or token-group values with any number of slots, <= 8 query heads per KV
+    head, on sm_80+ with Triton 3.6; the default in CUDA-graph steps on the GPUs it was measured on (sm_90),
+    KVQUANT_PAIRS=0 turns it off),
     ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key dots and
     one value dot per block; a per-channel affine key table, at most 4 key outlier slots per vector, and at most 4
     value slots per head vector or token-group value rows with any number of slots: each KV head applies the
