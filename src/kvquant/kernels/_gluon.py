@@ -27,7 +27,8 @@ Per program (one warp): one (sequence, KV head, split) of 32-token blocks.
   ((exact - zero) / scale), replaces its channel's looked-up level before the affine map: a compare, an AND-OR merge
   and a select per register; no code lookup for the slot, no shared-memory staging. Token-group values: a block
   looks up all its value levels first, then merges head h's slots in passes, one per rank up to the block's longest
-  run (core.codec.head_ends; about 3.7 passes for 10 slots over 8 KV heads), each pass loading the next rank's slots.
+  run (core.codec.head_ends; 3.71 passes for 10 slots over 8 KV heads, benchmarks/slot_passes.py), each pass
+  loading the next rank's slots.
 - **Loads**: key rows as 16-byte loads, high-plane codes as 32-bit words, and a PTX prefetch of the next block's
   rows into L2.
 
