@@ -52,7 +52,11 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from ._triton import PREFETCH_L2  # the prefetch's PTX, shared with the Triton kernels
 
 BT, D, N = 32, 128, 8  # tokens per block, head_dim, query heads per program (the GQA group, padded)
-TABLE_SHARED_BYTES = 16384
+TABLE_SHARED_BYTES = 16384  # the key and value pair tables
+TILE_OFF = TABLE_SHARED_BYTES  # then, with slot runs (VRUN), the value slots' residual tile: BT tokens x D fp16
+TILE_BYTES = BT * 2 * D
+_TILE_OFF = gl.constexpr(TILE_OFF)
+_TILE_ROWS = gl.constexpr(TILE_BYTES // 128)  # the tile as rows of 32 int32
 
 
 # ---------------------------------------------------------------------------------------------------- fp16x2 helpers
@@ -208,9 +212,63 @@ def _entry(w, h, rw, rh, lane4):
 def _lookup(w, h, rw, rh, lane4, OFF: gl.constexpr):
     """The entry of table OFF (0: keys, 1: values) from shared memory (Triton's dynamic shared memory, symbol
     global_smem, whose constant address ptxas folds into the load)."""
-    off = _entry(w, h, rw, rh, lane4) + 8192 * OFF
+    return _lds(_entry(w, h, rw, rh, lane4) + 8192 * OFF)
+
+
+@gluon.jit
+def _lds(off):
+    """The 32-bit word at byte offset off of the tables (read-only after the kernel's first barrier)."""
     return gl.inline_asm_elementwise("{ .reg .u32 b; mov.u32 b, global_smem; add.u32 b, b, $1; "
                                      "ld.shared.b32 $0, [b]; }", "=r,r", [off], dtype=gl.int32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def _tile_off(t, c):
+    """Byte offset in shared memory of the residual of token t (< BT), channel c (< D) in the value slots' tile:
+    [token, channel] fp16 rows of 256 bytes whose 16-byte chunks are XOR-swizzled by t % 8, so the eight rows that
+    one ldmatrix reads (tokens 8 a .. 8 a + 7) fall in distinct banks."""
+    return _TILE_OFF + t * 256 + ((c // 8) ^ (t % 8)) * 16 + (c % 8) * 2
+
+
+@gluon.jit
+def _sts16(off, val, pred):
+    """Store the low 16 bits of val at shared byte offset off where pred != 0 (no result: the 0 returned keeps the
+    side effect in place)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .u32 b; .reg .b16 lo, hi; setp.ne.b32 p, $3, 0; mov.u32 b, global_smem; "
+        "add.u32 b, b, $1; mov.b32 {lo, hi}, $2; @p st.shared.b16 [b], lo; mov.b32 $0, 0; }",
+        "=r,r,r,r", [off, val, pred.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _clear16(off):
+    """Zero 16 bytes at shared byte offset off."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .u32 b, z; mov.u32 z, 0; mov.u32 b, global_smem; add.u32 b, b, $1; "
+        "st.shared.v4.b32 [b], {z, z, z, z}; mov.b32 $0, 0; }", "=r,r", [off], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _warp_sync(x):
+    """bar.warp.sync: the warp's shared-memory writes before it are visible to its reads after it."""
+    return gl.inline_asm_elementwise("bar.warp.sync -1; mov.b32 $0, 0;", "=r,r", [x], dtype=gl.int32,
+                                     is_pure=False, pack=1)
+
+
+@gluon.jit
+def _ldsm4(off):
+    """ldmatrix .x4 from shared byte offset off (the same for the four elements of a pack): each lane gets, of the
+    8x8 fp16 matrix k whose rows lanes 8 k .. 8 k + 7 address, the pair (row lane // 4, columns 2 (lane % 4) + e)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .u32 b; mov.u32 b, global_smem; add.u32 b, b, $4; "
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {$0, $1, $2, $3}, [b]; }",
+        "=r,=r,=r,=r,r,r,r,r", [off], dtype=gl.int32, is_pure=False, pack=4)
+
+
+@gluon.jit
+def _hadd2(a, b):
+    return gl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.int32, is_pure=True,
                                      pack=1)
 
 
@@ -302,6 +360,9 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     tl_ = gl.arange(0, 32, layout=gl.SliceLayout(0, tb_l))[None, :]
     tab = gl.allocate_shared_memory(gl.int32, [128, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
                                     gl.load(TAB + te_ * 32 + tl_))
+    if VRUN:  # then the value slots' residual tile (zero; each block clears it after use)
+        tile = gl.allocate_shared_memory(gl.int32, [_TILE_ROWS, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+                                         gl.zeros([_TILE_ROWS, 32], gl.int32, layout=tb_l))
     gl.thread_barrier()
     # key side invariants
     t3 = gl.arange(0, BT, layout=P3_T)[:, None, None]
@@ -339,6 +400,11 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     v_tok = 8 * phw + mlw  # the token of a value pair before the transpose
     v_tok5 = 8 * ph5 + ml5  # (the same in the pairs' layout)
     v_pair = 16 * sw5 + 8 * mh5  # a value pair's first channel, less 32 i and the lane's 2 pl
+    # the tile rows this lane addresses for _ldsm4: matrix m = ml // 2 of a pack (channels 16 (m % 2) + 8 (m // 2)
+    # of the chunk, the pack's sw and mh), row pl + 4 (ml % 2), i.e. token 8 ph + pl + 4 (ml % 2)
+    lt_tok = 8 * ph5 + pl5 + 4 * (ml5 % 2)
+    lt_ch = 16 * ((ml5 // 2) % 2) + 8 * (ml5 // 4) + 0 * (sw5 + mh5)
+    s_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))  # slot scatter: token s_t on lane s_t
     bk = gl.arange(0, 32, layout=gl.SliceLayout(1, b_l))
     bn = gl.arange(0, N, layout=gl.SliceLayout(0, b_l))
     # the query chunks rotated back by the split's first position p_split (RoPE(p + tau) = RoPE(tau) RoPE(p)); each
@@ -385,20 +451,34 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         tmask = (t0 + tc_) < hi_t
         vsc = gl.load(VS + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
         vzr = gl.load(VZ + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
-        if VRUN:  # head h's run of each token's value slots, loaded early: [r_lo, r_hi), and the block's longest
-            vt5 = t0 + v_tok5
-            vm = vt5 < hi_t
-            if VENDS:  # [ends[h - 1], ends[h]) of the sorted slots
-                r_lo = gl.load(VOE + vt5 * soe_t + gl.maximum(hd - 1, 0), mask=vm & (hd > 0), other=0).to(gl.int32)
-                r_hi = gl.load(VOE + vt5 * soe_t + hd, mask=vm, other=0).to(gl.int32)
-                b_lo = gl.load(VOE + (t0 + tc_) * soe_t + gl.maximum(hd - 1, 0), mask=tmask & (hd > 0),
-                               other=0).to(gl.int32)
-                b_hi = gl.load(VOE + (t0 + tc_) * soe_t + hd, mask=tmask, other=0).to(gl.int32)
-                npass = gl.max(b_hi - b_lo, 0)
+        if VRUN:  # head h's value slots, one token per lane, as residuals in level units ((exact - zero) / scale
+            # less the looked-up level) into the block's tile; the value chunks add the tile to their levels
+            st_ = t0 + s_t
+            sm_ = st_ < hi_t
+            if VENDS:  # head h's run [ends[h - 1], ends[h]) of the sorted slots
+                s_lo = gl.load(VOE + st_ * soe_t + gl.maximum(hd - 1, 0), mask=sm_ & (hd > 0), other=0).to(gl.int32)
+                s_hi = gl.load(VOE + st_ * soe_t + hd, mask=sm_, other=0).to(gl.int32)
+                npass = gl.max(s_hi - s_lo, 0)
             else:  # every slot of the row, kept where it lies in head h
-                r_lo = 0 * vt5
-                r_hi = gl.where(vm, CV, 0)
+                s_lo = 0 * st_
+                s_hi = gl.where(sm_, CV, 0)
                 npass = CV
+            s_z = gl.load(VZ + st_ * svs_t, mask=sm_, other=0.0).to(gl.float32)
+            s_inv = 1.0 / gl.load(VS + st_ * svs_t, mask=sm_, other=1.0).to(gl.float32)
+            s_row = VC32 + st_ * (svc_t // 4)
+            for _r in range(npass):
+                col = s_lo + _r
+                ok = col < s_hi
+                vi = gl.load(VOI + st_ * svo_t + col, mask=ok, other=0).to(gl.int32) - hd * V_OFF
+                ok = ok & (vi >= 0) & (vi < D)
+                xv = gl.load(VOV + st_ * svo_t + col, mask=ok, other=0.0).to(gl.float32)
+                lo = gl.load(s_row + vi // 16, mask=ok, other=0)
+                hi = gl.load(s_row + D // 16 + vi // 32, mask=ok, other=0)
+                ent = ((lo >> (2 * (vi % 16))) & 3) | (((hi >> (vi % 32)) & 1) << 4)  # pair-table entry (code, 0)
+                lev = (_lds(8192 + ent * 128 + 4 * s_t) & 65535).to(gl.int16).to(gl.float16, bitcast=True)
+                res = gl.minimum(gl.maximum((xv - s_z) * s_inv - lev.to(gl.float32), -65000.0), 65000.0)
+                _sts16(_tile_off(s_t, vi), res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32), ok)
+            _warp_sync(s_t)
         # the block's positions: contiguous from its first token (the table path), and where that start lies
         bidx = (t0 - lo_t) // BT
         p_b = gl.load(QP + t0)
@@ -486,37 +566,12 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             vz5 = gl.load(VZ + vt5 * svs_t, mask=vm, other=0.0).to(gl.float32)
             v_val, v_keep, v_sp = _slot_word((xv - vz5) / vs5, vi)
             v_rel = v_sp - 2 * pl5  # [1, 1, 8, 4, 4]
-        if VRUN:  # every chunk's levels, then one merge pass per slot rank of head h (runs vary per token); each
-            # pass loads the next rank's slots before its merges, and rank 0's loads go out before the lookups
-            col = r_lo
-            vi_n = gl.load(VOI + vt5 * svo_t + col, mask=col < r_hi, other=0)
-            xv_n = gl.load(VOV + vt5 * svo_t + col, mask=col < r_hi, other=0.0)
-            lv0 = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, 0, D)
-            lv1 = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, 1, D)
-            lv2 = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, 2, D)
-            lv3 = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, 3, D)
-            vz5 = gl.load(VZ + vt5 * svs_t, mask=vm, other=0.0).to(gl.float32)
-            vinv5 = 1.0 / gl.load(VS + vt5 * svs_t, mask=vm, other=1.0).to(gl.float32)
-            for _r in range(npass):
-                vi = vi_n.to(gl.int32) - hd * V_OFF
-                xv = xv_n.to(gl.float32)
-                has = ((col < r_hi) & (vi >= 0)) & (vi < D)
-                col = col + 1
-                vi_n = gl.load(VOI + vt5 * svo_t + col, mask=col < r_hi, other=0)
-                xv_n = gl.load(VOV + vt5 * svo_t + col, mask=col < r_hi, other=0.0)
-                v_val, v_keep, v_sp = _slot_word((xv - vz5) * vinv5, gl.where(has, vi, 255))
-                v_rel = v_sp - 2 * pl5
-                lv0 = gl.where(v_rel == v_pair, (lv0 & v_keep) | v_val, lv0)
-                lv1 = gl.where(v_rel == v_pair + 32, (lv1 & v_keep) | v_val, lv1)
-                lv2 = gl.where(v_rel == v_pair + 64, (lv2 & v_keep) | v_val, lv2)
-                lv3 = gl.where(v_rel == v_pair + 96, (lv3 & v_keep) | v_val, lv3)
         for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
-            if VRUN:
-                lev = _pick4(i, lv0, lv1, lv2, lv3)
-            else:
-                lev = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i, D)
-                if CV:
-                    lev = gl.where(v_rel == v_pair + 32 * i, (lev & v_keep) | v_val, lev)
+            lev = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i, D)
+            if VRUN:  # the slots' residuals from the tile, in the same pair layout
+                lev = _hadd2(lev, _ldsm4(_tile_off(lt_tok, 32 * i + lt_ch)))
+            elif CV:
+                lev = gl.where(v_rel == v_pair + 32 * i, (lev & v_keep) | v_val, lev)
             lev = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [lev],
                                             dtype=gl.int32, is_pure=True, pack=1)
             vt = _to_operand(gl.reshape(lev, [32, BT // 2]), a_l, 32)
@@ -528,6 +583,11 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 acc2 = mma_v2(vt, pv, acc2 * alpha[None, :])
             else:
                 acc3 = mma_v2(vt, pv, acc3 * alpha[None, :])
+        if VRUN:  # zero the tile for the next block (after every lane's ldmatrix)
+            _warp_sync(s_t)
+            for cc in gl.static_range(_TILE_ROWS // 4):
+                _clear16(_TILE_OFF + cc * 512 + 16 * s_t)
+            _warp_sync(s_t)  # (before the next block's scatter)
     # partials: O^T chunks [32 channels, N] (natural channel order) + the zero term, for the group's heads only
     oc = gl.arange(0, 32, layout=c_l)[:, None]
     oh = gl.arange(0, N, layout=h_l)[None, :]
@@ -541,6 +601,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     # one read of the tables after the loop keeps their allocation alive (inline PTX reads it: Triton cannot see
     # that), so no scratch buffer can alias it; the term is 0 unless n_q < 0
     keep = gl.sum(gl.sum(tab.slice(0, 1, dim=0).load(tb_l), 1), 0)
+    if VRUN:
+        keep += gl.sum(gl.sum(tile.slice(0, 1, dim=0).load(tb_l), 1), 0)
     m_i += gl.where(n_q < 0, keep.to(gl.float32), 0.0)
     prow = row0 + hh.to(gl.int64) * (NSPLIT_Q + 1)
     gl.store(PM + prow, m_i, mask=hh < GROUP)
@@ -623,13 +685,16 @@ def tables(key_levels, key_scale, key_zero, value_levels, inv_freq) -> dict:
         INVF=inv_freq.float().contiguous())
 
 
-def _check_shared(compiled) -> None:
-    """The inline PTX reads the tables at offset 0 of Triton's shared memory: the allocation must be all there is."""
+def _check_shared(compiled, vrun: bool) -> None:
+    """The inline PTX reads the tables (and with slot runs the tile after them) at offset 0 of Triton's shared memory:
+    the allocation must be all there is."""
     got = compiled.metadata.shared
-    if got != TABLE_SHARED_BYTES:
+    want = TABLE_SHARED_BYTES + (TILE_BYTES if vrun else 0)
+    tile_at = f"getelementptr (i8, ptr addrspace(3) @global_smem, i32 {TILE_OFF})"  # the tile's keep-alive read
+    if got != want or (vrun and tile_at not in compiled.asm.get("llir", tile_at)):
         raise RuntimeError(f"the pairs kernel was compiled with {got} B of shared memory; its inline PTX expects "
-                           f"exactly {TABLE_SHARED_BYTES} B (the tables). This Triton version lays it out "
-                           "differently: use kernel='natural'.")
+                           f"exactly {want} B (the tables{' and the slot tile' if vrun else ''}). This Triton version "
+                           "lays it out differently: use kernel='natural'.")
 
 
 _CHECKED: set = set()
@@ -661,7 +726,7 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
         HAS_MASK=bias is not None, DEVLEN=lengths is not None, PF=2, BT=BT, D=D, N=N, num_warps=1)
     key = id(k)
     if key not in _CHECKED:
-        _check_shared(k)
+        _check_shared(k, vrun)
         _CHECKED.add(key)
     return k
 
