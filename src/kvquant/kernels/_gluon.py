@@ -49,7 +49,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from ._triton import PREFETCH_L2  # the prefetch's PTX, shared with the Triton kernels
+from ._triton import PREFETCH_L1, PREFETCH_L2  # the prefetches' PTX, shared with the Triton kernels
 
 BT, D, N = 32, 128, 8  # tokens per block, head_dim, query heads per program (the GQA group, padded)
 TABLE_SHARED_BYTES = 16384  # the key and value pair tables
@@ -283,9 +283,12 @@ def _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i: gl.const
 
 @gluon.jit
 def _prefetch(ptr, mask, PF: gl.constexpr):
-    """PTX prefetch of the lines holding ptr (where mask) into L2 (PF 2); no register result."""
+    """PTX prefetch of the lines holding ptr (where mask) into L1 (PF 1) or L2 (PF 2); no register result."""
     if PF == 2:
         gl.inline_asm_elementwise(PREFETCH_L2, "=r,l,r", [ptr.to(gl.int64, bitcast=True), mask.to(gl.int32)],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+    elif PF == 1:
+        gl.inline_asm_elementwise(PREFETCH_L1, "=r,l,r", [ptr.to(gl.int64, bitcast=True), mask.to(gl.int32)],
                                   dtype=gl.int32, is_pure=False, pack=1)
 
 
@@ -441,11 +444,15 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             if CK:
                 _prefetch(KOI + nxt * sko_t, pmask, PF)
                 _prefetch(KOV + nxt * sko_t, pmask, PF)
-            if CV:
+            if VRUN:  # into L1: the slot scatter's chain of dependent loads (run ends, slots, code words) hits there
+                _prefetch(VOI + nxt * svo_t, pmask, 1)
+                _prefetch(VOV + nxt * svo_t, pmask, 1)
+                _prefetch(VC + nxt * svc_t, pmask, 1)
+                if VENDS:
+                    _prefetch(VOE + nxt * soe_t, pmask, 1)
+            elif CV:
                 _prefetch(VOI + nxt * svo_t, pmask, PF)
                 _prefetch(VOV + nxt * svo_t, pmask, PF)
-            if VENDS:
-                _prefetch(VOE + nxt * soe_t, pmask, PF)
             if HAS_MASK:
                 _prefetch(MROW + nxt, pmask, PF)
         tmask = (t0 + tc_) < hi_t
@@ -466,12 +473,16 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             s_z = gl.load(VZ + st_ * svs_t, mask=sm_, other=0.0).to(gl.float32)
             s_inv = 1.0 / gl.load(VS + st_ * svs_t, mask=sm_, other=1.0).to(gl.float32)
             s_row = VC32 + st_ * (svc_t // 4)
+            col = s_lo  # each rank loads the next one's slot first
+            vi_n = gl.load(VOI + st_ * svo_t + col, mask=col < s_hi, other=0)
+            xv_n = gl.load(VOV + st_ * svo_t + col, mask=col < s_hi, other=0.0)
             for _r in range(npass):
-                col = s_lo + _r
-                ok = col < s_hi
-                vi = gl.load(VOI + st_ * svo_t + col, mask=ok, other=0).to(gl.int32) - hd * V_OFF
-                ok = ok & (vi >= 0) & (vi < D)
-                xv = gl.load(VOV + st_ * svo_t + col, mask=ok, other=0.0).to(gl.float32)
+                vi = vi_n.to(gl.int32) - hd * V_OFF
+                xv = xv_n.to(gl.float32)
+                ok = ((col < s_hi) & (vi >= 0)) & (vi < D)
+                col = col + 1
+                vi_n = gl.load(VOI + st_ * svo_t + col, mask=col < s_hi, other=0)
+                xv_n = gl.load(VOV + st_ * svo_t + col, mask=col < s_hi, other=0.0)
                 lo = gl.load(s_row + vi // 16, mask=ok, other=0)
                 hi = gl.load(s_row + D // 16 + vi // 32, mask=ok, other=0)
                 ent = ((lo >> (2 * (vi % 16))) & 3) | (((hi >> (vi % 32)) & 1) << 4)  # pair-table entry (code, 0)
@@ -708,7 +719,7 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     kc, koi, kov, vc, vz, vs, voi, vov, qpos = quant
     B, H = int(kc.shape[0]), int(kc.shape[1])
     v_token = int(vz.shape[1]) == 1 and H > 1
-    vrun = v_token or cv > 1
+    vrun = (v_token and cv > 0) or cv > 1  # slot runs (the tile); token-group rows without slots take the plain path
     mask = bias if bias is not None else pm
     scratch = torch.empty(B * H * nsq * 2176, device=q.device, dtype=torch.int32)  # RoPE tables of odd blocks
     ends = voe if voe is not None else qpos
