@@ -60,6 +60,8 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run55_2026-11-30": "435a6a7 (the previous session's final code: pairs only in graph steps, sm_90 default)",
     "run58_2026-11-30": "34ff711 (pairs kernel with token-group values, two slot ranks per merge pass; reverted "
                         "after this run for its decode time, run58_pairs_probe.txt)",
+    "run62_2026-11-30": "f19dfe4 (pairs kernel: token-group value slots as level residuals in a shared-memory tile, "
+                        "added through ldmatrix; the scatter's rows prefetched into L1)",
 }
 
 # runs whose generate section is incomplete: listed after the full run, never taken as the latest
@@ -72,6 +74,13 @@ IMPL_FIX = {"run13_2026-11-29": {"kvquant-fields": "kvquant-natural"}}
 
 
 RUN_NOTES = {  # what a reader must know about a run's rows
+    "run62_2026-11-30": ("The full decode matrix, every row a CUDA-graph replay, after the pairs kernel's token-group "
+                         "slots moved to a shared-memory tile (f19dfe4): nuq3-1% token-group (the calibration "
+                         "default) 185.4 us at 128K batch 1 on the Llama-3-8B shape, 0.745x the best fp16 (run 57's "
+                         "merge passes: 250.1 us, 0.54x SDPA); head-group 156.9 us (0.881x). Preceded in the same "
+                         "session by the GPU tests of this code (gpu_runs/gpu_tests_2026-11-30_runs59-62.txt) and "
+                         "followed in the same call by test_decode_pairs_gpu[fp16] and the token-group graph-steps "
+                         "test: passed."),
     "run55_2026-11-30": ("The full decode matrix on the previous session's final code (435a6a7), every row a "
                          "CUDA-graph replay: the pairs kernel (head-group nuq3-1%) 158.3 us at 128K batch 1, 0.863x "
                          "the best fp16, as in run 53. The token-group rows predate the pairs kernel's token-group "
