@@ -452,6 +452,50 @@ def test_pairs_kernel_tables_cpu():
         assert nsq * chunk >= n > (nsq - 1) * chunk
 
 
+def test_pairs_slot_tile_layout_cpu():
+    """The pairs kernel's value slot tile, by its own index helpers (_tile_off, _ldsm_rows) and layout (V5), on the
+    CPU: every (token, channel) residual has its own fp16 cell inside the tile's bytes; the ldmatrix .x4 that each
+    value chunk issues (lane 8 k + r addresses row r of matrix k; lane l receives bytes 4 (l % 4) .. + 3 of row
+    l // 4) hands every lane exactly the (token, channel pair) that its V5 level register holds, register
+    sw + 2 mh = k of pack ph; and the eight rows of each matrix fall in distinct 16-byte bank groups."""
+    G = _gluon_module()
+
+    def val(x):
+        return int(getattr(x, "value", x))
+
+    cell = {}
+    for t in range(G.BT):
+        for c in range(G.D):
+            a = val(G._tile_off.fn(t, c))
+            assert G.TILE_OFF <= a < G.TILE_OFF + G.TILE_BYTES and a % 2 == 0
+            cell[a] = (t, c)
+    assert len(cell) == G.BT * G.D
+
+    def coord(bases, index):  # a V5 basis combination: [sw, mh, ml, ph, pl]
+        out = [0] * 5
+        for bit, b in enumerate(bases):
+            if index >> bit & 1:
+                out = [o ^ x for o, x in zip(out, b)]
+        return out
+
+    for i in range(4):
+        for ph in range(4):
+            rows = {}
+            for lane in range(32):
+                _, _, ml, _, pl = coord(G.V5.lane_bases, lane)
+                tok, ch = G._ldsm_rows.fn(ml, ph, pl)
+                rows[lane] = val(G._tile_off.fn(tok, 32 * i + ch))
+            for k in range(4):
+                assert len({(rows[8 * k + r] // 16) % 8 for r in range(8)}) == 8  # no bank conflict
+                for lane in range(32):
+                    sw, mh, ml, _, pl = [a ^ b for a, b in zip(coord(G.V5.reg_bases, k + 4 * ph),
+                                                               coord(G.V5.lane_bases, lane))]
+                    assert coord(G.V5.reg_bases, k + 4 * ph)[3] == ph
+                    got = [cell[rows[8 * k + lane // 4] + 4 * (lane % 4) + 2 * e] for e in range(2)]
+                    want = [(8 * ph + ml, 32 * i + 16 * sw + 8 * mh + 2 * pl + e) for e in range(2)]
+                    assert got == want, (i, ph, k, lane)
+
+
 def test_pairs_kernel_refused_clearly_cpu():
     """Asked for where it cannot run (here: no CUDA), the pairs kernel is an error that says what it needs; the
     default never picks it."""

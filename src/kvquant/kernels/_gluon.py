@@ -1,7 +1,7 @@
 """The "pairs" decode kernel (Gluon, NVIDIA sm_80+): split-K decode attention over the quantized region of a layer
 stored as 3-bit codes, head_dim 128, at most one outlier slot per key vector (nuq3-1%), with head-group values (at
 most one slot per vector: a fixed merge) or token-group values (the calibration default: one zero / scale and one row
-of slots per token for every KV head; each KV head merges its run of slots, one pass per rank).
+of slots per token for every KV head; each KV head scatters its run of slots into a shared-memory tile).
 
 It was developed as the study ``benchmarks/gluon_decode_pairs.py`` (runs 37-48 in ``benchmarks/gpu_runs``, notes in
 ``benchmarks/gpu_notes.md``; the study scripts are in the history up to commit 6d41df6). This is that kernel with
@@ -23,18 +23,22 @@ Per program (one warp): one (sequence, KV head, split) of 32-token blocks.
   angles to the program's scratch in the same order; the chunk loop reads either through one pointer (no branch).
 - **Values** looked up as channel pairs like the keys; ``movmatrix.trans`` turns each register into the token pair
   that the V^T operand needs. The per-token scale is folded into P, the zero into one term per query head.
-- **Outlier slots** (the library's exact fp16 values and their channel): each exact value, in code-level units
-  ((exact - zero) / scale), replaces its channel's looked-up level before the affine map: a compare, an AND-OR merge
-  and a select per register; no code lookup for the slot, no shared-memory staging. Token-group values: a block
-  looks up all its value levels first, then merges head h's slots in passes, one per rank up to the block's longest
-  run (core.codec.head_ends; 3.71 passes for 10 slots over 8 KV heads, benchmarks/slot_passes.py), each pass
-  loading the next rank's slots.
+- **Outlier slots** (the library's exact fp16 values and their channel): keys and head-group values (one slot per
+  vector): each exact value, in code-level units ((exact - zero) / scale), replaces its channel's looked-up level
+  before the affine map: a compare, an AND-OR merge and a select per register; no code lookup for the slot.
+  Token-group values (a run of slots per head and token, core.codec.head_ends), and head-group rows with several
+  slots: one lane per token writes each slot's residual in level units ((exact - zero) / scale less the level of
+  the slot's code) into a [token, channel] fp16 tile in shared memory, one rank per pass up to the block's longest
+  run (3.71 for 10 slots over 8 KV heads, benchmarks/slot_passes.py); each value chunk then reads the tile with
+  ``ldmatrix`` straight into its level registers' layout and adds it (one ``add.f16x2`` per register), and the block
+  clears the tile. The run ends, slots and code rows of the next block are prefetched into L1.
 - **Loads**: key rows as 16-byte loads, high-plane codes as 32-bit words, and a PTX prefetch of the next block's
   rows into L2.
 
-The tables (16 KB) are read through inline PTX at the address of Triton's dynamic shared memory (symbol
-``global_smem``): Gluon 3.6 has no indexed shared-memory load. The kernel keeps that allocation alive to the end and
-the host checks that it is all the shared memory there is (:func:`_check_shared`). Hence the pinned Triton range in
+The tables (16 KB) and the slot tile (8 KB after them) are read and written through inline PTX at the address of
+Triton's dynamic shared memory (symbol ``global_smem``): Gluon 3.6 has no indexed shared-memory access. The kernel
+keeps both allocations alive to the end and the host checks that they are all the shared memory there is, the tile
+at its offset (:func:`_check_shared`). Hence the pinned Triton range in
 :func:`available`; elsewhere the library uses its Triton kernels.
 """
 
@@ -232,6 +236,14 @@ def _tile_off(t, c):
 
 
 @gluon.jit
+def _ldsm_rows(ml, ph, pl):
+    """The tile row that the lane (pl, ml) of V5 addresses for the _ldsm4 of the register pack ph (its four registers
+    sw, mh): matrix m = ml // 2, i.e. channels 16 (m % 2) + 8 (m // 2) of the chunk (the register sw + 2 mh = m),
+    row pl + 4 (ml % 2), i.e. token 8 ph + pl + 4 (ml % 2). Returns (token, channel less 32 i)."""
+    return 8 * ph + pl + 4 * (ml % 2), 16 * ((ml // 2) % 2) + 8 * (ml // 4)
+
+
+@gluon.jit
 def _sts16(off, val, pred):
     """Store the low 16 bits of val at shared byte offset off where pred != 0 (no result: the 0 returned keeps the
     side effect in place)."""
@@ -321,7 +333,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     quantized region. Storage as LayerStorage holds it (codes [B, H, cap, 48] uint8; value zero/scale [B, H, cap, 1]
     fp16; slots [B, H, cap, CK/CV]; positions [B, cap] int32). Values in runs (VRUN: token-group value rows, whose
     zero / scale / slots [B, 1, cap, ..] serve every KV head (the host passes head strides 0, V_OFF = D: head h's slot
-    elements are h D ..), or head-group rows with several slots, V_OFF = 0): one merge pass per slot rank, up to the
+    elements are h D ..), or head-group rows with several slots, V_OFF = 0): one scatter pass per slot rank, up to the
     block's longest run of head h (VENDS: the runs' ends VOE [B, 1, cap, H], core.codec.head_ends; else every slot of
     the row is tried and kept if it lies in head h). TAB [128, 32] int32: the key then the value pair
     table, lane-replicated; KSZ [H, 2, D/2] int32: key scale and zero as fp16 pairs; KZI [H, 2, D] fp32: key zero and
@@ -403,10 +415,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     v_tok = 8 * phw + mlw  # the token of a value pair before the transpose
     v_tok5 = 8 * ph5 + ml5  # (the same in the pairs' layout)
     v_pair = 16 * sw5 + 8 * mh5  # a value pair's first channel, less 32 i and the lane's 2 pl
-    # the tile rows this lane addresses for _ldsm4: matrix m = ml // 2 of a pack (channels 16 (m % 2) + 8 (m // 2)
-    # of the chunk, the pack's sw and mh), row pl + 4 (ml % 2), i.e. token 8 ph + pl + 4 (ml % 2)
-    lt_tok = 8 * ph5 + pl5 + 4 * (ml5 % 2)
-    lt_ch = 16 * ((ml5 // 2) % 2) + 8 * (ml5 // 4) + 0 * (sw5 + mh5)
+    lt_tok, lt_ch = _ldsm_rows(ml5, ph5, pl5)
+    lt_ch += 0 * (sw5 + mh5)
     s_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))  # slot scatter: token s_t on lane s_t
     bk = gl.arange(0, 32, layout=gl.SliceLayout(1, b_l))
     bn = gl.arange(0, N, layout=gl.SliceLayout(0, b_l))
@@ -714,7 +724,8 @@ _CHECKED: set = set()
 def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, chunk, nsq, group, ck, cv, voe=None):
     """Launch the kernel over ``nsq`` splits (grid nsq x KV heads x batch); see _pairs_kernel for the arguments.
     ``quant``: the storage's (k_codes, k_out_idx, k_out_val, v_codes, v_zero, v_scale, v_out_idx, v_out_val, q_pos);
-    token-group values (v_zero [B, 1, ..]) and head-group values with more than one slot run the slot passes, with
+    token-group values (v_zero [B, 1, ..]) with slots and head-group values with more than one slot run the slot
+    passes (the tile), with
     ``voe`` (v_out_ends) where the storage has it."""
     kc, koi, kov, vc, vz, vs, voi, vov, qpos = quant
     B, H = int(kc.shape[0]), int(kc.shape[1])
