@@ -1,7 +1,7 @@
 """How many slot passes a 32-token block of token-group values costs the pairs kernel (CPU, no GPU needed): the
 per-KV-head run lengths of the value slots (core.codec.head_ends) in storages filled like gpu_suite.py's (synthetic
-codec and keys/values, nuq3-1%), and the per-block maximum over 32 tokens, which is the number of merge passes
-(benchmarks/gpu_notes.md, sixth session).
+codec and keys/values, nuq3-1%), and the per-block maximum over 32 tokens, which is the number of slot passes
+(the merge passes of the sixth session, the tile's scatter passes since the seventh; benchmarks/gpu_notes.md).
 
     PYTHONPATH=src python benchmarks/slot_passes.py [--heads 8,32] [--tokens 8192]
 """
