@@ -725,8 +725,7 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     """Launch the kernel over ``nsq`` splits (grid nsq x KV heads x batch); see _pairs_kernel for the arguments.
     ``quant``: the storage's (k_codes, k_out_idx, k_out_val, v_codes, v_zero, v_scale, v_out_idx, v_out_val, q_pos);
     token-group values (v_zero [B, 1, ..]) with slots and head-group values with more than one slot run the slot
-    passes (the tile), with
-    ``voe`` (v_out_ends) where the storage has it."""
+    passes into the tile, with ``voe`` (v_out_ends) where the storage has it."""
     kc, koi, kov, vc, vz, vs, voi, vov, qpos = quant
     B, H = int(kc.shape[0]), int(kc.shape[1])
     v_token = int(vz.shape[1]) == 1 and H > 1
