@@ -415,9 +415,10 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     v_tok = 8 * phw + mlw  # the token of a value pair before the transpose
     v_tok5 = 8 * ph5 + ml5  # (the same in the pairs' layout)
     v_pair = 16 * sw5 + 8 * mh5  # a value pair's first channel, less 32 i and the lane's 2 pl
-    lt_tok, lt_ch = _ldsm_rows(ml5, ph5, pl5)
-    lt_ch += 0 * (sw5 + mh5)
-    s_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))  # slot scatter: token s_t on lane s_t
+    if VRUN:  # the slot tile's addressing: its ldmatrix rows per lane, and the scatter's token s_t on lane s_t
+        lt_tok, lt_ch = _ldsm_rows(ml5, ph5, pl5)
+        lt_ch += 0 * (sw5 + mh5)
+        s_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))
     bk = gl.arange(0, 32, layout=gl.SliceLayout(1, b_l))
     bn = gl.arange(0, N, layout=gl.SliceLayout(0, b_l))
     # the query chunks rotated back by the split's first position p_split (RoPE(p + tau) = RoPE(tau) RoPE(p)); each
