@@ -489,17 +489,6 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     KC32 = KC.to(gl.pointer_type(gl.int32))
     VC32 = VC.to(gl.pointer_type(gl.int32))
     pf_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))
-    # the split's positions, contiguous from p_split throughout (no left padding, no custom position ids)? Then the
-    # blocks skip their own position check (a load whose latency each block would wait for, and a warp reduction)
-    sp_r = gl.arange(0, 32, layout=gl.SliceLayout(1, tb_l))[:, None]
-    sp_c = gl.arange(0, 32, layout=gl.SliceLayout(0, tb_l))[None, :]
-    sp_bad = 0
-    for tt in range(lo_t, hi_t, 32 * BT):
-        sp_t = tt + 32 * sp_r + sp_c
-        sp_m = sp_t < hi_t
-        sp_p = gl.load(QP + sp_t, mask=sp_m, other=0)
-        sp_bad += gl.sum(gl.sum(gl.where(sp_m & (sp_p != p_split + (sp_t - lo_t)), 1, 0), 0), 0)
-    split_contig = sp_bad == 0
     if VRUN:  # the first block's run bounds, zero and scale (each block then loads its successor's)
         e_lo, e_hi, e_z, e_s = _run_bounds(VOE, VZ, VS, lo_t + s_t, hi_t, hd, soe_t, svs_t, VENDS, CV)
     for t0 in range(lo_t, hi_t, BT):
@@ -528,18 +517,12 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         tmask = (t0 + tc_) < hi_t
         vsc = gl.load(VS + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
         vzr = gl.load(VZ + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
-        # the block's positions: contiguous from its first token (the table path), and where that start lies (no
-        # loads where the whole split's positions were found contiguous before the loop)
+        # the block's positions: contiguous from its first token (the table path), and where that start lies
         bidx = (t0 - lo_t) // BT
-        if split_contig:
-            p_b = p_split + (t0 - lo_t)
-            contig = bidx >= 0
-            q_tab = bidx < n_brot
-        else:
-            p_b = gl.load(QP + t0)
-            pos = gl.load(QP + t0 + tc_, mask=tmask, other=0)
-            contig = gl.max(gl.where(tmask & (pos != p_b + tc_), 1, 0), 0) == 0
-            q_tab = (p_b - p_split == t0 - lo_t) & (bidx < n_brot)
+        p_b = gl.load(QP + t0)
+        pos = gl.load(QP + t0 + tc_, mask=tmask, other=0)
+        contig = gl.max(gl.where(tmask & (pos != p_b + tc_), 1, 0), 0) == 0
+        q_tab = (p_b - p_split == t0 - lo_t) & (bidx < n_brot)
         # the RoPE tables this block reads: the static ones, or (positions not contiguous, or the block start not
         # where contiguous positions put it) the program's scratch copy, filled here with computed angles in the
         # same order and layout as it is read (each thread reads what it wrote: no barrier); the chunk loop below
