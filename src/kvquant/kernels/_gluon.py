@@ -315,50 +315,6 @@ def _slot_word(lvl, c):
     return gl.where(odd, bits << 16, bits & 65535), gl.where(odd, 65535, -65536), c & 254
 
 
-@gluon.jit
-def _run_bounds(VOE, VZ, VS, st_, hi_t, hd, soe_t, svs_t, VENDS: gl.constexpr, CV: gl.constexpr):
-    """For tokens st_ (one per lane): head hd's run [lo, hi) of the row's sorted slots (VENDS; else all CV slots of
-    the row), the value zero and scale, as loaded (the scatter converts them where it uses them)."""
-    sm_ = st_ < hi_t
-    if VENDS:  # head h's run [ends[h - 1], ends[h])
-        lo = gl.load(VOE + st_ * soe_t + gl.maximum(hd - 1, 0), mask=sm_ & (hd > 0), other=0)
-        hi = gl.load(VOE + st_ * soe_t + hd, mask=sm_, other=0)
-    else:  # every slot of the row, kept where it lies in head h
-        lo = 0 * st_
-        hi = gl.where(sm_, CV, 0)
-    z = gl.load(VZ + st_ * svs_t, mask=sm_, other=0.0)
-    s = gl.load(VS + st_ * svs_t, mask=sm_, other=1.0)
-    return lo, hi, z, s
-
-
-@gluon.jit
-def _slot_at(VOI, VOV, s_o, col, s_hi, hd, V_OFF: gl.constexpr, D: gl.constexpr):
-    """Slot col of the rows at s_o: its channel in head hd (vi), exact value (fp32) and whether it is one of head hd's
-    (col < s_hi, channel in [0, D))."""
-    m = col < s_hi
-    vi = gl.load(VOI + s_o + col, mask=m, other=0).to(gl.int32) - hd * V_OFF
-    xv = gl.load(VOV + s_o + col, mask=m, other=0.0).to(gl.float32)
-    return vi, xv, (m & (vi >= 0)) & (vi < D)
-
-
-@gluon.jit
-def _slot_words(s_row, vi, ok, D: gl.constexpr):
-    """The low-plane and high-plane code words that hold channel vi of the value code rows at s_row."""
-    lo = gl.load(s_row + vi // 16, mask=ok, other=0)
-    hi = gl.load(s_row + D // 16 + vi // 32, mask=ok, other=0)
-    return lo, hi
-
-
-@gluon.jit
-def _slot_store(vi, xv, ok, lo, hi, s_z, s_inv, s_t):
-    """Store the residual of one slot per lane (token s_t), in level units ((exact - zero) / scale less the level of the
-    slot's code, read from the value pair table), into the tile (where ok)."""
-    ent = ((lo >> (2 * (vi % 16))) & 3) | (((hi >> (vi % 32)) & 1) << 4)  # pair-table entry (code, 0)
-    lev = (_lds(8192 + ent * 128 + 4 * s_t) & 65535).to(gl.int16).to(gl.float16, bitcast=True)
-    res = gl.minimum(gl.maximum((xv - s_z) * s_inv - lev.to(gl.float32), -65000.0), 65000.0)
-    return _sts16(_tile_off(s_t, vi), res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32), ok)
-
-
 # decode steps change these every step: not specialised (no recompilation mid-generation)
 _DYNAMIC = ("smask_b", "n_s", "n_q", "chunk", "NSPLIT_Q")
 
@@ -462,9 +418,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     if VRUN:  # the slot tile's addressing: its ldmatrix rows per lane, and the scatter's token s_t on lane s_t
         lt_tok, lt_ch = _ldsm_rows(ml5, ph5, pl5)
         lt_ch += 0 * (sw5 + mh5)
-        s_l4: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [1, 1], [1, 0])  # [token, rank]: a token per lane
-        s_t = gl.arange(0, BT, layout=gl.SliceLayout(1, s_l4))
-        s_r4 = gl.arange(0, 4, layout=gl.SliceLayout(0, s_l4))[None, :]
+        s_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))
     bk = gl.arange(0, 32, layout=gl.SliceLayout(1, b_l))
     bn = gl.arange(0, N, layout=gl.SliceLayout(0, b_l))
     # the query chunks rotated back by the split's first position p_split (RoPE(p + tau) = RoPE(tau) RoPE(p)); each
@@ -489,8 +443,6 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     KC32 = KC.to(gl.pointer_type(gl.int32))
     VC32 = VC.to(gl.pointer_type(gl.int32))
     pf_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))
-    if VRUN:  # the first block's run bounds, zero and scale (each block then loads its successor's)
-        e_lo, e_hi, e_z, e_s = _run_bounds(VOE, VZ, VS, lo_t + s_t, hi_t, hd, soe_t, svs_t, VENDS, CV)
     for t0 in range(lo_t, hi_t, BT):
         if PF > 0:  # the next block's rows (a row start per lane touches every line: rows are < 128 bytes)
             nxt = t0 + BT + pf_t
@@ -517,6 +469,38 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         tmask = (t0 + tc_) < hi_t
         vsc = gl.load(VS + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
         vzr = gl.load(VZ + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
+        if VRUN:  # head h's value slots, one token per lane, as residuals in level units ((exact - zero) / scale
+            # less the looked-up level) into the block's tile; the value chunks add the tile to their levels
+            st_ = t0 + s_t
+            sm_ = st_ < hi_t
+            if VENDS:  # head h's run [ends[h - 1], ends[h]) of the sorted slots
+                s_lo = gl.load(VOE + st_ * soe_t + gl.maximum(hd - 1, 0), mask=sm_ & (hd > 0), other=0).to(gl.int32)
+                s_hi = gl.load(VOE + st_ * soe_t + hd, mask=sm_, other=0).to(gl.int32)
+                npass = gl.max(s_hi - s_lo, 0)
+            else:  # every slot of the row, kept where it lies in head h
+                s_lo = 0 * st_
+                s_hi = gl.where(sm_, CV, 0)
+                npass = CV
+            s_z = gl.load(VZ + st_ * svs_t, mask=sm_, other=0.0).to(gl.float32)
+            s_inv = 1.0 / gl.load(VS + st_ * svs_t, mask=sm_, other=1.0).to(gl.float32)
+            s_row = VC32 + st_ * (svc_t // 4)
+            col = s_lo  # each rank loads the next one's slot first
+            vi_n = gl.load(VOI + st_ * svo_t + col, mask=col < s_hi, other=0)
+            xv_n = gl.load(VOV + st_ * svo_t + col, mask=col < s_hi, other=0.0)
+            for _r in range(npass):
+                vi = vi_n.to(gl.int32) - hd * V_OFF
+                xv = xv_n.to(gl.float32)
+                ok = ((col < s_hi) & (vi >= 0)) & (vi < D)
+                col = col + 1
+                vi_n = gl.load(VOI + st_ * svo_t + col, mask=col < s_hi, other=0)
+                xv_n = gl.load(VOV + st_ * svo_t + col, mask=col < s_hi, other=0.0)
+                lo = gl.load(s_row + vi // 16, mask=ok, other=0)
+                hi = gl.load(s_row + D // 16 + vi // 32, mask=ok, other=0)
+                ent = ((lo >> (2 * (vi % 16))) & 3) | (((hi >> (vi % 32)) & 1) << 4)  # pair-table entry (code, 0)
+                lev = (_lds(8192 + ent * 128 + 4 * s_t) & 65535).to(gl.int16).to(gl.float16, bitcast=True)
+                res = gl.minimum(gl.maximum((xv - s_z) * s_inv - lev.to(gl.float32), -65000.0), 65000.0)
+                _sts16(_tile_off(s_t, vi), res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32), ok)
+            _warp_sync(s_t)
         # the block's positions: contiguous from its first token (the table path), and where that start lies
         bidx = (t0 - lo_t) // BT
         p_b = gl.load(QP + t0)
@@ -557,23 +541,6 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             k_val, k_keep, k_sp = _slot_word(
                 (xk - gl.load(KZI + ci, mask=km, other=0.0)) * gl.load(KZI + D + ci, mask=km, other=0.0), ci)
             k_rel = k_sp - 4 * (q3 % 4)  # [BT, 1, 8]: compared with constants per register
-        if VRUN:  # head h's value slots, one token per lane, as residuals in level units ((exact - zero) / scale less
-            # the looked-up level) into the block's tile, which the value chunks add to their levels (placed after the
-            # key rows' loads: its two load latencies cover theirs)
-            st_ = t0 + s_t
-            s_lo, s_hi, s_z, s_inv = e_lo.to(gl.int32), e_hi.to(gl.int32), e_z.to(gl.float32), 1.0 / e_s.to(gl.float32)
-            # the next block's run bounds, zero and scale, for the next iteration: their latency hides behind this
-            # block instead of starting each block's chain of dependent loads
-            e_lo, e_hi, e_z, e_s = _run_bounds(VOE, VZ, VS, st_ + BT, hi_t, hd, soe_t, svs_t, VENDS, CV)
-            npass = gl.max(s_hi - s_lo, 0)
-            s_row = VC32 + st_ * (svc_t // 4)
-            s_o = st_ * svo_t
-            for r0 in range(0, npass, 4):  # four ranks at a time ([token, rank]): their loads in flight together
-                col = (s_lo + r0)[:, None] + s_r4
-                vi, xv, ok = _slot_at(VOI, VOV, s_o[:, None], col, s_hi[:, None], hd, V_OFF, D)
-                lo, hi = _slot_words(s_row[:, None], vi, ok, D)
-                _slot_store(vi, xv, ok, lo, hi, s_z[:, None], s_inv[:, None], s_t[:, None])
-            _warp_sync(s_t)
         wrow = gl.reshape(wrow, [BT, 2, 2, 2])  # word 4 half + 2 jh + jl
         w_l0, w_l1 = gl.split(wrow)
         h_w0, h_w1 = gl.split(gl.reshape(hrow, [BT, 2, 2]))  # word 2 half + j // 2
