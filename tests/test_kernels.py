@@ -450,6 +450,9 @@ def test_pairs_kernel_tables_cpu():
         nsq, chunk = G.splits(n, programs, 132)
         assert nsq * programs <= max(8 * 132, programs) and chunk % 32 == 0
         assert nsq * chunk >= n > (nsq - 1) * chunk
+    # short contexts fill the wave with one-block splits (run 69); a full wave (batch 8 x 8 KV heads) keeps 16 splits
+    assert G.splits(4096, 8, 132) == (128, 32) and G.splits(16384, 8, 132) == (128, 128)
+    assert G.splits(4096, 64, 132) == (16, 256) and G.splits(131072, 8, 132) == (128, 1024)
 
 
 def test_pairs_slot_tile_layout_cpu():
