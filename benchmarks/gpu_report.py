@@ -67,6 +67,7 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run67_2026-11-30": "5c12a0d (as run 66: the head-group and natural rows ran kernels SASS-identical to the "
                         "shipped ones; the token-group pairs row ran run 66's reverted scatter)",
     "run68_2026-11-30": "1400921 (the shipped kernels: the pairs kernel as 6f494c9)",
+    "run70_2026-11-30": "4da2eb7 (the pairs kernel's splits as short as one block: short contexts fill the wave)",
 }
 
 # runs kept in gpu_runs/ as records whose decode rows the report must not take as the latest: what they measured is
@@ -84,6 +85,13 @@ IMPL_FIX = {"run13_2026-11-29": {"kvquant-fields": "kvquant-natural"}}
 
 
 RUN_NOTES = {  # what a reader must know about a run's rows
+    "run70_2026-11-30": ("4K and 16K only, after the pairs kernel's splits became as short as one block (4da2eb7; "
+                         "run 69's sweep, gpu_runs/run69_splits_sweep.txt): at batch 1 short contexts now fill the "
+                         "wave. Llama-3-8B 4K batch 1: head-group 25.3 us (run 62: 49.5), token-group 26.5 (54.7); "
+                         "16K: 36.4 (50.6) and 40.7 (56.5); Llama-2-7B 4K: 36.5 (46.7) and 41.6 (56.3). Batch 8 and "
+                         "Llama-2-7B at 16K get the same split counts as before (within 1-7% of run 62). The "
+                         "contexts from 64K come from run 62: the rule gives them the same splits. Followed in the "
+                         "same call by the graph-steps test (head/2, token/8: passed)."),
     "run67_2026-11-30": ("128K, four caches, two rounds: DynamicCache 64.2 ms per token (its faster round), KVQuant "
                          "token-group 24.8 ms (2.59x), head-group 24.5 ms (2.63x), token-group with the natural kernel "
                          "(KVQUANT_PAIRS=0) 27.8 ms. The token-group pairs row ran run 66's scatter, reverted after "
@@ -295,13 +303,13 @@ def load(paths):
 def decode_report(runs, out):
     rows, checks, diag, envs, qa = [], [], [], [], None
     bw = None
-    # each (shape, batch) block comes whole from the last run (in argument order) that measured it
+    # each (shape, batch, context) comes whole from the last run (in argument order) that measured it
     latest = {}
     for name, r in runs:
         for x in r.get("rows", []):
-            latest[(x["shape"], x["batch"])] = name
+            latest[(x["shape"], x["batch"], x["context"])] = name
     for name, r in runs:
-        keep = [x for x in r.get("rows", []) if latest[(x["shape"], x["batch"])] == name]
+        keep = [x for x in r.get("rows", []) if latest[(x["shape"], x["batch"], x["context"])] == name]
         if keep:
             envs.append((name, r["env"]))
             bw = r["copy_bandwidth_gbps"] if bw is None else max(bw, r["copy_bandwidth_gbps"])
@@ -310,7 +318,8 @@ def decode_report(runs, out):
             rows.append({**x, "impl": fix.get(x.get("impl"), x.get("impl")), "run": name,
                          "copy_bandwidth_gbps": r["copy_bandwidth_gbps"]})
         checks += [{**c, "kernel": c["kernel"].replace("kvquant-fields", fix.get("kvquant-fields", "kvquant-fields")),
-                    "run": name} for c in r.get("checks", []) if latest.get((c["shape"], c["batch"])) == name]
+                    "run": name} for c in r.get("checks", [])
+                   if latest.get((c["shape"], c["batch"], c.get("context"))) == name]
         diag += [{**d, "run": name} for d in r.get("diag", [])]
         if not keep and r.get("diag"):
             envs.append((name, r["env"]))
