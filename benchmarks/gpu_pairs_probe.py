@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import bench_graph, env_info, fill_storages, rel, sdpa_decode  # noqa: E402
+from gpu_suite import bench_graph, env_info, fill_storages, rel, sdpa_graph_us  # noqa: E402
 
 from kvquant import kernels  # noqa: E402
 from kvquant.kernels.reference import reference_decode_attention  # noqa: E402
@@ -42,10 +42,7 @@ def main():
     for ctx in (int(c) for c in a.contexts.split(",")):
         for B in (int(b) for b in a.batches.split(",")):
             q = torch.randn(B, Hq, 1, D, device="cuda").bfloat16()
-            kf = torch.randn(B, H, ctx, D, device="cuda", dtype=torch.bfloat16)
-            vf = torch.randn_like(kf)
-            sdpa = bench_graph(lambda q_=q, k_=kf, v_=vf: sdpa_decode(q_, k_, v_, D**-0.5, True))
-            kf = vf = None
+            sdpa = sdpa_graph_us(q, H, ctx)
             print(f"{ctx} b{B}: SDPA bf16 {sdpa:.1f} us")
             for vg, frac in ((vg, frac) for vg in groups for frac in (0.01, 0.0)):
                 _, _, sts, _ = fill_storages(B, H, D, ctx, [(3, vg)], frac=frac, want_fp16=False)

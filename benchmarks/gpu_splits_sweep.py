@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import bench_graph, env_info, fill_storages, rel, sdpa_decode  # noqa: E402
+from gpu_suite import bench_graph, env_info, fill_storages, rel, sdpa_graph_us  # noqa: E402
 
 from kvquant import kernels  # noqa: E402
 from kvquant.kernels import _gluon  # noqa: E402
@@ -33,10 +33,7 @@ def main():
     for ctx in (int(c) for c in a.contexts.split(",")):
         for B in (int(b) for b in a.batches.split(",")):
             q = torch.randn(B, Hq, 1, D, device="cuda").bfloat16()
-            kf = torch.randn(B, H, ctx, D, device="cuda", dtype=torch.bfloat16)
-            vf = torch.randn_like(kf)
-            sdpa = bench_graph(lambda q_=q, k_=kf, v_=vf: sdpa_decode(q_, k_, v_, D**-0.5, True))
-            kf = vf = None
+            sdpa = sdpa_graph_us(q, H, ctx)
             default = _gluon.splits(ctx, B * H, sms)[0]
             print(f"{ctx} b{B}: SDPA bf16 {sdpa:.1f} us; default splits {default}", flush=True)
             for vg in ("head", "token"):

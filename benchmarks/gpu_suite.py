@@ -148,6 +148,15 @@ def sdpa_decode(q, k, v, scaling, gqa):
     return F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)
 
 
+def sdpa_graph_us(q, H, ctx):
+    """bf16 SDPA decode of query q [B, Hq, 1, D] over random K/V [B, H, ctx, D] (GQA), timed as a graph replay; the
+    K/V are freed before it returns."""
+    B, _, _, D = q.shape
+    k = torch.randn(B, H, ctx, D, device=q.device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    return bench_graph(lambda: sdpa_decode(q, k, v, D**-0.5, True))
+
+
 def pairs_ok(q, st) -> bool:
     try:
         return kernels.decode_kernel(q, st, kernel="pairs") == "pairs"
