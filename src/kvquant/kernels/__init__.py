@@ -352,12 +352,12 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
     if (kernel is None and graph and pairs_ok and all(o is None for o in natural_options)
             and _pairs_available(dev, True)):
-        # H200, Llama-3-8B shape, nuq3-1%, graph replays (benchmarks/gpu_decode.md, run 62): head-group values 156.9
-        # vs 324.0 us at 128K batch 1 against the natural kernel, 1106.5 vs 3766.1 at batch 8, 88.5 vs 170.7 at 64K;
-        # slower only at 4K (49.5 vs 43.6 us); token-group values (the calibration default) 185.4 vs 458.5 us at
-        # 128K batch 1, 1326.2 vs 5071.1 at batch 8, 56.5 vs 78.6 at 16K, 54.7 vs 57.4 at 4K. Only in CUDA-graph steps:
-        # launched eagerly, the Gluon kernel costs the host 270-500 us per call (run 53's eager_us), against 110-330
-        # us for the natural kernel's whole call
+        # H200, Llama-3-8B shape, nuq3-1%, graph replays (benchmarks/gpu_decode.md, run 62; 4K and 16K run 70):
+        # head-group values 156.9 vs 324.0 us at 128K batch 1 against the natural kernel, 1106.5 vs 3766.1 at batch
+        # 8, 88.5 vs 170.7 at 64K, 25.3 vs 43.7 at 4K; token-group values (the calibration default) 185.4 vs 458.5 us
+        # at 128K batch 1, 1326.2 vs 5071.1 at batch 8, 40.7 vs 78.7 at 16K, 26.5 vs 57.6 at 4K. Only in CUDA-graph
+        # steps: launched eagerly, the Gluon kernel costs the host 270-500 us per call (run 53's eager_us), against
+        # 110-330 us for the natural kernel's whole call
         kernel = "pairs"
     if kernel is None:
         # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md: natural in run 13, fields in run 4): per layer

@@ -756,9 +756,9 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
 def splits(n_tokens: int, programs: int, num_sms: int, min_chunk: int = BT) -> tuple[int, int]:
     """(splits, chunk): one wave of one-warp programs, 8 per SM (H200 sweep, benchmarks/gpu_runs/run44: 128 splits
     for 8 KV heads at 128K beat 256), at least ``min_chunk`` tokens each: as little as one block, so that short
-    contexts fill the wave too (run 69, gpu_splits_sweep.py, Llama-3-8B shape, batch 1: 128 splits against the
-    former 256-token minimum's 16 took 4K from 46.3 to 24.3 us and 16K (128 against 64) from 46.6 to 36.7 us; a
-    program's fixed cost is small against a block's; where the wave is full, as at batch 8, the rule is unchanged)."""
+    contexts fill the wave too. Run 69 (gpu_splits_sweep.py, Llama-3-8B shape, batch 1): 128 splits against the
+    former 256-token minimum's 16 took 4K from 46.3 to 24.3 us, and 128 against 64 took 16K from 46.6 to 36.7 us.
+    Where the wave is already full (batch 8) the split counts are those of the former rule."""
     if n_tokens <= 0:
         return 0, BT
     want = max(1, 8 * num_sms // max(programs, 1))  # (rounded down: a second, nearly empty wave doubles the time)
