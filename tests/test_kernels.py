@@ -441,6 +441,8 @@ def test_pairs_kernel_tables_cpu():
             ref = torch.stack([fn(t * inv[c].double()), fn(t * inv[c + 1].double())], -1).float()
             assert (pair - ref).abs().max() < 1e-3
     brot = G.block_rope_table(inv, 3)
+    # a program's scratch holds one block's key table (as CSP) and one query-rotation row (as BROT)
+    assert csp.numel() == G.SCRATCH_KEY and brot[0].numel() == G.SCRATCH_WORDS - G.SCRATCH_KEY
     m = torch.arange(16)
     for j in range(4):
         kc = 64 * (m // 16) + 16 * j + 4 * ((m % 16) // 2 % 4) + 2 * ((m % 16) // 8) + m % 2  # _kchan(m, j)

@@ -61,6 +61,10 @@ TILE_OFF = TABLE_SHARED_BYTES  # then, with slot runs (VRUN), the value slots' r
 TILE_BYTES = BT * 2 * D
 _TILE_OFF = gl.constexpr(TILE_OFF)
 _TILE_ROWS = gl.constexpr(TILE_BYTES // 128)  # the tile as rows of 32 int32
+SCRATCH_KEY = 4 * 2 * 8 * 32  # a program's scratch (int32 words): a block's key cos/sin in fragment order (as CSP),
+SCRATCH_WORDS = SCRATCH_KEY + 4 * 32  # then the query rotation's cos/sin (as a BROT row)
+_SCRATCH_KEY = gl.constexpr(SCRATCH_KEY)
+_SCRATCH_WORDS = gl.constexpr(SCRATCH_WORDS)
 
 
 # ---------------------------------------------------------------------------------------------------- fp16x2 helpers
@@ -357,8 +361,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     VOV += bb * svo_b + h64 * svo_h
     VOE += bb * soe_b
     QP = QPOS + bb * sqp_b
-    SCR += ((bb * H_KV + h64) * NSPLIT_Q + pid) * 2176  # this program's scratch: key cos/sin [2048], query [128]
-    SCRQ = SCR.to(gl.pointer_type(gl.float32)) + 2048
+    SCR += ((bb * H_KV + h64) * NSPLIT_Q + pid) * _SCRATCH_WORDS  # this program's scratch: key, then query tables
+    SCRQ = SCR.to(gl.pointer_type(gl.float32)) + _SCRATCH_KEY
     MROW = MASK + bb * smask_b + n_s
     KSZ += hd * D
     KZI += hd * 2 * D
@@ -732,7 +736,7 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     v_token = int(vz.shape[1]) == 1 and H > 1
     vrun = (v_token and cv > 0) or cv > 1  # slot runs (the tile); token-group rows without slots take the plain path
     mask = bias if bias is not None else pm
-    scratch = torch.empty(B * H * nsq * 2176, device=q.device, dtype=torch.int32)  # RoPE tables of odd blocks
+    scratch = torch.empty(B * H * nsq * SCRATCH_WORDS, device=q.device, dtype=torch.int32)  # RoPE of odd blocks
     ends = voe if voe is not None else qpos
     svh = 0 if v_token else 1  # token-group rows: one zero / scale / slot row for every KV head
     k = _pairs_kernel[(nsq, H, B)](
