@@ -162,9 +162,9 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0):
     names = [n for n in inspect.signature(G._pairs_kernel.fn).parameters]
     sig = {n: ptrs.get(n, "i32") for n in names if n not in _PAIRS_CONST}
     cv = token_group or slots
-    vrun = bool(token_group) or cv > 1
-    cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=cv, VRUN=vrun, VENDS=uses_head_ends("token", heads, token_group),
-              V_OFF=G.D if token_group else 0, HAS_MASK=has_mask, DEVLEN=False, PF=2, BT=G.BT, D=G.D, N=G.N)
+    cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=cv,
+              **G.value_slots(bool(token_group), cv, uses_head_ends("token", heads, token_group)),
+              HAS_MASK=has_mask, DEVLEN=False, PF=2, BT=G.BT, D=G.D, N=G.N)
     order = list(sig)
     div = [["tt.divisibility", 16]]
     attrs = {(order.index(n),): div for n in ("KC", "VC", "skc_t", "svc_t", "skc_h", "svc_h", "skc_b", "svc_b")}

@@ -452,6 +452,11 @@ def test_pairs_kernel_tables_cpu():
         nsq, chunk = G.splits(n, programs, 132)
         assert nsq * programs <= max(8 * 132, programs) and chunk % 32 == 0
         assert nsq * chunk >= n > (nsq - 1) * chunk
+    # the value-slot variant: token-group rows with slots and head-group rows with several slots run through the tile
+    assert G.value_slots(True, 10, True) == dict(VRUN=True, VENDS=True, V_OFF=128)
+    assert G.value_slots(True, 3, False) == dict(VRUN=True, VENDS=False, V_OFF=128)
+    assert not G.value_slots(True, 0, False)["VRUN"] and not G.value_slots(False, 1, False)["VRUN"]
+    assert G.value_slots(False, 2, False) == dict(VRUN=True, VENDS=False, V_OFF=0)
     # short contexts fill the wave with one-block splits (run 69); a full wave (batch 8 x 8 KV heads) keeps 16 splits
     assert G.splits(4096, 8, 132) == (128, 32) and G.splits(16384, 8, 132) == (128, 128)
     assert G.splits(4096, 64, 132) == (16, 256) and G.splits(131072, 8, 132) == (128, 1024)

@@ -726,6 +726,14 @@ def _check_shared(compiled, vrun: bool) -> None:
 _CHECKED: set = set()
 
 
+def value_slots(v_token: bool, cv: int, has_ends: bool) -> dict:
+    """The kernel's value-slot variant (constexprs VRUN, VENDS, V_OFF): slot runs through the tile for token-group
+    rows with slots (their elements span all KV heads: head h's are h D ..) and for head-group rows with several
+    slots; token-group rows without slots take the plain path; VENDS where the storage keeps the runs' ends."""
+    vrun = (v_token and cv > 0) or cv > 1
+    return dict(VRUN=vrun, VENDS=vrun and has_ends, V_OFF=D if v_token else 0)
+
+
 def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, chunk, nsq, group, ck, cv, voe=None):
     """Launch the kernel over ``nsq`` splits (grid nsq x KV heads x batch); see _pairs_kernel for the arguments.
     ``quant``: the storage's (k_codes, k_out_idx, k_out_val, v_codes, v_zero, v_scale, v_out_idx, v_out_val, q_pos);
@@ -734,7 +742,8 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     kc, koi, kov, vc, vz, vs, voi, vov, qpos = quant
     B, H = int(kc.shape[0]), int(kc.shape[1])
     v_token = int(vz.shape[1]) == 1 and H > 1
-    vrun = (v_token and cv > 0) or cv > 1  # slot runs (the tile); token-group rows without slots take the plain path
+    slots = value_slots(v_token, cv, voe is not None)
+    vrun = slots["VRUN"]
     mask = bias if bias is not None else pm
     scratch = torch.empty(B * H * nsq * SCRATCH_WORDS, device=q.device, dtype=torch.int32)  # RoPE of odd blocks
     ends = voe if voe is not None else qpos
@@ -748,8 +757,8 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
         vs.stride(0), svh * vs.stride(1), vs.stride(2), voi.stride(0), svh * voi.stride(1), voi.stride(2),
         ends.stride(0), ends.stride(-2) if voe is not None else 0, qpos.stride(0),
         bias.stride(0) if bias is not None else 0, n_s, n_q, chunk, nsq, BROT_BLOCKS,
-        H_KV=H, GROUP=group, CK=ck, CV=cv, VRUN=vrun, VENDS=vrun and voe is not None, V_OFF=D if v_token else 0,
-        HAS_MASK=bias is not None, DEVLEN=lengths is not None, PF=2, BT=BT, D=D, N=N, num_warps=1)
+        H_KV=H, GROUP=group, CK=ck, CV=cv, **slots, HAS_MASK=bias is not None, DEVLEN=lengths is not None, PF=2,
+        BT=BT, D=D, N=N, num_warps=1)
     key = id(k)
     if key not in _CHECKED:
         _check_shared(k, vrun)
