@@ -221,8 +221,10 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
                     # the default kernel and the tiles kernel that ran before, side by side: head_dim 64 (natural
                     # since it was enabled there) and token-group values (natural since run 21)
                     kws = [kw0] + ([dict(kernel="tiles")] if vg == "token" or D == 64 else [])
-                    if b == 3 and D == 128:  # the Gluon pairs kernel beside the natural kernel (both value groupings)
-                        kws += [dict(kernel="natural")] + ([dict(kernel="pairs")] if pairs_ok(q, st) else [])
+                    if b == 3 and D == 128:  # the natural kernel beside the Gluon pairs kernel (both value groupings)
+                        kws += [dict(kernel="natural")]
+                    if b in (2, 3) and D == 128 and pairs_ok(q, st):  # the pairs kernel (graph steps' default)
+                        kws += [dict(kernel="pairs")]
                     done = set()
                     for kw in kws:
                         impl = "kvquant-" + kernels.decode_kernel(q, st, **kw)  # the kernel that actually runs

@@ -12,10 +12,10 @@ lookup table; `--ck/--cv` slots, `--bt`, `--warps`, `--maxnreg`; `--token-group`
 that Triton attaches at run time to pointers and to the strides and sizes that are multiples of 16 (without them the
 loads do not vectorise as they do on the device). Results depend on the triton version: the H200 runs had 3.6.
 
-`--kernel pairs` compiles the Gluon pairs kernel (kvquant/kernels/_gluon.py; needs triton 3.6, e.g. installed with
-`pip install --no-deps --target /tmp/t36 triton==3.6.0` and put first on PYTHONPATH) for the Llama-3-8B shape with
-`--ck` slots per key and value vector (0 or 1), `--mask`, and `--token-group` (token-group values, `--cv` slots per
-row, 10 by default: the slot passes); its hot loop count includes the blocks that compute RoPE
+`--kernel pairs` compiles the Gluon pairs kernel (kvquant/kernels/_gluon.py; needs triton 3.6, e.g. installed with `pip
+install --no-deps --target /tmp/t36 triton==3.6.0` and put first on PYTHONPATH) for the Llama-3-8B shape with `--ck`
+slots per key and value vector (0 or 1), `--bits 3 2` (3-bit or 2-bit codes), `--mask`, and `--token-group` (token-group
+values, `--cv` slots per row, 10 by default: the slot passes); its hot loop count includes the blocks that compute RoPE
 angles for non-contiguous positions, which contiguous blocks skip.
 """
 
@@ -146,7 +146,7 @@ def sass_loop(cubin: bytes):
     return len(ins), n_body, ops, spills
 
 
-def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0):
+def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits=3):
     """The Gluon pairs kernel for sm_90 (divisibility hints on the code pointers and strides, as at run time);
     ``token_group``: token-group values with that many slots per row (0: head-group, ``slots`` per vector)."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -164,7 +164,7 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0):
     cv = token_group or slots
     cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=cv,
               **G.value_slots(bool(token_group), cv, uses_head_ends("token", heads, token_group)),
-              HAS_MASK=has_mask, DEVLEN=False, PF=2, BT=G.BT, D=G.D, N=G.N)
+              HAS_MASK=has_mask, DEVLEN=False, PF=2, HI=bits == 3, BT=G.BT, D=G.D, N=G.N)
     order = list(sig)
     div = [["tt.divisibility", 16]]
     attrs = {(order.index(n),): div for n in ("KC", "VC", "skc_t", "svc_t", "skc_h", "svc_h", "skc_b", "svc_b")}
@@ -172,7 +172,7 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0):
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
 
 
-_PAIRS_CONST = ("H_KV", "GROUP", "CK", "CV", "VRUN", "VENDS", "V_OFF", "HAS_MASK", "DEVLEN", "PF", "BT", "D", "N")
+_PAIRS_CONST = ("H_KV", "GROUP", "CK", "CV", "VRUN", "VENDS", "V_OFF", "HAS_MASK", "DEVLEN", "PF", "HI", "BT", "D", "N")
 
 
 def main():
@@ -195,10 +195,10 @@ def main():
     a = ap.parse_args()
     if a.kernel == "pairs":
         tg = (a.cv or [10])[0] if a.token_group else 0
-        for slots in ([a.ck] if a.ck is not None else [1, 0]):
-            k = compile_pairs(slots, a.mask, token_group=tg)
+        for bits, slots in [(b, s) for b in a.bits for s in ([a.ck] if a.ck is not None else [1, 0])]:
+            k = compile_pairs(slots, a.mask, token_group=tg, bits=bits)
             tot, loop, ops, loc = sass_loop(k.asm["cubin"])
-            print(f"pairs nuq3 slots={slots} token-group slots={tg} mask={a.mask} (triton {triton.__version__}): "
+            print(f"pairs nuq{bits} slots={slots} token-group slots={tg} mask={a.mask} (triton {triton.__version__}): "
                   f"{resource_usage(k.asm['cubin'])}, shared {k.metadata.shared} B, SASS {tot} instr ({loc} local "
                   f"ld/st), hot loop {loop} instr")
             print("   SASS loop top:", ", ".join(f"{o} {c}" for o, c in ops.most_common(16)))

@@ -428,6 +428,15 @@ def test_pairs_kernel_tables_cpu():
     got = tab[idx, 0].contiguous().view(torch.float16).view(5, 64, 2)
     want = torch.stack([levels[codes[:, ch]], levels[codes[:, ch + 1]]], -1).half()
     assert torch.equal(got, want)
+    # 2-bit codes: the low plane alone (rows of 32 bytes), the index's high bits 0
+    lev4 = levels[::2].contiguous()
+    tab2 = G.pair_table(lev4)
+    codes2 = torch.randint(0, 4, (5, 128), generator=g)
+    lo2 = pack_codes(codes2, 2).contiguous().view(torch.int32).long()
+    got2 = tab2[(lo2[:, word] >> (2 * bit)) & 15, 0].contiguous().view(torch.float16).view(5, 64, 2)
+    assert torch.equal(got2, torch.stack([lev4[codes2[:, ch]], lev4[codes2[:, ch + 1]]], -1).half())
+    with pytest.raises(ValueError, match="4 or 8 levels"):
+        G.pair_table(torch.zeros(16))
 
     inv = synthetic_rope(128).inv_freq
     csp = G.fragment_rope_table(inv).view(4, 2, 256)  # [chunk, cos/sin, register * 32 + lane]
@@ -518,7 +527,7 @@ def test_pairs_kernel_refused_clearly_cpu():
 
 def test_pairs_kernel_selection_cpu(monkeypatch):
     """The selection policy, with the pairs kernel made available on the CPU (plans only: nothing is launched): the
-    default takes it in CUDA-graph steps only, for 3-bit storage at head_dim 128 with <= 1 key slot per vector
+    default takes it in CUDA-graph steps only, for 3-bit or 2-bit storage at head_dim 128 with <= 1 key slot per vector
     (head-group or token-group values), never with a natural/fields launch option; asking for it before any token is
     quantized is not an error; the real availability check honours KVQUANT_PAIRS=0."""
     _gluon_module()
@@ -531,6 +540,8 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
     assert kernels.decode_kernel(q, st, kernel="pairs") == "pairs"
     with pytest.raises(ValueError, match="no natural/fields launch options"):
         kernels.decode_kernel(q, st, kernel="pairs", block_t=64)
+    two, _, _ = make_storage(1, 2, 128, 2, 40, 1, 0, "head", "cpu")  # 2-bit storage
+    assert kernels.decode_kernel(q, two, graph=True) == "pairs" and kernels.decode_kernel(q, two) == "fields"
     for heads in (8, 2):  # token-group values: with run ends (8 KV heads), and without (2)
         tg, _, _ = make_storage(1, heads, 128, 3, 40, 1, 0, "token", "cpu")
         assert (tg.v_out_ends is not None) == (heads == 8)
@@ -560,11 +571,11 @@ def _pairs_here() -> bool:
 @pytest.mark.skipif(not _pairs_here(), reason="needs CUDA sm_80+ and the Triton version of the Gluon pairs kernel")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_pairs_gpu(dtype):
-    """The Gluon pairs kernel (3-bit, head_dim 128, <= 1 key slot per vector) against the float reference: GQA 4 / 3 /
-    MHA, left padding, sinks and window, slots and none, one split past the query-rotation table, non-consecutive
-    positions (the exact RoPE path), RoPE attention scaling; token-group values (the calibration default: slot runs
-    per KV head with their ends, long runs, and rows without ends over 2 KV heads); and it is the default in graph
-    steps."""
+    """The Gluon pairs kernel (3-bit and 2-bit, head_dim 128, <= 1 key slot per vector) against the float reference:
+    GQA 4 / 3 / MHA, left padding, sinks and window, slots and none, one split past the query-rotation table,
+    non-consecutive positions (the exact RoPE path), RoPE attention scaling; token-group values (the calibration
+    default: slot runs per KV head with their ends, long runs, and rows without ends over 2 KV heads); and it is the
+    default in graph steps."""
     st, _, _ = make_storage(2, 8, 128, 3, 100, 1, 0, "head", "cuda")
     q0 = torch.zeros(2, 32, 1, 128, device="cuda")
     assert kernels.decode_kernel(q0, st, graph=True) == "pairs"  # the default in CUDA-graph steps
@@ -583,6 +594,11 @@ def test_decode_pairs_gpu(dtype):
     check_decode(1, 8, 8, 128, 3, 1500, 1, 0, "token", "cuda", vfrac=0.05, **kw)
     check_decode(2, 8, 2, 128, 3, 900, 1, 3, "token", "cuda", **kw)
     check_decode(2, 8, 8, 128, 3, 700, 1, 0, "token", "cuda", offsets=[0, 77], gap_at=300, **kw)
+    # 2-bit codes (the low plane alone): GQA with a mask, MHA with sinks / window, token-group runs, exact RoPE path
+    check_decode(3, 32, 8, 128, 2, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], **kw)
+    check_decode(1, 6, 6, 128, 2, 1500, 4, 5, "head", "cuda", **kw)
+    check_decode(3, 32, 8, 128, 2, 3000, 1, 17, "token", "cuda", mask_lens=[3018, 2000, 100], **kw)
+    check_decode(2, 8, 8, 128, 2, 700, 1, 0, "token", "cuda", offsets=[0, 77], gap_at=300, **kw)
 
 
 @pytest.mark.gpu

@@ -151,9 +151,9 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
                      reload=None, wide_loads=None, lengths=None, bias=None):
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
-    ``kernel``: ``"pairs"`` (the Gluon kernel of :mod:`kvquant.kernels._gluon`: 3-bit storage, head_dim 128, <= 1
-    outlier slot per key vector, head-group or token-group values with any number of slots, <= 8 query heads per KV
-    head, on sm_80+ with Triton 3.6; the default in CUDA-graph steps on the GPUs it was measured on (sm_90),
+    ``kernel``: ``"pairs"`` (the Gluon kernel of :mod:`kvquant.kernels._gluon`: 3-bit or 2-bit storage, head_dim
+    128, <= 1 outlier slot per key vector, head-group or token-group values with any number of slots, <= 8 query heads
+    per KV head, on sm_80+ with Triton 3.6; the default in CUDA-graph steps on the GPUs it was measured on (sm_90),
     KVQUANT_PAIRS=0 turns it off),
     ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key dots and
     one value dot per block; a per-channel affine key table, at most 4 key outlier slots per vector, and at most 4
@@ -231,10 +231,10 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     if plan.kernel == "pairs":  # the quantized splits by the pairs kernel, the sinks/window split below
         from . import _gluon
 
-        tb, group, ck, cv, quant, voe = plan.pairs
+        tb, group, ck, cv, quant, voe, bits = plan.pairs
         if nsq:
             _gluon.launch(q, pacc, pm, pl, quant, tb, bias, lengths, float(scaling) * K.LOG2E * plan.rope_scale,
-                          n_s, n_q, chunk, nsq, group, ck, cv, voe)
+                          n_s, n_q, chunk, nsq, group, ck, cv, voe, bits)
         first = nsq
     plan.fn[(B * H, nsplit - first)](
         q, pacc, pm, pl, *plan.tensors, sk, sv, wk, wv, bias if bias is not None else pm,
@@ -344,10 +344,10 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     # reads and applies only its own run of them, _overwrite_run)
     runs = v_token and voe is not None
     natural_ok = kaff is not None and (cv <= 4 or runs) and ck <= 4 and lutx is not False  # D: 64/128/256
-    # the pairs kernel (Gluon, _gluon.py): 3-bit storage at head_dim 128 with <= 1 key slot per vector, head-group or
-    # token-group values with any number of slots; the natural kernel's sinks/window split completes it (and is all
-    # that runs while no token is quantized yet)
-    pairs_ok = (natural_ok and bits == 3 and D == 128 and (v_token or G == H) and ck <= 1 and group <= 8
+    # the pairs kernel (Gluon, _gluon.py): 3-bit or 2-bit storage at head_dim 128 with <= 1 key slot per vector,
+    # head-group or token-group values with any number of slots; the natural kernel's sinks/window split completes it
+    # (and is all that runs while no token is quantized yet)
+    pairs_ok = (natural_ok and bits in (2, 3) and D == 128 and (v_token or G == H) and ck <= 1 and group <= 8
                 and _pairs_available(dev))
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
     if (kernel is None and graph and pairs_ok and all(o is None for o in natural_options)
@@ -370,9 +370,9 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if pairs:
         if not pairs_ok:
             raise ValueError("the pairs kernel needs a CUDA GPU of sm_80 or newer, Triton 3.6 (its Gluon API; "
-                             "kernels/_gluon.py SUPPORTED_TRITON), KVQUANT_PAIRS unset or 1, 3-bit keys and values, "
-                             "head_dim 128, channel-mode keys with at most 1 outlier slot per vector, and at most 8 "
-                             "query heads per KV head; use kernel='natural'.")
+                             "kernels/_gluon.py SUPPORTED_TRITON), KVQUANT_PAIRS unset or 1, 2- or 3-bit keys and "
+                             "values, head_dim 128, channel-mode keys with at most 1 outlier slot per vector, and at "
+                             "most 8 query heads per KV head; use kernel='natural'.")
         if any(o is not None for o in natural_options):
             raise ValueError("the pairs kernel takes no natural/fields launch options (block_t, use_dot, "
                              "num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads).")
@@ -439,7 +439,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         from . import _gluon
 
         plan.pairs = (_cached(st, ("pairs_tables", dev), lambda: _gluon.tables(kaff[0], kaff[1], kaff[2], vlev, invf)),
-                      group, ck, cv, quant, voe)
+                      group, ck, cv, quant, voe, bits)
     plan.tensors = (*quant, klut, vlev, invf, *(kaff if kaff is not None else (klut, klut, klut)), vlevh)
     plan.strides = (*quant[0].stride()[:3], *quant[1].stride()[:3], *quant[3].stride()[:3], *quant[4].stride()[:3],
                     *quant[6].stride()[:3], quant[8].stride(0))

@@ -1,7 +1,8 @@
 """The "pairs" decode kernel (Gluon, NVIDIA sm_80+): split-K decode attention over the quantized region of a layer
-stored as 3-bit codes, head_dim 128, at most one outlier slot per key vector (nuq3-1%), with head-group values (at
-most one slot per vector: a fixed merge) or token-group values (the calibration default: one zero / scale and one row
-of slots per token for every KV head; each KV head scatters its run of slots into a shared-memory tile).
+stored as 3-bit or 2-bit codes, head_dim 128, at most one outlier slot per key vector (nuq3-1%, nuq2-1%), with
+head-group values (at most one slot per vector: a fixed merge) or token-group values (the calibration default: one zero
+/ scale and one row of slots per token for every KV head; each KV head scatters its run of slots into a shared-memory
+tile).
 
 It was developed as the study ``benchmarks/gluon_decode_pairs.py`` (runs 37-48 in ``benchmarks/gpu_runs``, notes in
 ``benchmarks/gpu_notes.md``; the study scripts are in the history up to commit 6d41df6). This is that kernel with
@@ -217,10 +218,22 @@ def _entry(w, h, rw, rh, lane4):
 
 
 @gluon.jit
-def _lookup(w, h, rw, rh, lane4, OFF: gl.constexpr):
+def _entry_lo(w, rw, lane4):
+    """_entry for 2-bit storage (no high plane): the channel pair's 4 low-plane bits at bits 7-10, OR 4 lane."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 a; shf.r.wrap.b32 a, $1, $1, $2; lop3.b32 $0, a, 0x780, $3, 0xEA; }",
+        "=r,r,r,r", [w, rw, lane4], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _lookup(w, h, rw, rh, lane4, OFF: gl.constexpr, HI: gl.constexpr):
     """The entry of table OFF (0: keys, 1: values) from shared memory (Triton's dynamic shared memory, symbol
-    global_smem, whose constant address ptxas folds into the load)."""
-    return _lds(_entry(w, h, rw, rh, lane4) + 8192 * OFF)
+    global_smem, whose constant address ptxas folds into the load). HI: 3-bit codes (h holds the high plane); else
+    2-bit codes (h is not read: the entries of codes 0-3 are those whose high bits are 0)."""
+    if HI:
+        return _lds(_entry(w, h, rw, rh, lane4) + 8192 * OFF)
+    else:
+        return _lds(_entry_lo(w, rw, lane4) + 8192 * OFF)
 
 
 @gluon.jit
@@ -289,12 +302,16 @@ def _hadd2(a, b):
 
 
 @gluon.jit
-def _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i: gl.constexpr, D: gl.constexpr):
+def _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i: gl.constexpr, D: gl.constexpr,
+             HI: gl.constexpr):
     """The value levels of channels 32 i .. 32 i + 31 of a block, as channel pairs in the layout V5 (low-plane words
-    2 i + sw, high-plane word D / 16 + i)."""
+    2 i + sw, with HI (3-bit codes) high-plane word D / 16 + i)."""
     w = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + 2 * i + sww, mask=vmask, other=0)
-    h = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + D // 16 + i + 0 * sww, mask=vmask, other=0)
-    return _lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, 1)
+    if HI:
+        h = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + D // 16 + i + 0 * sww, mask=vmask, other=0)
+    else:
+        h = w
+    return _lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, 1, HI)
 
 
 @gluon.jit
@@ -331,10 +348,11 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                   n_s, n_q, chunk, NSPLIT_Q, n_brot,
                   H_KV: gl.constexpr, GROUP: gl.constexpr, CK: gl.constexpr, CV: gl.constexpr,
                   VRUN: gl.constexpr, VENDS: gl.constexpr, V_OFF: gl.constexpr,
-                  HAS_MASK: gl.constexpr, DEVLEN: gl.constexpr, PF: gl.constexpr, BT: gl.constexpr,
-                  D: gl.constexpr, N: gl.constexpr):
+                  HAS_MASK: gl.constexpr, DEVLEN: gl.constexpr, PF: gl.constexpr, HI: gl.constexpr,
+                  BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
     """Split pid of KV head h of sequence b (grid: NSPLIT_Q, H_KV, B): tokens [pid chunk, pid chunk + chunk) of the
-    quantized region. Storage as LayerStorage holds it (codes [B, H, cap, 48] uint8; value zero/scale [B, H, cap, 1]
+    quantized region. Storage as LayerStorage holds it (codes [B, H, cap, 48] uint8 at 3 bits
+    (HI), [B, H, cap, 32] at 2 bits; value zero/scale [B, H, cap, 1]
     fp16; slots [B, H, cap, CK/CV]; positions [B, cap] int32). Values in runs (VRUN: token-group value rows with slots,
     whose zero / scale / slots [B, 1, cap, ..] serve every KV head (the host passes head strides 0, V_OFF = D: head h's
     slot elements are h D ..), or head-group rows with several slots, V_OFF = 0): one scatter pass per slot rank, up
@@ -499,8 +517,11 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 vi_n = gl.load(VOI + st_ * svo_t + col, mask=col < s_hi, other=0)
                 xv_n = gl.load(VOV + st_ * svo_t + col, mask=col < s_hi, other=0.0)
                 lo = gl.load(s_row + vi // 16, mask=ok, other=0)
-                hi = gl.load(s_row + D // 16 + vi // 32, mask=ok, other=0)
-                ent = ((lo >> (2 * (vi % 16))) & 3) | (((hi >> (vi % 32)) & 1) << 4)  # pair-table entry (code, 0)
+                if HI:  # pair-table entry (code, 0)
+                    hi = gl.load(s_row + D // 16 + vi // 32, mask=ok, other=0)
+                    ent = ((lo >> (2 * (vi % 16))) & 3) | (((hi >> (vi % 32)) & 1) << 4)
+                else:
+                    ent = (lo >> (2 * (vi % 16))) & 3
                 lev = (_lds(8192 + ent * 128 + 4 * s_t) & 65535).to(gl.int16).to(gl.float16, bitcast=True)
                 res = gl.minimum(gl.maximum((xv - s_z) * s_inv - lev.to(gl.float32), -65000.0), 65000.0)
                 _sts16(_tile_off(s_t, vi), res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32), ok)
@@ -536,7 +557,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         # 32-bit words: half-word 4 half + j is half j % 2 of word 2 half + j // 2, no sign extension)
         kmask = (t0 + trow) < hi_t
         wrow = gl.load(KC32 + (t0 + trow) * (skc_t // 4) + wcol, mask=kmask, other=0)
-        hrow = gl.load(KC32 + (t0 + trow4) * (skc_t // 4) + D // 16 + hcol, mask=(t0 + trow4) < hi_t, other=0)
+        if HI:
+            hrow = gl.load(KC32 + (t0 + trow4) * (skc_t // 4) + D // 16 + hcol, mask=(t0 + trow4) < hi_t, other=0)
         if CK:  # the block's key slots in code-level units, (exact - zero) / scale, to replace their levels
             kt = t0 + t3
             km = kt < hi_t
@@ -547,15 +569,18 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             k_rel = k_sp - 4 * (q3 % 4)  # [BT, 1, 8]: compared with constants per register
         wrow = gl.reshape(wrow, [BT, 2, 2, 2])  # word 4 half + 2 jh + jl
         w_l0, w_l1 = gl.split(wrow)
-        h_w0, h_w1 = gl.split(gl.reshape(hrow, [BT, 2, 2]))  # word 2 half + j // 2
+        if HI:
+            h_w0, h_w1 = gl.split(gl.reshape(hrow, [BT, 2, 2]))  # word 2 half + j // 2
         for j in gl.static_range(4):
             # the words of chunk j (channels 64 half + 16 j ..): low-plane word 4 half + j, high-plane half-word
             w = _pick4(j, gl.split(w_l0)[0], gl.split(w_l1)[0], gl.split(w_l0)[1], gl.split(w_l1)[1])
-            h = h_w0 if j < 2 else h_w1
             w = gl.convert_layout(w, KW_L, assert_trivial=True)
-            h = gl.convert_layout(h, KW_L, assert_trivial=True)
+            if HI:
+                h = gl.convert_layout(h_w0 if j < 2 else h_w1, KW_L, assert_trivial=True)
+            else:
+                h = w
             rh = k_rh if j % 2 == 0 else k_rh16
-            lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, 0)
+            lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, 0, HI)
             if CK:  # the slot's exact level in place of the looked-up one, before the affine map and RoPE
                 lev = gl.where(k_rel == k_pair + 16 * j, (lev & k_keep) | k_val, lev)
             ksz = ks_off + 8 * j
@@ -593,7 +618,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             v_val, v_keep, v_sp = _slot_word((xv - vz5) / vs5, vi)
             v_rel = v_sp - 2 * pl5  # [1, 1, 8, 4, 4]
         for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
-            lev = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i, D)
+            lev = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i, D, HI)
             if VRUN:  # the slots' residuals from the tile, in the same pair layout
                 lev = _hadd2(lev, _ldsm4(_tile_off(lt_tok, 32 * i + lt_ch)))
             elif CV:
@@ -662,11 +687,15 @@ def available(device_index: int = 0) -> bool:
 def pair_table(levels: torch.Tensor) -> torch.Tensor:
     """[64, 32] int32: entry idx = lo_a | lo_b << 2 | hi_a << 4 | hi_b << 5 holds the fp16 pair (levels[a],
     levels[b]) with a = lo_a | hi_a << 2, b likewise (core/packing.py's 3-bit planes: 2 low bits, 1 high bit),
-    replicated over the 32 lanes."""
+    replicated over the 32 lanes. Four levels (2-bit codes: the low plane alone) fill the entries idx < 16; the
+    others repeat level 0 and are never read."""
+    if levels.numel() not in (4, 8):
+        raise ValueError(f"the pairs kernel's tables take 4 or 8 levels (2- or 3-bit codes), got {levels.numel()}.")
     idx = torch.arange(64)
     a = (idx & 3) | (((idx >> 4) & 1) << 2)
     b = ((idx >> 2) & 3) | (((idx >> 5) & 1) << 2)
-    lev = levels.detach().half().cpu()
+    lev = levels.detach().reshape(-1).half().cpu()
+    lev = torch.cat([lev, lev[:1].expand(8 - lev.numel())])
     bits = torch.stack([lev[a], lev[b]], 1).contiguous().view(torch.int32)[:, 0]
     return bits[:, None].expand(64, 32).contiguous().to(levels.device)
 
@@ -701,8 +730,8 @@ BROT_BLOCKS = 512  # blocks per split served by the query-rotation table (16K to
 
 
 def tables(key_levels, key_scale, key_zero, value_levels, inv_freq) -> dict:
-    """The kernel's derived inputs, from the storage's affine key table (levels [8], scale / zero [H, D]), value
-    levels [8] and RoPE frequencies [D/2]."""
+    """The kernel's derived inputs, from the storage's affine key table (levels [8] or [4], scale / zero [H, D]), value
+    levels [8] or [4] and RoPE frequencies [D/2]."""
     return dict(
         TAB=torch.cat([pair_table(key_levels), pair_table(value_levels)]).contiguous(),
         KSZ=torch.stack([half_pairs(key_scale), half_pairs(key_zero)], 1).contiguous(),  # [H, 2, D/2]
@@ -734,13 +763,18 @@ def value_slots(v_token: bool, cv: int, has_ends: bool) -> dict:
     return dict(VRUN=vrun, VENDS=vrun and has_ends, V_OFF=D if v_token else 0)
 
 
-def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, chunk, nsq, group, ck, cv, voe=None):
+def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, chunk, nsq, group, ck, cv, voe=None,
+           bits=3):
     """Launch the kernel over ``nsq`` splits (grid nsq x KV heads x batch); see _pairs_kernel for the arguments.
+    ``bits``: the codes' width (3, or 2: rows of the low plane alone).
     ``quant``: the storage's (k_codes, k_out_idx, k_out_val, v_codes, v_zero, v_scale, v_out_idx, v_out_val, q_pos);
     token-group values (v_zero [B, 1, ..]) with slots and head-group values with more than one slot run the slot
     passes into the tile, with ``voe`` (v_out_ends) where the storage has it."""
     kc, koi, kov, vc, vz, vs, voi, vov, qpos = quant
     B, H = int(kc.shape[0]), int(kc.shape[1])
+    if bits not in (2, 3) or kc.shape[-1] != D * bits // 8 or vc.shape[-1] != D * bits // 8:
+        raise ValueError(f"the pairs kernel reads 2- or 3-bit code rows of {D} channels; got bits={bits} with key / "
+                         f"value rows of {kc.shape[-1]} / {vc.shape[-1]} bytes.")
     v_token = int(vz.shape[1]) == 1 and H > 1
     slots = value_slots(v_token, cv, voe is not None)
     vrun = slots["VRUN"]
@@ -758,7 +792,7 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
         ends.stride(0), ends.stride(-2) if voe is not None else 0, qpos.stride(0),
         bias.stride(0) if bias is not None else 0, n_s, n_q, chunk, nsq, BROT_BLOCKS,
         H_KV=H, GROUP=group, CK=ck, CV=cv, **slots, HAS_MASK=bias is not None, DEVLEN=lengths is not None, PF=2,
-        BT=BT, D=D, N=N, num_warps=1)
+        HI=bits == 3, BT=BT, D=D, N=N, num_warps=1)
     key = id(k)
     if key not in _CHECKED:
         _check_shared(k, vrun)
