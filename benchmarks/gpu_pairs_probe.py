@@ -1,9 +1,11 @@
-"""Where the library's pairs kernel spends its time: one layer at 128K (Llama-3-8B shape, batch 1 and 8), nuq3
+"""Where the library's pairs kernel spends its time: one layer at 128K (Llama-3-8B shape, batch 1 and 8), nuq3 (or
+``--bits 2``: nuq2)
 storage with 1% outlier slots and without (head-group values; ``--groups head,token`` adds token-group values, the
 calibration default), the pairs kernel beside the natural kernel and bf16 SDPA, all
 timed as CUDA-graph replays in one process; each kvquant row checked against the float reference at 4K first.
 
     PYTHONPATH=src python benchmarks/gpu_pairs_probe.py [--contexts 131072] [--batches 1,8] [--groups head,token]
+        [--bits 3]
 """
 
 from __future__ import annotations
@@ -26,30 +28,32 @@ def main():
     ap.add_argument("--contexts", default="131072")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--groups", default="head", help="value groupings: head, token or both")
+    ap.add_argument("--bits", type=int, default=3, choices=[2, 3])
     a = ap.parse_args()
+    bits = a.bits
     groups = a.groups.split(",")
     print(env_info())
     Hq, H, D = 32, 8, 128
     for vg in groups:
         for frac in (0.01, 0.0):  # correctness at 4K, both kernels
-            _, _, sts, _ = fill_storages(2, H, D, 4096, [(3, vg)], frac=frac, want_fp16=False)
-            st = sts[(3, vg)]
+            _, _, sts, _ = fill_storages(2, H, D, 4096, [(bits, vg)], frac=frac, want_fp16=False)
+            st = sts[(bits, vg)]
             q = torch.randn(2, Hq, 1, D, device="cuda").bfloat16()
             ref = reference_decode_attention(q, st, D**-0.5).float()
             for kernel in ("pairs", "natural"):
                 err = rel(kernels.decode_attention(q, st, D**-0.5, kernel=kernel).float(), ref)
-                print(f"check 4K batch 2 {vg}-group slots {frac}: {kernel} relative error {err:.2e}")
+                print(f"check 4K batch 2 nuq{bits} {vg}-group slots {frac}: {kernel} relative error {err:.2e}")
     for ctx in (int(c) for c in a.contexts.split(",")):
         for B in (int(b) for b in a.batches.split(",")):
             q = torch.randn(B, Hq, 1, D, device="cuda").bfloat16()
             sdpa = sdpa_graph_us(q, H, ctx)
             print(f"{ctx} b{B}: SDPA bf16 {sdpa:.1f} us")
             for vg, frac in ((vg, frac) for vg in groups for frac in (0.01, 0.0)):
-                _, _, sts, _ = fill_storages(B, H, D, ctx, [(3, vg)], frac=frac, want_fp16=False)
-                st = sts[(3, vg)]
+                _, _, sts, _ = fill_storages(B, H, D, ctx, [(bits, vg)], frac=frac, want_fp16=False)
+                st = sts[(bits, vg)]
                 for kernel in ("pairs", "natural"):
                     us = bench_graph(lambda q_=q, s_=st, k_=kernel: kernels.decode_attention(q_, s_, 0.088, kernel=k_))
-                    print(f"{ctx} b{B} {vg}-group slots {frac}: {kernel} {us:.1f} us ({sdpa / us:.2f}x SDPA)")
+                    print(f"{ctx} b{B} nuq{bits} {vg}-group slots {frac}: {kernel} {us:.1f} us ({sdpa / us:.2f}x SDPA)")
                 sts = st = None
                 torch.cuda.empty_cache()
 
