@@ -730,12 +730,13 @@ def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, fra
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("group,kv_heads", [("head", 2), ("token", 2), ("token", 8)])
-def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads):
+@pytest.mark.parametrize("group,kv_heads,bits", [("head", 2, 3), ("token", 2, 3), ("token", 8, 3), ("head", 2, 2)])
+def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads, bits):
     """A model's decode steps through KVQuantCache replayed as CUDA graphs, where the pairs kernel is the default, give
-    the logits of the same steps run eagerly with the natural kernel, within bf16 tolerance (teacher-forced: both
-    runs feed the same tokens), through a storage reallocation (re-recorded graphs). Token-group values over 2 KV heads
-    (3 slots per row, no run ends) and over 8 (10 slots, with run ends)."""
+    the logits of the same steps run eagerly with the Triton kernel (natural; fields for 2-bit head-group storage),
+    within bf16 tolerance (teacher-forced: both runs feed the same tokens), through a storage reallocation
+    (re-recorded graphs). Token-group values over 2 KV heads (3 slots per row, no run ends) and over 8 (10 slots,
+    with run ends); 2-bit codes."""
     from kvquant import KVQuantCache
     from kvquant.models import model_identity, tiny_random_model
     from kvquant.quantizer import Quantizer, QuantizerConfig
@@ -746,13 +747,13 @@ def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads)
                               num_attention_heads=2 * kv_heads).cuda().to(torch.bfloat16)
     cfg = model.config
     H, D = cfg.num_key_value_heads, cfg.head_dim
-    quant = Quantizer(QuantizerConfig(bits=3, n_sinks=1, recent_window=0, value_group=group), model_identity(model),
-                      [synthetic_codec(H, D, 3, 0.01, group, seed=i) for i in range(cfg.num_hidden_layers)])
+    quant = Quantizer(QuantizerConfig(bits=bits, n_sinks=1, recent_window=0, value_group=group), model_identity(model),
+                      [synthetic_codec(H, D, bits, 0.01, group, seed=i) for i in range(cfg.num_hidden_layers)])
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (2, 50), generator=g).cuda()
     steps = torch.randint(0, cfg.vocab_size, (2, 40), generator=g).cuda()
     logits, caches = [], []
-    for flag in ("0", "1"):  # eager (natural kernel), then graphs (pairs kernel)
+    for flag in ("0", "1"):  # eager (a Triton kernel), then graphs (pairs kernel)
         monkeypatch.setenv("KVQUANT_CUDA_GRAPHS", flag)
         cache = KVQuantCache(quant, model)
         got = []
@@ -764,7 +765,8 @@ def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads)
         caches.append(cache)
     st = caches[1].layers[0].storage
     q = torch.zeros(2, cfg.num_attention_heads, 1, D, device="cuda")
-    assert kernels.decode_kernel(q, st, graph=True) == "pairs" and kernels.decode_kernel(q, st) == "natural"
+    eager = "fields" if bits == 2 and group == "head" else "natural"
+    assert kernels.decode_kernel(q, st, graph=True) == "pairs" and kernels.decode_kernel(q, st) == eager
     assert (group == "token") == (st.v_zero.shape[1] == 1) and (st.v_out_ends is not None) == (kv_heads == 8)
     for layer in caches[1].layers:  # 50 + 40 tokens: the capacity grows past 64, so each layer re-recorded once
         graph = getattr(layer.storage, "_decode_graph", None)
