@@ -444,7 +444,13 @@ def capacity_report(runs, out):
                    f"(real allocations). All 32 layers allocate {d['allocated_gib_all_layers']} GiB "
                    f"(GPU memory in use {d['gpu_memory_used_gib']} GiB, so the bf16 weights fit beside it). Decode "
                    f"attention: {d['layer_latency_us'] / 1e3:.1f} ms per layer, {d['all_layers_attention_ms']:.0f} ms "
-                   f"for all 32 layers; output finite: {d['finite']}. The fp16 cache of this context would need "
+                   f"for all 32 layers")
+            if "layer_latency_graph_us" in d:
+                md += (f" launched eagerly ({d['eager_kernel']} kernel); as `generate` runs a step (CUDA-graph "
+                       f"replay, {d['graph_kernel']} kernel): {d['layer_latency_graph_us'] / 1e3:.2f} ms per layer, "
+                       f"{d['all_layers_attention_graph_ms']:.0f} ms for all 32 layers (its output differs from the "
+                       f"eager kernel's by {d['graph_vs_eager_rel_diff']:.1e}, relative)")
+            md += (f"; output finite: {d['finite']}. The fp16 cache of this context would need "
                    f"{32 * 2 * 32 * 128 * 2 * d['context'] / 2**30:.0f} GiB.\n")
         open(os.path.join(out, "gpu_capacity.md"), "w").write(md)
 

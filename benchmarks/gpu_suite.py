@@ -401,6 +401,13 @@ def capacity_section(res, out_dir, mem_bytes):
         out = kernels.decode_attention(q, st0, D**-0.5, **KV_OPTS)
         step["finite"] = bool(torch.isfinite(out).all())
         step["layer_latency_us"] = round(bench(lambda: kernels.decode_attention(q, st0, D**-0.5, **KV_OPTS)), 1)
+        # as generate runs a decode step: a CUDA-graph replay with the graph steps' default kernel (kernels.graphs)
+        gk = kernels.decode_kernel(q, st0, graph=True)
+        gout = kernels.decode_attention(q, st0, D**-0.5, kernel=gk)
+        step["graph_kernel"] = gk
+        step["graph_vs_eager_rel_diff"] = round(rel(gout.float(), out.float()), 5)
+        step["layer_latency_graph_us"] = round(bench_graph(lambda: kernels.decode_attention(q, st0, D**-0.5,
+                                                                                            kernel=gk)), 1)
         stores = [st0]
         # the other 31 layers: copies of layer 0's tensors (real allocations; filling each through the kernel would
         # only repeat the same work)
@@ -418,9 +425,15 @@ def capacity_section(res, out_dir, mem_bytes):
             for s in stores:
                 kernels.decode_attention(q, s, D**-0.5, **KV_OPTS)
 
+        def all_layers_graph():
+            for s in stores:
+                kernels.decode_attention(q, s, D**-0.5, kernel=gk)
+
         step["all_layers_attention_ms"] = round(bench(all_layers, rep=500) / 1e3, 3)
+        step["all_layers_attention_graph_ms"] = round(bench_graph(all_layers_graph, rep=100) / 1e3, 3)
         step["context"] = ctx
-        step["cache"] = "nuq2-1pct (head-group values, fields kernel)"
+        step["eager_kernel"] = kernels.decode_kernel(q, st0, **KV_OPTS)
+        step["cache"] = "nuq2-1pct (head-group values)"
     except Exception as e:  # noqa: BLE001
         step["error"] = repr(e)[:500]
         traceback.print_exc()
