@@ -68,6 +68,8 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
                         "shipped ones; the token-group pairs row ran run 66's reverted scatter)",
     "run68_2026-11-30": "1400921 (the shipped kernels: the pairs kernel as 6f494c9)",
     "run70_2026-11-30": "4da2eb7 (the pairs kernel's splits as short as one block: short contexts fill the wave)",
+    "run71_2026-11-30": "a563a50 (the pairs kernel reads 2-bit codes too: nuq2 rows beside the fields kernel)",
+    "run72_2026-11-30": "145c535 (the 1M-token step also as a CUDA-graph replay with the pairs kernel)",
 }
 
 # runs kept in gpu_runs/ as records whose decode rows the report must not take as the latest: what they measured is
@@ -85,6 +87,15 @@ IMPL_FIX = {"run13_2026-11-29": {"kvquant-fields": "kvquant-natural"}}
 
 
 RUN_NOTES = {  # what a reader must know about a run's rows
+    "run71_2026-11-30": ("The full matrix after the pairs kernel learnt 2-bit codes (bf24084: the low plane alone, "
+                         "two ALU instructions less per pair lookup; the 3-bit kernels compile to the same SASS as "
+                         "before). nuq2-1% head-group through the pairs kernel: 1.02-1.07x the best fp16 from 16K "
+                         "(Llama-3-8B 128K batch 1: 133.0 us against SDPA's 136.3; Llama-2-7B 512K: 1729 against "
+                         "1854), 0.66x at 4K batch 1 and 0.97x at Llama-2-7B 128K batch 8; 1.33-3.34x the fields "
+                         "kernel it replaces in graph steps. The nuq3 and fp16 rows repeat run 62 / run 70 within "
+                         "0.5% (SDPA 1-2.4% faster here). Preceded in the same call by a pytest selection that "
+                         "matched no test; the GPU tests of this code ran in the next two calls "
+                         "(gpu_runs/gpu_tests_2026-11-30_runs71-72.txt, all passed)."),
     "run70_2026-11-30": ("4K and 16K only, after the pairs kernel's splits became as short as one block (4da2eb7; "
                          "run 69's sweep, gpu_runs/run69_splits_sweep.txt): at batch 1 short contexts now fill the "
                          "wave. Llama-3-8B 4K batch 1: head-group 25.3 us (run 62: 49.5), token-group 26.5 (54.7); "
@@ -339,11 +350,12 @@ def decode_report(runs, out):
            "per K/V element, measured from the allocated tensors. Speedup = best fp16 (PyTorch SDPA or our split-K "
            "kernel) / this row. Synthetic quantizers (random sorted codebooks, random per-channel key ranges with "
            "outlier channels), storages filled through `quantize_append`; 1 fp16 sink. `nuqN-1pct` = head-group "
-           "value ranges (one value slot per head and token), read by the kernel in the `kernel` column (natural: the "
-           "CUDA default for 3/4-bit storage; fields: the default for 2-bit, see the sweep); "
-           "`-tokengroup` = value ranges and 1% slots over all KV heads of a token (the calibration default), read "
-           "by the kernel in the `kernel` column (since run 23 both: natural, the default since run 21, and tiles, "
-           "the default before).\n\n")
+           "value ranges (one value slot per head and token), read by the kernel in the `kernel` column (pairs: the "
+           "Gluon kernel, the default in CUDA-graph decode steps, i.e. in `generate`, for 3-bit storage since run "
+           "55 and 2-bit since run 71; launched eagerly the default is natural for 3/4-bit storage and fields for "
+           "2-bit); `-tokengroup` = value ranges and 1% slots over all KV heads of a token (the calibration "
+           "default), read by the kernel in the `kernel` column (pairs in graph steps; eagerly natural, the default "
+           "since run 21; tiles before).\n\n")
     md += ("| shape | context | batch | method | kernel | bits | latency (us) | GB/s | % copy BW | "
            "speedup vs best fp16 | run |\n")
     md += "|---|---|---|---|---|---|---|---|---|---|---|\n"
