@@ -113,19 +113,22 @@ def resource_usage(cubin: bytes) -> str:
     return f"{m.group(1)} registers, {m.group(2)} B stack" if m else "?"
 
 
-def sass_loop(cubin: bytes):
-    """SASS instruction count of the whole kernel and of its largest backward-branch loop."""
-    txt = cuda_tool("nvdisasm", cubin, "-c")
-    if txt is None:
-        return None
+def _parse_sass(txt: str):
+    """[(address, instruction, source line or None)] of nvdisasm's listing (lines from ``-gi`` comments) and the
+    address range of its largest backward-branch loop (None if it has none)."""
     ins = []
     labels = {}
     pending = []
+    line = None
     for ln in txt.splitlines():
+        lm = re.search(r'//## File ".*", line (\d+)', ln)
+        if lm:
+            line = int(lm.group(1))
+            continue
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", ln)
         if m:
             a = int(m.group(1), 16)
-            ins.append((a, m.group(2)))
+            ins.append((a, m.group(2), line))
             for lb in pending:
                 labels[lb] = a
             pending = []
@@ -134,16 +137,70 @@ def sass_loop(cubin: bytes):
             pending.append(lm.group(1))
     # loops: BRA to an earlier address
     loops = []
-    for addr, text in ins:
+    for addr, text, _ in ins:
         m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
         if m and labels.get(m.group(1), 1 << 40) < addr:
             loops.append((labels[m.group(1)], addr))
-    body = max(((a, b) for a, b in loops), key=lambda x: x[1] - x[0], default=None)
-    n_body = sum(1 for a, _ in ins if body and body[0] <= a <= body[1]) if body else 0
-    ops = Counter(t.split()[0] if not t.startswith("@") else t.split()[1] for a, t in ins
+    return ins, max(((a, b) for a, b in loops), key=lambda x: x[1] - x[0], default=None)
+
+
+def sass_loop(cubin: bytes):
+    """SASS instruction count of the whole kernel and of its largest backward-branch loop."""
+    txt = cuda_tool("nvdisasm", cubin, "-c")
+    if txt is None:
+        return None
+    ins, body = _parse_sass(txt)
+    n_body = sum(1 for a, _, _ in ins if body and body[0] <= a <= body[1]) if body else 0
+    ops = Counter(t.split()[0] if not t.startswith("@") else t.split()[1] for a, t, _ in ins
                   if body and body[0] <= a <= body[1])
-    spills = sum(1 for _, t in ins if re.search(r"\b(STL|LDL)", t))
+    spills = sum(1 for _, t, _ in ins if re.search(r"\b(STL|LDL)", t))
     return len(ins), n_body, ops, spills
+
+
+# --regions: the pairs kernel's hot loop by what its instructions do, from the source line nvdisasm -gi gives each
+# one: the helper function it was inlined from, else keywords of the kernel's statement
+_HELPER_REGION = {
+    "_entry": "codes", "_entry_lo": "codes", "_lds": "codes", "_lookup": "codes", "_vlookup": "codes",
+    "_cos_sin": "exact RoPE", "_q_table_store": "exact RoPE", "_pack2": "exact RoPE",
+    "_rot_q": "query rotation", "_pick4": "query rotation",
+    "_hfma2": "key affine + RoPE", "_rope2": "key affine + RoPE", "_to_operand": "key affine + RoPE",
+    "_slot_word": "slots", "_tile_off": "slots", "_sts16": "slots", "_clear16": "slots", "_warp_sync": "slots",
+    "_ldsm4": "slots", "_hadd2": "slots", "_ldsm_rows": "slots", "_prefetch": "other",
+}
+_STATEMENT_REGION = (  # (region, keywords), first match wins
+    ("slots", ("k_rel", "v_rel", "KOI", "KOV", "KZI", "VOI", "VOV", "VOE", "vs5", "vz5", "s_row", "s_inv", "s_z",
+               "ent = ", "+ ent", "res = ", "col = ", "npass")),
+    ("exact RoPE", ("dpos", "_cos_sin", "SCR", "_pack2", "_q_table_store")),
+    ("codes", ("wrow", "hrow", "_lookup", "_vlookup", "h_w", " w = ", " h = ")),
+    ("MMA + movmatrix", ("movmatrix", "mma_v2", "acc")),
+    ("key affine + RoPE", ("cw =", "sw =", "_rope2", "_hfma2")),
+    ("query rotation", ("_rot_q",)),
+    ("softmax, value scale / zero", ("m_new", "alpha", "exp2", "l_i", "z_i", "pv =", "vsc", "vzr", "MROW", "tmask")),
+    ("position check", ("contig", "q_tab", "p_b", "pos =", "bidx")),
+)
+REGION_NOTE = {"exact RoPE": "exact RoPE (blocks with non-contiguous positions only)"}
+
+
+def pairs_regions(cubin: bytes) -> Counter:
+    """Hot-loop SASS instructions of the Gluon pairs kernel per region (see _STATEMENT_REGION)."""
+    from kvquant.kernels import _gluon as G
+
+    src = inspect.getsource(G).splitlines()
+    ins, body = _parse_sass(cuda_tool("nvdisasm", cubin, "-c", "-gi") or "")
+
+    def region(line):
+        if not line or line > len(src):
+            return "other"
+        j = line - 1
+        while j >= 0 and not src[j].startswith("def "):
+            j -= 1
+        fn = re.match(r"def (\w+)", src[j]).group(1) if j >= 0 else ""
+        if fn != "_pairs_kernel":
+            return _HELPER_REGION.get(fn, "other")
+        stmt = src[line - 1]
+        return next((r for r, keys in _STATEMENT_REGION if any(k in stmt for k in keys)), "other")
+
+    return Counter(region(ln) for a, _, ln in ins if body and body[0] <= a <= body[1])
 
 
 def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits=3):
@@ -190,6 +247,8 @@ def main():
     ap.add_argument("--token-group", action="store_true",
                     help="fields/natural/pairs: token-group values (one slot row for all 8 KV heads; e.g. --cv 11; "
                     "pairs: --cv 10, the default)")
+    ap.add_argument("--regions", action="store_true", help="pairs: the hot loop's instructions by region (codes, "
+                    "slots, RoPE, ...), from nvdisasm's source lines")
     ap.add_argument("--pf", type=int, default=2, help="fields/natural: prefetch the next block into L1 (1), L2 (2, the "
                     "default) or not (0)")
     a = ap.parse_args()
@@ -202,6 +261,9 @@ def main():
                   f"{resource_usage(k.asm['cubin'])}, shared {k.metadata.shared} B, SASS {tot} instr ({loc} local "
                   f"ld/st), hot loop {loop} instr")
             print("   SASS loop top:", ", ".join(f"{o} {c}" for o, c in ops.most_common(16)))
+            if a.regions:
+                reg = pairs_regions(k.asm["cubin"])
+                print("   hot loop by region:", ", ".join(f"{REGION_NOTE.get(r, r)} {n}" for r, n in reg.most_common()))
         return
     tiles = a.kernel == "tiles"
     bt = a.bt or (64 if tiles else 32)
