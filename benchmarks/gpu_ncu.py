@@ -4,11 +4,11 @@
         --section SpeedOfLight --section SourceCounters -k regex:_kvq_decode_ -c 64 \\
         python3 benchmarks/gpu_ncu.py [--ctx 131072] [--configs JSON] [--group head|token]
 
-Fills one Llama-3-8B-shaped layer (8 KV heads, head_dim 128, batch 1, nuq3-1%, head-group values, or token-group
-values with ``--group token``) through the real append kernel, then launches ``decode_attention`` twice per launch
-configuration (the first launch compiles; both are profiled, in order). ``--configs`` is a JSON list of keyword
-dicts for ``kernels.decode_attention``. Without ncu it prints each configuration's latency (triton's do_bench) and
-error against the reference, so a run shows which profile belongs to which configuration.
+Fills one Llama-3-8B-shaped layer (8 KV heads, head_dim 128, batch 1, nuq3-1% or ``--bits 2|4``, head-group values,
+or token-group values with ``--group token``) through the real append kernel, then launches ``decode_attention``
+twice per launch configuration (the first launch compiles; both are profiled, in order). ``--configs`` is a JSON
+list of keyword dicts for ``kernels.decode_attention``. Without ncu it prints each configuration's latency (triton's
+do_bench) and error against the reference, so a run shows which profile belongs to which configuration.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ def main():
     ap.add_argument("--configs", default=json.dumps(DEFAULT))
     ap.add_argument("--time", action="store_true", help="also time each configuration (do not use under ncu)")
     ap.add_argument("--group", default="head", choices=["head", "token"], help="value grouping of the storage")
+    ap.add_argument("--bits", type=int, default=3, choices=[2, 3, 4], help="code width of the storage")
     a = ap.parse_args()
     Hq, H, D = S.SHAPES["llama3-8b"]
-    _, _, sts, _ = S.fill_storages(1, H, D, a.ctx, [(3, a.group)], want_fp16=False)
-    st = sts[(3, a.group)]
+    _, _, sts, _ = S.fill_storages(1, H, D, a.ctx, [(a.bits, a.group)], want_fp16=False)
+    st = sts[(a.bits, a.group)]
     q = torch.randn(1, Hq, 1, D, device=S.DEV).bfloat16()
     ref = reference_decode_attention(q, st, D**-0.5).float()
     for i, kw in enumerate(json.loads(a.configs)):
