@@ -539,8 +539,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         csb = CSP
         qtb = BROT + bidx * 128
         if not contig:
-            dpos = (gl.load(QP + t0 + tcs, mask=(t0 + tcs) < hi_t, other=0) - p_b).to(gl.float32)
             for jj in gl.static_range(4):
+                dpos = (gl.load(QP + t0 + tcs, mask=(t0 + tcs) < hi_t, other=0) - p_b).to(gl.float32)
                 th = INVF + 16 * jj + cs_ch
                 c0, s0 = _cos_sin(dpos * gl.load(th))
                 c1, s1 = _cos_sin(dpos * gl.load(th + 1))
