@@ -437,6 +437,11 @@ def test_pairs_kernel_tables_cpu():
     assert torch.equal(got2, torch.stack([lev4[codes2[:, ch]], lev4[codes2[:, ch + 1]]], -1).half())
     with pytest.raises(ValueError, match="4 or 8 levels"):
         G.pair_table(torch.zeros(16))
+    rows = [torch.zeros(1, 1, 1, n, dtype=torch.uint8) for n in (48, 32, 64)]
+    for bits, row in ((3, rows[1]), (2, rows[0]), (4, rows[2])):  # a width the rows do not hold: refused, no launch
+        quant = (row, None, None, row, torch.zeros(1, 1, 1, 1), None, None, None, None)
+        with pytest.raises(ValueError, match="2- or 3-bit code rows"):
+            G.launch(None, None, None, None, quant, {}, None, None, 1.0, 0, 1, 32, 1, 1, 0, 0, bits=bits)
 
     inv = synthetic_rope(128).inv_freq
     csp = G.fragment_rope_table(inv).view(4, 2, 256)  # [chunk, cos/sin, register * 32 + lane]
