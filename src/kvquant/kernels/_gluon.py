@@ -351,17 +351,16 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                   HAS_MASK: gl.constexpr, DEVLEN: gl.constexpr, PF: gl.constexpr, HI: gl.constexpr,
                   BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
     """Split pid of KV head h of sequence b (grid: NSPLIT_Q, H_KV, B): tokens [pid chunk, pid chunk + chunk) of the
-    quantized region. Storage as LayerStorage holds it (codes [B, H, cap, 48] uint8 at 3 bits
-    (HI), [B, H, cap, 32] at 2 bits; value zero/scale [B, H, cap, 1]
-    fp16; slots [B, H, cap, CK/CV]; positions [B, cap] int32). Values in runs (VRUN: token-group value rows with slots,
-    whose zero / scale / slots [B, 1, cap, ..] serve every KV head (the host passes head strides 0, V_OFF = D: head h's
-    slot elements are h D ..), or head-group rows with several slots, V_OFF = 0): one scatter pass per slot rank, up
-    to the block's longest run of head h (VENDS: the runs' ends VOE [B, 1, cap, H], core.codec.head_ends; else every
-    slot of the row is tried and kept if it lies in head h). TAB [128, 32] int32: the key then the value pair
-    table, lane-replicated; KSZ [H, 2, D/2] int32: key scale and zero as fp16 pairs; KZI [H, 2, D] fp32: key zero and
-    1 / scale (for the slots); CSP [4, 2, 8, 32] int32: cos / sin of
-    the block offsets in fragment order; BROT [n_brot, 4, 2, 16] fp32: the per-block query rotation; INVF [D/2].
-    Writes partials row ((b H_KV + h) GROUP + n) (NSPLIT_Q + 1) + pid of PACC [.., D], PM, PL (log2 units)."""
+    quantized region. Storage as LayerStorage holds it (codes [B, H, cap, 48] uint8 at 3 bits (HI), [B, H, cap, 32] at 2
+    bits; value zero/scale [B, H, cap, 1] fp16; slots [B, H, cap, CK/CV]; positions [B, cap] int32). Values in runs
+    (VRUN: token-group value rows with slots, whose zero / scale / slots [B, 1, cap, ..] serve every KV head (the host
+    passes head strides 0, V_OFF = D: head h's slot elements are h D ..), or head-group rows with several slots, V_OFF =
+    0): one scatter pass per slot rank, up to the block's longest run of head h (VENDS: the runs' ends VOE [B, 1, cap,
+    H], core.codec.head_ends; else every slot of the row is tried and kept if it lies in head h). TAB [128, 32] int32:
+    the key then the value pair table, lane-replicated; KSZ [H, 2, D/2] int32: key scale and zero as fp16 pairs; KZI [H,
+    2, D] fp32: key zero and 1 / scale (for the slots); CSP [4, 2, 8, 32] int32: cos / sin of the block offsets in
+    fragment order; BROT [n_brot, 4, 2, 16] fp32: the per-block query rotation; INVF [D/2]. Writes partials row ((b H_KV
+    + h) GROUP + n) (NSPLIT_Q + 1) + pid of PACC [.., D], PM, PL (log2 units)."""
     pid = gl.program_id(0)
     hd = gl.program_id(1)
     bb = gl.program_id(2).to(gl.int64)
