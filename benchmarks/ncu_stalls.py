@@ -2,7 +2,11 @@
 
     ncu --set full --import-source yes -k regex:_pairs_kernel -c 1 -o pairs python3 benchmarks/gpu_ncu.py ...
     ncu -i pairs.ncu-rep --page source --csv --print-source sass > pairs_source.csv
-    python3 benchmarks/ncu_stalls.py pairs_source.csv [--top 25] [--context 3]
+    python3 benchmarks/ncu_stalls.py pairs_source.csv[.gz] [--top 25] [--context 3] [--cubin _pairs_kernel.cubin]
+
+``--cubin`` (the profiled kernel's cubin, from its Triton cache entry; the pairs kernel only): the samples and
+executed instructions per region of the kernel (codes, slots, RoPE, ...: ptx_count.py's regions, from nvdisasm's
+source lines), the source page's rows matched to the cubin's instructions in order.
 
 Prints the share of all warp-state samples per stall reason, then the SASS lines with the most samples, each with its
 execution count and main stall reasons, and a few lines before it (a stall is charged to the instruction that waits,
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 from collections import Counter
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
@@ -20,7 +25,7 @@ EXECUTED = "Instructions Executed"
 
 
 def read(path: str) -> list[dict]:
-    with open(path, newline="") as f:
+    with (gzip.open(path, "rt", newline="") if path.endswith(".gz") else open(path, newline="")) as f:
         rows = list(csv.reader(f))
     head = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
     cols = rows[head]
@@ -40,13 +45,46 @@ def num(row: dict, col: str) -> int:
         return 0
 
 
+def by_region(rows: list[dict], cubin: bytes) -> None:
+    """Samples, their main reasons and executed instructions per region of the pairs kernel."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ptx_count import REGION_NOTE, pairs_line_regions
+
+    ins, _ = pairs_line_regions(cubin)
+    if len(ins) != len(rows) or any(r["Source"].split()[0].lstrip("@!P0123456789 ") not in t for r, (_, t, _) in
+                                    zip(rows, ins) if r.get("Source")):
+        raise SystemExit(f"the cubin's {len(ins)} instructions do not match the profile's {len(rows)} SASS rows")
+    reasons = [c for c in rows[0] if c.startswith("stall_") and "Not Issued" not in c]
+    total = sum(num(r, SAMPLES) for r in rows)
+    agg: dict = {}
+    for r, (_, _, reg) in zip(rows, ins):
+        d = agg.setdefault(reg, Counter())
+        d["samples"] += num(r, SAMPLES)
+        d["executed"] += num(r, EXECUTED)
+        for c in reasons:
+            d[c[len("stall_"):]] += num(r, c)
+    print("\nby region (share of all samples; warp instructions executed; main reasons, as shares of the region's "
+          "samples):")
+    for reg, d in sorted(agg.items(), key=lambda x: -x[1]["samples"]):
+        main = Counter({k: v for k, v in d.items() if k not in ("samples", "executed")}).most_common(4)
+        print(f"  {REGION_NOTE.get(reg, reg):52s} {d['samples'] / total:6.1%}  {d['executed']:>12,}  "
+              + ", ".join(f"{k} {v / max(d['samples'], 1):.0%}" for k, v in main))
+    print()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("csv")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--context", type=int, default=3, help="lines shown before each top line")
+    ap.add_argument("--cubin", default=None, help="the profiled pairs kernel's cubin: samples per region")
     a = ap.parse_args()
     rows = read(a.csv)
+    if a.cubin:
+        by_region(rows, open(a.cubin, "rb").read())
     reasons = [c for c in rows[0] if c.startswith("stall_") and "Not Issued" not in c]
     total = sum(num(r, SAMPLES) for r in rows)
     by_reason = Counter({c[len("stall_"):]: sum(num(r, c) for r in rows) for c in reasons})

@@ -181,8 +181,9 @@ _STATEMENT_REGION = (  # (region, keywords), first match wins
 REGION_NOTE = {"exact RoPE": "exact RoPE (blocks with non-contiguous positions only)"}
 
 
-def pairs_regions(cubin: bytes) -> Counter:
-    """Hot-loop SASS instructions of the Gluon pairs kernel per region (see _STATEMENT_REGION)."""
+def pairs_line_regions(cubin: bytes):
+    """([(address, instruction, region)] for every SASS instruction of a Gluon pairs kernel cubin (see
+    _STATEMENT_REGION), the hot loop's address range). The cubin must come from the kernels/_gluon.py on disk."""
     from kvquant.kernels import _gluon as G
 
     src = inspect.getsource(G).splitlines()
@@ -200,7 +201,13 @@ def pairs_regions(cubin: bytes) -> Counter:
         stmt = src[line - 1]
         return next((r for r, keys in _STATEMENT_REGION if any(k in stmt for k in keys)), "other")
 
-    return Counter(region(ln) for a, _, ln in ins if body and body[0] <= a <= body[1])
+    return [(a, t, region(ln)) for a, t, ln in ins], body
+
+
+def pairs_regions(cubin: bytes) -> Counter:
+    """Hot-loop SASS instructions of the Gluon pairs kernel per region."""
+    ins, body = pairs_line_regions(cubin)
+    return Counter(r for a, _, r in ins if body and body[0] <= a <= body[1])
 
 
 def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits=3):
