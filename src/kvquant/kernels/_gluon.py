@@ -272,10 +272,19 @@ def _sts16(off, val, pred):
 
 @gluon.jit
 def _clear16(off):
-    """Zero 16 bytes at shared byte offset off."""
+    """Fill 16 bytes at shared byte offset off with fp16 NaNs (0xFFFF: no slot in the tile)."""
     return gl.inline_asm_elementwise(
-        "{ .reg .u32 b, z; mov.u32 z, 0; mov.u32 b, global_smem; add.u32 b, b, $1; "
+        "{ .reg .u32 b, z; mov.u32 z, 0xFFFFFFFF; mov.u32 b, global_smem; add.u32 b, b, $1; "
         "st.shared.v4.b32 [b], {z, z, z, z}; mov.b32 $0, 0; }", "=r,r", [off], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _tile_merge(lev, t):
+    """Each fp16 half of the tile word t that is a number (a slot's exact level) replaces that half of the looked-up
+    pair lev; NaN halves (no slot) keep it: a per-half mask from set.num, then one lop3 ((t & m) | (lev & ~m))."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 m; set.num.u32.f16x2 m, $2, $2; lop3.b32 $0, $1, $2, m, 0xD8; }",
+        "=r,r,r", [lev, t], dtype=gl.int32, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -396,9 +405,9 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     tl_ = gl.arange(0, 32, layout=gl.SliceLayout(0, tb_l))[None, :]
     tab = gl.allocate_shared_memory(gl.int32, [128, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
                                     gl.load(TAB + te_ * 32 + tl_))
-    if VRUN:  # then the value slots' residual tile (zero; each block clears it after use)
+    if VRUN:  # then the value slots' tile (NaN: no slot; each block clears it after use)
         tile = gl.allocate_shared_memory(gl.int32, [_TILE_ROWS, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
-                                         gl.zeros([_TILE_ROWS, 32], gl.int32, layout=tb_l))
+                                         gl.full([_TILE_ROWS, 32], -1, gl.int32, layout=tb_l))
     gl.thread_barrier()
     # key side invariants
     t3 = gl.arange(0, BT, layout=P3_T)[:, None, None]
@@ -490,8 +499,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         tmask = (t0 + tc_) < hi_t
         vsc = gl.load(VS + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
         vzr = gl.load(VZ + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
-        if VRUN:  # head h's value slots, one token per lane, as residuals in level units ((exact - zero) / scale
-            # less the looked-up level) into the block's tile; the value chunks add the tile to their levels
+        if VRUN:  # head h's value slots, one token per lane, in level units ((exact - zero) / scale) into the block's
+            # tile; the value chunks put them in place of their looked-up levels
             st_ = t0 + s_t
             sm_ = st_ < hi_t
             if VENDS:  # head h's run [ends[h - 1], ends[h]) of the sorted slots
@@ -504,7 +513,6 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 npass = CV
             s_z = gl.load(VZ + st_ * svs_t, mask=sm_, other=0.0).to(gl.float32)
             s_inv = 1.0 / gl.load(VS + st_ * svs_t, mask=sm_, other=1.0).to(gl.float32)
-            s_row = VC32 + st_ * (svc_t // 4)
             col = s_lo  # each rank loads the next one's slot first
             vi_n = gl.load(VOI + st_ * svo_t + col, mask=col < s_hi, other=0)
             xv_n = gl.load(VOV + st_ * svo_t + col, mask=col < s_hi, other=0.0)
@@ -515,14 +523,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 col = col + 1
                 vi_n = gl.load(VOI + st_ * svo_t + col, mask=col < s_hi, other=0)
                 xv_n = gl.load(VOV + st_ * svo_t + col, mask=col < s_hi, other=0.0)
-                lo = gl.load(s_row + vi // 16, mask=ok, other=0)
-                if HI:  # pair-table entry (code, 0)
-                    hi = gl.load(s_row + D // 16 + vi // 32, mask=ok, other=0)
-                    ent = ((lo >> (2 * (vi % 16))) & 3) | (((hi >> (vi % 32)) & 1) << 4)
-                else:
-                    ent = (lo >> (2 * (vi % 16))) & 3
-                lev = (_lds(8192 + ent * 128 + 4 * s_t) & 65535).to(gl.int16).to(gl.float16, bitcast=True)
-                res = gl.minimum(gl.maximum((xv - s_z) * s_inv - lev.to(gl.float32), -65000.0), 65000.0)
+                res = gl.minimum(gl.maximum((xv - s_z) * s_inv, -65000.0), 65000.0)
                 _sts16(_tile_off(s_t, vi), res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32), ok)
             _warp_sync(s_t)
         # the block's positions: contiguous from its first token (the table path), and where that start lies
@@ -618,8 +619,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             v_rel = v_sp - 2 * pl5  # [1, 1, 8, 4, 4]
         for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
             lev = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i, D, HI)
-            if VRUN:  # the slots' residuals from the tile, in the same pair layout
-                lev = _hadd2(lev, _ldsm4(_tile_off(lt_tok, 32 * i + lt_ch)))
+            if VRUN:  # the slots' exact levels from the tile, in the same pair layout, in place of the looked-up ones
+                lev = _tile_merge(lev, _ldsm4(_tile_off(lt_tok, 32 * i + lt_ch)))
             elif CV:
                 lev = gl.where(v_rel == v_pair + 32 * i, (lev & v_keep) | v_val, lev)
             lev = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [lev],
