@@ -95,7 +95,7 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                          "kernel it replaces in graph steps. The nuq3 and fp16 rows repeat run 62 / run 70 within "
                          "0.5% (SDPA 1-2.4% faster here). Preceded in the same call by a pytest selection that "
                          "matched no test; the GPU tests of this code ran in the next two calls "
-                         "(gpu_runs/gpu_tests_2026-11-30_runs71-72.txt, all passed)."),
+                         "(gpu_runs/gpu_tests_2026-11-30_runs71-74.txt, all passed)."),
     "run70_2026-11-30": ("4K and 16K only, after the pairs kernel's splits became as short as one block (4da2eb7; "
                          "run 69's sweep, gpu_runs/run69_splits_sweep.txt): at batch 1 short contexts now fill the "
                          "wave. Llama-3-8B 4K batch 1: head-group 25.3 us (run 62: 49.5), token-group 26.5 (54.7); "

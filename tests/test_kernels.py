@@ -478,7 +478,7 @@ def test_pairs_kernel_tables_cpu():
 
 def test_pairs_slot_tile_layout_cpu():
     """The pairs kernel's value slot tile, by its own index helpers (_tile_off, _ldsm_rows) and layout (V5), on the
-    CPU: every (token, channel) residual has its own fp16 cell inside the tile's bytes; the ldmatrix .x4 that each
+    CPU: every (token, channel) slot level has its own fp16 cell inside the tile's bytes; the ldmatrix .x4 that each
     value chunk issues (lane 8 k + r addresses row r of matrix k; lane l receives bytes 4 (l % 4) .. + 3 of row
     l // 4) hands every lane exactly the (token, channel pair) that its V5 level register holds, register
     sw + 2 mh = k of pack ph; and the eight rows of each matrix fall in distinct 16-byte bank groups."""

@@ -28,11 +28,13 @@ Per program (one warp): one (sequence, KV head, split) of 32-token blocks.
   vector): each exact value, in code-level units ((exact - zero) / scale), replaces its channel's looked-up level
   before the affine map: a compare, an AND-OR merge and a select per register; no code lookup for the slot.
   Token-group values (a run of slots per head and token, core.codec.head_ends), and head-group rows with several
-  slots: one lane per token writes each slot's residual in level units ((exact - zero) / scale less the level of
-  the slot's code) into a [token, channel] fp16 tile in shared memory, one rank per pass up to the block's longest
-  run (3.71 for 10 slots over 8 KV heads, benchmarks/slot_passes.py); each value chunk then reads the tile with
-  ``ldmatrix`` straight into its level registers' layout and adds it (one ``add.f16x2`` per register), and the block
-  clears the tile. The run ends, slots and code rows of the next block are prefetched into L1.
+  slots: one lane per token writes each slot's exact value in level units ((exact - zero) / scale) into a [token,
+  channel] fp16 tile in shared memory that holds NaN elsewhere, one rank per pass up to the block's longest run (3.71
+  for 10 slots over 8 KV heads, benchmarks/slot_passes.py); each value chunk then reads the tile with ``ldmatrix``
+  straight into its level registers' layout, and every half that is a number replaces the looked-up level (a
+  ``set.num`` mask and one ``lop3`` per register); the block refills the tile with NaN. The scatter needs no code
+  lookup (until a77a63b it wrote residuals against the slot's looked-up level: 185.0 us at 128K batch 1, now 181.0,
+  run 74). The run ends, slots and code rows of the next block are prefetched into L1.
 - **Loads**: key rows as 16-byte loads, high-plane codes as 32-bit words, and a PTX prefetch of the next block's
   rows into L2.
 
@@ -58,7 +60,7 @@ from ._triton import PREFETCH_L1, PREFETCH_L2  # the prefetches' PTX, shared wit
 
 BT, D, N = 32, 128, 8  # tokens per block, head_dim, query heads per program (the GQA group, padded)
 TABLE_SHARED_BYTES = 16384  # the key and value pair tables
-TILE_OFF = TABLE_SHARED_BYTES  # then, with slot runs (VRUN), the value slots' residual tile: BT tokens x D fp16
+TILE_OFF = TABLE_SHARED_BYTES  # then, with slot runs (VRUN), the value slots' level tile: BT tokens x D fp16
 TILE_BYTES = BT * 2 * D
 _TILE_OFF = gl.constexpr(TILE_OFF)
 _TILE_ROWS = gl.constexpr(TILE_BYTES // 128)  # the tile as rows of 32 int32
@@ -246,7 +248,7 @@ def _lds(off):
 
 @gluon.jit
 def _tile_off(t, c):
-    """Byte offset in shared memory of the residual of token t (< BT), channel c (< D) in the value slots' tile:
+    """Byte offset in shared memory of the slot level of token t (< BT), channel c (< D) in the value slots' tile:
     [token, channel] fp16 rows of 256 bytes whose 16-byte chunks are XOR-swizzled by t % 8, so the eight rows that
     one ldmatrix reads (tokens 8 a .. 8 a + 7) fall in distinct banks."""
     return _TILE_OFF + t * 256 + ((c // 8) ^ (t % 8)) * 16 + (c % 8) * 2
