@@ -165,7 +165,7 @@ _HELPER_REGION = {
     "_rot_q": "query rotation", "_pick4": "query rotation",
     "_hfma2": "key affine + RoPE", "_rope2": "key affine + RoPE", "_to_operand": "key affine + RoPE",
     "_slot_word": "slots", "_tile_off": "slots", "_sts16": "slots", "_clear16": "slots", "_warp_sync": "slots",
-    "_ldsm4": "slots", "_hadd2": "slots", "_ldsm_rows": "slots", "_prefetch": "other",
+    "_ldsm4": "slots", "_tile_merge": "slots", "_ldsm_rows": "slots", "_prefetch": "other",
 }
 _STATEMENT_REGION = (  # (region, keywords), first match wins
     ("slots", ("k_rel", "v_rel", "KOI", "KOV", "KZI", "VOI", "VOV", "VOE", "vs5", "vz5", "s_row", "s_inv", "s_z",

@@ -307,12 +307,6 @@ def _ldsm4(off):
 
 
 @gluon.jit
-def _hadd2(a, b):
-    return gl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.int32, is_pure=True,
-                                     pack=1)
-
-
-@gluon.jit
 def _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i: gl.constexpr, D: gl.constexpr,
              HI: gl.constexpr):
     """The value levels of channels 32 i .. 32 i + 31 of a block, as channel pairs in the layout V5 (low-plane words
@@ -487,7 +481,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             if CK:
                 _prefetch(KOI + nxt * sko_t, pmask, PF)
                 _prefetch(KOV + nxt * sko_t, pmask, PF)
-            if VRUN:  # into L1: the slot scatter's chain of dependent loads (run ends, slots, code words) hits there
+            if VRUN:  # into L1: the slot scatter's chain of dependent loads (run ends, slots) hits there; the code
+                # rows (read by the scatter until a77a63b, now by the value lookups only) as runs 61-74 measured
                 _prefetch(VOI + nxt * svo_t, pmask, 1)
                 _prefetch(VOV + nxt * svo_t, pmask, 1)
                 _prefetch(VC + nxt * svc_t, pmask, 1)
@@ -636,7 +631,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 acc2 = mma_v2(vt, pv, acc2 * alpha[None, :])
             else:
                 acc3 = mma_v2(vt, pv, acc3 * alpha[None, :])
-        if VRUN:  # zero the tile for the next block (after every lane's ldmatrix)
+        if VRUN:  # refill the tile with NaN (no slot) for the next block (after every lane's ldmatrix)
             _warp_sync(s_t)
             for cc in gl.static_range(_TILE_ROWS // 4):
                 _clear16(_TILE_OFF + cc * 512 + 16 * s_t)
