@@ -599,6 +599,8 @@ def test_decode_pairs_gpu(dtype):
     check_decode(1, 8, 8, 128, 3, 1500, 1, 0, "token", "cuda", vfrac=0.05, **kw)
     check_decode(2, 8, 2, 128, 3, 900, 1, 3, "token", "cuda", **kw)
     check_decode(2, 8, 8, 128, 3, 700, 1, 0, "token", "cuda", offsets=[0, 77], gap_at=300, **kw)
+    # head-group rows with several value slots (3 per vector): the tile path with V_OFF 0
+    check_decode(2, 8, 2, 128, 3, 900, 1, 3, "head", "cuda", vfrac=0.02, **kw)
     # 2-bit codes (the low plane alone): GQA with a mask, MHA with sinks / window, token-group runs, exact RoPE path
     check_decode(3, 32, 8, 128, 2, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], **kw)
     check_decode(1, 6, 6, 128, 2, 1500, 4, 5, "head", "cuda", **kw)
