@@ -1,8 +1,7 @@
 """Where the library's pairs kernel spends its time: one layer at 128K (Llama-3-8B shape, batch 1 and 8), nuq3 (or
-``--bits 2``: nuq2)
-storage with 1% outlier slots and without (head-group values; ``--groups head,token`` adds token-group values, the
-calibration default), the pairs kernel beside the natural kernel and bf16 SDPA, all
-timed as CUDA-graph replays in one process; each kvquant row checked against the float reference at 4K first.
+``--bits 2`` / ``--bits 4``) storage with 1% outlier slots and without (head-group values; ``--groups head,token`` adds
+token-group values, the calibration default), the pairs kernel beside the natural kernel and bf16 SDPA, all timed as
+CUDA-graph replays in one process; each kvquant row checked against the float reference at 4K first.
 
     PYTHONPATH=src python benchmarks/gpu_pairs_probe.py [--contexts 131072] [--batches 1,8] [--groups head,token]
         [--bits 3]
@@ -28,8 +27,13 @@ def main():
     ap.add_argument("--contexts", default="131072")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--groups", default="head", help="value groupings: head, token or both")
-    ap.add_argument("--bits", type=int, default=3, choices=[2, 3])
+    ap.add_argument("--bits", type=int, default=3, choices=[2, 3, 4])
+    ap.add_argument("--variants", default=None, help="register cap and programs per SM, e.g. none:8,168:12 (the "
+                    "pairs kernel alone at each, per grouping, on one filled storage; head:/token: prefixes "
+                    "restrict a variant to one grouping)")
     a = ap.parse_args()
+    if a.variants:
+        return variants(a)
     bits = a.bits
     groups = a.groups.split(",")
     print(env_info())
@@ -54,6 +58,55 @@ def main():
                 for kernel in ("pairs", "natural"):
                     us = bench_graph(lambda q_=q, s_=st, k_=kernel: kernels.decode_attention(q_, s_, 0.088, kernel=k_))
                     print(f"{ctx} b{B} nuq{bits} {vg}-group slots {frac}: {kernel} {us:.1f} us ({sdpa / us:.2f}x SDPA)")
+                sts = st = None
+                torch.cuda.empty_cache()
+
+
+
+def _last_compiled(fn):
+    """(registers, spilled registers) of the kernel's most recent compilation (Triton's per-device cache)."""
+    try:
+        last = [c for dc in fn.device_caches.values() for c in dc[0].values()][-1]
+        return last.n_regs, last.n_spills
+    except (AttributeError, IndexError, TypeError):
+        return None, None
+
+
+def variants(a):
+    """The pairs kernel under register caps (ptxas spills to local memory) and the matching number of resident
+    programs per SM (the split rule fills one wave of them), nuq{bits}-1%, one storage per grouping."""
+    from kvquant.kernels import _gluon as G
+
+    print(env_info())
+    Hq, H, D = 32, 8, 128
+    specs = []
+    for v in a.variants.split(","):
+        grp, _, v = v.rpartition(":") if v.count(":") == 2 else ("", "", v)
+        reg, per = v.split(":")
+        specs.append((grp, None if reg == "none" else int(reg), int(per)))
+    for vg in a.groups.split(","):
+        _, _, sts, _ = fill_storages(2, H, D, 4096, [(a.bits, vg)], frac=0.01, want_fp16=False)
+        st4 = sts[(a.bits, vg)]
+        q4 = torch.randn(2, Hq, 1, D, device="cuda").bfloat16()
+        ref = reference_decode_attention(q4, st4, D**-0.5).float()
+        for ctx in (int(c) for c in a.contexts.split(",")):
+            for B in (int(b) for b in a.batches.split(",")):
+                q = torch.randn(B, Hq, 1, D, device="cuda").bfloat16()
+                sdpa = sdpa_graph_us(q, H, ctx)
+                _, _, sts, _ = fill_storages(B, H, D, ctx, [(a.bits, vg)], frac=0.01, want_fp16=False)
+                st = sts[(a.bits, vg)]
+                print(f"{ctx} b{B}: SDPA bf16 {sdpa:.1f} us")
+                for grp, reg, per in specs:
+                    if grp and grp != vg:
+                        continue
+                    G.MAXNREG, G.PROGRAMS_PER_SM = reg, per
+                    err = rel(kernels.decode_attention(q4, st4, D**-0.5, kernel="pairs").float(), ref)
+                    us = bench_graph(lambda q_=q, s_=st: kernels.decode_attention(q_, s_, 0.088, kernel="pairs"))
+                    regs, spills = _last_compiled(G._pairs_kernel)
+                    print(f"{ctx} b{B} nuq{a.bits} {vg}-group slots 0.01: pairs maxnreg={reg} programs/SM={per} "
+                          f"{us:.1f} us ({sdpa / us:.3f}x SDPA), 4K check {err:.2e}, {regs} registers, "
+                          f"{spills} spilled", flush=True)
+                G.MAXNREG, G.PROGRAMS_PER_SM = None, 8
                 sts = st = None
                 torch.cuda.empty_cache()
 

@@ -160,7 +160,8 @@ def sass_loop(cubin: bytes):
 # --regions: the pairs kernel's hot loop by what its instructions do, from the source line nvdisasm -gi gives each
 # one: the helper function it was inlined from, else keywords of the kernel's statement
 _HELPER_REGION = {
-    "_entry": "codes", "_entry_lo": "codes", "_lds": "codes", "_lookup": "codes", "_vlookup": "codes",
+    "_entry": "codes", "_entry_lo": "codes", "_entry_byte": "codes", "_lds": "codes", "_lookup": "codes",
+    "_vlookup": "codes",
     "_cos_sin": "exact RoPE", "_q_table_store": "exact RoPE", "_pack2": "exact RoPE",
     "_rot_q": "query rotation", "_pick4": "query rotation",
     "_hfma2": "key affine + RoPE", "_rope2": "key affine + RoPE", "_to_operand": "key affine + RoPE",
@@ -171,7 +172,7 @@ _STATEMENT_REGION = (  # (region, keywords), first match wins
     ("slots", ("k_rel", "v_rel", "KOI", "KOV", "KZI", "VOI", "VOV", "VOE", "vs5", "vz5", "s_row", "s_inv", "s_z",
                "ent = ", "+ ent", "res = ", "col = ", "npass")),
     ("exact RoPE", ("dpos", "_cos_sin", "SCR", "_pack2", "_q_table_store")),
-    ("codes", ("wrow", "hrow", "_lookup", "_vlookup", "h_w", " w = ", " h = ")),
+    ("codes", ("wrow", "hrow", "_lookup", "_vlookup", "h_w", " w = ", " h = ", "w1 = ", "ws = ", "w_s0", "w_l", "w_m")),
     ("MMA + movmatrix", ("movmatrix", "mma_v2", "acc")),
     ("key affine + RoPE", ("cw =", "sw =", "_rope2", "_hfma2")),
     ("query rotation", ("_rot_q",)),
@@ -210,7 +211,7 @@ def pairs_regions(cubin: bytes) -> Counter:
     return Counter(r for a, _, r in ins if body and body[0] <= a <= body[1])
 
 
-def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits=3):
+def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits=3, maxnreg=None):
     """The Gluon pairs kernel for sm_90 (divisibility hints on the code pointers and strides, as at run time);
     ``token_group``: token-group values with that many slots per row (0: head-group, ``slots`` per vector)."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -228,15 +229,17 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits
     cv = token_group or slots
     cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=cv,
               **G.value_slots(bool(token_group), cv, uses_head_ends("token", heads, token_group)),
-              HAS_MASK=has_mask, DEVLEN=False, PF=2, HI=bits == 3, BT=G.BT, D=G.D, N=G.N)
+              HAS_MASK=has_mask, DEVLEN=False, PF=2, HI=bits == 3, B4=bits == 4, BT=G.BT, D=G.D, N=G.N)
     order = list(sig)
     div = [["tt.divisibility", 16]]
     attrs = {(order.index(n),): div for n in ("KC", "VC", "skc_t", "svc_t", "skc_h", "svc_h", "skc_b", "svc_b")}
     return triton.compile(GluonASTSource(G._pairs_kernel, sig, constexprs=cx, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=1, **({} if maxnreg is None else {"maxnreg": maxnreg})))
 
 
-_PAIRS_CONST = ("H_KV", "GROUP", "CK", "CV", "VRUN", "VENDS", "V_OFF", "HAS_MASK", "DEVLEN", "PF", "HI", "BT", "D", "N")
+_PAIRS_CONST = ("H_KV", "GROUP", "CK", "CV", "VRUN", "VENDS", "V_OFF", "HAS_MASK", "DEVLEN", "PF", "HI", "B4", "BT",
+                "D", "N")
 
 
 def main():
@@ -262,9 +265,10 @@ def main():
     if a.kernel == "pairs":
         tg = (a.cv or [10])[0] if a.token_group else 0
         for bits, slots in [(b, s) for b in a.bits for s in ([a.ck] if a.ck is not None else [1, 0])]:
-            k = compile_pairs(slots, a.mask, token_group=tg, bits=bits)
+            k = compile_pairs(slots, a.mask, token_group=tg, bits=bits, maxnreg=a.maxnreg)
             tot, loop, ops, loc = sass_loop(k.asm["cubin"])
-            print(f"pairs nuq{bits} slots={slots} token-group slots={tg} mask={a.mask} (triton {triton.__version__}): "
+            print(f"pairs nuq{bits} slots={slots} token-group slots={tg} mask={a.mask} maxnreg={a.maxnreg} "
+                  f"(triton {triton.__version__}): "
                   f"{resource_usage(k.asm['cubin'])}, shared {k.metadata.shared} B, SASS {tot} instr ({loc} local "
                   f"ld/st), hot loop {loop} instr")
             print("   SASS loop top:", ", ".join(f"{o} {c}" for o, c in ops.most_common(16)))

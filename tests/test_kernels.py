@@ -435,32 +435,54 @@ def test_pairs_kernel_tables_cpu():
     lo2 = pack_codes(codes2, 2).contiguous().view(torch.int32).long()
     got2 = tab2[(lo2[:, word] >> (2 * bit)) & 15, 0].contiguous().view(torch.float16).view(5, 64, 2)
     assert torch.equal(got2, torch.stack([lev4[codes2[:, ch]], lev4[codes2[:, ch + 1]]], -1).half())
-    with pytest.raises(ValueError, match="4 or 8 levels"):
-        G.pair_table(torch.zeros(16))
+    # 4-bit codes: a pair's byte (core/packing.py: c[2 i] | c[2 i + 1] << 4) indexes 256 entries, word 8 byte + lane % 8
+    lev16 = torch.sort(torch.randn(16, generator=g)).values
+    tab4 = G.pair_table(lev16)
+    assert tab4.shape == (64, 32) and bool((tab4.view(256, 8) == tab4.view(256, 8)[:, :1]).all())
+    codes4 = torch.randint(0, 16, (5, 128), generator=g)
+    byte = pack_codes(codes4, 4).long()  # [5, 64]: byte i holds channels 2 i, 2 i + 1
+    for lane in (0, 5, 13, 31):
+        got4 = tab4.view(-1)[8 * byte + lane % 8].contiguous().view(torch.float16).view(5, 64, 2)
+        assert torch.equal(got4, torch.stack([lev16[codes4[:, ch]], lev16[codes4[:, ch + 1]]], -1).half())
+    # ... and the kernel reads the byte of K index k's pair (p = k % 16 // 2: lane p % 4, register s = p // 4) from
+    # byte p % 4 of word 8 half + 2 j + s: _kchan's 4-bit order puts exactly that pair's channels there
+    for j in range(4):
+        for k in range(32):
+            p, h = (k % 16) // 2, k // 16
+            c = int(G._kchan.fn(k, j, True))
+            assert c // 2 == 4 * (8 * h + 2 * j + p // 4) + p % 4 and c % 2 == k % 2
+    assert sorted(int(G._kchan.fn(k, j, b4)) for j in range(4) for k in range(32) for b4 in (False, True)) == \
+        sorted(2 * list(range(128)))
+    with pytest.raises(ValueError, match="4, 8 or 16 levels"):
+        G.pair_table(torch.zeros(32))
     rows = [torch.zeros(1, 1, 1, n, dtype=torch.uint8) for n in (48, 32, 64)]
-    for bits, row in ((3, rows[1]), (2, rows[0]), (4, rows[2])):  # a width the rows do not hold: refused, no launch
+    for bits, row in ((3, rows[1]), (2, rows[0]), (4, rows[0])):  # a width the rows do not hold: refused, no launch
         quant = (row, None, None, row, torch.zeros(1, 1, 1, 1), None, None, None, None)
-        with pytest.raises(ValueError, match="2- or 3-bit code rows"):
+        with pytest.raises(ValueError, match="2-, 3- or 4-bit code rows"):
             G.launch(None, None, None, None, quant, {}, None, None, 1.0, 0, 1, 32, 1, 1, 0, 0, bits=bits)
 
     inv = synthetic_rope(128).inv_freq
-    csp = G.fragment_rope_table(inv).view(4, 2, 256)  # [chunk, cos/sin, register * 32 + lane]
     t = torch.arange(32)[:, None]
     q = torch.arange(8)[None, :]
     off = 32 * ((q // 4) + 2 * ((t // 8) % 2) + 4 * (t // 16)) + (q % 4) + 4 * (t % 8)  # the kernel's cs_off
-    for j in range(4):
-        c = 16 * j + 4 * (q % 4) + 2 * (q // 4)  # the pair's first channel (the kernel's cs_ch + 16 j)
-        for k, fn in enumerate((torch.cos, torch.sin)):
-            pair = csp[j, k][off].contiguous().view(torch.float16).view(32, 8, 2).float()
-            ref = torch.stack([fn(t * inv[c].double()), fn(t * inv[c + 1].double())], -1).float()
-            assert (pair - ref).abs().max() < 1e-3
-    brot = G.block_rope_table(inv, 3)
-    # a program's scratch holds one block's key table (as CSP) and one query-rotation row (as BROT)
-    assert csp.numel() == G.SCRATCH_KEY and brot[0].numel() == G.SCRATCH_WORDS - G.SCRATCH_KEY
     m = torch.arange(16)
-    for j in range(4):
-        kc = 64 * (m // 16) + 16 * j + 4 * ((m % 16) // 2 % 4) + 2 * ((m % 16) // 8) + m % 2  # _kchan(m, j)
-        assert torch.allclose(brot[2, j, 0], torch.cos(2 * 32 * inv[kc].double()).float(), atol=1e-6)
+    for bits in (3, 4):
+        csp = G.fragment_rope_table(inv, bits).view(4, 2, 256)  # [chunk, cos/sin, register * 32 + lane]
+        for j in range(4):
+            # the pair's first channel (the kernel's cs_ch + 16 j)
+            c = 16 * j + (2 * (q % 4) + 8 * (q // 4) if bits == 4 else 4 * (q % 4) + 2 * (q // 4))
+            for k, fn in enumerate((torch.cos, torch.sin)):
+                pair = csp[j, k][off].contiguous().view(torch.float16).view(32, 8, 2).float()
+                ref = torch.stack([fn(t * inv[c].double()), fn(t * inv[c + 1].double())], -1).float()
+                assert (pair - ref).abs().max() < 1e-3
+        brot = G.block_rope_table(inv, 3, bits)
+        # a program's scratch holds one block's key table (as CSP) and one query-rotation row (as BROT)
+        assert csp.numel() == G.SCRATCH_KEY and brot[0].numel() == G.SCRATCH_WORDS - G.SCRATCH_KEY
+        for j in range(4):
+            kc = torch.tensor([int(G._kchan.fn(int(x), j, bits == 4)) for x in m])
+            assert torch.allclose(brot[2, j, 0], torch.cos(2 * 32 * inv[kc].double()).float(), atol=1e-6)
+    assert set(G.tables(lev16, torch.ones(2, 128), torch.zeros(2, 128), lev16, inv)["CSP"].view(-1).tolist()) == \
+        set(G.fragment_rope_table(inv, 4).view(-1).tolist())
 
     for n, programs in ((131072, 8), (131072, 64), (4096, 8), (100, 256), (1, 1)):
         nsq, chunk = G.splits(n, programs, 132)
@@ -532,7 +554,7 @@ def test_pairs_kernel_refused_clearly_cpu():
 
 def test_pairs_kernel_selection_cpu(monkeypatch):
     """The selection policy, with the pairs kernel made available on the CPU (plans only: nothing is launched): the
-    default takes it in CUDA-graph steps only, for 3-bit or 2-bit storage at head_dim 128 with <= 1 key slot per vector
+    default takes it in CUDA-graph steps only, for 2-, 3- or 4-bit storage at head_dim 128 with <= 1 key slot per vector
     (head-group or token-group values), never with a natural/fields launch option; asking for it before any token is
     quantized is not an error; the real availability check honours KVQUANT_PAIRS=0."""
     _gluon_module()
@@ -551,8 +573,9 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
         tg, _, _ = make_storage(1, heads, 128, 3, 40, 1, 0, "token", "cpu")
         assert (tg.v_out_ends is not None) == (heads == 8)
         assert kernels.decode_kernel(torch.zeros(1, 4 * heads, 1, 128), tg, graph=True) == "pairs"
-    for args, kw in (((1, 2, 128, 4, 40, 1, 0, "head"), {}),  # 4-bit
-                     ((1, 2, 64, 3, 40, 1, 0, "head"), {}),  # head_dim 64
+    four, _, _ = make_storage(1, 2, 128, 4, 40, 1, 0, "head", "cpu")  # 4-bit storage
+    assert kernels.decode_kernel(q, four, graph=True) == "pairs" and kernels.decode_kernel(q, four) == "natural"
+    for args, kw in (((1, 2, 64, 3, 40, 1, 0, "head"), {}),  # head_dim 64
                      ((1, 2, 128, 3, 40, 1, 0, "head"), {"frac": 0.03})):  # 4 key slots per vector
         other, _, _ = make_storage(*args, "cpu", **kw)
         qo = torch.zeros(1, 4 * args[1], 1, args[2]).bfloat16()
@@ -576,7 +599,7 @@ def _pairs_here() -> bool:
 @pytest.mark.skipif(not _pairs_here(), reason="needs CUDA sm_80+ and the Triton version of the Gluon pairs kernel")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_pairs_gpu(dtype):
-    """The Gluon pairs kernel (3-bit and 2-bit, head_dim 128, <= 1 key slot per vector) against the float reference:
+    """The Gluon pairs kernel (3-, 2- and 4-bit, head_dim 128, <= 1 key slot per vector) against the float reference:
     GQA 4 / 3 / MHA, left padding, sinks and window, slots and none, one split past the query-rotation table,
     non-consecutive positions (the exact RoPE path), RoPE attention scaling; token-group values (the calibration
     default: slot runs per KV head with their ends, long runs, and rows without ends over 2 KV heads); and it is the
@@ -606,6 +629,12 @@ def test_decode_pairs_gpu(dtype):
     check_decode(1, 6, 6, 128, 2, 1500, 4, 5, "head", "cuda", **kw)
     check_decode(3, 32, 8, 128, 2, 3000, 1, 17, "token", "cuda", mask_lens=[3018, 2000, 100], **kw)
     check_decode(2, 8, 8, 128, 2, 700, 1, 0, "token", "cuda", offsets=[0, 77], gap_at=300, **kw)
+    # 4-bit codes (a byte per pair, natural key channel order): the same four, and a split past the rotation table
+    check_decode(3, 32, 8, 128, 4, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], **kw)
+    check_decode(1, 6, 6, 128, 4, 1500, 4, 5, "head", "cuda", **kw)
+    check_decode(3, 32, 8, 128, 4, 3000, 1, 17, "token", "cuda", mask_lens=[3018, 2000, 100], **kw)
+    check_decode(2, 8, 8, 128, 4, 700, 1, 0, "token", "cuda", offsets=[0, 77], gap_at=300, **kw)
+    check_decode(1, 4, 1, 128, 4, 20000, 1, 0, "head", "cuda", num_splits=1, attention_scaling=1.3, **kw)
 
 
 @pytest.mark.gpu

@@ -128,13 +128,18 @@ def _cos_sin(ang):
 
 
 @gluon.jit
-def _kchan(k, j: gl.constexpr):
-    """Key channel of operand K index k (0..31) in chunk j: the 4 channels a thread holds are neighbours."""
-    return 64 * (k // 16) + 16 * j + 4 * ((k % 16) // 2 % 4) + 2 * ((k % 16) // 8) + k % 2
+def _kchan(k, j: gl.constexpr, B4: gl.constexpr = False):
+    """Key channel of operand K index k (0..31) in chunk j: 2/3-bit codes: the 4 channels a thread holds are
+    neighbours (one byte of the low plane); B4 (4-bit codes): natural order (a thread's two channel pairs are byte
+    l % 4 of two consecutive words)."""
+    if B4:
+        return 64 * (k // 16) + 16 * j + k % 16
+    else:
+        return 64 * (k // 16) + 16 * j + 4 * ((k % 16) // 2 % 4) + 2 * ((k % 16) // 8) + k % 2
 
 
 @gluon.jit
-def _rot_q(qj, ang_or_tab, j: gl.constexpr, N: gl.constexpr, FROM_TABLE: gl.constexpr):
+def _rot_q(qj, ang_or_tab, j: gl.constexpr, N: gl.constexpr, FROM_TABLE: gl.constexpr, B4: gl.constexpr = False):
     """R(a)^T applied to a query chunk [32, N] (K indices m and 16 + m are RoPE partners): the angle a of K index m
     is ang_or_tab * theta (FROM_TABLE False: ang_or_tab = (position, INVF)) or read from a cos/sin table (True:
     ang_or_tab = pointer to 16 cos then 16 sin)."""
@@ -145,26 +150,26 @@ def _rot_q(qj, ang_or_tab, j: gl.constexpr, N: gl.constexpr, FROM_TABLE: gl.cons
         sa = gl.load(ang_or_tab + 16 + mq)[:, None]
     else:
         pos, INVF = ang_or_tab
-        ca, sa = _cos_sin(pos * gl.load(INVF + _kchan(mq, j)))
+        ca, sa = _cos_sin(pos * gl.load(INVF + _kchan(mq, j, B4)))
         ca, sa = ca[:, None], sa[:, None]
     return gl.reshape(gl.permute(gl.join(qa * ca + qb * sa, qb * ca - qa * sa), [2, 0, 1]), [32, N]).to(gl.float16)
 
 
 @gluon.jit
-def _q_table_store(qj, ptr, pos, INVF, j: gl.constexpr, N: gl.constexpr):
+def _q_table_store(qj, ptr, pos, INVF, j: gl.constexpr, N: gl.constexpr, B4: gl.constexpr = False):
     """Store cos / sin of pos * theta for the 16 K indices of query chunk j at ptr (16 cos, then 16 sin), in the
     layout in which _rot_q(qj, ptr, j, N, True) reads them (so each reading thread wrote its values itself)."""
     qa, qb = gl.split(gl.permute(gl.reshape(qj.to(gl.float32), [2, 16, N]), [1, 2, 0]))
     mq = gl.arange(0, 16, layout=gl.SliceLayout(1, qa.type.layout))
-    ca, sa = _cos_sin(pos * gl.load(INVF + _kchan(mq, j)))
+    ca, sa = _cos_sin(pos * gl.load(INVF + _kchan(mq, j, B4)))
     gl.store(ptr + mq, ca)
     gl.store(ptr + 16 + mq, sa)
 
 
 @gluon.jit
-def _q_chunk(Qb, sqh, bn, bk, j: gl.constexpr, qk_scale, GROUP: gl.constexpr):
+def _q_chunk(Qb, sqh, bn, bk, j: gl.constexpr, qk_scale, GROUP: gl.constexpr, B4: gl.constexpr = False):
     """Query chunk j [32 (K index), N (head)] scaled by qk_scale, zero for the padding heads."""
-    q = gl.load(Qb + bn[None, :] * sqh + _kchan(bk, j)[:, None], mask=(bn < GROUP)[None, :], other=0.0)
+    q = gl.load(Qb + bn[None, :] * sqh + _kchan(bk, j, B4)[:, None], mask=(bn < GROUP)[None, :], other=0.0)
     return (q.to(gl.float32) * qk_scale).to(gl.float16)
 
 
@@ -191,12 +196,15 @@ V5 = gl.DistributedLinearLayout(
     lane_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 0, 4, 0, 0]],
     warp_bases=[], block_bases=[], shape=[2, 2, 8, 4, 4])
 VW = gl.SliceLayout(1, gl.SliceLayout(4, V5))  # [sw, ml, ph]: the words of a value pair's token
+VW4 = gl.SliceLayout(4, V5)  # [sw, mh, ml, ph]: the same for 4-bit codes (word 4 i + 2 sw + mh)
 C_P3 = {d: gl.constexpr(_axis(P3, d, 3)) for d in range(3)}
 C_V5 = {d: gl.constexpr(_axis(V5, d, 5)) for d in range(5)}
 C_VW = {d: gl.constexpr(_axis(VW, d, 3)) for d in range(3)}
+C_VW4 = {d: gl.constexpr(_axis(VW4, d, 4)) for d in range(4)}
 P3_T, P3_H, P3_P = C_P3[0], C_P3[1], C_P3[2]
 V5_SW, V5_MH, V5_ML, V5_PH, V5_PL = C_V5[0], C_V5[1], C_V5[2], C_V5[3], C_V5[4]
 VW_SW, VW_ML, VW_PH = C_VW[0], C_VW[1], C_VW[2]
+VW4_SW, VW4_MH, VW4_ML, VW4_PH = C_VW4[0], C_VW4[1], C_VW4[2], C_VW4[3]
 KW_L = gl.constexpr(gl.SliceLayout(2, P3))  # [token, half]: a key word, shared by a lane group
 # [token, word]: a lane group's 4 tokens, all 8 words of each in consecutive registers (16-byte loads)
 KROW = gl.constexpr(gl.DistributedLinearLayout(
@@ -205,6 +213,9 @@ KROW = gl.constexpr(gl.DistributedLinearLayout(
 KROW4 = gl.constexpr(gl.DistributedLinearLayout(  # the same for the 4 high-plane words of a row
     reg_bases=[[0, 1], [0, 2], [8, 0], [16, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
     warp_bases=[], block_bases=[], shape=[BT, 4]))
+KROW16 = gl.constexpr(gl.DistributedLinearLayout(  # the same for the 16 words of a 4-bit row
+    reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [8, 0], [16, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+    warp_bases=[], block_bases=[], shape=[BT, 16]))
 KC_L = gl.constexpr(gl.SliceLayout(1, P3))  # [token, p]: per channel pair below 64
 KS_L = gl.constexpr(gl.SliceLayout(0, P3))  # [half, p]: per channel pair
 
@@ -228,11 +239,23 @@ def _entry_lo(w, rw, lane4):
 
 
 @gluon.jit
-def _lookup(w, h, rw, rh, lane4, OFF: gl.constexpr, HI: gl.constexpr):
+def _entry_byte(w, rw, lane8):
+    """_entry for 4-bit storage: the channel pair's byte rotated to bits 5-12, OR 4 (lane % 8) (the 4-bit tables hold
+    256 entries for 8 lane groups: entry e of lane l at word 8 e + l % 8)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 a; shf.r.wrap.b32 a, $1, $1, $2; lop3.b32 $0, a, 0x1FE0, $3, 0xEA; }",
+        "=r,r,r,r", [w, rw, lane8], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _lookup(w, h, rw, rh, lane4, OFF: gl.constexpr, HI: gl.constexpr, B4: gl.constexpr = False):
     """The entry of table OFF (0: keys, 1: values) from shared memory (Triton's dynamic shared memory, symbol
     global_smem, whose constant address ptxas folds into the load). HI: 3-bit codes (h holds the high plane); else
-    2-bit codes (h is not read: the entries of codes 0-3 are those whose high bits are 0)."""
-    if HI:
+    2-bit codes (h is not read: the entries of codes 0-3 are those whose high bits are 0). B4: 4-bit codes (a byte
+    per pair; lane4 is 4 (lane % 8); h is not read)."""
+    if B4:
+        return _lds(_entry_byte(w, rw, lane4) + 8192 * OFF)
+    elif HI:
         return _lds(_entry(w, h, rw, rh, lane4) + 8192 * OFF)
     else:
         return _lds(_entry_lo(w, rw, lane4) + 8192 * OFF)
@@ -308,9 +331,13 @@ def _ldsm4(off):
 
 @gluon.jit
 def _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i: gl.constexpr, D: gl.constexpr,
-             HI: gl.constexpr):
+             HI: gl.constexpr, B4: gl.constexpr = False, v_tok4=None, vw4=None, vmask4=None):
     """The value levels of channels 32 i .. 32 i + 31 of a block, as channel pairs in the layout V5 (low-plane words
-    2 i + sw, with HI (3-bit codes) high-plane word D / 16 + i)."""
+    2 i + sw, with HI (3-bit codes) high-plane word D / 16 + i; B4 (4-bit codes): words 4 i + vw4, vw4 = 2 sw + mh, at
+    tokens v_tok4)."""
+    if B4:
+        w4 = gl.load(VC32 + (t0 + v_tok4) * (svc_t // 4) + 4 * i + vw4, mask=vmask4, other=0)
+        return _lookup(w4[:, :, :, :, None], w4[:, :, :, :, None], v_rw, v_rh, v_base, 1, False, True)
     w = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + 2 * i + sww, mask=vmask, other=0)
     if HI:
         h = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + D // 16 + i + 0 * sww, mask=vmask, other=0)
@@ -354,7 +381,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                   H_KV: gl.constexpr, GROUP: gl.constexpr, CK: gl.constexpr, CV: gl.constexpr,
                   VRUN: gl.constexpr, VENDS: gl.constexpr, V_OFF: gl.constexpr,
                   HAS_MASK: gl.constexpr, DEVLEN: gl.constexpr, PF: gl.constexpr, HI: gl.constexpr,
-                  BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
+                  B4: gl.constexpr, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
     """Split pid of KV head h of sequence b (grid: NSPLIT_Q, H_KV, B): tokens [pid chunk, pid chunk + chunk) of the
     quantized region. Storage as LayerStorage holds it (codes [B, H, cap, 48] uint8 at 3 bits (HI), [B, H, cap, 32] at 2
     bits; value zero/scale [B, H, cap, 1] fp16; slots [B, H, cap, CK/CV]; positions [B, cap] int32). Values in runs
@@ -409,30 +436,53 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     t3 = gl.arange(0, BT, layout=P3_T)[:, None, None]
     q3 = gl.arange(0, 8, layout=P3_P)[None, None, :]
     h3 = gl.arange(0, 2, layout=P3_H)[None, :, None]
-    k_pair = 64 * h3 + 2 * (q3 // 4)  # a key pair's first channel, less 16 j and the lane's 4 (p % 4)
-    k_base = 4 * ((q3 % 4) + 4 * (t3 % 8))
-    k_rw = (2 * (4 * (q3 % 4) + 2 * (q3 // 4)) - 7) & 31  # first channel's low-plane bit -> bit 7
+    if B4:  # natural channel order: pair p = p % 4 + 4 s is byte p % 4 of word 8 half + 2 j + s
+        k_pair = 64 * h3 + 8 * (q3 // 4)  # a key pair's first channel, less 16 j and the lane's 2 (p % 4)
+        k_base = 4 * ((q3 % 4) + 4 * (t3 % 2))  # lane % 8
+        k_rw = (8 * (q3 % 4) - 5) & 31  # the pair's byte -> bits 5-12
+    else:
+        k_pair = 64 * h3 + 2 * (q3 // 4)  # a key pair's first channel, less 16 j and the lane's 4 (p % 4)
+        k_base = 4 * ((q3 % 4) + 4 * (t3 % 8))
+        k_rw = (2 * (4 * (q3 % 4) + 2 * (q3 // 4)) - 7) & 31  # first channel's low-plane bit -> bit 7
     k_rh = (4 * (q3 % 4) + 2 * (q3 // 4) - 11) & 31  # its high-plane bit -> bit 11 (half-word 0 of a word)
     k_rh16 = (k_rh + 16) & 31  # (half-word 1)
     hs = gl.arange(0, 2, layout=gl.SliceLayout(1, KS_L))[:, None]
     qs = gl.arange(0, 8, layout=gl.SliceLayout(0, KS_L))[None, :]
-    ks_off = 32 * hs + 2 * (qs % 4) + qs // 4  # channel pair (without the 8 j)
+    if B4:
+        ks_off = 32 * hs + qs  # channel pair (without the 8 j)
+    else:
+        ks_off = 32 * hs + 2 * (qs % 4) + qs // 4
     trow = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW))[:, None]
     wcol = gl.arange(0, 8, layout=gl.SliceLayout(0, KROW))[None, :]
+    trow16 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW16))[:, None]
+    wcol16 = gl.arange(0, 16, layout=gl.SliceLayout(0, KROW16))[None, :]
     trow4 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW4))[:, None]
     hcol = gl.arange(0, 4, layout=gl.SliceLayout(0, KROW4))[None, :]
     tcs = gl.arange(0, BT, layout=gl.SliceLayout(1, KC_L))[:, None]
     qcs = gl.arange(0, 8, layout=gl.SliceLayout(0, KC_L))[None, :]
     # fragment order: register s + 2 (tau // 8 % 2) + 4 (tau // 16) of lane p % 4 + 4 (tau % 8), s = p // 4
     cs_off = 32 * ((qcs // 4) + 2 * ((tcs // 8) % 2) + 4 * (tcs // 16)) + (qcs % 4) + 4 * (tcs % 8)
-    cs_ch = 4 * (qcs % 4) + 2 * (qcs // 4)  # the channel (below 16, even) of a key pair, less 16 j (exact path)
+    if B4:  # the channel (below 16, even) of a key pair, less 16 j (exact path)
+        cs_ch = 2 * (qcs % 4) + 8 * (qcs // 4)
+    else:
+        cs_ch = 4 * (qcs % 4) + 2 * (qcs // 4)
     # value side invariants
     mh5 = gl.arange(0, 2, layout=V5_MH)[None, :, None, None, None]
     ml5 = gl.arange(0, 8, layout=V5_ML)[None, None, :, None, None]
     pl5 = gl.arange(0, 4, layout=V5_PL)[None, None, None, None, :]
     ph5 = gl.arange(0, 4, layout=V5_PH)[None, None, None, :, None]
-    v_base = 4 * (pl5 + 4 * ml5) + 0 * mh5
-    v_rw = (2 * (8 * mh5 + 2 * pl5) - 7) & 31
+    if B4:  # byte pl of word 4 i + 2 sw + mh -> bits 5-12; lane % 8
+        v_base = 4 * (pl5 + 4 * (ml5 % 2)) + 0 * mh5
+        v_rw = ((8 * pl5 - 5) & 31) + 0 * mh5
+        v_tok4 = 8 * gl.arange(0, 4, layout=VW4_PH)[None, None, None, :] + \
+            gl.arange(0, 8, layout=VW4_ML)[None, None, :, None]
+        vw4 = 2 * gl.arange(0, 2, layout=VW4_SW)[:, None, None, None] + \
+            gl.arange(0, 2, layout=VW4_MH)[None, :, None, None]
+    else:
+        v_base = 4 * (pl5 + 4 * ml5) + 0 * mh5
+        v_rw = (2 * (8 * mh5 + 2 * pl5) - 7) & 31
+        v_tok4 = None
+        vw4 = None
     sw5 = gl.arange(0, 2, layout=V5_SW)[:, None, None, None, None]
     v_rh = (8 * mh5 + 2 * pl5 - 11 + 16 * sw5) & 31  # high-plane word i holds half-words 2 i + sw
     sww = gl.arange(0, 2, layout=VW_SW)[:, None, None]
@@ -452,10 +502,10 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     # contiguous positions would put it, else from its own angles
     p_split = gl.load(QP + gl.minimum(lo_t, gl.maximum(n_q - 1, 0)))
     pf32 = p_split.to(gl.float32)
-    q0 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 0, qk_scale, GROUP), (pf32, INVF), 0, N, False)
-    q1 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 1, qk_scale, GROUP), (pf32, INVF), 1, N, False)
-    q2 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 2, qk_scale, GROUP), (pf32, INVF), 2, N, False)
-    q3q = _rot_q(_q_chunk(Qb, sqh, bn, bk, 3, qk_scale, GROUP), (pf32, INVF), 3, N, False)
+    q0 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 0, qk_scale, GROUP, B4), (pf32, INVF), 0, N, False, B4)
+    q1 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 1, qk_scale, GROUP, B4), (pf32, INVF), 1, N, False, B4)
+    q2 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 2, qk_scale, GROUP, B4), (pf32, INVF), 2, N, False, B4)
+    q3q = _rot_q(_q_chunk(Qb, sqh, bn, bk, 3, qk_scale, GROUP, B4), (pf32, INVF), 3, N, False, B4)
     c_l: gl.constexpr = gl.SliceLayout(1, mma)
     h_l: gl.constexpr = gl.SliceLayout(0, mma)
     tc_ = gl.arange(0, BT, layout=c_l)
@@ -547,13 +597,16 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         if not q_tab:
             for jj in gl.static_range(4):
                 _q_table_store(_pick4(jj, q0, q1, q2, q3q), SCRQ + jj * 32, (p_b - p_split).to(gl.float32), INVF,
-                               jj, N)
+                               jj, N, B4)
             qtb = SCRQ
         s = gl.zeros([BT, N], gl.float32, layout=mma)
         # the block's key rows, 16 bytes per load: low-plane words [token, 8], high-plane words [token, 4] (read as
         # 32-bit words: half-word 4 half + j is half j % 2 of word 2 half + j // 2, no sign extension)
-        kmask = (t0 + trow) < hi_t
-        wrow = gl.load(KC32 + (t0 + trow) * (skc_t // 4) + wcol, mask=kmask, other=0)
+        if B4:  # [token, 16] words: word 8 half + 4 jh + 2 jl + s
+            wrow = gl.load(KC32 + (t0 + trow16) * (skc_t // 4) + wcol16, mask=(t0 + trow16) < hi_t, other=0)
+        else:
+            kmask = (t0 + trow) < hi_t
+            wrow = gl.load(KC32 + (t0 + trow) * (skc_t // 4) + wcol, mask=kmask, other=0)
         if HI:
             hrow = gl.load(KC32 + (t0 + trow4) * (skc_t // 4) + D // 16 + hcol, mask=(t0 + trow4) < hi_t, other=0)
         if CK:  # the block's key slots in code-level units, (exact - zero) / scale, to replace their levels
@@ -563,21 +616,35 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             xk = gl.load(KOV + kt * sko_t, mask=km, other=0.0).to(gl.float32)
             k_val, k_keep, k_sp = _slot_word(
                 (xk - gl.load(KZI + ci, mask=km, other=0.0)) * gl.load(KZI + D + ci, mask=km, other=0.0), ci)
-            k_rel = k_sp - 4 * (q3 % 4)  # [BT, 1, 8]: compared with constants per register
-        wrow = gl.reshape(wrow, [BT, 2, 2, 2])  # word 4 half + 2 jh + jl
-        w_l0, w_l1 = gl.split(wrow)
+            if B4:  # [BT, 1, 8]: compared with constants per register
+                k_rel = k_sp - 2 * (q3 % 4)
+            else:
+                k_rel = k_sp - 4 * (q3 % 4)
+        if B4:
+            w_s0, w_s1 = gl.split(gl.reshape(wrow, [BT, 2, 2, 2, 2]))  # [token, half, jh, jl] of s = 0, 1
+            w_l0, w_l1 = gl.split(w_s0)
+            w_m0, w_m1 = gl.split(w_s1)
+        else:
+            wrow = gl.reshape(wrow, [BT, 2, 2, 2])  # word 4 half + 2 jh + jl
+            w_l0, w_l1 = gl.split(wrow)
         if HI:
             h_w0, h_w1 = gl.split(gl.reshape(hrow, [BT, 2, 2]))  # word 2 half + j // 2
         for j in gl.static_range(4):
             # the words of chunk j (channels 64 half + 16 j ..): low-plane word 4 half + j, high-plane half-word
             w = _pick4(j, gl.split(w_l0)[0], gl.split(w_l1)[0], gl.split(w_l0)[1], gl.split(w_l1)[1])
             w = gl.convert_layout(w, KW_L, assert_trivial=True)
-            if HI:
-                h = gl.convert_layout(h_w0 if j < 2 else h_w1, KW_L, assert_trivial=True)
+            if B4:  # the word of the register's s = p // 4 (a constant per register)
+                w1 = _pick4(j, gl.split(w_m0)[0], gl.split(w_m1)[0], gl.split(w_m0)[1], gl.split(w_m1)[1])
+                w1 = gl.convert_layout(w1, KW_L, assert_trivial=True)
+                ws = gl.where(q3 < 4, w[:, :, None], w1[:, :, None])
+                lev = _lookup(ws, ws, k_rw, k_rw, k_base, 0, False, True)
             else:
-                h = w
-            rh = k_rh if j % 2 == 0 else k_rh16
-            lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, 0, HI)
+                if HI:
+                    h = gl.convert_layout(h_w0 if j < 2 else h_w1, KW_L, assert_trivial=True)
+                else:
+                    h = w
+                rh = k_rh if j % 2 == 0 else k_rh16
+                lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, 0, HI)
             if CK:  # the slot's exact level in place of the looked-up one, before the affine map and RoPE
                 lev = gl.where(k_rel == k_pair + 16 * j, (lev & k_keep) | k_val, lev)
             ksz = ks_off + 8 * j
@@ -591,7 +658,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             kr = _to_operand(gl.reshape(gl.permute(gl.join(r1, r2), [0, 2, 1]), [BT, 16]), a_l, BT)
             # the query chunk rotated on from p_split to the block start p_b
             qj = _pick4(j, q0, q1, q2, q3q)
-            qr = _rot_q(qj, qtb + j * 32, j, N, True)
+            qr = _rot_q(qj, qtb + j * 32, j, N, True, B4)
             s = mma_v2(kr, gl.convert_layout(qr, b_l), s)
         if HAS_MASK:  # the additive mask, natural-log units
             s += gl.load(MROW + t0 + tc_, mask=tmask, other=0.0)[:, None] * 1.4426950408889634
@@ -605,6 +672,10 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         m_i = m_new
         pv = gl.convert_layout((p * vsc[:, None]).to(gl.float16), b_l)
         vmask = (t0 + v_tok) < hi_t
+        if B4:
+            vmask4 = (t0 + v_tok4) < hi_t
+        else:
+            vmask4 = vmask
         if CV and not VRUN:  # the block's value slots, as for keys: (exact - zero) / scale
             vt5 = t0 + v_tok5
             vm = vt5 < hi_t
@@ -615,7 +686,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             v_val, v_keep, v_sp = _slot_word((xv - vz5) / vs5, vi)
             v_rel = v_sp - 2 * pl5  # [1, 1, 8, 4, 4]
         for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
-            lev = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i, D, HI)
+            lev = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i, D, HI, B4, v_tok4, vw4,
+                           vmask4)
             if VRUN:  # the slots' exact levels from the tile, in the same pair layout, in place of the looked-up ones
                 lev = _tile_merge(lev, _ldsm4(_tile_off(lt_tok, 32 * i + lt_ch)))
             elif CV:
@@ -685,9 +757,17 @@ def pair_table(levels: torch.Tensor) -> torch.Tensor:
     """[64, 32] int32: entry idx = lo_a | lo_b << 2 | hi_a << 4 | hi_b << 5 holds the fp16 pair (levels[a],
     levels[b]) with a = lo_a | hi_a << 2, b likewise (core/packing.py's 3-bit planes: 2 low bits, 1 high bit),
     replicated over the 32 lanes. Four levels (2-bit codes: the low plane alone) fill the entries idx < 16; the
-    others repeat level 0 and are never read."""
+    others repeat level 0 and are never read. Sixteen levels (4-bit codes): the 256 entries idx = a | b << 4 (a
+    packed byte), replicated over 8 lane groups (word 8 idx + lane % 8; lanes of a group that read different
+    entries of one bank wait on each other)."""
+    if levels.numel() == 16:
+        idx = torch.arange(256)
+        lev = levels.detach().reshape(-1).half().cpu()
+        bits = torch.stack([lev[idx & 15], lev[idx >> 4]], 1).contiguous().view(torch.int32)[:, 0]
+        return bits[:, None].expand(256, 8).reshape(64, 32).contiguous().to(levels.device)
     if levels.numel() not in (4, 8):
-        raise ValueError(f"the pairs kernel's tables take 4 or 8 levels (2- or 3-bit codes), got {levels.numel()}.")
+        raise ValueError(f"the pairs kernel's tables take 4, 8 or 16 levels (2-, 3- or 4-bit codes), got "
+                         f"{levels.numel()}.")
     idx = torch.arange(64)
     a = (idx & 3) | (((idx >> 4) & 1) << 2)
     b = ((idx >> 2) & 3) | (((idx >> 5) & 1) << 2)
@@ -702,23 +782,25 @@ def half_pairs(x: torch.Tensor) -> torch.Tensor:
     return x.half().contiguous().view(torch.int32)
 
 
-def fragment_rope_table(inv_freq: torch.Tensor) -> torch.Tensor:
+def fragment_rope_table(inv_freq: torch.Tensor, bits: int = 3) -> torch.Tensor:
     """[4, 2, 8, 32] int32: for chunk j, cos / sin, register r and lane l, the fp16 pair of channel pair
-    8 j + 2 (l % 4) + (r % 2) at block offset l // 4 + 8 (r // 2 % 2) + 16 (r // 4): the values a thread of the key
-    layout holds, so a warp's load reads one contiguous line."""
+    8 j + 2 (l % 4) + (r % 2) (4-bit codes: 8 j + l % 4 + 4 (r % 2), _kchan's order) at block offset
+    l // 4 + 8 (r // 2 % 2) + 16 (r // 4): the values a thread of the key layout holds, so a warp's load reads one
+    contiguous line."""
     tau = torch.arange(BT, dtype=torch.float64, device=inv_freq.device)[:, None] * inv_freq.double()[None, :]
     cs = torch.stack([half_pairs(tau.cos()), half_pairs(tau.sin())])  # [2, BT, D/4]
     j, r, lane = torch.arange(4)[:, None, None], torch.arange(8)[None, :, None], torch.arange(32)[None, None, :]
     tok = lane // 4 + 8 * (r // 2 % 2) + 16 * (r // 4)
-    cp = 8 * j + 2 * (lane % 4) + r % 2
+    cp = 8 * j + (lane % 4) + 4 * (r % 2) if bits == 4 else 8 * j + 2 * (lane % 4) + r % 2
     return cs[:, tok.to(cs.device), cp.to(cs.device)].permute(1, 0, 2, 3).contiguous()
 
 
-def block_rope_table(inv_freq: torch.Tensor, n_blocks: int) -> torch.Tensor:
+def block_rope_table(inv_freq: torch.Tensor, n_blocks: int, bits: int = 3) -> torch.Tensor:
     """[n_blocks, 4, 2, 16] fp32: for the block offset b BT in a split, chunk j, cos / sin of b BT theta for the query
     K index m (< 16) of chunk j, i.e. channel _kchan(m, j) (computed in float64)."""
     m = torch.arange(16)
-    ch = (16 * torch.arange(4)[:, None] + 4 * ((m // 2) % 4) + 2 * (m // 8) + m % 2).to(inv_freq.device)  # [4, 16]
+    order = m if bits == 4 else 4 * ((m // 2) % 4) + 2 * (m // 8) + m % 2
+    ch = (16 * torch.arange(4)[:, None] + order).to(inv_freq.device)  # [4, 16]
     ang = (torch.arange(n_blocks, device=inv_freq.device).double() * BT)[:, None, None] * inv_freq.double()[ch]
     return torch.stack([ang.cos(), ang.sin()], 2).float().contiguous()
 
@@ -727,13 +809,14 @@ BROT_BLOCKS = 512  # blocks per split served by the query-rotation table (16K to
 
 
 def tables(key_levels, key_scale, key_zero, value_levels, inv_freq) -> dict:
-    """The kernel's derived inputs, from the storage's affine key table (levels [8] or [4], scale / zero [H, D]), value
-    levels [8] or [4] and RoPE frequencies [D/2]."""
+    """The kernel's derived inputs, from the storage's affine key table (levels [4], [8] or [16], scale / zero [H, D]),
+    value levels (as many) and RoPE frequencies [D/2]."""
+    bits = {4: 2, 8: 3, 16: 4}.get(key_levels.numel(), 3)
     return dict(
         TAB=torch.cat([pair_table(key_levels), pair_table(value_levels)]).contiguous(),
         KSZ=torch.stack([half_pairs(key_scale), half_pairs(key_zero)], 1).contiguous(),  # [H, 2, D/2]
         KZI=torch.stack([key_zero.float(), 1.0 / key_scale.float()], 1).contiguous(),  # [H, 2, D]
-        CSP=fragment_rope_table(inv_freq), BROT=block_rope_table(inv_freq, BROT_BLOCKS),
+        CSP=fragment_rope_table(inv_freq, bits), BROT=block_rope_table(inv_freq, BROT_BLOCKS, bits),
         INVF=inv_freq.float().contiguous())
 
 
@@ -763,15 +846,15 @@ def value_slots(v_token: bool, cv: int, has_ends: bool) -> dict:
 def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, chunk, nsq, group, ck, cv, voe=None,
            bits=3):
     """Launch the kernel over ``nsq`` splits (grid nsq x KV heads x batch); see _pairs_kernel for the arguments.
-    ``bits``: the codes' width (3, or 2: rows of the low plane alone).
+    ``bits``: the codes' width (3; 2: rows of the low plane alone; 4: a byte per channel pair).
     ``quant``: the storage's (k_codes, k_out_idx, k_out_val, v_codes, v_zero, v_scale, v_out_idx, v_out_val, q_pos);
     token-group values (v_zero [B, 1, ..]) with slots and head-group values with more than one slot run the slot
     passes into the tile, with ``voe`` (v_out_ends) where the storage has it."""
     kc, koi, kov, vc, vz, vs, voi, vov, qpos = quant
     B, H = int(kc.shape[0]), int(kc.shape[1])
-    if bits not in (2, 3) or kc.shape[-1] != D * bits // 8 or vc.shape[-1] != D * bits // 8:
-        raise ValueError(f"the pairs kernel reads 2- or 3-bit code rows of {D} channels; got bits={bits} with key / "
-                         f"value rows of {kc.shape[-1]} / {vc.shape[-1]} bytes.")
+    if bits not in (2, 3, 4) or kc.shape[-1] != D * bits // 8 or vc.shape[-1] != D * bits // 8:
+        raise ValueError(f"the pairs kernel reads 2-, 3- or 4-bit code rows of {D} channels; got bits={bits} with key "
+                         f"/ value rows of {kc.shape[-1]} / {vc.shape[-1]} bytes.")
     v_token = int(vz.shape[1]) == 1 and H > 1
     slots = value_slots(v_token, cv, voe is not None)
     vrun = slots["VRUN"]
@@ -789,12 +872,18 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
         ends.stride(0), ends.stride(-2) if voe is not None else 0, qpos.stride(0),
         bias.stride(0) if bias is not None else 0, n_s, n_q, chunk, nsq, BROT_BLOCKS,
         H_KV=H, GROUP=group, CK=ck, CV=cv, **slots, HAS_MASK=bias is not None, DEVLEN=lengths is not None, PF=2,
-        HI=bits == 3, BT=BT, D=D, N=N, num_warps=1)
+        HI=bits == 3, B4=bits == 4, BT=BT, D=D, N=N, num_warps=1, **({} if MAXNREG is None else {"maxnreg": MAXNREG}))
     key = id(k)
     if key not in _CHECKED:
         _check_shared(k, vrun)
         _CHECKED.add(key)
     return k
+
+
+# Resident programs and the register cap (experiment knobs, read at launch): ptxas gives the kernel 251-254
+# registers uncapped, so 8 one-warp programs fit an SM (2 warps per scheduler)
+MAXNREG = None
+PROGRAMS_PER_SM = 8
 
 
 def splits(n_tokens: int, programs: int, num_sms: int, min_chunk: int = BT) -> tuple[int, int]:
@@ -805,7 +894,8 @@ def splits(n_tokens: int, programs: int, num_sms: int, min_chunk: int = BT) -> t
     Where the wave is already full (batch 8) the split counts are those of the former rule."""
     if n_tokens <= 0:
         return 0, BT
-    want = max(1, 8 * num_sms // max(programs, 1))  # (rounded down: a second, nearly empty wave doubles the time)
+    # (rounded down: a second, nearly empty wave doubles the time)
+    want = max(1, PROGRAMS_PER_SM * num_sms // max(programs, 1))
     want = min(want, max(1, n_tokens // min_chunk))
     chunk = math.ceil(math.ceil(n_tokens / want) / BT) * BT
     return math.ceil(n_tokens / chunk), chunk
