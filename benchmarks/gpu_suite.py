@@ -223,7 +223,7 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
                     kws = [kw0] + ([dict(kernel="tiles")] if vg == "token" or D == 64 else [])
                     if b == 3 and D == 128:  # the natural kernel beside the Gluon pairs kernel (both value groupings)
                         kws += [dict(kernel="natural")]
-                    if b in (2, 3) and D == 128 and pairs_ok(q, st):  # the pairs kernel (graph steps' default)
+                    if b in (2, 3, 4) and D == 128 and pairs_ok(q, st):  # the pairs kernel (graph steps' default)
                         kws += [dict(kernel="pairs")]
                     done = set()
                     for kw in kws:

@@ -766,13 +766,14 @@ def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, fra
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("group,kv_heads,bits", [("head", 2, 3), ("token", 2, 3), ("token", 8, 3), ("head", 2, 2)])
+@pytest.mark.parametrize("group,kv_heads,bits", [("head", 2, 3), ("token", 2, 3), ("token", 8, 3), ("head", 2, 2),
+                                                 ("token", 8, 4)])
 def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads, bits):
     """A model's decode steps through KVQuantCache replayed as CUDA graphs, where the pairs kernel is the default, give
     the logits of the same steps run eagerly with the Triton kernel (natural; fields for 2-bit head-group storage),
     within bf16 tolerance (teacher-forced: both runs feed the same tokens), through a storage reallocation
     (re-recorded graphs). Token-group values over 2 KV heads (3 slots per row, no run ends) and over 8 (10 slots,
-    with run ends); 2-bit codes."""
+    with run ends); 2-bit and 4-bit codes."""
     from kvquant import KVQuantCache
     from kvquant.models import model_identity, tiny_random_model
     from kvquant.quantizer import Quantizer, QuantizerConfig
