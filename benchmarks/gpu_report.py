@@ -70,6 +70,7 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run70_2026-11-30": "4da2eb7 (the pairs kernel's splits as short as one block: short contexts fill the wave)",
     "run71_2026-11-30": "a563a50 (the pairs kernel reads 2-bit codes too: nuq2 rows beside the fields kernel)",
     "run72_2026-11-30": "145c535 (the 1M-token step also as a CUDA-graph replay with the pairs kernel)",
+    "run77_2026-11-30": "19bb49c (the pairs kernel reads 4-bit codes too: nuq4 rows beside the natural kernel)",
 }
 
 # runs kept in gpu_runs/ as records whose decode rows the report must not take as the latest: what they measured is
@@ -96,6 +97,15 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                          "0.5% (SDPA 1-2.4% faster here). Preceded in the same call by a pytest selection that "
                          "matched no test; the GPU tests of this code ran in the next two calls "
                          "(gpu_runs/gpu_tests_2026-11-30_runs71-74.txt, all passed)."),
+    "run77_2026-11-30": ("The full matrix after the pairs kernel learnt 4-bit codes (4a430d5: a byte per channel "
+                         "pair, 256-entry pair tables replicated over 8 lane groups; the 2- and 3-bit kernels "
+                         "compile to the same SASS as before). nuq4-1% head-group through the pairs kernel: "
+                         "0.75-0.85x the best fp16 from 4K batch 8 and 16K batch 1 (Llama-3-8B 128K batch 1: 173.4 "
+                         "us against SDPA's 139.4), 0.65x at 4K batch 1; 1.8-4.0x the natural kernel, the eager "
+                         "default. Token-group nuq3 rows run a77a63b's slot tile for the first time in a full "
+                         "matrix: 0.96-1.02x run 71's latencies (median 0.98); every other KVQuant row repeats run "
+                         "71 within 1.5%, SDPA 1-2.5% slower here. Followed in the same call by test_decode_pairs_gpu"
+                         "[fp16] and the 4-bit graph-steps test (passed; gpu_runs/gpu_tests_2026-11-30_run77.txt)."),
     "run70_2026-11-30": ("4K and 16K only, after the pairs kernel's splits became as short as one block (4da2eb7; "
                          "run 69's sweep, gpu_runs/run69_splits_sweep.txt): at batch 1 short contexts now fill the "
                          "wave. Llama-3-8B 4K batch 1: head-group 25.3 us (run 62: 49.5), token-group 26.5 (54.7); "
@@ -352,10 +362,10 @@ def decode_report(runs, out):
            "outlier channels), storages filled through `quantize_append`; 1 fp16 sink. `nuqN-1pct` = head-group "
            "value ranges (one value slot per head and token), read by the kernel in the `kernel` column (pairs: the "
            "Gluon kernel, the default in CUDA-graph decode steps, i.e. in `generate`, for 3-bit storage since run "
-           "55 and 2-bit since run 71; launched eagerly the default is natural for 3/4-bit storage and fields for "
-           "2-bit); `-tokengroup` = value ranges and 1% slots over all KV heads of a token (the calibration "
-           "default), read by the kernel in the `kernel` column (pairs in graph steps; eagerly natural, the default "
-           "since run 21; tiles before).\n\n")
+           "55, 2-bit since run 71 and 4-bit since run 77; launched eagerly the default is natural for 3/4-bit "
+           "storage and fields for 2-bit); `-tokengroup` = value ranges and 1% slots over all KV heads of a token "
+           "(the calibration default), read by the kernel in the `kernel` column (pairs in graph steps; eagerly "
+           "natural, the default since run 21; tiles before).\n\n")
     md += ("| shape | context | batch | method | kernel | bits | latency (us) | GB/s | % copy BW | "
            "speedup vs best fp16 | run |\n")
     md += "|---|---|---|---|---|---|---|---|---|---|---|\n"
