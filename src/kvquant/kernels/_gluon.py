@@ -1,5 +1,5 @@
 """The "pairs" decode kernel (Gluon, NVIDIA sm_80+): split-K decode attention over the quantized region of a layer
-stored as 3-bit or 2-bit codes, head_dim 128, at most one outlier slot per key vector (nuq3-1%, nuq2-1%), with
+stored as 2-, 3- or 4-bit codes, head_dim 128, at most one outlier slot per key vector (nuq2/3/4-1%), with
 head-group values (at most one slot per vector: a fixed merge) or token-group values (the calibration default: one zero
 / scale and one row of slots per token for every KV head; each KV head scatters its run of slots into a shared-memory
 tile).
@@ -16,7 +16,10 @@ Per program (one warp): one (sequence, KV head, split) of 32-token blocks.
 - **Key levels** from a 64-entry table of fp16 pairs in shared memory, replicated per lane (any index pattern is
   free of bank conflicts): two neighbouring codes of an operand register form a 6-bit index read in place from the
   packed words (two funnel shifts, two ``lop3``), and the looked-up word *is* the MMA operand register.
-- **Key channel order** inside an MMA chunk chosen so a thread's four channels share a byte of the low plane.
+- **Key channel order** inside an MMA chunk chosen so a thread's four channels share a byte of the low plane (2/3-bit
+  codes). 4-bit codes (constexpr B4) are a byte per channel pair: keys take the natural order, so a thread's two
+  pairs are byte l % 4 of two consecutive words, and the 256-entry tables (16 KB for both, as for 3 bits) are
+  replicated over 8 lane groups, not 32: lanes of a group that read different entries of a bank wait on each other.
 - **Per-channel key affine and RoPE** in fp16x2. RoPE of a block's keys comes from a [block offset, channel pair]
   cos/sin table stored in the order the threads hold it (one 128-byte line per warp-wide load); the query is rotated
   back by the block's first position (once per split, then per block from a small table). A block whose positions
@@ -383,16 +386,17 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                   HAS_MASK: gl.constexpr, DEVLEN: gl.constexpr, PF: gl.constexpr, HI: gl.constexpr,
                   B4: gl.constexpr, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
     """Split pid of KV head h of sequence b (grid: NSPLIT_Q, H_KV, B): tokens [pid chunk, pid chunk + chunk) of the
-    quantized region. Storage as LayerStorage holds it (codes [B, H, cap, 48] uint8 at 3 bits (HI), [B, H, cap, 32] at 2
-    bits; value zero/scale [B, H, cap, 1] fp16; slots [B, H, cap, CK/CV]; positions [B, cap] int32). Values in runs
-    (VRUN: token-group value rows with slots, whose zero / scale / slots [B, 1, cap, ..] serve every KV head (the host
-    passes head strides 0, V_OFF = D: head h's slot elements are h D ..), or head-group rows with several slots, V_OFF =
-    0): one scatter pass per slot rank, up to the block's longest run of head h (VENDS: the runs' ends VOE [B, 1, cap,
-    H], core.codec.head_ends; else every slot of the row is tried and kept if it lies in head h). TAB [128, 32] int32:
-    the key then the value pair table, lane-replicated; KSZ [H, 2, D/2] int32: key scale and zero as fp16 pairs; KZI [H,
-    2, D] fp32: key zero and 1 / scale (for the slots); CSP [4, 2, 8, 32] int32: cos / sin of the block offsets in
-    fragment order; BROT [n_brot, 4, 2, 16] fp32: the per-block query rotation; INVF [D/2]. Writes partials row ((b H_KV
-    + h) GROUP + n) (NSPLIT_Q + 1) + pid of PACC [.., D], PM, PL (log2 units)."""
+    quantized region. Storage as LayerStorage holds it (codes [B, H, cap, 48] uint8 at 3 bits (HI), [B, H, cap, 32]
+    at 2 bits, [B, H, cap, 64] at 4 bits (B4); value zero/scale [B, H, cap, 1] fp16; slots [B, H, cap, CK/CV];
+    positions [B, cap] int32). Values in runs (VRUN: token-group value rows with slots, whose zero / scale / slots
+    [B, 1, cap, ..] serve every KV head (the host passes head strides 0, V_OFF = D: head h's slot elements are h D ..),
+    or head-group rows with several slots, V_OFF = 0): one scatter pass per slot rank, up to the block's longest run
+    of head h (VENDS: the runs' ends VOE [B, 1, cap, H], core.codec.head_ends; else every slot of the row is tried and
+    kept if it lies in head h). TAB [128, 32] int32: the key then the value pair table, lane-replicated (4-bit: over 8
+    lane groups); KSZ [H, 2, D/2] int32: key scale and zero as fp16 pairs; KZI [H, 2, D] fp32: key zero and 1 / scale
+    (for the slots); CSP [4, 2, 8, 32] int32: cos / sin of the block offsets in fragment order; BROT [n_brot, 4, 2, 16]
+    fp32: the per-block query rotation; INVF [D/2]. Writes partials row ((b H_KV + h) GROUP + n) (NSPLIT_Q + 1) + pid
+    of PACC [.., D], PM, PL (log2 units)."""
     pid = gl.program_id(0)
     hd = gl.program_id(1)
     bb = gl.program_id(2).to(gl.int64)
@@ -881,7 +885,9 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
 
 
 # Resident programs and the register cap (experiment knobs, read at launch): ptxas gives the kernel 251-254
-# registers uncapped, so 8 one-warp programs fit an SM (2 warps per scheduler)
+# registers uncapped, so 8 one-warp programs fit an SM (2 warps per scheduler, each with its own 16K registers).
+# A third warp per scheduler needs <= 170 registers: capped at 168 with 12 programs per SM ptxas spills and nuq2-1%
+# at 128K batch 1 took 154.4 us against 133.7 (run 75, benchmarks/gpu_runs/run75_pairs_probe_maxnreg.txt)
 MAXNREG = None
 PROGRAMS_PER_SM = 8
 
