@@ -66,12 +66,13 @@ def main():
 
 
 def _last_compiled(fn):
-    """(registers, spilled registers) of the kernel's most recent compilation (Triton's per-device cache)."""
+    """(registers, spilled registers, shared bytes) of the kernel's most recent compilation (Triton's per-device
+    cache)."""
     try:
         last = [c for dc in fn.device_caches.values() for c in dc[0].values()][-1]
-        return last.n_regs, last.n_spills
+        return last.n_regs, last.n_spills, last.metadata.shared
     except (AttributeError, IndexError, TypeError):
-        return None, None
+        return None, None, None
 
 
 def variants(a):
@@ -102,13 +103,14 @@ def variants(a):
                     if grp and grp != vg:
                         continue
                     G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_REPLICAS_4BIT = reg, per, reps
+                    st._kernel_cache = st4._kernel_cache = {}  # launch plans and tables follow the knobs
                     err = rel(kernels.decode_attention(q4, st4, D**-0.5, kernel="pairs").float(), ref)
                     us = bench_graph(lambda q_=q, s_=st: kernels.decode_attention(q_, s_, 0.088, kernel="pairs"))
-                    regs, spills = _last_compiled(G._pairs_kernel)
+                    regs, spills, shared = _last_compiled(G._pairs_kernel)
                     print(f"{ctx} b{B} nuq{a.bits} {vg}-group slots 0.01: pairs maxnreg={reg} programs/SM={per} "
                           f"key replicas (4-bit)={reps} "
                           f"{us:.1f} us ({sdpa / us:.3f}x SDPA), 4K check {err:.2e}, {regs} registers, "
-                          f"{spills} spilled", flush=True)
+                          f"{spills} spilled, {shared} B shared", flush=True)
                 G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_REPLICAS_4BIT = None, 8, 8
                 sts = st = None
                 torch.cuda.empty_cache()
