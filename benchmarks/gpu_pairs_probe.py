@@ -31,8 +31,6 @@ def main():
     ap.add_argument("--variants", default=None, help="register cap and programs per SM, e.g. none:8,168:12 (the "
                     "pairs kernel alone at each, per grouping, on one filled storage; head:/token: prefixes "
                     "restrict a variant to one grouping)")
-    ap.add_argument("--key-replicas", default="8", help="--variants with 4-bit codes: lane groups of the key table "
-                    "(8, or 16 for head-group rows without slot runs), e.g. 8,16")
     a = ap.parse_args()
     if a.variants:
         return variants(a)
@@ -84,9 +82,8 @@ def variants(a):
     Hq, H, D = 32, 8, 128
     specs = []
     for v in a.variants.split(","):
-        grp, _, v = v.rpartition(":") if v.count(":") == 2 else ("", "", v)
-        reg, per = v.split(":")
-        specs.append((grp, None if reg == "none" else int(reg), int(per)))
+        *grp, reg, per = v.split(":")  # [grouping:]register cap:programs per SM
+        specs.append((grp[0] if grp else "", None if reg == "none" else int(reg), int(per)))
     for vg in a.groups.split(","):
         _, _, sts, _ = fill_storages(2, H, D, 4096, [(a.bits, vg)], frac=0.01, want_fp16=False)
         st4 = sts[(a.bits, vg)]
@@ -99,19 +96,18 @@ def variants(a):
                 _, _, sts, _ = fill_storages(B, H, D, ctx, [(a.bits, vg)], frac=0.01, want_fp16=False)
                 st = sts[(a.bits, vg)]
                 print(f"{ctx} b{B}: SDPA bf16 {sdpa:.1f} us")
-                for (grp, reg, per), reps in ((x, int(r)) for x in specs for r in a.key_replicas.split(",")):
+                for grp, reg, per in specs:
                     if grp and grp != vg:
                         continue
-                    G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_REPLICAS_4BIT = reg, per, reps
+                    G.MAXNREG, G.PROGRAMS_PER_SM = reg, per
                     st._kernel_cache = st4._kernel_cache = {}  # launch plans and tables follow the knobs
                     err = rel(kernels.decode_attention(q4, st4, D**-0.5, kernel="pairs").float(), ref)
                     us = bench_graph(lambda q_=q, s_=st: kernels.decode_attention(q_, s_, 0.088, kernel="pairs"))
                     regs, spills, shared = _last_compiled(G._pairs_kernel)
                     print(f"{ctx} b{B} nuq{a.bits} {vg}-group slots 0.01: pairs maxnreg={reg} programs/SM={per} "
-                          f"key replicas (4-bit)={reps} "
                           f"{us:.1f} us ({sdpa / us:.3f}x SDPA), 4K check {err:.2e}, {regs} registers, "
                           f"{spills} spilled, {shared} B shared", flush=True)
-                G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_REPLICAS_4BIT = None, 8, 8
+                G.MAXNREG, G.PROGRAMS_PER_SM = None, 8
                 sts = st = None
                 torch.cuda.empty_cache()
 

@@ -211,7 +211,7 @@ def pairs_regions(cubin: bytes) -> Counter:
     return Counter(r for a, _, r in ins if body and body[0] <= a <= body[1])
 
 
-def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits=3, maxnreg=None, k16=False):
+def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits=3, maxnreg=None):
     """The Gluon pairs kernel for sm_90 (divisibility hints on the code pointers and strides, as at run time);
     ``token_group``: token-group values with that many slots per row (0: head-group, ``slots`` per vector)."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -229,7 +229,7 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits
     cv = token_group or slots
     cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=cv,
               **G.value_slots(bool(token_group), cv, uses_head_ends("token", heads, token_group)),
-              HAS_MASK=has_mask, DEVLEN=False, PF=2, HI=bits == 3, B4=bits == 4, K16=k16, BT=G.BT, D=G.D, N=G.N)
+              HAS_MASK=has_mask, DEVLEN=False, PF=2, HI=bits == 3, B4=bits == 4, BT=G.BT, D=G.D, N=G.N)
     order = list(sig)
     div = [["tt.divisibility", 16]]
     attrs = {(order.index(n),): div for n in ("KC", "VC", "skc_t", "svc_t", "skc_h", "svc_h", "skc_b", "svc_b")}
@@ -238,8 +238,8 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits
                           options=dict(num_warps=1, **({} if maxnreg is None else {"maxnreg": maxnreg})))
 
 
-_PAIRS_CONST = ("H_KV", "GROUP", "CK", "CV", "VRUN", "VENDS", "V_OFF", "HAS_MASK", "DEVLEN", "PF", "HI", "B4", "K16",
-                "BT", "D", "N")
+_PAIRS_CONST = ("H_KV", "GROUP", "CK", "CV", "VRUN", "VENDS", "V_OFF", "HAS_MASK", "DEVLEN", "PF", "HI", "B4", "BT",
+                "D", "N")
 
 
 def main():

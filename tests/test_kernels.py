@@ -453,11 +453,6 @@ def test_pairs_kernel_tables_cpu():
             assert c // 2 == 4 * (8 * h + 2 * j + p // 4) + p % 4 and c % 2 == k % 2
     assert sorted(int(G._kchan.fn(k, j, b4)) for j in range(4) for k in range(32) for b4 in (False, True)) == \
         sorted(2 * list(range(128)))
-    tab16 = G.pair_table(lev16, 16)  # the K16 key table: word 16 byte + lane % 16
-    assert tab16.shape == (128, 32)
-    got16 = tab16.view(-1)[16 * byte + 13].contiguous().view(torch.float16).view(5, 64, 2)
-    assert torch.equal(got16, torch.stack([lev16[codes4[:, ch]], lev16[codes4[:, ch + 1]]], -1).half())
-    assert G.key_replicas(4, True) == 8 and G.key_replicas(3, False) == 32
     with pytest.raises(ValueError, match="4, 8 or 16 levels"):
         G.pair_table(torch.zeros(32))
     rows = [torch.zeros(1, 1, 1, n, dtype=torch.uint8) for n in (48, 32, 64)]

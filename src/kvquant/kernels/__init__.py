@@ -438,9 +438,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if pairs:
         from . import _gluon
 
-        reps = _gluon.key_replicas(bits, _gluon.value_slots(v_token, cv, voe is not None)["VRUN"])
-        plan.pairs = (_cached(st, ("pairs_tables", dev, reps),
-                              lambda: _gluon.tables(kaff[0], kaff[1], kaff[2], vlev, invf, min(reps, 16))),
+        plan.pairs = (_cached(st, ("pairs_tables", dev), lambda: _gluon.tables(kaff[0], kaff[1], kaff[2], vlev, invf)),
                       group, ck, cv, quant, voe, bits)
     plan.tensors = (*quant, klut, vlev, invf, *(kaff if kaff is not None else (klut, klut, klut)), vlevh)
     plan.strides = (*quant[0].stride()[:3], *quant[1].stride()[:3], *quant[3].stride()[:3], *quant[4].stride()[:3],

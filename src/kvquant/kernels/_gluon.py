@@ -251,26 +251,12 @@ def _entry_byte(w, rw, lane8):
 
 
 @gluon.jit
-def _entry_byte16(w, rw, lane16):
-    """_entry_byte for a 4-bit key table over 16 lane groups (K16): the byte at bits 6-13, OR 4 (lane % 16)."""
-    return gl.inline_asm_elementwise(
-        "{ .reg .b32 a; shf.r.wrap.b32 a, $1, $1, $2; lop3.b32 $0, a, 0x3FC0, $3, 0xEA; }",
-        "=r,r,r,r", [w, rw, lane16], dtype=gl.int32, is_pure=True, pack=1)
-
-
-@gluon.jit
-def _lookup(w, h, rw, rh, lane4, OFF: gl.constexpr, HI: gl.constexpr, B4: gl.constexpr = False,
-            K16: gl.constexpr = False):
+def _lookup(w, h, rw, rh, lane4, OFF: gl.constexpr, HI: gl.constexpr, B4: gl.constexpr = False):
     """The entry of table OFF (0: keys, 1: values) from shared memory (Triton's dynamic shared memory, symbol
     global_smem, whose constant address ptxas folds into the load). HI: 3-bit codes (h holds the high plane); else
     2-bit codes (h is not read: the entries of codes 0-3 are those whose high bits are 0). B4: 4-bit codes (a byte
     per pair; lane4 is 4 (lane % 8); h is not read)."""
-    if B4 and K16:  # the key table over 16 lane groups (16 KB), the value table after it
-        if OFF == 0:
-            return _lds(_entry_byte16(w, rw, lane4))
-        else:
-            return _lds(_entry_byte(w, rw, lane4) + 16384)
-    elif B4:
+    if B4:
         return _lds(_entry_byte(w, rw, lane4) + 8192 * OFF)
     elif HI:
         return _lds(_entry(w, h, rw, rh, lane4) + 8192 * OFF)
@@ -348,14 +334,13 @@ def _ldsm4(off):
 
 @gluon.jit
 def _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i: gl.constexpr, D: gl.constexpr,
-             HI: gl.constexpr, B4: gl.constexpr = False, v_tok4=None, vw4=None, vmask4=None,
-             K16: gl.constexpr = False):
+             HI: gl.constexpr, B4: gl.constexpr = False, v_tok4=None, vw4=None, vmask4=None):
     """The value levels of channels 32 i .. 32 i + 31 of a block, as channel pairs in the layout V5 (low-plane words
     2 i + sw, with HI (3-bit codes) high-plane word D / 16 + i; B4 (4-bit codes): words 4 i + vw4, vw4 = 2 sw + mh, at
     tokens v_tok4)."""
     if B4:
         w4 = gl.load(VC32 + (t0 + v_tok4) * (svc_t // 4) + 4 * i + vw4, mask=vmask4, other=0)
-        return _lookup(w4[:, :, :, :, None], w4[:, :, :, :, None], v_rw, v_rh, v_base, 1, False, True, K16)
+        return _lookup(w4[:, :, :, :, None], w4[:, :, :, :, None], v_rw, v_rh, v_base, 1, False, True)
     w = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + 2 * i + sww, mask=vmask, other=0)
     if HI:
         h = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + D // 16 + i + 0 * sww, mask=vmask, other=0)
@@ -399,7 +384,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                   H_KV: gl.constexpr, GROUP: gl.constexpr, CK: gl.constexpr, CV: gl.constexpr,
                   VRUN: gl.constexpr, VENDS: gl.constexpr, V_OFF: gl.constexpr,
                   HAS_MASK: gl.constexpr, DEVLEN: gl.constexpr, PF: gl.constexpr, HI: gl.constexpr,
-                  B4: gl.constexpr, K16: gl.constexpr, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
+                  B4: gl.constexpr, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
     """Split pid of KV head h of sequence b (grid: NSPLIT_Q, H_KV, B): tokens [pid chunk, pid chunk + chunk) of the
     quantized region. Storage as LayerStorage holds it (codes [B, H, cap, 48] uint8 at 3 bits (HI), [B, H, cap, 32]
     at 2 bits, [B, H, cap, 64] at 4 bits (B4); value zero/scale [B, H, cap, 1] fp16; slots [B, H, cap, CK/CV];
@@ -447,10 +432,6 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     tl_ = gl.arange(0, 32, layout=gl.SliceLayout(0, tb_l))[None, :]
     tab = gl.allocate_shared_memory(gl.int32, [128, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
                                     gl.load(TAB + te_ * 32 + tl_))
-    if K16:  # 4-bit keys over 16 lane groups fill those 16 KB; the value table (8 KB) follows at offset 16384
-        te2 = gl.arange(0, 64, layout=gl.SliceLayout(1, tb_l))[:, None]
-        tab2 = gl.allocate_shared_memory(gl.int32, [64, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
-                                         gl.load(TAB + 4096 + te2 * 32 + tl_))
     if VRUN:  # then the value slots' tile (NaN: no slot; each block clears it after use)
         tile = gl.allocate_shared_memory(gl.int32, [_TILE_ROWS, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
                                          gl.full([_TILE_ROWS, 32], -1, gl.int32, layout=tb_l))
@@ -461,12 +442,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     h3 = gl.arange(0, 2, layout=P3_H)[None, :, None]
     if B4:  # natural channel order: pair p = p % 4 + 4 s is byte p % 4 of word 8 half + 2 j + s
         k_pair = 64 * h3 + 8 * (q3 // 4)  # a key pair's first channel, less 16 j and the lane's 2 (p % 4)
-        if K16:
-            k_base = 4 * ((q3 % 4) + 4 * (t3 % 4))  # lane % 16
-            k_rw = (8 * (q3 % 4) - 6) & 31  # the pair's byte -> bits 6-13
-        else:
-            k_base = 4 * ((q3 % 4) + 4 * (t3 % 2))  # lane % 8
-            k_rw = (8 * (q3 % 4) - 5) & 31  # the pair's byte -> bits 5-12
+        k_base = 4 * ((q3 % 4) + 4 * (t3 % 2))  # lane % 8
+        k_rw = (8 * (q3 % 4) - 5) & 31  # the pair's byte -> bits 5-12
     else:
         k_pair = 64 * h3 + 2 * (q3 // 4)  # a key pair's first channel, less 16 j and the lane's 4 (p % 4)
         k_base = 4 * ((q3 % 4) + 4 * (t3 % 8))
@@ -664,7 +641,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 w1 = _pick4(j, gl.split(w_m0)[0], gl.split(w_m1)[0], gl.split(w_m0)[1], gl.split(w_m1)[1])
                 w1 = gl.convert_layout(w1, KW_L, assert_trivial=True)
                 ws = gl.where(q3 < 4, w[:, :, None], w1[:, :, None])
-                lev = _lookup(ws, ws, k_rw, k_rw, k_base, 0, False, True, K16)
+                lev = _lookup(ws, ws, k_rw, k_rw, k_base, 0, False, True)
             else:
                 if HI:
                     h = gl.convert_layout(h_w0 if j < 2 else h_w1, KW_L, assert_trivial=True)
@@ -714,7 +691,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             v_rel = v_sp - 2 * pl5  # [1, 1, 8, 4, 4]
         for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
             lev = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i, D, HI, B4, v_tok4, vw4,
-                           vmask4, K16)
+                           vmask4)
             if VRUN:  # the slots' exact levels from the tile, in the same pair layout, in place of the looked-up ones
                 lev = _tile_merge(lev, _ldsm4(_tile_off(lt_tok, 32 * i + lt_ch)))
             elif CV:
@@ -750,8 +727,6 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     keep = gl.sum(gl.sum(tab.slice(0, 1, dim=0).load(tb_l), 1), 0)
     if VRUN:
         keep += gl.sum(gl.sum(tile.slice(0, 1, dim=0).load(tb_l), 1), 0)
-    if K16:
-        keep += gl.sum(gl.sum(tab2.slice(0, 1, dim=0).load(tb_l), 1), 0)
     m_i += gl.where(n_q < 0, keep.to(gl.float32), 0.0)
     prow = row0 + hh.to(gl.int64) * (NSPLIT_Q + 1)
     gl.store(PM + prow, m_i, mask=hh < GROUP)
@@ -782,18 +757,18 @@ def available(device_index: int = 0) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
-def pair_table(levels: torch.Tensor, replicas: int = 8) -> torch.Tensor:
+def pair_table(levels: torch.Tensor) -> torch.Tensor:
     """[64, 32] int32: entry idx = lo_a | lo_b << 2 | hi_a << 4 | hi_b << 5 holds the fp16 pair (levels[a],
     levels[b]) with a = lo_a | hi_a << 2, b likewise (core/packing.py's 3-bit planes: 2 low bits, 1 high bit),
     replicated over the 32 lanes. Four levels (2-bit codes: the low plane alone) fill the entries idx < 16; the
     others repeat level 0 and are never read. Sixteen levels (4-bit codes): the 256 entries idx = a | b << 4 (a
     packed byte), replicated over 8 lane groups (word 8 idx + lane % 8; lanes of a group that read different
-    entries of one bank wait on each other; ``replicas`` 16: the key table of K16, [128, 32])."""
+    entries of one bank wait on each other)."""
     if levels.numel() == 16:
         idx = torch.arange(256)
         lev = levels.detach().reshape(-1).half().cpu()
         bits = torch.stack([lev[idx & 15], lev[idx >> 4]], 1).contiguous().view(torch.int32)[:, 0]
-        return bits[:, None].expand(256, replicas).reshape(8 * replicas, 32).contiguous().to(levels.device)
+        return bits[:, None].expand(256, 8).reshape(64, 32).contiguous().to(levels.device)
     if levels.numel() not in (4, 8):
         raise ValueError(f"the pairs kernel's tables take 4, 8 or 16 levels (2-, 3- or 4-bit codes), got "
                          f"{levels.numel()}.")
@@ -837,26 +812,25 @@ def block_rope_table(inv_freq: torch.Tensor, n_blocks: int, bits: int = 3) -> to
 BROT_BLOCKS = 512  # blocks per split served by the query-rotation table (16K tokens); further blocks compute angles
 
 
-def tables(key_levels, key_scale, key_zero, value_levels, inv_freq, key_replicas: int = 8) -> dict:
+def tables(key_levels, key_scale, key_zero, value_levels, inv_freq) -> dict:
     """The kernel's derived inputs, from the storage's affine key table (levels [4], [8] or [16], scale / zero [H, D]),
-    value levels (as many) and RoPE frequencies [D/2]. ``key_replicas`` (4-bit codes): lane groups of the key table,
-    8 or 16 (K16: see key_replicas)."""
+    value levels (as many) and RoPE frequencies [D/2]."""
     bits = {4: 2, 8: 3, 16: 4}.get(key_levels.numel(), 3)
     return dict(
-        TAB=torch.cat([pair_table(key_levels, key_replicas), pair_table(value_levels)]).contiguous(),
+        TAB=torch.cat([pair_table(key_levels), pair_table(value_levels)]).contiguous(),
         KSZ=torch.stack([half_pairs(key_scale), half_pairs(key_zero)], 1).contiguous(),  # [H, 2, D/2]
         KZI=torch.stack([key_zero.float(), 1.0 / key_scale.float()], 1).contiguous(),  # [H, 2, D]
         CSP=fragment_rope_table(inv_freq, bits), BROT=block_rope_table(inv_freq, BROT_BLOCKS, bits),
         INVF=inv_freq.float().contiguous())
 
 
-def _check_shared(compiled, vrun: bool, k16: bool = False) -> None:
+def _check_shared(compiled, vrun: bool) -> None:
     """The inline PTX reads the tables (and with slot runs the tile after them) at offset 0 of Triton's shared memory:
-    the allocation must be all there is (K16: the value table at 16384, where the tile would be)."""
+    the allocation must be all there is."""
     got = compiled.metadata.shared
-    want = TABLE_SHARED_BYTES + (TILE_BYTES if vrun else 0) + (8192 if k16 else 0)
+    want = TABLE_SHARED_BYTES + (TILE_BYTES if vrun else 0)
     tile_at = f"getelementptr (i8, ptr addrspace(3) @global_smem, i32 {TILE_OFF})"  # the tile's keep-alive read
-    if got != want or ((vrun or k16) and tile_at not in compiled.asm.get("llir", tile_at)):
+    if got != want or (vrun and tile_at not in compiled.asm.get("llir", tile_at)):
         raise RuntimeError(f"the pairs kernel was compiled with {got} B of shared memory; its inline PTX expects "
                            f"exactly {want} B (the tables{' and the slot tile' if vrun else ''}). This Triton version "
                            "lays it out differently: use kernel='natural'.")
@@ -888,9 +862,6 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     v_token = int(vz.shape[1]) == 1 and H > 1
     slots = value_slots(v_token, cv, voe is not None)
     vrun = slots["VRUN"]
-    k16 = int(tb["TAB"].shape[0]) == 192 if "TAB" in tb else False  # a 4-bit key table over 16 lane groups
-    if k16 and (vrun or bits != 4):
-        raise ValueError("a key table over 16 lane groups serves 4-bit head-group rows without slot runs only.")
     mask = bias if bias is not None else pm
     scratch = torch.empty(B * H * nsq * SCRATCH_WORDS, device=q.device, dtype=torch.int32)  # RoPE of odd blocks
     ends = voe if voe is not None else qpos
@@ -905,25 +876,12 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
         ends.stride(0), ends.stride(-2) if voe is not None else 0, qpos.stride(0),
         bias.stride(0) if bias is not None else 0, n_s, n_q, chunk, nsq, BROT_BLOCKS,
         H_KV=H, GROUP=group, CK=ck, CV=cv, **slots, HAS_MASK=bias is not None, DEVLEN=lengths is not None, PF=2,
-        HI=bits == 3, B4=bits == 4, K16=k16, BT=BT, D=D, N=N, num_warps=1,
-        **({} if MAXNREG is None else {"maxnreg": MAXNREG}))
+        HI=bits == 3, B4=bits == 4, BT=BT, D=D, N=N, num_warps=1, **({} if MAXNREG is None else {"maxnreg": MAXNREG}))
     key = id(k)
     if key not in _CHECKED:
-        _check_shared(k, vrun, k16)
+        _check_shared(k, vrun)
         _CHECKED.add(key)
     return k
-
-
-# 4-bit key tables over 16 lane groups (experiment knob, read when a storage's tables are built; head-group rows
-# without slot runs only: 24 KB of tables, no room for the tile)
-KEY_REPLICAS_4BIT = 8
-
-
-def key_replicas(bits: int, vrun: bool) -> int:
-    """Lane groups of the key pair table: 32 (2/3-bit), 8 for 4-bit codes, or KEY_REPLICAS_4BIT where no tile runs."""
-    if bits != 4:
-        return 32
-    return KEY_REPLICAS_4BIT if not vrun else 8
 
 
 # Resident programs and the register cap (experiment knobs, read at launch): ptxas gives the kernel 251-254
