@@ -14,9 +14,9 @@ loads do not vectorise as they do on the device). Results depend on the triton v
 
 `--kernel pairs` compiles the Gluon pairs kernel (kvquant/kernels/_gluon.py; needs triton 3.6, e.g. installed with `pip
 install --no-deps --target /tmp/t36 triton==3.6.0` and put first on PYTHONPATH) for the Llama-3-8B shape with `--ck`
-slots per key and value vector (0 or 1), `--bits 3 2` (3-bit or 2-bit codes), `--mask`, and `--token-group` (token-group
-values, `--cv` slots per row, 10 by default: the slot passes); its hot loop count includes the blocks that compute RoPE
-angles for non-contiguous positions, which contiguous blocks skip.
+slots per key and value vector (0 or 1), `--bits 3 2 4` (3-, 2- or 4-bit codes), `--mask`, and `--token-group`
+(token-group values, `--cv` slots per row, 10 by default: the slot passes); its hot loop count includes the blocks that
+compute RoPE angles for non-contiguous positions, which contiguous blocks skip. `--maxnreg` caps its registers.
 """
 
 from __future__ import annotations
