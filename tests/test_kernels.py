@@ -767,7 +767,7 @@ def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, fra
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("group,kv_heads,bits", [("head", 2, 3), ("token", 2, 3), ("token", 8, 3), ("head", 2, 2),
-                                                 ("token", 8, 4)])
+                                                 ("token", 8, 4), ("head", 2, 4)])
 def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads, bits):
     """A model's decode steps through KVQuantCache replayed as CUDA graphs, where the pairs kernel is the default, give
     the logits of the same steps run eagerly with the Triton kernel (natural; fields for 2-bit head-group storage),
