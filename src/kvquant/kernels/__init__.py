@@ -355,9 +355,11 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         # H200, Llama-3-8B shape, nuq3-1%, graph replays (benchmarks/gpu_decode.md, run 62; 4K and 16K run 70):
         # head-group values 156.9 vs 324.0 us at 128K batch 1 against the natural kernel, 1106.5 vs 3766.1 at batch
         # 8, 88.5 vs 170.7 at 64K, 25.3 vs 43.7 at 4K; token-group values (the calibration default) 185.4 vs 458.5 us
-        # at 128K batch 1, 1326.2 vs 5071.1 at batch 8, 40.7 vs 78.7 at 16K, 26.5 vs 57.6 at 4K. Only in CUDA-graph
-        # steps: launched eagerly, the Gluon kernel costs the host 270-500 us per call (run 53's eager_us), against
-        # 110-330 us for the natural kernel's whole call
+        # at 128K batch 1, 1326.2 vs 5071.1 at batch 8, 40.7 vs 78.7 at 16K, 26.5 vs 57.6 at 4K. nuq2-1% (run 71):
+        # 133.0 vs 286.8 us against the fields kernel; nuq4-1% (run 77): 173.4 vs 422.5 us against the natural
+        # kernel at 128K batch 1, 24.2 vs 49.2 at 4K. Only in CUDA-graph steps: launched eagerly, the Gluon kernel
+        # costs the host 270-500 us per call (run 53's eager_us), against 110-330 us for the natural kernel's whole
+        # call
         kernel = "pairs"
     if kernel is None:
         # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md: natural in run 13, fields in run 4): per layer
