@@ -462,14 +462,14 @@ def random_llama3(n_layers=32):
     return model
 
 
-def synthetic_nuq3_quantizer(model, n_layers, value_group="head"):
-    """nuq3-1% quantizer with synthetic codebooks for a random Llama-3-8B-shaped model (1 sink, no fp16 window;
-    head-group values by default, "token" for the calibration default)."""
+def synthetic_nuq3_quantizer(model, n_layers, value_group="head", bits=3):
+    """nuq3-1% (or ``bits``: nuq2/nuq4-1%) quantizer with synthetic codebooks for a random Llama-3-8B-shaped model
+    (1 sink, no fp16 window; head-group values by default, "token" for the calibration default)."""
     from kvquant.models import model_identity
     from kvquant.quantizer import Quantizer, QuantizerConfig
 
-    qcfg = QuantizerConfig(bits=3, outlier_fraction=0.01, n_sinks=1, recent_window=0, value_group=value_group)
-    return Quantizer(qcfg, model_identity(model), [synthetic_codec(8, 128, 3, 0.01, value_group, seed=i)
+    qcfg = QuantizerConfig(bits=bits, outlier_fraction=0.01, n_sinks=1, recent_window=0, value_group=value_group)
+    return Quantizer(qcfg, model_identity(model), [synthetic_codec(8, 128, bits, 0.01, value_group, seed=i)
                                                    for i in range(n_layers)])
 
 
@@ -496,6 +496,8 @@ GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1
               "kvquant-nuq3-1pct-fused", "kvquant-nuq3-1pct-fused-eager", "kvquant-nuq3-1pct-tokengroup-fused",
               "kvquant-nuq3-1pct-fused-noprefetch", "kvquant-nuq3-1pct-fused-natural",
               "kvquant-nuq3-1pct-tokengroup-fused-natural")
+# also accepted (not run by default): kvquant-nuq4-1pct-fused / kvquant-nuq2-1pct-fused and their -tokengroup-,
+# -eager, -natural variants
 # -fused: the library default on CUDA (fused kernels, decode steps as CUDA-graph replays); -fused-eager: the same
 # kernels launched one by one (KVQUANT_CUDA_GRAPHS=0); -reference: the PyTorch path (KVQUANT_FUSED_DECODE=0);
 # -noprefetch: the decode kernels without their PTX prefetch of the next block (kernels.PREFETCH_DEFAULT = False);
@@ -515,8 +517,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     from kvquant.cache import KVQuantCache
 
     model = random_llama3(n_layers)
-    quant = synthetic_nuq3_quantizer(model, n_layers)
-    quant_token = synthetic_nuq3_quantizer(model, n_layers, "token")
+    quants = {}  # (bits, value group) -> quantizer, built when a cache first asks for it
     prefetch_default = kernels.PREFETCH_DEFAULT
     rows = []
 
@@ -543,7 +544,10 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
         if name.startswith("quanto"):
             # transformers' QuantizedCache (quanto backend, per-token int groups of 64, 128-token fp16 residual)
             return QuantizedCache("quanto", model.config, nbits=int(name[-1]), q_group_size=64, residual_length=128)
-        return KVQuantCache(quant_token if "-tokengroup-" in name else quant, model)
+        key = (int(name.split("-nuq")[1][0]), "token" if "-tokengroup-" in name else "head")
+        if key not in quants:
+            quants[key] = synthetic_nuq3_quantizer(model, n_layers, key[1], key[0])
+        return KVQuantCache(quants[key], model)
 
     def run(name, ids, n_new):
         cache = make_cache(name, ids.shape[1] + n_new + 2)
