@@ -100,7 +100,6 @@ def variants(a):
                     if grp and grp != vg:
                         continue
                     G.MAXNREG, G.PROGRAMS_PER_SM = reg, per
-                    st._kernel_cache = st4._kernel_cache = {}  # launch plans and tables follow the knobs
                     err = rel(kernels.decode_attention(q4, st4, D**-0.5, kernel="pairs").float(), ref)
                     us = bench_graph(lambda q_=q, s_=st: kernels.decode_attention(q_, s_, 0.088, kernel="pairs"))
                     regs, spills, shared = _last_compiled(G._pairs_kernel)
