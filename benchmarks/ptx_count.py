@@ -223,8 +223,8 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits
     ptrs = {"Q": "*bf16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32", "KC": "*u8", "KOI": "*u8", "KOV": "*fp16",
             "VC": "*u8", "VZ": "*fp16", "VS": "*fp16", "VOI": "*i16" if token_group else "*u8", "VOV": "*fp16",
             "VOE": "*u8", "QPOS": "*i32", "MASK": "*fp32",
-            "LENS": "*i32", "TAB": "*i32", "KSZ": "*i32", "KLV": "*fp32", "KZI": "*fp32", "CSP": "*i32", "BROT": "*fp32",
-            "INVF": "*fp32", "SCR": "*i32", "qk_scale": "fp32"}
+            "LENS": "*i32", "TAB": "*i32", "KSZ": "*i32", "KLV": "*fp32", "KZI": "*fp32", "CSP": "*i32",
+            "BROT": "*fp32", "INVF": "*fp32", "SCR": "*i32", "qk_scale": "fp32"}
     names = [n for n in inspect.signature(G._pairs_kernel.fn).parameters]
     sig = {n: ptrs.get(n, "i32") for n in names if n not in _PAIRS_CONST}
     cv = token_group or slots

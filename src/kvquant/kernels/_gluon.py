@@ -1,8 +1,8 @@
 """The "pairs" decode kernel (Gluon, NVIDIA sm_80+): split-K decode attention over the quantized region of a layer
 stored as 2-, 3- or 4-bit codes, head_dim 128, up to 4 outlier slots per key vector (nuq2/3/4-1% has one), with
-head-group values (one slot per vector: a fixed merge; more: the tile below) or token-group values (the calibration default: one zero
-/ scale and one row of slots per token for every KV head; each KV head scatters its run of slots into a shared-memory
-tile).
+head-group values (one slot per vector: a fixed merge; more: the tile below) or token-group values (the calibration
+default: one zero / scale and one row of slots per token for every KV head; each KV head scatters its run of slots
+into a shared-memory tile).
 
 It was developed as the study ``benchmarks/gluon_decode_pairs.py`` (runs 37-48 in ``benchmarks/gpu_runs``, notes in
 ``benchmarks/gpu_notes.md``; the study scripts are in the history up to commit 6d41df6). This is that kernel with
@@ -447,7 +447,6 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     # key side invariants
     t3 = gl.arange(0, BT, layout=P3_T)[:, None, None]
     q3 = gl.arange(0, 8, layout=P3_P)[None, None, :]
-    h3 = gl.arange(0, 2, layout=P3_H)[None, :, None]
     if B4:  # natural channel order: pair p = p % 4 + 4 s is byte p % 4 of word 8 half + 2 j + s
         k_base = 4 * ((q3 % 4) + 4 * (t3 % 2))  # lane % 8
         k_rw = (8 * (q3 % 4) - 5) & 31  # the pair's byte -> bits 5-12
