@@ -169,9 +169,8 @@ _HELPER_REGION = {
     "_ldsm4": "slots", "_tile_merge": "slots", "_ldsm_rows": "slots", "_prefetch": "other",
 }
 _STATEMENT_REGION = (  # (region, keywords), first match wins
-    ("slots", ("k_rel", "v_rel", "KOI", "KOV", "KLV", "VOI", "VOV", "VOE", "vs5", "vz5", "s_row", "s_inv", "s_z",
-               "ent = ", "+ ent", "res = ", "col = ", "npass", "krow", "code", "dk = ", "ang = ", "dc = ", "ds = ",
-               "cm = ", "qc = ", "qp = ", "dc[:", "ci = ", "cc = ", "xk = ", "SQH")),
+    ("slots", ("k_rel", "v_rel", "KOI", "KOV", "KZI", "VOI", "VOV", "VOE", "vs5", "vz5", "s_row", "s_inv", "s_z",
+               "ent = ", "+ ent", "res = ", "col = ", "npass")),
     ("exact RoPE", ("dpos", "_cos_sin", "SCR", "_pack2", "_q_table_store")),
     ("codes", ("wrow", "hrow", "_lookup", "_vlookup", "h_w", " w = ", " h = ", "w1 = ", "ws = ", "w_s0", "w_l", "w_m")),
     ("MMA + movmatrix", ("movmatrix", "mma_v2", "acc")),
@@ -223,8 +222,8 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits
     ptrs = {"Q": "*bf16", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32", "KC": "*u8", "KOI": "*u8", "KOV": "*fp16",
             "VC": "*u8", "VZ": "*fp16", "VS": "*fp16", "VOI": "*i16" if token_group else "*u8", "VOV": "*fp16",
             "VOE": "*u8", "QPOS": "*i32", "MASK": "*fp32",
-            "LENS": "*i32", "TAB": "*i32", "KSZ": "*i32", "KLV": "*fp32", "KZI": "*fp32", "CSP": "*i32",
-            "BROT": "*fp32", "INVF": "*fp32", "SCR": "*i32", "qk_scale": "fp32"}
+            "LENS": "*i32", "TAB": "*i32", "KSZ": "*i32", "KZI": "*fp32", "CSP": "*i32", "BROT": "*fp32",
+            "INVF": "*fp32", "SCR": "*i32", "qk_scale": "fp32"}
     names = [n for n in inspect.signature(G._pairs_kernel.fn).parameters]
     sig = {n: ptrs.get(n, "i32") for n in names if n not in _PAIRS_CONST}
     cv = token_group or slots
@@ -233,8 +232,7 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits
               HAS_MASK=has_mask, DEVLEN=False, PF=2, HI=bits == 3, B4=bits == 4, BT=G.BT, D=G.D, N=G.N)
     order = list(sig)
     div = [["tt.divisibility", 16]]
-    attrs = {(order.index(n),): div for n in ("KC", "VC", "skc_t", "svc_t", "skc_h", "svc_h", "skc_b", "svc_b", "SCR",
-                                              "KLV", "KZI", "INVF", "TAB", "KSZ", "CSP", "BROT") if n in order}
+    attrs = {(order.index(n),): div for n in ("KC", "VC", "skc_t", "svc_t", "skc_h", "svc_h", "skc_b", "svc_b")}
     return triton.compile(GluonASTSource(G._pairs_kernel, sig, constexprs=cx, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=1, **({} if maxnreg is None else {"maxnreg": maxnreg})))

@@ -477,20 +477,12 @@ def test_pairs_kernel_tables_cpu():
                 assert (pair - ref).abs().max() < 1e-3
         brot = G.block_rope_table(inv, 3, bits)
         # a program's scratch holds one block's key table (as CSP) and one query-rotation row (as BROT)
-        assert csp.numel() == G.SCRATCH_KEY and brot[0].numel() == G.SCRATCH_Q - G.SCRATCH_KEY
-        assert G.SCRATCH_WORDS - G.SCRATCH_Q == 128 * G.N  # then the split's query, [channel, head] fp32
+        assert csp.numel() == G.SCRATCH_KEY and brot[0].numel() == G.SCRATCH_WORDS - G.SCRATCH_KEY
         for j in range(4):
             kc = torch.tensor([int(G._kchan.fn(int(x), j, bits == 4)) for x in m])
             assert torch.allclose(brot[2, j, 0], torch.cos(2 * 32 * inv[kc].double()).float(), atol=1e-6)
     assert set(G.tables(lev16, torch.ones(2, 128), torch.zeros(2, 128), lev16, inv)["CSP"].view(-1).tolist()) == \
         set(G.fragment_rope_table(inv, 4).view(-1).tolist())
-    # the key a slot corrects: what the MMA sees for each code (fp16 scale level + zero, rounded once), [H, D, levels]
-    ks, kz = torch.rand(2, 128, generator=g) + 0.1, torch.randn(2, 128, generator=g)
-    klv = G.key_slot_levels(levels, ks, kz)
-    prod = levels[None, None, :].double() * ks[..., None].double()
-    exact = prod + kz[..., None].double()
-    assert klv.shape == (2, 128, 8) and klv.dtype == torch.float32 and torch.equal(klv, klv.half().float())
-    assert ((klv - exact).abs() <= 2e-3 * (prod.abs() + kz[..., None].abs())).all()
 
     for n, programs in ((131072, 8), (131072, 64), (4096, 8), (100, 256), (1, 1)):
         nsq, chunk = G.splits(n, programs, 132)
@@ -562,9 +554,9 @@ def test_pairs_kernel_refused_clearly_cpu():
 
 def test_pairs_kernel_selection_cpu(monkeypatch):
     """The selection policy, with the pairs kernel made available on the CPU (plans only: nothing is launched): the
-    default takes it in CUDA-graph steps only, for 2-, 3- or 4-bit storage at head_dim 128 with <= 4 key slots per
-    vector (head-group or token-group values), never with a natural/fields launch option; asking for it before any
-    token is quantized is not an error; the real availability check honours KVQUANT_PAIRS=0."""
+    default takes it in CUDA-graph steps only, for 2-, 3- or 4-bit storage at head_dim 128 with <= 1 key slot per vector
+    (head-group or token-group values), never with a natural/fields launch option; asking for it before any token is
+    quantized is not an error; the real availability check honours KVQUANT_PAIRS=0."""
     _gluon_module()
     monkeypatch.setattr(kernels, "_pairs_available", lambda dev, default=False: True)
     q = torch.zeros(1, 8, 1, 128).bfloat16()
@@ -584,7 +576,7 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
     four, _, _ = make_storage(1, 2, 128, 4, 40, 1, 0, "head", "cpu")  # 4-bit storage
     assert kernels.decode_kernel(q, four, graph=True) == "pairs" and kernels.decode_kernel(q, four) == "natural"
     for args, kw in (((1, 2, 64, 3, 40, 1, 0, "head"), {}),  # head_dim 64
-                     ((1, 2, 128, 3, 40, 1, 0, "head"), {"frac": 0.05})):  # 6 key slots per vector
+                     ((1, 2, 128, 3, 40, 1, 0, "head"), {"frac": 0.03})):  # 4 key slots per vector
         other, _, _ = make_storage(*args, "cpu", **kw)
         qo = torch.zeros(1, 4 * args[1], 1, args[2]).bfloat16()
         assert kernels.decode_kernel(qo, other, graph=True) != "pairs", (args, kw)
@@ -607,7 +599,7 @@ def _pairs_here() -> bool:
 @pytest.mark.skipif(not _pairs_here(), reason="needs CUDA sm_80+ and the Triton version of the Gluon pairs kernel")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_pairs_gpu(dtype):
-    """The Gluon pairs kernel (3-, 2- and 4-bit, head_dim 128, <= 4 key slots per vector) against the float reference:
+    """The Gluon pairs kernel (3-, 2- and 4-bit, head_dim 128, <= 1 key slot per vector) against the float reference:
     GQA 4 / 3 / MHA, left padding, sinks and window, slots and none, one split past the query-rotation table,
     non-consecutive positions (the exact RoPE path), RoPE attention scaling; token-group values (the calibration
     default: slot runs per KV head with their ends, long runs, and rows without ends over 2 KV heads); and it is the
@@ -643,12 +635,6 @@ def test_decode_pairs_gpu(dtype):
     check_decode(3, 32, 8, 128, 4, 3000, 1, 17, "token", "cuda", mask_lens=[3018, 2000, 100], **kw)
     check_decode(2, 8, 8, 128, 4, 700, 1, 0, "token", "cuda", offsets=[0, 77], gap_at=300, **kw)
     check_decode(1, 4, 1, 128, 4, 20000, 1, 0, "head", "cuda", num_splits=1, attention_scaling=1.3, **kw)
-    # 4 key slots per vector (3%; the score corrections run once per slot): GQA with a mask, token-group 4-bit codes,
-    # 2-bit codes on the exact RoPE path, and a split past the rotation table
-    check_decode(3, 32, 8, 128, 3, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], frac=0.03, **kw)
-    check_decode(2, 16, 8, 128, 4, 900, 1, 3, "token", "cuda", frac=0.03, **kw)
-    check_decode(2, 8, 8, 128, 2, 700, 1, 0, "head", "cuda", offsets=[0, 77], gap_at=300, frac=0.03, **kw)
-    check_decode(1, 4, 1, 128, 3, 20000, 1, 0, "head", "cuda", num_splits=1, frac=0.03, **kw)
 
 
 @pytest.mark.gpu

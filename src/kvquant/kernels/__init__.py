@@ -344,10 +344,10 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     # reads and applies only its own run of them, _overwrite_run)
     runs = v_token and voe is not None
     natural_ok = kaff is not None and (cv <= 4 or runs) and ck <= 4 and lutx is not False  # D: 64/128/256
-    # the pairs kernel (Gluon, _gluon.py): 2-, 3- or 4-bit storage at head_dim 128 with <= 4 key slots per vector,
+    # the pairs kernel (Gluon, _gluon.py): 2-, 3- or 4-bit storage at head_dim 128 with <= 1 key slot per vector,
     # head-group or token-group values with any number of slots; the natural kernel's sinks/window split completes it
     # (and is all that runs while no token is quantized yet)
-    pairs_ok = (natural_ok and bits in (2, 3, 4) and D == 128 and (v_token or G == H) and ck <= 4 and group <= 8
+    pairs_ok = (natural_ok and bits in (2, 3, 4) and D == 128 and (v_token or G == H) and ck <= 1 and group <= 8
                 and _pairs_available(dev))
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
     if (kernel is None and graph and pairs_ok and all(o is None for o in natural_options)
@@ -373,7 +373,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         if not pairs_ok:
             raise ValueError("the pairs kernel needs a CUDA GPU of sm_80 or newer, Triton 3.6 (its Gluon API; "
                              "kernels/_gluon.py SUPPORTED_TRITON), KVQUANT_PAIRS unset or 1, 2-, 3- or 4-bit keys "
-                             "and values, head_dim 128, channel-mode keys with at most 4 outlier slots per vector, and "
+                             "and values, head_dim 128, channel-mode keys with at most 1 outlier slot per vector, and "
                              "at most 8 query heads per KV head; use kernel='natural'.")
         if any(o is not None for o in natural_options):
             raise ValueError("the pairs kernel takes no natural/fields launch options (block_t, use_dot, "

@@ -1,8 +1,8 @@
 """The "pairs" decode kernel (Gluon, NVIDIA sm_80+): split-K decode attention over the quantized region of a layer
-stored as 2-, 3- or 4-bit codes, head_dim 128, up to 4 outlier slots per key vector (nuq2/3/4-1% has one), with
-head-group values (one slot per vector: a fixed merge; more: the tile below) or token-group values (the calibration
-default: one zero / scale and one row of slots per token for every KV head; each KV head scatters its run of slots
-into a shared-memory tile).
+stored as 2-, 3- or 4-bit codes, head_dim 128, at most one outlier slot per key vector (nuq2/3/4-1%), with
+head-group values (at most one slot per vector: a fixed merge) or token-group values (the calibration default: one zero
+/ scale and one row of slots per token for every KV head; each KV head scatters its run of slots into a shared-memory
+tile).
 
 It was developed as the study ``benchmarks/gluon_decode_pairs.py`` (runs 37-48 in ``benchmarks/gpu_runs``, notes in
 ``benchmarks/gpu_notes.md``; the study scripts are in the history up to commit 6d41df6). This is that kernel with
@@ -27,14 +27,8 @@ Per program (one warp): one (sequence, KV head, split) of 32-token blocks.
   angles to the program's scratch in the same order; the chunk loop reads either through one pointer (no branch).
 - **Values** looked up as channel pairs like the keys; ``movmatrix.trans`` turns each register into the token pair
   that the V^T operand needs. The per-token scale is folded into P, the zero into one term per query head.
-- **Outlier slots** (the library's exact fp16 values and their channel). Keys: the MMA runs on the looked-up levels,
-  and each slot then corrects its token's scores (one lane per token): delta = exact - the key the MMA saw at channel
-  c (its code read from the row, KLV: fp16(scale level + zero)), rotated by the token's offset from the split's first
-  position and dotted with the split's rotated query at c and its RoPE partner c ^ 64 (kept in the program's scratch
-  as [channel, head] fp32); three values per token move to the score layout (a 128-byte layout conversion through
-  shared memory, after the tables). Until this change each key slot was merged into all 64 key registers (a compare,
-  an AND-OR merge and a select each): 8-10% more instructions per block. Head-group values with one slot per
-  vector: each exact value, in code-level units ((exact - zero) / scale), replaces its channel's looked-up level
+- **Outlier slots** (the library's exact fp16 values and their channel): keys and head-group values (one slot per
+  vector): each exact value, in code-level units ((exact - zero) / scale), replaces its channel's looked-up level
   before the affine map: a compare, an AND-OR merge and a select per register; no code lookup for the slot.
   Token-group values (a run of slots per head and token, core.codec.head_ends), and head-group rows with several
   slots: one lane per token writes each slot's exact value in level units ((exact - zero) / scale) into a [token,
@@ -74,10 +68,8 @@ TILE_BYTES = BT * 2 * D
 _TILE_OFF = gl.constexpr(TILE_OFF)
 _TILE_ROWS = gl.constexpr(TILE_BYTES // 128)  # the tile as rows of 32 int32
 SCRATCH_KEY = 4 * 2 * 8 * 32  # a program's scratch (int32 words): a block's key cos/sin in fragment order (as CSP),
-SCRATCH_Q = SCRATCH_KEY + 4 * 32  # then the query rotation's cos/sin (as a BROT row),
-SCRATCH_WORDS = SCRATCH_Q + D * N  # then (key slots) the split's rotated query, [channel, head] fp32
+SCRATCH_WORDS = SCRATCH_KEY + 4 * 32  # then the query rotation's cos/sin (as a BROT row)
 _SCRATCH_KEY = gl.constexpr(SCRATCH_KEY)
-_SCRATCH_Q = gl.constexpr(SCRATCH_Q)
 _SCRATCH_WORDS = gl.constexpr(SCRATCH_WORDS)
 
 
@@ -385,7 +377,7 @@ _DYNAMIC = ("smask_b", "n_s", "n_q", "chunk", "NSPLIT_Q")
 
 @gluon.jit(do_not_specialize=_DYNAMIC)
 def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS, MASK, LENS,
-                  TAB, KSZ, KLV, CSP, BROT, INVF, SCR,
+                  TAB, KSZ, KZI, CSP, BROT, INVF, SCR,
                   qk_scale, sqb, sqh, skc_b, skc_h, skc_t, sko_b, sko_h, sko_t, svc_b, svc_h, svc_t,
                   svs_b, svs_h, svs_t, svo_b, svo_h, svo_t, soe_b, soe_t, sqp_b, smask_b,
                   n_s, n_q, chunk, NSPLIT_Q, n_brot,
@@ -426,7 +418,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     SCRQ = SCR.to(gl.pointer_type(gl.float32)) + _SCRATCH_KEY
     MROW = MASK + bb * smask_b + n_s
     KSZ += hd * D
-    KLV += hd * D * (16 if B4 else (8 if HI else 4))
+    KZI += hd * 2 * D
     Qb = Q + bb * sqb + hd * GROUP * sqh
     row0 = ((bb * H_KV + h64) * GROUP) * (NSPLIT_Q + 1) + pid  # partial row of query head n: row0 + n (NSPLIT_Q + 1)
     lo_t = pid * chunk
@@ -447,10 +439,13 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     # key side invariants
     t3 = gl.arange(0, BT, layout=P3_T)[:, None, None]
     q3 = gl.arange(0, 8, layout=P3_P)[None, None, :]
+    h3 = gl.arange(0, 2, layout=P3_H)[None, :, None]
     if B4:  # natural channel order: pair p = p % 4 + 4 s is byte p % 4 of word 8 half + 2 j + s
+        k_pair = 64 * h3 + 8 * (q3 // 4)  # a key pair's first channel, less 16 j and the lane's 2 (p % 4)
         k_base = 4 * ((q3 % 4) + 4 * (t3 % 2))  # lane % 8
         k_rw = (8 * (q3 % 4) - 5) & 31  # the pair's byte -> bits 5-12
     else:
+        k_pair = 64 * h3 + 2 * (q3 // 4)  # a key pair's first channel, less 16 j and the lane's 4 (p % 4)
         k_base = 4 * ((q3 % 4) + 4 * (t3 % 8))
         k_rw = (2 * (4 * (q3 % 4) + 2 * (q3 // 4)) - 7) & 31  # first channel's low-plane bit -> bit 7
     k_rh = (4 * (q3 % 4) + 2 * (q3 // 4) - 11) & 31  # its high-plane bit -> bit 11 (half-word 0 of a word)
@@ -515,13 +510,6 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     q1 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 1, qk_scale, GROUP, B4), (pf32, INVF), 1, N, False, B4)
     q2 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 2, qk_scale, GROUP, B4), (pf32, INVF), 2, N, False, B4)
     q3q = _rot_q(_q_chunk(Qb, sqh, bn, bk, 3, qk_scale, GROUP, B4), (pf32, INVF), 3, N, False, B4)
-    if CK:  # key slots: the split's query [channel, head] in the program's scratch, for the score corrections
-        SQH = (SCR + _SCRATCH_Q).to(gl.pointer_type(gl.float32))
-        for jj in gl.static_range(4):
-            gl.store(SQH + _kchan(bk, jj, B4)[:, None] * N + bn[None, :],
-                     gl.convert_layout(_pick4(jj, q0, q1, q2, q3q), b_l).to(gl.float32))
-        _warp_sync(bk)  # (the stores before any lane's reads: bar.warp.sync orders memory within the warp)
-        NLEV: gl.constexpr = 16 if B4 else (8 if HI else 4)
     c_l: gl.constexpr = gl.SliceLayout(1, mma)
     h_l: gl.constexpr = gl.SliceLayout(0, mma)
     tc_ = gl.arange(0, BT, layout=c_l)
@@ -625,6 +613,17 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             wrow = gl.load(KC32 + (t0 + trow) * (skc_t // 4) + wcol, mask=kmask, other=0)
         if HI:
             hrow = gl.load(KC32 + (t0 + trow4) * (skc_t // 4) + D // 16 + hcol, mask=(t0 + trow4) < hi_t, other=0)
+        if CK:  # the block's key slots in code-level units, (exact - zero) / scale, to replace their levels
+            kt = t0 + t3
+            km = kt < hi_t
+            ci = gl.load(KOI + kt * sko_t, mask=km, other=255).to(gl.int32)  # [BT, 1, 1]; 255: matches no pair
+            xk = gl.load(KOV + kt * sko_t, mask=km, other=0.0).to(gl.float32)
+            k_val, k_keep, k_sp = _slot_word(
+                (xk - gl.load(KZI + ci, mask=km, other=0.0)) * gl.load(KZI + D + ci, mask=km, other=0.0), ci)
+            if B4:  # [BT, 1, 8]: compared with constants per register
+                k_rel = k_sp - 2 * (q3 % 4)
+            else:
+                k_rel = k_sp - 4 * (q3 % 4)
         if B4:
             w_s0, w_s1 = gl.split(gl.reshape(wrow, [BT, 2, 2, 2, 2]))  # [token, half, jh, jl] of s = 0, 1
             w_l0, w_l1 = gl.split(w_s0)
@@ -650,6 +649,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                     h = w
                 rh = k_rh if j % 2 == 0 else k_rh16
                 lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, 0, HI)
+            if CK:  # the slot's exact level in place of the looked-up one, before the affine map and RoPE
+                lev = gl.where(k_rel == k_pair + 16 * j, (lev & k_keep) | k_val, lev)
             ksz = ks_off + 8 * j
             k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
             k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
@@ -663,31 +664,6 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             qj = _pick4(j, q0, q1, q2, q3q)
             qr = _rot_q(qj, qtb + j * 32, j, N, True, B4)
             s = mma_v2(kr, gl.convert_layout(qr, b_l), s)
-        for ks in gl.static_range(CK):  # each key slot corrects its token's scores after the MMA: delta = exact -
-            # looked-up key at channel c (one lane per token), rotated by the token's offset from p_split, dotted with
-            # the split's query at c and its RoPE partner c ^ 64
-            kt = t0 + pf_t
-            km = kt < hi_t
-            ci = gl.load(KOI + kt * sko_t + ks, mask=km, other=255).to(gl.int32)  # 255: no slot
-            cc = gl.minimum(ci, D - 1)
-            krow = KC + kt * skc_t
-            if B4:
-                code = (gl.load(krow + cc // 2, mask=km, other=0).to(gl.int32) >> (4 * (cc % 2))) & 15
-            else:
-                code = (gl.load(krow + cc // 4, mask=km, other=0).to(gl.int32) >> (2 * (cc % 4))) & 3
-                if HI:
-                    code |= ((gl.load(krow + D // 4 + cc // 8, mask=km, other=0).to(gl.int32) >> (cc % 8)) & 1) << 2
-            xk = gl.load(KOV + kt * sko_t + ks, mask=km, other=0.0).to(gl.float32)
-            dk = gl.where(ci < D, xk - gl.load(KLV + cc * NLEV + code), 0.0)
-            ang = (gl.load(QP + kt, mask=km, other=0) - p_split).to(gl.float32) * gl.load(INVF + cc % (D // 2))
-            ca, sa = _cos_sin(ang)
-            dc = gl.convert_layout(dk * ca, c_l)
-            ds = gl.convert_layout(gl.where(cc < D // 2, dk * sa, -dk * sa), c_l)
-            cm = gl.convert_layout(cc, c_l)[:, None]
-            hq = gl.arange(0, N, layout=h_l)[None, :]
-            qc = gl.load(SQH + cm * N + hq)
-            qp = gl.load(SQH + (cm ^ (D // 2)) * N + hq)
-            s += dc[:, None] * qc + ds[:, None] * qp
         if HAS_MASK:  # the additive mask, natural-log units
             s += gl.load(MROW + t0 + tc_, mask=tmask, other=0.0)[:, None] * 1.4426950408889634
         # online softmax over the block's tokens (axis 0), base 2 (qk_scale holds log2 e / sqrt(D))
@@ -837,15 +813,6 @@ def block_rope_table(inv_freq: torch.Tensor, n_blocks: int, bits: int = 3) -> to
 BROT_BLOCKS = 512  # blocks per split served by the query-rotation table (16K tokens); further blocks compute angles
 
 
-def key_slot_levels(key_levels, key_scale, key_zero) -> torch.Tensor:
-    """[H, D, L] fp32: the pre-RoPE key that the kernel's MMA sees for code l at channel c of head h, fp16(scale
-    level + zero) rounded once as fma.rn.f16x2 rounds it from the fp16 level, scale and zero: a key slot's correction
-    is its exact value less this."""
-    lev = key_levels.detach().reshape(-1).half().double()
-    k = lev[None, None, :] * key_scale.half().double()[..., None] + key_zero.half().double()[..., None]
-    return k.half().float().contiguous()
-
-
 def tables(key_levels, key_scale, key_zero, value_levels, inv_freq) -> dict:
     """The kernel's derived inputs, from the storage's affine key table (levels [4], [8] or [16], scale / zero [H, D]),
     value levels (as many) and RoPE frequencies [D/2]."""
@@ -853,23 +820,18 @@ def tables(key_levels, key_scale, key_zero, value_levels, inv_freq) -> dict:
     return dict(
         TAB=torch.cat([pair_table(key_levels), pair_table(value_levels)]).contiguous(),
         KSZ=torch.stack([half_pairs(key_scale), half_pairs(key_zero)], 1).contiguous(),  # [H, 2, D/2]
-        KLV=key_slot_levels(key_levels, key_scale, key_zero),
+        KZI=torch.stack([key_zero.float(), 1.0 / key_scale.float()], 1).contiguous(),  # [H, 2, D]
         CSP=fragment_rope_table(inv_freq, bits), BROT=block_rope_table(inv_freq, BROT_BLOCKS, bits),
         INVF=inv_freq.float().contiguous())
 
 
 def _check_shared(compiled, vrun: bool) -> None:
     """The inline PTX reads the tables (and with slot runs the tile after them) at offset 0 of Triton's shared memory:
-    they must fill its first bytes, in that order. Anything else (the key slots' layout conversions take a small
-    scratch) must lie after them."""
+    the allocation must be all there is."""
     got = compiled.metadata.shared
     want = TABLE_SHARED_BYTES + (TILE_BYTES if vrun else 0)
-    llir = compiled.asm.get("llir")
-
-    def at(off):
-        return llir is None or f"getelementptr (i8, ptr addrspace(3) @global_smem, i32 {off})" in llir
-
-    if got < want or (vrun and not at(TILE_OFF)) or (got > want and not at(want)):
+    tile_at = f"getelementptr (i8, ptr addrspace(3) @global_smem, i32 {TILE_OFF})"  # the tile's keep-alive read
+    if got != want or (vrun and tile_at not in compiled.asm.get("llir", tile_at)):
         raise RuntimeError(f"the pairs kernel was compiled with {got} B of shared memory; its inline PTX expects "
                            f"exactly {want} B (the tables{' and the slot tile' if vrun else ''}). This Triton version "
                            "lays it out differently: use kernel='natural'.")
@@ -908,7 +870,7 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     k = _pairs_kernel[(nsq, H, B)](
         q, pacc, pm, pl, kc, koi, kov, vc, vz, vs, voi, vov, ends, qpos, mask,
         lengths if lengths is not None else qpos,
-        tb["TAB"], tb["KSZ"], tb["KLV"], tb["CSP"], tb["BROT"], tb["INVF"], scratch,
+        tb["TAB"], tb["KSZ"], tb["KZI"], tb["CSP"], tb["BROT"], tb["INVF"], scratch,
         scaling_log2, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         koi.stride(0), koi.stride(1), koi.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         vs.stride(0), svh * vs.stride(1), vs.stride(2), voi.stride(0), svh * voi.stride(1), voi.stride(2),
