@@ -491,7 +491,9 @@ def _generate_table(name, env, gen):
     if name in RUN_NOTES:
         md += f"\n**Note.** {RUN_NOTES[name]}\n"
     if via_generate:
-        md += (f"\nModel: {gen['model']}, {gen['layers']} layers, batch 1, prompt of random token ids; "
+        batch = gen.get("batch", 1)
+        md += (f"\nModel: {gen['model']}, {gen['layers']} layers, batch {batch}, prompt of random token ids"
+               + (f" (tokens/s: steps per second; each step makes {batch} tokens)" if batch > 1 else "") + "; "
                f"`model.generate` (greedy, {gen['new_tokens']} new tokens, eager: `disable_compile=True`). A "
                "streamer stamps each token after a device synchronisation; step time = median gap between tokens "
                f"(first decode step dropped). The caches run in turn for {gen['rounds']} rounds (the host's speed "
@@ -522,7 +524,8 @@ def _generate_table(name, env, gen):
 
 def generate_report(runs, out):
     partial = [(n, r) for n, r in runs if n in PARTIAL_GENERATE and (r.get("generate") or {}).get("rows")]
-    runs = [(n, r) for n, r in runs if n not in PARTIAL_GENERATE]
+    batched = [(n, r) for n, r in runs if (r.get("generate") or {}).get("batch", 1) > 1]  # shown after the rest
+    runs = [(n, r) for n, r in runs if n not in PARTIAL_GENERATE and (n, r) not in batched]
     found = last_with(runs, "generate", out, "gpu_generate.json")
     if found:
         name, env, gen = found
@@ -553,6 +556,8 @@ def generate_report(runs, out):
             json.dump(data, open(os.path.join(out, "gpu_generate.json"), "w"), indent=1)
         for pn, pr in partial:
             md += "\n## Partial run\n\n" + _generate_table(pn, pr["env"], pr["generate"])
+        for bn, br in batched:
+            md += f"\n## Batch {br['generate']['batch']}\n\n" + _generate_table(bn, br["env"], br["generate"])
         open(os.path.join(out, "gpu_generate.md"), "w").write(md)
 
 

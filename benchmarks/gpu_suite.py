@@ -499,13 +499,14 @@ GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1
 # also accepted (not run by default): kvquant-nuq4-1pct-fused / kvquant-nuq2-1pct-fused and their -tokengroup-,
 # -eager, -natural variants
 # -fused: the library default on CUDA (fused kernels, decode steps as CUDA-graph replays); -fused-eager: the same
-# kernels launched one by one (KVQUANT_CUDA_GRAPHS=0); -reference: the PyTorch path (KVQUANT_FUSED_DECODE=0);
+# kernels launched one by one (KVQUANT_CUDA_GRAPHS=0); -fused-eager-pairs: launched one by one with the pairs kernel
+# where it applies (kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = 0); -reference: the PyTorch path (KVQUANT_FUSED_DECODE=0);
 # -noprefetch: the decode kernels without their PTX prefetch of the next block (kernels.PREFETCH_DEFAULT = False);
 # -natural: the Triton natural kernel where the Gluon pairs kernel is the default (KVQUANT_PAIRS=0)
 # (value_group "head"; -tokengroup-: token-group values, 11 slots per row, the calibration default)
 
 
-def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHES, reps=2):
+def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHES, reps=2, batch=1):
     """tokens/s of ``model.generate`` (greedy, eager: ``disable_compile=True``) with each cache. A streamer stamps
     every new token after a device synchronisation; a row's step time is the median gap between tokens (the first
     decode step dropped). The caches run in turn, ``reps`` rounds (the host's speed drifts during a run: interleaving
@@ -519,6 +520,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     model = random_llama3(n_layers)
     quants = {}  # (bits, value group) -> quantizer, built when a cache first asks for it
     prefetch_default = kernels.PREFETCH_DEFAULT
+    eager_pairs_default = kernels.EAGER_PAIRS_MIN_TOKEN_HEADS
     rows = []
 
     class Stamps(BaseStreamer):
@@ -534,7 +536,8 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
 
     def make_cache(name, max_len):
         os.environ["KVQUANT_FUSED_DECODE"] = "0" if name.endswith("-reference") else "1"
-        os.environ["KVQUANT_CUDA_GRAPHS"] = "0" if name.endswith("-eager") else "1"
+        os.environ["KVQUANT_CUDA_GRAPHS"] = "0" if name.endswith(("-eager", "-eager-pairs")) else "1"
+        kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = 0 if name.endswith("-eager-pairs") else eager_pairs_default
         os.environ["KVQUANT_PAIRS"] = "0" if name.endswith("-natural") else "1"
         kernels.PREFETCH_DEFAULT = False if name.endswith("-noprefetch") else prefetch_default  # read by each plan
         if name == "dynamic":
@@ -577,7 +580,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
         for rnd in range(reps):
             # each round a different prompt length: a key length never repeats (cuDNN's SDPA caches a plan per shape,
             # and a repeated length would flatter the fp16 caches against real generation, where every step is new)
-            ids = torch.randint(0, 32000, (1, ctx + 97 * rnd), device=DEV)
+            ids = torch.randint(0, 32000, (batch, ctx + 97 * rnd), device=DEV)
             for name in caches:
                 if time.time() > DEADLINE[0]:
                     log(f"deadline: skip generate {ctx} {name} round {rnd}")
@@ -609,8 +612,9 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     os.environ.pop("KVQUANT_CUDA_GRAPHS", None)
     os.environ.pop("KVQUANT_PAIRS", None)
     kernels.PREFETCH_DEFAULT = prefetch_default
+    kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = eager_pairs_default
     res["generate"] = dict(model="random-weight Llama-3-8B shape (bf16)", layers=n_layers, new_tokens=new_tokens,
-                           via="model.generate", rounds=reps, rows=rows)
+                           via="model.generate", rounds=reps, rows=rows, batch=batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -649,6 +653,7 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--gen-contexts", default="32768,131072")
     ap.add_argument("--gen-layers", type=int, default=32)
+    ap.add_argument("--gen-batch", type=int, default=1, help="generate: sequences per batch (batch 1 is the report's)")
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
     ap.add_argument("--diag-sweep", default="full", help="comma list of: full, regs, occupancy, natural, default, "
@@ -683,7 +688,8 @@ def main():
         ("capacity", lambda: capacity_section(res, args.out, torch.cuda.get_device_properties(0).total_memory)),
         ("calib", lambda: calibration_section(res)),
         ("generate", lambda: generate_section(res, [int(c) for c in args.gen_contexts.split(",")],
-                                              args.gen_layers, caches=args.gen_caches.split(","))),
+                                              args.gen_layers, caches=args.gen_caches.split(","),
+                                              batch=args.gen_batch)),
     ):
         if fn is None:
             continue

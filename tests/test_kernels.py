@@ -564,6 +564,13 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
     assert kernels.decode_kernel(q, st, graph=True) == "pairs"
     assert kernels.decode_kernel(q, st) == "natural"  # eager
     assert kernels.decode_kernel(q, st, graph=True, prefetch="l1") == "natural"
+    # eagerly, from EAGER_PAIRS_MIN_TOKEN_HEADS token-heads (batch x KV heads x capacity) up, when set
+    size = 1 * 2 * int(st.capacity)
+    for threshold, want in ((size, "pairs"), (size + 1, "natural")):
+        monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", threshold)
+        fresh, _, _ = make_storage(1, 2, 128, 3, 40, 1, 0, "head", "cpu")  # (plans are cached per storage)
+        assert int(fresh.capacity) == int(st.capacity) and kernels.decode_kernel(q, fresh) == want
+    monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", None)
     assert kernels.decode_kernel(q, st, kernel="pairs") == "pairs"
     with pytest.raises(ValueError, match="no natural/fields launch options"):
         kernels.decode_kernel(q, st, kernel="pairs", block_t=64)

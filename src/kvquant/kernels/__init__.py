@@ -291,6 +291,13 @@ class _Plan:
     __slots__ = ("H", "bt", "fn", "kernel", "tensors", "strides", "consts", "rope_scale", "pairs")
 
 
+#: Launched eagerly (an fp16 window R > 0, or KVQUANT_CUDA_GRAPHS=0), the default takes the pairs kernel where it
+#: applies only for storages of at least this many token-heads (batch x KV heads x capacity; read when a launch plan
+#: is built, i.e. again when the storage grows); None: never. An eager Gluon launch costs the host about 200 us
+#: (run 71's eager_us), so it pays only where the GPU work is large.
+EAGER_PAIRS_MIN_TOKEN_HEADS: int | None = None
+
+
 def _decode_plan(st, B, Hq, D, dev, options) -> _Plan | None:
     """The launch configuration, derived tables and tensor arguments of :func:`decode_attention` for ``st``, or None
     when the reference path must run. Cached on the storage; rebuilt when its quantized tensors are reallocated
@@ -350,7 +357,8 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     pairs_ok = (natural_ok and bits in (2, 3, 4) and D == 128 and (v_token or G == H) and ck <= 1 and group <= 8
                 and _pairs_available(dev))
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
-    if (kernel is None and graph and pairs_ok and all(o is None for o in natural_options)
+    eager_pairs = EAGER_PAIRS_MIN_TOKEN_HEADS is not None and B * H * int(st.capacity) >= EAGER_PAIRS_MIN_TOKEN_HEADS
+    if (kernel is None and (graph or eager_pairs) and pairs_ok and all(o is None for o in natural_options)
             and _pairs_available(dev, True)):
         # H200, Llama-3-8B shape, nuq3-1%, graph replays (benchmarks/gpu_decode.md, run 62; 4K and 16K run 70):
         # head-group values 156.9 vs 324.0 us at 128K batch 1 against the natural kernel, 1106.5 vs 3766.1 at batch
