@@ -166,7 +166,18 @@ def pairs_ok(q, st) -> bool:
 
 def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, extra=True, on_context=None):
     """The decode matrix; ``on_context`` (e.g. writing the JSON) runs after every context, so that a run stopped by
-    a time limit keeps every row it measured (run 53 lost its fp16 rows that way)."""
+    a time limit keeps every row it measured (run 53 lost its fp16 rows that way). Each storage's rows: the Triton
+    kernel that eager steps of small storages take (kernels.EAGER_PAIRS_MIN_TOKEN_HEADS off for the matrix), the
+    kernels it replaced, and the pairs kernel."""
+    eager_pairs = kernels.EAGER_PAIRS_MIN_TOKEN_HEADS
+    kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = None
+    try:
+        _decode_matrix(res, copy_bw, shapes, batches, only_ctx, check, extra, on_context)
+    finally:
+        kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = eager_pairs
+
+
+def _decode_matrix(res, copy_bw, shapes, batches, only_ctx, check, extra, on_context):
     rows = res.setdefault("rows", [])
     checks = res.setdefault("checks", [])
     for shape in shapes:
@@ -567,7 +578,10 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
             graphs = [getattr(layer.storage, "_decode_graph", None) for layer in cache.layers]
             out.update(graph_layers=sum(g is not None and g.graph is not None for g in graphs),
                        graph_failed_layers=sum(g is not None and g.failed for g in graphs),
-                       graph_replays=sum(g.replays for g in graphs if g is not None))
+                       graph_replays=sum(g.replays for g in graphs if g is not None),
+                       decode_kernels=sorted({v[1].kernel for layer in cache.layers
+                                              for k, v in getattr(layer.storage, "_kernel_cache", {}).items()
+                                              if k[0] == "plan" and v[1] is not None}))
         return out
 
     for name in caches:  # warm-up (kernel compilation) on a short prompt

@@ -562,15 +562,15 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
     q = torch.zeros(1, 8, 1, 128).bfloat16()
     st, codec, rope = make_storage(1, 2, 128, 3, 40, 1, 0, "head", "cpu")
     assert kernels.decode_kernel(q, st, graph=True) == "pairs"
-    assert kernels.decode_kernel(q, st) == "natural"  # eager
+    assert kernels.decode_kernel(q, st) == "natural"  # eager, small storage
     assert kernels.decode_kernel(q, st, graph=True, prefetch="l1") == "natural"
-    # eagerly, from EAGER_PAIRS_MIN_TOKEN_HEADS token-heads (batch x KV heads x capacity) up, when set
-    size = 1 * 2 * int(st.capacity)
-    for threshold, want in ((size, "pairs"), (size + 1, "natural")):
+    # eagerly from EAGER_PAIRS_MIN_TOKEN_HEADS quantized token-heads (batch x KV heads x tokens) up (3M by default)
+    assert kernels.EAGER_PAIRS_MIN_TOKEN_HEADS == 3_000_000
+    for threshold, want in ((1 * 2 * 40, "pairs"), (1 * 2 * 40 + 1, "natural"), (None, "natural")):
         monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", threshold)
         fresh, _, _ = make_storage(1, 2, 128, 3, 40, 1, 0, "head", "cpu")  # (plans are cached per storage)
-        assert int(fresh.capacity) == int(st.capacity) and kernels.decode_kernel(q, fresh) == want
-    monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", None)
+        assert int(fresh.n_q) == 40 and kernels.decode_kernel(q, fresh) == want
+        assert kernels.decode_kernel(q, fresh, graph=True) == "pairs"
     assert kernels.decode_kernel(q, st, kernel="pairs") == "pairs"
     with pytest.raises(ValueError, match="no natural/fields launch options"):
         kernels.decode_kernel(q, st, kernel="pairs", block_t=64)

@@ -292,10 +292,13 @@ class _Plan:
 
 
 #: Launched eagerly (an fp16 window R > 0, or KVQUANT_CUDA_GRAPHS=0), the default takes the pairs kernel where it
-#: applies only for storages of at least this many token-heads (batch x KV heads x capacity; read when a launch plan
-#: is built, i.e. again when the storage grows); None: never. An eager Gluon launch costs the host about 200 us
-#: (run 71's eager_us), so it pays only where the GPU work is large.
-EAGER_PAIRS_MIN_TOKEN_HEADS: int | None = None
+#: applies once the storage holds at least this many quantized token-heads (batch x KV heads x quantized tokens when
+#: the launch plan is built: again each time the storage doubles); None: never. An eager Gluon launch costs the host
+#: about 200 us (run 71's eager_us) and an eager step is host-bound, so it pays only where the GPU work is large.
+#: benchmarks/gpu_runs/run84 (generate, eager, Llama-3-8B shape, 8 layers, batch 8, nuq3-1% head-group): 2.1M
+#: token-heads (32K): pairs 20.6 / 17.7 ms per step against 18.2 / 14.5 for the natural kernel; 4.2M (64K): 12.3 /
+#: 12.7 against 20.1 / 19.6. The threshold lies between them.
+EAGER_PAIRS_MIN_TOKEN_HEADS: int | None = 3_000_000
 
 
 def _decode_plan(st, B, Hq, D, dev, options) -> _Plan | None:
@@ -357,7 +360,8 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     pairs_ok = (natural_ok and bits in (2, 3, 4) and D == 128 and (v_token or G == H) and ck <= 1 and group <= 8
                 and _pairs_available(dev))
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
-    eager_pairs = EAGER_PAIRS_MIN_TOKEN_HEADS is not None and B * H * int(st.capacity) >= EAGER_PAIRS_MIN_TOKEN_HEADS
+    eager_pairs = (EAGER_PAIRS_MIN_TOKEN_HEADS is not None and has_q
+                   and B * H * int(st.n_q) >= EAGER_PAIRS_MIN_TOKEN_HEADS)
     if (kernel is None and (graph or eager_pairs) and pairs_ok and all(o is None for o in natural_options)
             and _pairs_available(dev, True)):
         # H200, Llama-3-8B shape, nuq3-1%, graph replays (benchmarks/gpu_decode.md, run 62; 4K and 16K run 70):
