@@ -72,6 +72,8 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run72_2026-11-30": "145c535 (the 1M-token step also as a CUDA-graph replay with the pairs kernel)",
     "run77_2026-11-30": "19bb49c (the pairs kernel reads 4-bit codes too: nuq4 rows beside the natural kernel)",
     "run81_2026-11-30": "defd4e8 (graph steps take the pairs kernel for nuq4 since 4a430d5; kernels as run 77)",
+    "run84_2026-11-30": "242a9e6 (kernels as run 77; the -fused-eager-pairs cache sets EAGER_PAIRS_MIN_TOKEN_HEADS = 0)",
+    "run85_2026-11-30": "61cfbf4 (eager steps take the pairs kernel from 3M quantized token-heads)",
 }
 
 # runs kept in gpu_runs/ as records whose decode rows the report must not take as the latest: what they measured is
@@ -127,6 +129,17 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                          "natural one (173 against 422 us at 128K, run 77): 5.5 against 13.5 ms of GPU time in a "
                          "27-51 ms step. The step is bound by the host, which drifted by more than that between "
                          "rounds, so this run does not separate the two kernels end to end."),
+    "run84_2026-11-30": ("Eager steps (KVQUANT_CUDA_GRAPHS=0, as with an fp16 window R > 0) at batch 8, 8 layers: "
+                         "the natural kernel (the eager default until then), the pairs kernel launched eagerly, and "
+                         "the default CUDA-graph steps. 32K (2.1M token-heads): pairs 20.6 / 17.7 ms per step "
+                         "against 18.2 / 14.5 for the natural kernel, slower: the Gluon launch costs the host about "
+                         "200 us and the step is host-bound. 64K (4.2M): 12.3 / 12.7 against 20.1 / 19.6, 1.55-1.63x "
+                         "faster, as fast as the graph steps (13.8 / 12.2). So eager steps now take the pairs kernel "
+                         "from 3M quantized token-heads (61cfbf4)."),
+    "run85_2026-11-30": ("Run 84's shapes on 61cfbf4, to check the new eager default: it chose the natural kernel "
+                         "at 32K and the pairs kernel at 64K (decode_kernels in the JSON). A slower machine start: "
+                         "the graph steps took 14.8-16.5 ms against 11.4-13.8 in run 84, and the eager 64K step "
+                         "22.3 / 23.8 ms; compare within a run."),
     "run68_2026-11-30": ("Run 67's command on the shipped code (1400921), four minutes later on a fresh machine start: "
                          "every row slower than in run 67, by up to 1.9x (head-group 45.8 / 53.4 ms in its rounds "
                          "against 24.5 / 27.6, with SASS-identical kernels; DynamicCache 95.1 against 64.2). At batch "
