@@ -160,8 +160,9 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     value slots per head vector or token-group value rows with any number of slots: each KV head applies the
     ones that fall in it), ``"fields"`` (the head-group conditions and head_dim >= 128; twelve narrow dots per block,
     one per bit field),
-    ``"tiles"`` (interleave unpack; any slot count) or None (pairs in CUDA-graph steps where it applies and no
-    natural/fields option is given; else natural for 3/4-bit storage, and for 2-bit at head_dim 64;
+    ``"tiles"`` (interleave unpack; any slot count) or None (pairs where it applies and no natural/fields option is
+    given, in CUDA-graph steps and, launched eagerly, from EAGER_PAIRS_MIN_TOKEN_HEADS quantized token-heads; else
+    natural for 3/4-bit storage, and for 2-bit at head_dim 64;
     fields for 2-bit at head_dim >= 128; else tiles; :func:`decode_kernel` says which).
     ``value_correction=True``: the tiles kernel's value-slot correction (a one-hot dot after P@V) instead of the
     per-slot overwrite (slower on the H200).
