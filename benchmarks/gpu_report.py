@@ -546,7 +546,7 @@ def generate_report(runs, out):
                  if gen.get("via") == "model.generate" else
                  "# End-to-end decode tokens/s (model forward loop with each cache)\n\nRun:\n\n")
         md = title + _generate_table(name, env, gen)
-        # earlier model.generate runs: the previous one, and the latest with caches the latest run did not measure
+        # earlier model.generate runs (batch 1)
         names = [n for n, _ in runs]
         before = [(n, r) for n, r in runs[: names.index(name)] if (r.get("generate") or {}).get("rows")
                   and r["generate"].get("via") == "model.generate"]
