@@ -819,6 +819,49 @@ def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads,
         assert rel(logits[1][:, t], logits[0][:, t]) < 2e-2, t
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("group,kv_heads", [("head", 2), ("token", 8)])
+def test_eager_pairs_steps_match_natural_gpu(monkeypatch, group, kv_heads):
+    """Eager decode steps (an fp16 window, R = 3, so no CUDA graphs) of a storage past EAGER_PAIRS_MIN_TOKEN_HEADS
+    (here lowered to 1) take the pairs kernel and give the logits of the same steps with the threshold off (the
+    natural kernel), within bf16 tolerance (teacher-forced), through a storage reallocation."""
+    from kvquant import KVQuantCache
+    from kvquant.models import model_identity, tiny_random_model
+    from kvquant.quantizer import Quantizer, QuantizerConfig
+
+    if not _pairs_here():
+        pytest.skip("needs the Gluon pairs kernel")
+    model = tiny_random_model("llama", head_dim=128, num_key_value_heads=kv_heads,
+                              num_attention_heads=2 * kv_heads).cuda().to(torch.bfloat16)
+    cfg = model.config
+    H, D = cfg.num_key_value_heads, cfg.head_dim
+    quant = Quantizer(QuantizerConfig(bits=3, n_sinks=1, recent_window=3, value_group=group), model_identity(model),
+                      [synthetic_codec(H, D, 3, 0.01, group, seed=i) for i in range(cfg.num_hidden_layers)])
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 50), generator=g).cuda()
+    steps = torch.randint(0, cfg.vocab_size, (2, 40), generator=g).cuda()
+    logits, caches = [], []
+    for threshold in (None, 1):  # the natural kernel, then the pairs kernel, both launched eagerly
+        monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", threshold)
+        cache = KVQuantCache(quant, model)
+        got = []
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            for t in range(steps.shape[1]):
+                got.append(model(input_ids=steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits.float())
+        logits.append(torch.cat(got, 1))
+        caches.append(cache)
+    q = torch.zeros(2, cfg.num_attention_heads, 1, D, device="cuda")
+    for cache, want in zip(caches, ("natural", "pairs")):
+        st = cache.layers[0].storage
+        assert st.n_w == 3 and getattr(st, "_decode_graph", None) is None
+        plans = {v[1].kernel for k, v in st._kernel_cache.items() if k[0] == "plan" and v[1] is not None}
+        assert plans == {want} and kernels.decode_kernel(q, st) == want
+    for t in range(steps.shape[1]):
+        assert rel(logits[1][:, t], logits[0][:, t]) < 2e-2, t
+
+
 @pytest.mark.parametrize("R,head_dim,frac", [(0, 16, 0.01), (3, 16, 0.01), (0, 64, 0.05)])
 def test_fused_cache_path_matches_reference_path(monkeypatch, R, head_dim, frac):
     """With the opt-in fused path (GPU encode + fused decode; here under the interpreter), a KVQuantCache stores the
