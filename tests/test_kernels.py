@@ -44,7 +44,7 @@ def make_storage(B, H, D, bits, n_q, n_s=1, n_w=0, value_group="token", device="
     k, v = k.to(device), v.to(device)
     # sinks through the normal path
     st.append(k[:, :, :n_s], v[:, :, :n_s], pos[:, :n_s])
-    if fill == "kernel":
+    if fill == "kernel" and (str(device) != "cpu" or kernels.interpreting()):  # (CPU tensors: the interpreter only)
         kernels.quantize_append(st, k[:, :, n_s:n_s + n_q], v[:, :, n_s:n_s + n_q], pos[:, n_s:n_s + n_q])
         st.n_seen += n_q
     else:
