@@ -1036,6 +1036,7 @@ def test_lut_words_hold_the_fp16_levels():
         kernels._lut_words(torch.zeros(32))
 
 
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
 def test_decode_plan_follows_storage_growth_and_mask_changes():
     """decode_attention caches its launch plan on the storage and the mask bias across layers: a reallocated storage
     (capacity growth) and a mask changed in place must both be seen."""
