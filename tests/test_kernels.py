@@ -771,6 +771,44 @@ def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, fra
     assert all(getattr(layer.storage, "_decode_graph", None) is None for layer in caches[0].layers)
 
 
+def _tiny_d128(kv_heads, bits, group, recent_window, device):
+    """A tiny random Llama with head_dim 128 (2 query heads per KV head; bf16 on CUDA) and a synthetic quantizer of
+    ``bits`` at 1% with one sink, the given value grouping and fp16 window."""
+    from kvquant.models import model_identity, tiny_random_model
+    from kvquant.quantizer import Quantizer, QuantizerConfig
+
+    model = tiny_random_model("llama", head_dim=128, num_key_value_heads=kv_heads, num_attention_heads=2 * kv_heads)
+    model = model.to(device, torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    cfg = model.config
+    H, D = cfg.num_key_value_heads, cfg.head_dim
+    cfg_q = QuantizerConfig(bits=bits, n_sinks=1, recent_window=recent_window, value_group=group)
+    return model, Quantizer(cfg_q, model_identity(model), [synthetic_codec(H, D, bits, 0.01, group, seed=i)
+                                                          for i in range(cfg.num_hidden_layers)])
+
+
+def _forced_steps(model, quant, seed, setups):
+    """For each ``setups`` callable: call it, then run a 50-token prompt and 40 teacher-forced decode steps (batch 2,
+    random ids from ``seed``) through a new KVQuantCache. Returns (logits [2, 40, vocab] per setup, caches)."""
+    from kvquant import KVQuantCache
+
+    g = torch.Generator().manual_seed(seed)
+    dev = model.device
+    ids = torch.randint(0, model.config.vocab_size, (2, 50), generator=g).to(dev)
+    steps = torch.randint(0, model.config.vocab_size, (2, 40), generator=g).to(dev)
+    logits, caches = [], []
+    for setup in setups:
+        setup()
+        cache = KVQuantCache(quant, model)
+        got = []
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            for t in range(steps.shape[1]):
+                got.append(model(input_ids=steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits.float())
+        logits.append(torch.cat(got, 1))
+        caches.append(cache)
+    return logits, caches
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("group,kv_heads,bits", [("head", 2, 3), ("token", 2, 3), ("token", 8, 3), ("head", 2, 2),
@@ -781,32 +819,13 @@ def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads,
     within bf16 tolerance (teacher-forced: both runs feed the same tokens), through a storage reallocation
     (re-recorded graphs). Token-group values over 2 KV heads (3 slots per row, no run ends) and over 8 (10 slots,
     with run ends); 2-bit and 4-bit codes."""
-    from kvquant import KVQuantCache
-    from kvquant.models import model_identity, tiny_random_model
-    from kvquant.quantizer import Quantizer, QuantizerConfig
-
     if not _pairs_here():
         pytest.skip("needs the Gluon pairs kernel")
-    model = tiny_random_model("llama", head_dim=128, num_key_value_heads=kv_heads,
-                              num_attention_heads=2 * kv_heads).cuda().to(torch.bfloat16)
-    cfg = model.config
-    H, D = cfg.num_key_value_heads, cfg.head_dim
-    quant = Quantizer(QuantizerConfig(bits=bits, n_sinks=1, recent_window=0, value_group=group), model_identity(model),
-                      [synthetic_codec(H, D, bits, 0.01, group, seed=i) for i in range(cfg.num_hidden_layers)])
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (2, 50), generator=g).cuda()
-    steps = torch.randint(0, cfg.vocab_size, (2, 40), generator=g).cuda()
-    logits, caches = [], []
-    for flag in ("0", "1"):  # eager (a Triton kernel), then graphs (pairs kernel)
-        monkeypatch.setenv("KVQUANT_CUDA_GRAPHS", flag)
-        cache = KVQuantCache(quant, model)
-        got = []
-        with torch.no_grad():
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
-            for t in range(steps.shape[1]):
-                got.append(model(input_ids=steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits.float())
-        logits.append(torch.cat(got, 1))
-        caches.append(cache)
+    model, quant = _tiny_d128(kv_heads, bits, group, 0, "cuda")
+    cfg, D = model.config, model.config.head_dim
+    # eager (a Triton kernel), then graphs (pairs kernel)
+    logits, caches = _forced_steps(model, quant, 0, [lambda f=flag: monkeypatch.setenv("KVQUANT_CUDA_GRAPHS", f)
+                                                     for flag in ("0", "1")])
     st = caches[1].layers[0].storage
     q = torch.zeros(2, cfg.num_attention_heads, 1, D, device="cuda")
     eager = "fields" if bits == 2 and group == "head" else "natural"
@@ -815,7 +834,7 @@ def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads,
     for layer in caches[1].layers:  # 50 + 40 tokens: the capacity grows past 64, so each layer re-recorded once
         graph = getattr(layer.storage, "_decode_graph", None)
         assert graph is not None and graph.graph is not None and graph.stamp is layer.storage.k_codes
-    for t in range(steps.shape[1]):
+    for t in range(logits[0].shape[1]):
         assert rel(logits[1][:, t], logits[0][:, t]) < 2e-2, t
 
 
@@ -826,39 +845,20 @@ def test_eager_pairs_steps_match_natural_gpu(monkeypatch, group, kv_heads):
     """Eager decode steps (an fp16 window, R = 3, so no CUDA graphs) of a storage past EAGER_PAIRS_MIN_TOKEN_HEADS
     (here lowered to 1) take the pairs kernel and give the logits of the same steps with the threshold off (the
     natural kernel), within bf16 tolerance (teacher-forced), through a storage reallocation."""
-    from kvquant import KVQuantCache
-    from kvquant.models import model_identity, tiny_random_model
-    from kvquant.quantizer import Quantizer, QuantizerConfig
-
     if not _pairs_here():
         pytest.skip("needs the Gluon pairs kernel")
-    model = tiny_random_model("llama", head_dim=128, num_key_value_heads=kv_heads,
-                              num_attention_heads=2 * kv_heads).cuda().to(torch.bfloat16)
-    cfg = model.config
-    H, D = cfg.num_key_value_heads, cfg.head_dim
-    quant = Quantizer(QuantizerConfig(bits=3, n_sinks=1, recent_window=3, value_group=group), model_identity(model),
-                      [synthetic_codec(H, D, 3, 0.01, group, seed=i) for i in range(cfg.num_hidden_layers)])
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, cfg.vocab_size, (2, 50), generator=g).cuda()
-    steps = torch.randint(0, cfg.vocab_size, (2, 40), generator=g).cuda()
-    logits, caches = [], []
-    for threshold in (None, 1):  # the natural kernel, then the pairs kernel, both launched eagerly
-        monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", threshold)
-        cache = KVQuantCache(quant, model)
-        got = []
-        with torch.no_grad():
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
-            for t in range(steps.shape[1]):
-                got.append(model(input_ids=steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits.float())
-        logits.append(torch.cat(got, 1))
-        caches.append(cache)
+    model, quant = _tiny_d128(kv_heads, 3, group, 3, "cuda")
+    cfg, D = model.config, model.config.head_dim
+    # the natural kernel, then the pairs kernel, both launched eagerly
+    logits, caches = _forced_steps(model, quant, 1, [
+        lambda x=x: monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", x) for x in (None, 1)])
     q = torch.zeros(2, cfg.num_attention_heads, 1, D, device="cuda")
     for cache, want in zip(caches, ("natural", "pairs")):
         st = cache.layers[0].storage
         assert st.n_w == 3 and getattr(st, "_decode_graph", None) is None
         plans = {v[1].kernel for k, v in st._kernel_cache.items() if k[0] == "plan" and v[1] is not None}
         assert plans == {want} and kernels.decode_kernel(q, st) == want
-    for t in range(steps.shape[1]):
+    for t in range(logits[0].shape[1]):
         assert rel(logits[1][:, t], logits[0][:, t]) < 2e-2, t
 
 
