@@ -199,9 +199,9 @@ def test_storage_tensors_own_exactly_their_bytes(R):
     cache = KVQuantCache(q, m)
     ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = m(ids, past_key_values=cache, use_cache=True)
+        out = m(ids, use_cache=True, **{cache_kwarg(m): cache})
         for _ in range(3):
-            out = m(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+            out = m(out.logits[:, -1:].argmax(-1), use_cache=True, **{cache_kwarg(m): cache})
     for layer in cache.layers:
         for name, t in layer.storage.tensors().items():
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (layer.layer_idx, name)

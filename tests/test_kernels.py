@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 
 from kvquant import kernels  # noqa: E402
 from kvquant.cache.storage import LayerStorage  # noqa: E402
+from kvquant.calibration import cache_kwarg  # noqa: E402
 from kvquant.core.codec import PackedBlock, head_ends, to_vectors, uses_head_ends  # noqa: E402
 from kvquant.kernels.reference import reference_attention, reference_decode_attention  # noqa: E402
 from kvquant.kernels.testing import synthetic_codec, synthetic_kv, synthetic_rope  # noqa: E402
@@ -758,7 +759,7 @@ def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, fra
         monkeypatch.setenv("KVQUANT_CUDA_GRAPHS", flag)
         cache = KVQuantCache(quant, model)
         with torch.no_grad():
-            outs.append(model.generate(input_ids=ids, attention_mask=am, past_key_values=cache,
+            outs.append(model.generate(input_ids=ids, attention_mask=am, **{cache_kwarg(model): cache},
                                        max_new_tokens=60, min_new_tokens=60, do_sample=False))
         caches.append(cache)
     assert torch.equal(outs[0], outs[1])
@@ -801,9 +802,10 @@ def _forced_steps(model, quant, seed, setups):
         cache = KVQuantCache(quant, model)
         got = []
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            kw = {cache_kwarg(model): cache}
+            model(input_ids=ids, use_cache=True, **kw)
             for t in range(steps.shape[1]):
-                got.append(model(input_ids=steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits.float())
+                got.append(model(input_ids=steps[:, t:t + 1], use_cache=True, **kw).logits.float())
         logits.append(torch.cat(got, 1))
         caches.append(cache)
     return logits, caches
@@ -888,9 +890,10 @@ def test_fused_cache_path_matches_reference_path(monkeypatch, R, head_dim, frac)
         cache = KVQuantCache(q, model, recent_window=R)
         outs = []
         with torch.no_grad():
-            outs.append(model(ids[:, :20], past_key_values=cache, use_cache=True).logits[:, -1])
+            kw = {cache_kwarg(model): cache}
+            outs.append(model(ids[:, :20], use_cache=True, **kw).logits[:, -1])
             for i in range(20, 40):
-                outs.append(model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+                outs.append(model(ids[:, i : i + 1], use_cache=True, **kw).logits[:, -1])
         return torch.stack(outs), cache.layers[0].storage
 
     ref, st_ref = run(False)
