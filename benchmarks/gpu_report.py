@@ -72,7 +72,8 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run72_2026-11-30": "145c535 (the 1M-token step also as a CUDA-graph replay with the pairs kernel)",
     "run77_2026-11-30": "19bb49c (the pairs kernel reads 4-bit codes too: nuq4 rows beside the natural kernel)",
     "run81_2026-11-30": "defd4e8 (graph steps take the pairs kernel for nuq4 since 4a430d5; kernels as run 77)",
-    "run84_2026-11-30": "242a9e6 (kernels as run 77; the -fused-eager-pairs cache sets EAGER_PAIRS_MIN_TOKEN_HEADS = 0)",
+    "run84_2026-11-30": ("242a9e6 (kernels as run 77; the -fused-eager-pairs cache sets "
+                         "EAGER_PAIRS_MIN_TOKEN_HEADS = 0)"),
     "run85_2026-11-30": "61cfbf4 (eager steps take the pairs kernel from 3M quantized token-heads)",
 }
 
