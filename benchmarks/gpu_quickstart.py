@@ -37,7 +37,8 @@ def _env(cmd: str) -> dict:
 
 
 def _generate(model, tok, quant, prompt: str, new: int, fused: bool) -> dict:
-    from kvquant import KVQuantCache
+    from kvquant import KVQuantCache, kernels
+    from kvquant.calibration import cache_kwarg
 
     os.environ["KVQUANT_FUSED_DECODE"] = "1" if fused else "0"
     cache = KVQuantCache(quant, model)
@@ -45,19 +46,17 @@ def _generate(model, tok, quant, prompt: str, new: int, fused: bool) -> dict:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=tok.eos_token_id, disable_compile=True)
+        out = model.generate(**ids, **{cache_kwarg(model): cache}, max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=tok.eos_token_id, disable_compile=True)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    kernels, replays = set(), 0
+    ran, replays = set(), 0
     for layer in cache.layers:
-        st = layer.storage
-        kernels |= {v[1].kernel for k, v in getattr(st, "_kernel_cache", {}).items()
-                    if k[0] == "plan" and v[1] is not None}
-        g = getattr(st, "_decode_graph", None)
+        ran |= kernels.planned_kernels(layer.storage)
+        g = getattr(layer.storage, "_decode_graph", None)
         replays += g.replays if g is not None else 0
     return dict(fused=fused, tokens=out[0, ids["input_ids"].shape[1]:].tolist(), seconds=round(dt, 3),
-                decode_kernels=sorted(kernels), graph_replays=replays, prompt_tokens=int(ids["input_ids"].shape[1]))
+                decode_kernels=sorted(ran), graph_replays=replays, prompt_tokens=int(ids["input_ids"].shape[1]))
 
 
 def main() -> None:

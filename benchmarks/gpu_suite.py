@@ -527,6 +527,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     from transformers.generation.streamers import BaseStreamer
 
     from kvquant.cache import KVQuantCache
+    from kvquant.calibration import cache_kwarg
 
     model = random_llama3(n_layers)
     quants = {}  # (bits, value group) -> quantizer, built when a cache first asks for it
@@ -568,9 +569,9 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
         stamps = Stamps()
         with torch.no_grad():
             t0 = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n_new,
-                           min_new_tokens=n_new, do_sample=False, streamer=stamps, disable_compile=True,
-                           pad_token_id=0)
+            model.generate(ids, attention_mask=torch.ones_like(ids), **{cache_kwarg(model): cache},
+                           max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, streamer=stamps,
+                           disable_compile=True, pad_token_id=0)
         gaps = [b - a for a, b in zip(stamps.t[2:], stamps.t[3:])]  # t[0]: prompt, t[1]: first token (prefill)
         out = dict(step=sorted(gaps)[len(gaps) // 2], prefill=stamps.t[1] - t0,
                    gaps_ms=[round(g * 1e3, 1) for g in gaps])
@@ -579,9 +580,8 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
             out.update(graph_layers=sum(g is not None and g.graph is not None for g in graphs),
                        graph_failed_layers=sum(g is not None and g.failed for g in graphs),
                        graph_replays=sum(g.replays for g in graphs if g is not None),
-                       decode_kernels=sorted({v[1].kernel for layer in cache.layers
-                                              for k, v in getattr(layer.storage, "_kernel_cache", {}).items()
-                                              if k[0] == "plan" and v[1] is not None}))
+                       decode_kernels=sorted(set().union(*(kernels.planned_kernels(layer.storage)
+                                                           for layer in cache.layers))))
         return out
 
     for name in caches:  # warm-up (kernel compilation) on a short prompt

@@ -858,8 +858,7 @@ def test_eager_pairs_steps_match_natural_gpu(monkeypatch, group, kv_heads):
     for cache, want in zip(caches, ("natural", "pairs")):
         st = cache.layers[0].storage
         assert st.n_w == 3 and getattr(st, "_decode_graph", None) is None
-        plans = {v[1].kernel for k, v in st._kernel_cache.items() if k[0] == "plan" and v[1] is not None}
-        assert plans == {want} and kernels.decode_kernel(q, st) == want
+        assert kernels.planned_kernels(st) == {want} and kernels.decode_kernel(q, st) == want
     for t in range(logits[0].shape[1]):
         assert rel(logits[1][:, t], logits[0][:, t]) < 2e-2, t
 

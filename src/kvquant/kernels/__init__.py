@@ -97,6 +97,13 @@ def _cached(storage, key, fn, stamp=None):
     return hit[1]
 
 
+def planned_kernels(storage) -> set[str]:
+    """The decode kernels ("pairs", "natural", ...) of the launch plans built so far for ``storage`` (the plans
+    :func:`decode_attention` cached on it; the reference path builds none): what a generation actually ran."""
+    cache = getattr(storage, "_kernel_cache", None) or {}
+    return {v[1].kernel for k, v in cache.items() if k[0] == "plan" and v[1] is not None}
+
+
 def _n_tokens(t) -> int:
     return 0 if t is None else int(t.shape[2])
 
@@ -370,9 +377,9 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         # 8, 88.5 vs 170.7 at 64K, 25.3 vs 43.7 at 4K; token-group values (the calibration default) 185.4 vs 458.5 us
         # at 128K batch 1, 1326.2 vs 5071.1 at batch 8, 40.7 vs 78.7 at 16K, 26.5 vs 57.6 at 4K. nuq2-1% (run 71):
         # 133.0 vs 286.8 us against the fields kernel; nuq4-1% (run 77): 173.4 vs 422.5 us against the natural
-        # kernel at 128K batch 1, 24.2 vs 49.2 at 4K. Only in CUDA-graph steps: launched eagerly, the Gluon kernel
+        # kernel at 128K batch 1, 24.2 vs 49.2 at 4K. In CUDA-graph steps; launched eagerly, the Gluon kernel
         # costs the host 270-500 us per call (run 53's eager_us), against 110-330 us for the natural kernel's whole
-        # call
+        # call, so eager launches take it only for large storages (EAGER_PAIRS_MIN_TOKEN_HEADS)
         kernel = "pairs"
     if kernel is None:
         # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md: natural in run 13, fields in run 4): per layer
