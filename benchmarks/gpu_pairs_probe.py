@@ -1,6 +1,6 @@
-"""Where the library's pairs kernel spends its time: one layer at 128K (Llama-3-8B shape, batch 1 and 8), nuq3 (or
-``--bits 2`` / ``--bits 4``) storage with 1% outlier slots and without (head-group values; ``--groups head,token`` adds
-token-group values, the calibration default), the pairs kernel beside the natural kernel and bf16 SDPA, all timed as
+"""Where the library's pairs kernel spends its time: one layer at 128K (Llama-3-8B shape or ``--shape``, batch 1 and
+8), nuq3 (or ``--bits 2`` / ``--bits 4``) storage with 1% outlier slots and without (head-group values;
+``--groups head,token`` adds token-group values, the calibration default), the pairs kernel beside the natural kernel and bf16 SDPA, all timed as
 CUDA-graph replays in one process; each kvquant row checked against the float reference at 4K first.
 
     PYTHONPATH=src python benchmarks/gpu_pairs_probe.py [--contexts 131072] [--batches 1,8] [--groups head,token]
@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import bench_graph, env_info, fill_storages, rel, sdpa_graph_us  # noqa: E402
+from gpu_suite import SHAPES, bench_graph, env_info, fill_storages, rel, sdpa_graph_us  # noqa: E402
 
 from kvquant import kernels  # noqa: E402
 from kvquant.kernels.reference import reference_decode_attention  # noqa: E402
@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--groups", default="head", help="value groupings: head, token or both")
     ap.add_argument("--bits", type=int, default=3, choices=[2, 3, 4])
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES), help="query heads, KV heads, head_dim")
     ap.add_argument("--variants", default=None, help="register cap and programs per SM, e.g. none:8,168:12 (the "
                     "pairs kernel alone at each, per grouping, on one filled storage; head:/token: prefixes "
                     "restrict a variant to one grouping)")
@@ -37,7 +38,8 @@ def main():
     bits = a.bits
     groups = a.groups.split(",")
     print(env_info())
-    Hq, H, D = 32, 8, 128
+    Hq, H, D = SHAPES[a.shape]
+    print(f"shape {a.shape}: {Hq} query heads, {H} KV heads, head_dim {D}")
     for vg in groups:
         for frac in (0.01, 0.0):  # correctness at 4K, both kernels
             _, _, sts, _ = fill_storages(2, H, D, 4096, [(bits, vg)], frac=frac, want_fp16=False)
@@ -56,7 +58,8 @@ def main():
                 _, _, sts, _ = fill_storages(B, H, D, ctx, [(bits, vg)], frac=frac, want_fp16=False)
                 st = sts[(bits, vg)]
                 for kernel in ("pairs", "natural"):
-                    us = bench_graph(lambda q_=q, s_=st, k_=kernel: kernels.decode_attention(q_, s_, 0.088, kernel=k_))
+                    us = bench_graph(lambda q_=q, s_=st, k_=kernel: kernels.decode_attention(q_, s_, D**-0.5,
+                                                                                            kernel=k_))
                     print(f"{ctx} b{B} nuq{bits} {vg}-group slots {frac}: {kernel} {us:.1f} us ({sdpa / us:.2f}x SDPA)")
                 sts = st = None
                 torch.cuda.empty_cache()
@@ -79,7 +82,7 @@ def variants(a):
     from kvquant.kernels import _gluon as G
 
     print(env_info())
-    Hq, H, D = 32, 8, 128
+    Hq, H, D = SHAPES[a.shape]
     specs = []
     for v in a.variants.split(","):
         *grp, reg, per = v.split(":")  # [grouping:]register cap:programs per SM

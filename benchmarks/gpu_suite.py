@@ -36,9 +36,10 @@ from kvquant.kernels.testing import synthetic_codec, synthetic_kv, synthetic_rop
 
 DEV = torch.device("cuda")
 DEADLINE = [float("inf")]
-SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
+SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64),
+          "llama32-1b": (32, 8, 64)}  # (query heads, KV heads, head_dim); Llama-3.2-1B: head_dim 64, GQA 4
 CONTEXTS = {"llama2-7b": [4096, 16384, 65536, 131072, 524288], "llama3-8b": [4096, 16384, 65536, 131072],
-            "smollm2-135m": [16384, 131072]}
+            "smollm2-135m": [16384, 131072], "llama32-1b": [4096, 16384, 65536, 131072]}
 BITS = [4, 3, 2]
 # decode rows: head-group value storage at every width + token-group storage (natural, tiles and pairs kernels)
 METHODS = [(4, "head"), (3, "head"), (2, "head"), (3, "token")]
@@ -234,7 +235,8 @@ def _decode_matrix(res, copy_bw, shapes, batches, only_ctx, check, extra, on_con
                     kws = [kw0] + ([dict(kernel="tiles")] if vg == "token" or D == 64 else [])
                     if b == 3 and D == 128:  # the natural kernel beside the Gluon pairs kernel (both value groupings)
                         kws += [dict(kernel="natural")]
-                    if b in (2, 3, 4) and D == 128 and pairs_ok(q, st):  # the pairs kernel (graph steps' default)
+                    # the pairs kernel (graph steps' default at kernels.PAIRS_DEFAULT_HEAD_DIMS)
+                    if b in (2, 3, 4) and D in kernels.PAIRS_HEAD_DIMS and pairs_ok(q, st):
                         kws += [dict(kernel="pairs")]
                     done = set()
                     for kw in kws:

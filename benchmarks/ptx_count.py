@@ -211,9 +211,10 @@ def pairs_regions(cubin: bytes) -> Counter:
     return Counter(r for a, _, r in ins if body and body[0] <= a <= body[1])
 
 
-def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits=3, maxnreg=None):
-    """The Gluon pairs kernel for sm_90 (divisibility hints on the code pointers and strides, as at run time);
-    ``token_group``: token-group values with that many slots per row (0: head-group, ``slots`` per vector)."""
+def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits=3, maxnreg=None, head_dim=128):
+    """The Gluon pairs kernel for sm_90 (divisibility hints on the code pointers and strides, as at run time: the row
+    stride only where it is a multiple of 16 bytes); ``token_group``: token-group values with that many slots per row
+    (0: head-group, ``slots`` per vector)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from kvquant.core.codec import uses_head_ends
@@ -228,11 +229,13 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits
     sig = {n: ptrs.get(n, "i32") for n in names if n not in _PAIRS_CONST}
     cv = token_group or slots
     cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=cv,
-              **G.value_slots(bool(token_group), cv, uses_head_ends("token", heads, token_group)),
-              HAS_MASK=has_mask, DEVLEN=False, PF=2, HI=bits == 3, B4=bits == 4, BT=G.BT, D=G.D, N=G.N)
+              **G.value_slots(bool(token_group), cv, uses_head_ends("token", heads, token_group), head_dim),
+              HAS_MASK=has_mask, DEVLEN=False, PF=2, HI=bits == 3, B4=bits == 4, BT=G.BT, D=head_dim, N=G.N)
     order = list(sig)
     div = [["tt.divisibility", 16]]
-    attrs = {(order.index(n),): div for n in ("KC", "VC", "skc_t", "svc_t", "skc_h", "svc_h", "skc_b", "svc_b")}
+    hinted = ("KC", "VC", "skc_h", "svc_h", "skc_b", "svc_b")
+    hinted += ("skc_t", "svc_t") if head_dim * bits % 128 == 0 else ()
+    attrs = {(order.index(n),): div for n in hinted}
     return triton.compile(GluonASTSource(G._pairs_kernel, sig, constexprs=cx, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=1, **({} if maxnreg is None else {"maxnreg": maxnreg})))
@@ -251,6 +254,7 @@ def main():
     ap.add_argument("--bt", type=int, default=None, help="tokens per block (default: 64 tiles, 32 fields/natural)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--maxnreg", type=int, default=None)
+    ap.add_argument("--head-dim", type=int, default=128, help="pairs: 64 or 128")
     ap.add_argument("--ck", type=int, default=None, help="key slots (default: 1 tiles, 2 fields/natural)")
     ap.add_argument("--cv", type=int, nargs="*", default=None, help="value slots (default: 10 and 0 / 2)")
     ap.add_argument("--div", action="store_true", help="run-time divisibility hints (see the module docstring)")
@@ -265,9 +269,10 @@ def main():
     if a.kernel == "pairs":
         tg = (a.cv or [10])[0] if a.token_group else 0
         for bits, slots in [(b, s) for b in a.bits for s in ([a.ck] if a.ck is not None else [1, 0])]:
-            k = compile_pairs(slots, a.mask, token_group=tg, bits=bits, maxnreg=a.maxnreg)
+            k = compile_pairs(slots, a.mask, token_group=tg, bits=bits, maxnreg=a.maxnreg, head_dim=a.head_dim)
             tot, loop, ops, loc = sass_loop(k.asm["cubin"])
-            print(f"pairs nuq{bits} slots={slots} token-group slots={tg} mask={a.mask} maxnreg={a.maxnreg} "
+            print(f"pairs nuq{bits} d{a.head_dim} slots={slots} token-group slots={tg} mask={a.mask} "
+                  f"maxnreg={a.maxnreg} "
                   f"(triton {triton.__version__}): "
                   f"{resource_usage(k.asm['cubin'])}, shared {k.metadata.shared} B, SASS {tot} instr ({loc} local "
                   f"ld/st), hot loop {loop} instr")

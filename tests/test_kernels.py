@@ -406,12 +406,13 @@ def _gluon_module():
     return _gluon
 
 
-def test_pairs_kernel_tables_cpu():
-    """The pairs kernel's host tables against the storage format, on the CPU (the kernel itself needs a GPU): the
-    6-bit index the kernel forms from a channel pair's packed bits (core/packing.py: 2-bit low plane, 1-bit high
-    plane) selects the fp16 pair of the two levels; the fragment-order RoPE table read at the kernel's offsets gives
-    cos / sin of each token's offset for its channel pair; the query-rotation table follows _kchan; the split rule
-    fills one wave of programs and covers the tokens."""
+@pytest.mark.parametrize("D", [128, 64])
+def test_pairs_kernel_tables_cpu(D):
+    """The pairs kernel's host tables against the storage format, on the CPU (the kernel itself needs a GPU), at
+    head_dim 128 and 64: the 6-bit index the kernel forms from a channel pair's packed bits (core/packing.py: 2-bit
+    low plane, 1-bit high plane) selects the fp16 pair of the two levels; the fragment-order RoPE table read at the
+    kernel's offsets gives cos / sin of each token's offset for its channel pair; the query-rotation table follows
+    _kchan; the split rule fills one wave of programs and covers the tokens."""
     from kvquant.core.packing import pack_codes
 
     G = _gluon_module()
@@ -419,57 +420,58 @@ def test_pairs_kernel_tables_cpu():
     levels = torch.sort(torch.randn(8, generator=g)).values
     tab = G.pair_table(levels)
     assert tab.shape == (64, 32) and bool((tab == tab[:, :1]).all())  # replicated per lane
-    codes = torch.randint(0, 8, (5, 128), generator=g)
-    packed = pack_codes(codes, 3)  # [5, 48]: 32 bytes of low plane, 16 of high plane
-    lo = packed.contiguous().view(torch.int32).long()  # words 0-7: 16 channels each
-    hi = packed[:, 32:].contiguous().view(torch.int16).long()  # half-words: 16 channels each
-    ch = torch.arange(0, 128, 2)
+    codes = torch.randint(0, 8, (5, D), generator=g)
+    packed = pack_codes(codes, 3)  # [5, 3 D / 8]: D / 4 bytes of low plane, D / 8 of high plane
+    lo = packed.contiguous().view(torch.int32).long()  # words 0 .. D / 16 - 1: 16 channels each
+    hi = packed[:, D // 4:].contiguous().view(torch.int16).long()  # half-words: 16 channels each
+    ch = torch.arange(0, D, 2)
     word, bit = ch // 16, ch % 16
     idx = ((lo[:, word] >> (2 * bit)) & 15) | (((hi[:, word] >> bit) & 3) << 4)
-    got = tab[idx, 0].contiguous().view(torch.float16).view(5, 64, 2)
+    got = tab[idx, 0].contiguous().view(torch.float16).view(5, D // 2, 2)
     want = torch.stack([levels[codes[:, ch]], levels[codes[:, ch + 1]]], -1).half()
     assert torch.equal(got, want)
     # 2-bit codes: the low plane alone (rows of 32 bytes), the index's high bits 0
     lev4 = levels[::2].contiguous()
     tab2 = G.pair_table(lev4)
-    codes2 = torch.randint(0, 4, (5, 128), generator=g)
+    codes2 = torch.randint(0, 4, (5, D), generator=g)
     lo2 = pack_codes(codes2, 2).contiguous().view(torch.int32).long()
-    got2 = tab2[(lo2[:, word] >> (2 * bit)) & 15, 0].contiguous().view(torch.float16).view(5, 64, 2)
+    got2 = tab2[(lo2[:, word] >> (2 * bit)) & 15, 0].contiguous().view(torch.float16).view(5, D // 2, 2)
     assert torch.equal(got2, torch.stack([lev4[codes2[:, ch]], lev4[codes2[:, ch + 1]]], -1).half())
     # 4-bit codes: a pair's byte (core/packing.py: c[2 i] | c[2 i + 1] << 4) indexes 256 entries, word 8 byte + lane % 8
     lev16 = torch.sort(torch.randn(16, generator=g)).values
     tab4 = G.pair_table(lev16)
     assert tab4.shape == (64, 32) and bool((tab4.view(256, 8) == tab4.view(256, 8)[:, :1]).all())
-    codes4 = torch.randint(0, 16, (5, 128), generator=g)
-    byte = pack_codes(codes4, 4).long()  # [5, 64]: byte i holds channels 2 i, 2 i + 1
+    codes4 = torch.randint(0, 16, (5, D), generator=g)
+    byte = pack_codes(codes4, 4).long()  # [5, D / 2]: byte i holds channels 2 i, 2 i + 1
     for lane in (0, 5, 13, 31):
-        got4 = tab4.view(-1)[8 * byte + lane % 8].contiguous().view(torch.float16).view(5, 64, 2)
+        got4 = tab4.view(-1)[8 * byte + lane % 8].contiguous().view(torch.float16).view(5, D // 2, 2)
         assert torch.equal(got4, torch.stack([lev16[codes4[:, ch]], lev16[codes4[:, ch + 1]]], -1).half())
     # ... and the kernel reads the byte of K index k's pair (p = k % 16 // 2: lane p % 4, register s = p // 4) from
-    # byte p % 4 of word 8 half + 2 j + s: _kchan's 4-bit order puts exactly that pair's channels there
-    for j in range(4):
+    # byte p % 4 of word (D / 16) half + 2 j + s: _kchan's 4-bit order puts exactly that pair's channels there
+    for j in range(D // 32):
         for k in range(32):
             p, h = (k % 16) // 2, k // 16
-            c = int(G._kchan.fn(k, j, True))
-            assert c // 2 == 4 * (8 * h + 2 * j + p // 4) + p % 4 and c % 2 == k % 2
-    assert sorted(int(G._kchan.fn(k, j, b4)) for j in range(4) for k in range(32) for b4 in (False, True)) == \
-        sorted(2 * list(range(128)))
+            c = int(G._kchan.fn(k, j, True, D))
+            assert c // 2 == 4 * (D // 16 * h + 2 * j + p // 4) + p % 4 and c % 2 == k % 2
+    assert sorted(int(G._kchan.fn(k, j, b4, D)) for j in range(D // 32) for k in range(32) for b4 in (False, True)) \
+        == sorted(2 * list(range(D)))
     with pytest.raises(ValueError, match="4, 8 or 16 levels"):
         G.pair_table(torch.zeros(32))
-    rows = [torch.zeros(1, 1, 1, n, dtype=torch.uint8) for n in (48, 32, 64)]
-    for bits, row in ((3, rows[1]), (2, rows[0]), (4, rows[0])):  # a width the rows do not hold: refused, no launch
+    rows = [torch.zeros(1, 1, 1, n, dtype=torch.uint8) for n in (3 * D // 8, D // 4, D // 2, 48)]
+    # a width the rows do not hold: refused, no launch (and 48-byte 4-bit rows: head_dim 96)
+    for bits, row in ((3, rows[1]), (2, rows[0]), (4, rows[0]), (4, rows[3])):
         quant = (row, None, None, row, torch.zeros(1, 1, 1, 1), None, None, None, None)
         with pytest.raises(ValueError, match="2-, 3- or 4-bit code rows"):
             G.launch(None, None, None, None, quant, {}, None, None, 1.0, 0, 1, 32, 1, 1, 0, 0, bits=bits)
 
-    inv = synthetic_rope(128).inv_freq
+    inv = synthetic_rope(D).inv_freq
     t = torch.arange(32)[:, None]
     q = torch.arange(8)[None, :]
     off = 32 * ((q // 4) + 2 * ((t // 8) % 2) + 4 * (t // 16)) + (q % 4) + 4 * (t % 8)  # the kernel's cs_off
     m = torch.arange(16)
     for bits in (3, 4):
-        csp = G.fragment_rope_table(inv, bits).view(4, 2, 256)  # [chunk, cos/sin, register * 32 + lane]
-        for j in range(4):
+        csp = G.fragment_rope_table(inv, bits).view(D // 32, 2, 256)  # [chunk, cos/sin, register * 32 + lane]
+        for j in range(D // 32):
             # the pair's first channel (the kernel's cs_ch + 16 j)
             c = 16 * j + (2 * (q % 4) + 8 * (q // 4) if bits == 4 else 4 * (q % 4) + 2 * (q // 4))
             for k, fn in enumerate((torch.cos, torch.sin)):
@@ -478,12 +480,16 @@ def test_pairs_kernel_tables_cpu():
                 assert (pair - ref).abs().max() < 1e-3
         brot = G.block_rope_table(inv, 3, bits)
         # a program's scratch holds one block's key table (as CSP) and one query-rotation row (as BROT)
-        assert csp.numel() == G.SCRATCH_KEY and brot[0].numel() == G.SCRATCH_WORDS - G.SCRATCH_KEY
-        for j in range(4):
-            kc = torch.tensor([int(G._kchan.fn(int(x), j, bits == 4)) for x in m])
+        assert csp.numel() * 128 // D == G.SCRATCH_KEY and brot[0].numel() * 128 // D == G.SCRATCH_WORDS - G.SCRATCH_KEY
+        assert brot.shape == (3, D // 32, 2, 16)  # (the kernel steps D fp32 per block)
+        for j in range(D // 32):
+            kc = torch.tensor([int(G._kchan.fn(int(x), j, bits == 4, D)) for x in m])
             assert torch.allclose(brot[2, j, 0], torch.cos(2 * 32 * inv[kc].double()).float(), atol=1e-6)
-    assert set(G.tables(lev16, torch.ones(2, 128), torch.zeros(2, 128), lev16, inv)["CSP"].view(-1).tolist()) == \
+    assert set(G.tables(lev16, torch.ones(2, D), torch.zeros(2, D), lev16, inv)["CSP"].view(-1).tolist()) == \
         set(G.fragment_rope_table(inv, 4).view(-1).tolist())
+    assert G.value_slots(True, 10, True, D)["V_OFF"] == D  # token-group rows: head h's slot elements are h D ..
+    if D != 128:
+        return
 
     for n, programs in ((131072, 8), (131072, 64), (4096, 8), (100, 256), (1, 1)):
         nsq, chunk = G.splits(n, programs, 132)
@@ -499,12 +505,14 @@ def test_pairs_kernel_tables_cpu():
     assert G.splits(4096, 64, 132) == (16, 256) and G.splits(131072, 8, 132) == (128, 1024)
 
 
-def test_pairs_slot_tile_layout_cpu():
+@pytest.mark.parametrize("D", [128, 64])
+def test_pairs_slot_tile_layout_cpu(D):
     """The pairs kernel's value slot tile, by its own index helpers (_tile_off, _ldsm_rows) and layout (V5), on the
-    CPU: every (token, channel) slot level has its own fp16 cell inside the tile's bytes; the ldmatrix .x4 that each
-    value chunk issues (lane 8 k + r addresses row r of matrix k; lane l receives bytes 4 (l % 4) .. + 3 of row
-    l // 4) hands every lane exactly the (token, channel pair) that its V5 level register holds, register
-    sw + 2 mh = k of pack ph; and the eight rows of each matrix fall in distinct 16-byte bank groups."""
+    CPU: every (token, channel) slot level has its own fp16 cell inside the tile's first BT x 2 D bytes (those the
+    kernel refills); the ldmatrix .x4 that each value chunk issues (lane 8 k + r addresses row r of matrix k; lane l
+    receives bytes 4 (l % 4) .. + 3 of row l // 4) hands every lane exactly the (token, channel pair) that its V5
+    level register holds, register sw + 2 mh = k of pack ph; and the eight rows of each matrix fall in distinct
+    16-byte bank groups."""
     G = _gluon_module()
 
     def val(x):
@@ -512,11 +520,12 @@ def test_pairs_slot_tile_layout_cpu():
 
     cell = {}
     for t in range(G.BT):
-        for c in range(G.D):
-            a = val(G._tile_off.fn(t, c))
-            assert G.TILE_OFF <= a < G.TILE_OFF + G.TILE_BYTES and a % 2 == 0
+        for c in range(D):
+            a = val(G._tile_off.fn(t, c, D))
+            assert G.TILE_OFF <= a < G.TILE_OFF + G.BT * 2 * D and a % 2 == 0
             cell[a] = (t, c)
-    assert len(cell) == G.BT * G.D
+    assert len(cell) == G.BT * D and G.BT * 2 * D <= G.TILE_BYTES
+    assert int(getattr(G._TILE_ROWS, "value", G._TILE_ROWS)) * D // 512 * 512 == G.BT * 2 * D  # the refill's bytes
 
     def coord(bases, index):  # a V5 basis combination: [sw, mh, ml, ph, pl]
         out = [0] * 5
@@ -525,13 +534,13 @@ def test_pairs_slot_tile_layout_cpu():
                 out = [o ^ x for o, x in zip(out, b)]
         return out
 
-    for i in range(4):
+    for i in range(D // 32):
         for ph in range(4):
             rows = {}
             for lane in range(32):
                 _, _, ml, _, pl = coord(G.V5.lane_bases, lane)
                 tok, ch = G._ldsm_rows.fn(ml, ph, pl)
-                rows[lane] = val(G._tile_off.fn(tok, 32 * i + ch))
+                rows[lane] = val(G._tile_off.fn(tok, 32 * i + ch, D))
             for k in range(4):
                 assert len({(rows[8 * k + r] // 16) % 8 for r in range(8)}) == 8  # no bank conflict
                 for lane in range(32):
@@ -555,9 +564,9 @@ def test_pairs_kernel_refused_clearly_cpu():
 
 def test_pairs_kernel_selection_cpu(monkeypatch):
     """The selection policy, with the pairs kernel made available on the CPU (plans only: nothing is launched): the
-    default takes it in CUDA-graph steps only, for 2-, 3- or 4-bit storage at head_dim 128 with <= 1 key slot per vector
-    (head-group or token-group values), never with a natural/fields launch option; asking for it before any token is
-    quantized is not an error; the real availability check honours KVQUANT_PAIRS=0."""
+    default takes it in CUDA-graph steps only, for 2-, 3- or 4-bit storage at head_dim 128 (64 when asked for) with
+    <= 1 key slot per vector (head-group or token-group values), never with a natural/fields launch option; asking for
+    it before any token is quantized is not an error; the real availability check honours KVQUANT_PAIRS=0."""
     _gluon_module()
     monkeypatch.setattr(kernels, "_pairs_available", lambda dev, default=False: True)
     q = torch.zeros(1, 8, 1, 128).bfloat16()
@@ -583,11 +592,18 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
         assert kernels.decode_kernel(torch.zeros(1, 4 * heads, 1, 128), tg, graph=True) == "pairs"
     four, _, _ = make_storage(1, 2, 128, 4, 40, 1, 0, "head", "cpu")  # 4-bit storage
     assert kernels.decode_kernel(q, four, graph=True) == "pairs" and kernels.decode_kernel(q, four) == "natural"
-    for args, kw in (((1, 2, 64, 3, 40, 1, 0, "head"), {}),  # head_dim 64
+    for args, kw in (((1, 2, 256, 3, 40, 1, 0, "head"), {}),  # head_dim 256
                      ((1, 2, 128, 3, 40, 1, 0, "head"), {"frac": 0.03})):  # 4 key slots per vector
         other, _, _ = make_storage(*args, "cpu", **kw)
         qo = torch.zeros(1, 4 * args[1], 1, args[2]).bfloat16()
         assert kernels.decode_kernel(qo, other, graph=True) != "pairs", (args, kw)
+        with pytest.raises(ValueError, match="head_dim 64 or 128"):
+            kernels.decode_kernel(qo, other, kernel="pairs")
+    # head_dim 64: runs when asked for; the default takes it where PAIRS_DEFAULT_HEAD_DIMS says (measured)
+    d64, _, _ = make_storage(1, 2, 64, 3, 40, 1, 0, "head", "cpu")
+    q64 = torch.zeros(1, 8, 1, 64).bfloat16()
+    assert kernels.decode_kernel(q64, d64, kernel="pairs") == "pairs"
+    assert (kernels.decode_kernel(q64, d64, graph=True) == "pairs") == (64 in kernels.PAIRS_DEFAULT_HEAD_DIMS)
     sinks_only = LayerStorage(codec, rope, 1, 0, 1, torch.bfloat16, "cpu")
     pos = torch.zeros(1, 1, dtype=torch.long)
     k, v = synthetic_kv(codec, rope, 1, 1, pos)
@@ -643,6 +659,32 @@ def test_decode_pairs_gpu(dtype):
     check_decode(3, 32, 8, 128, 4, 3000, 1, 17, "token", "cuda", mask_lens=[3018, 2000, 100], **kw)
     check_decode(2, 8, 8, 128, 4, 700, 1, 0, "token", "cuda", offsets=[0, 77], gap_at=300, **kw)
     check_decode(1, 4, 1, 128, 4, 20000, 1, 0, "head", "cuda", num_splits=1, attention_scaling=1.3, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _pairs_here(), reason="needs CUDA sm_80+ and the Triton version of the Gluon pairs kernel")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_pairs_d64_gpu(dtype):
+    """The pairs kernel at head_dim 64 (two chunks of 32 channels; 24-byte 3-bit rows, which are not 16-byte aligned)
+    against the float reference: 3-, 2- and 4-bit codes; GQA with left padding, MHA with sinks and window, the
+    SmolLM2-135M shape (9 query heads over 3 KV heads), token-group runs with and without ends, head-group rows with
+    2 value slots (the tile), non-consecutive positions, one split past the query-rotation table with RoPE attention
+    scaling. Asked for explicitly: the default keeps it off at head_dim 64 unless PAIRS_DEFAULT_HEAD_DIMS lists 64."""
+    kw = dict(dtype=dtype, kernel="pairs", prefetch=None)
+    st, _, _ = make_storage(2, 8, 64, 3, 100, 1, 0, "head", "cuda")
+    q0 = torch.zeros(2, 32, 1, 64, device="cuda")
+    want = "pairs" if 64 in kernels.PAIRS_DEFAULT_HEAD_DIMS else "natural"
+    assert kernels.decode_kernel(q0, st, graph=True) == want
+    for bits in (3, 2, 4):
+        check_decode(3, 32, 8, 64, bits, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], **kw)
+        check_decode(1, 6, 6, 64, bits, 1500, 4, 5, "head", "cuda", **kw)
+        check_decode(3, 32, 8, 64, bits, 3000, 1, 17, "token", "cuda", mask_lens=[3018, 2000, 100], **kw)
+        check_decode(2, 8, 8, 64, bits, 700, 1, 0, "token", "cuda", offsets=[0, 77], gap_at=300, **kw)
+    check_decode(2, 9, 3, 64, 3, 2500, 1, 0, "token", "cuda", **kw)  # SmolLM2-135M's heads
+    check_decode(1, 8, 8, 64, 3, 1500, 1, 0, "token", "cuda", vfrac=0.05, **kw)  # long runs
+    check_decode(2, 8, 2, 64, 3, 900, 1, 3, "head", "cuda", vfrac=0.03, **kw)  # 2 value slots: the tile, V_OFF 0
+    check_decode(1, 4, 1, 64, 3, 20000, 1, 0, "head", "cuda", num_splits=1, attention_scaling=1.3, **kw)
+    check_decode(1, 4, 1, 64, 4, 20000, 1, 0, "token", "cuda", num_splits=1, **kw)
 
 
 @pytest.mark.gpu

@@ -159,9 +159,9 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
     ``kernel``: ``"pairs"`` (the Gluon kernel of :mod:`kvquant.kernels._gluon`: 2-, 3- or 4-bit storage, head_dim
-    128, <= 1 outlier slot per key vector, head-group or token-group values with any number of slots, <= 8 query heads
-    per KV head, on sm_80+ with Triton 3.6; the default in CUDA-graph steps on the GPUs it was measured on (sm_90),
-    KVQUANT_PAIRS=0 turns it off),
+    64 or 128, <= 1 outlier slot per key vector, head-group or token-group values with any number of slots, <= 8
+    query heads per KV head, on sm_80+ with Triton 3.6; the default at PAIRS_DEFAULT_HEAD_DIMS in CUDA-graph steps on
+    the GPUs it was measured on (sm_90), KVQUANT_PAIRS=0 turns it off),
     ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key dots and
     one value dot per block; a per-channel affine key table, at most 4 key outlier slots per vector, and at most 4
     value slots per head vector or token-group value rows with any number of slots: each KV head applies the
@@ -308,6 +308,11 @@ class _Plan:
 #: 12.7 against 20.1 / 19.6. The threshold lies between them.
 EAGER_PAIRS_MIN_TOKEN_HEADS: int | None = 3_000_000
 
+#: head_dims the pairs kernel compiles for (kernel="pairs"), and those where the default takes it (measured on the
+#: H200 against the natural kernel; see decode_attention)
+PAIRS_HEAD_DIMS = (64, 128)
+PAIRS_DEFAULT_HEAD_DIMS = (128,)
+
 
 def _decode_plan(st, B, Hq, D, dev, options) -> _Plan | None:
     """The launch configuration, derived tables and tensor arguments of :func:`decode_attention` for ``st``, or None
@@ -362,15 +367,16 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     # reads and applies only its own run of them, _overwrite_run)
     runs = v_token and voe is not None
     natural_ok = kaff is not None and (cv <= 4 or runs) and ck <= 4 and lutx is not False  # D: 64/128/256
-    # the pairs kernel (Gluon, _gluon.py): 2-, 3- or 4-bit storage at head_dim 128 with <= 1 key slot per vector,
+    # the pairs kernel (Gluon, _gluon.py): 2-, 3- or 4-bit storage at head_dim 64/128 with <= 1 key slot per vector,
     # head-group or token-group values with any number of slots; the natural kernel's sinks/window split completes it
     # (and is all that runs while no token is quantized yet)
-    pairs_ok = (natural_ok and bits in (2, 3, 4) and D == 128 and (v_token or G == H) and ck <= 1 and group <= 8
-                and _pairs_available(dev))
+    pairs_ok = (natural_ok and bits in (2, 3, 4) and D in PAIRS_HEAD_DIMS and (v_token or G == H) and ck <= 1
+                and group <= 8 and _pairs_available(dev))
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
     eager_pairs = (EAGER_PAIRS_MIN_TOKEN_HEADS is not None and has_q
                    and B * H * int(st.n_q) >= EAGER_PAIRS_MIN_TOKEN_HEADS)
-    if (kernel is None and (graph or eager_pairs) and pairs_ok and all(o is None for o in natural_options)
+    if (kernel is None and (graph or eager_pairs) and pairs_ok and D in PAIRS_DEFAULT_HEAD_DIMS
+            and all(o is None for o in natural_options)
             and _pairs_available(dev, True)):
         # H200, Llama-3-8B shape, nuq3-1%, graph replays (benchmarks/gpu_decode.md, run 62; 4K and 16K run 70):
         # head-group values 156.9 vs 324.0 us at 128K batch 1 against the natural kernel, 1106.5 vs 3766.1 at batch
@@ -393,8 +399,8 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         if not pairs_ok:
             raise ValueError("the pairs kernel needs a CUDA GPU of sm_80 or newer, Triton 3.6 (its Gluon API; "
                              "kernels/_gluon.py SUPPORTED_TRITON), KVQUANT_PAIRS unset or 1, 2-, 3- or 4-bit keys "
-                             "and values, head_dim 128, channel-mode keys with at most 1 outlier slot per vector, and "
-                             "at most 8 query heads per KV head; use kernel='natural'.")
+                             "and values, head_dim 64 or 128, channel-mode keys with at most 1 outlier slot per "
+                             "vector, and at most 8 query heads per KV head; use kernel='natural'.")
         if any(o is not None for o in natural_options):
             raise ValueError("the pairs kernel takes no natural/fields launch options (block_t, use_dot, "
                              "num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads).")

@@ -61,7 +61,8 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from ._triton import PREFETCH_L1, PREFETCH_L2  # the prefetches' PTX, shared with the Triton kernels
 
-BT, D, N = 32, 128, 8  # tokens per block, head_dim, query heads per program (the GQA group, padded)
+BT, D, N = 32, 128, 8  # tokens per block, head_dim (the widest), query heads per program (the GQA group, padded)
+HEAD_DIMS = (64, 128)  # the head_dims the kernel compiles for (constexpr D: 2 or 4 chunks of 32 channels)
 TABLE_SHARED_BYTES = 16384  # the key and value pair tables
 TILE_OFF = TABLE_SHARED_BYTES  # then, with slot runs (VRUN), the value slots' level tile: BT tokens x D fp16
 TILE_BYTES = BT * 2 * D
@@ -131,14 +132,14 @@ def _cos_sin(ang):
 
 
 @gluon.jit
-def _kchan(k, j: gl.constexpr, B4: gl.constexpr = False):
-    """Key channel of operand K index k (0..31) in chunk j: 2/3-bit codes: the 4 channels a thread holds are
-    neighbours (one byte of the low plane); B4 (4-bit codes): natural order (a thread's two channel pairs are byte
-    l % 4 of two consecutive words)."""
+def _kchan(k, j: gl.constexpr, B4: gl.constexpr = False, D: gl.constexpr = 128):
+    """Key channel of operand K index k (0..31) in chunk j (channels 16 j .. and their RoPE partners D / 2 later):
+    2/3-bit codes: the 4 channels a thread holds are neighbours (one byte of the low plane); B4 (4-bit codes): natural
+    order (a thread's two channel pairs are byte l % 4 of two consecutive words)."""
     if B4:
-        return 64 * (k // 16) + 16 * j + k % 16
+        return (D // 2) * (k // 16) + 16 * j + k % 16
     else:
-        return 64 * (k // 16) + 16 * j + 4 * ((k % 16) // 2 % 4) + 2 * ((k % 16) // 8) + k % 2
+        return (D // 2) * (k // 16) + 16 * j + 4 * ((k % 16) // 2 % 4) + 2 * ((k % 16) // 8) + k % 2
 
 
 @gluon.jit
@@ -170,9 +171,10 @@ def _q_table_store(qj, ptr, pos, INVF, j: gl.constexpr, N: gl.constexpr, B4: gl.
 
 
 @gluon.jit
-def _q_chunk(Qb, sqh, bn, bk, j: gl.constexpr, qk_scale, GROUP: gl.constexpr, B4: gl.constexpr = False):
+def _q_chunk(Qb, sqh, bn, bk, j: gl.constexpr, qk_scale, GROUP: gl.constexpr, B4: gl.constexpr = False,
+             D: gl.constexpr = 128):
     """Query chunk j [32 (K index), N (head)] scaled by qk_scale, zero for the padding heads."""
-    q = gl.load(Qb + bn[None, :] * sqh + _kchan(bk, j, B4)[:, None], mask=(bn < GROUP)[None, :], other=0.0)
+    q = gl.load(Qb + bn[None, :] * sqh + _kchan(bk, j, B4, D)[:, None], mask=(bn < GROUP)[None, :], other=0.0)
     return (q.to(gl.float32) * qk_scale).to(gl.float16)
 
 
@@ -216,6 +218,9 @@ KROW = gl.constexpr(gl.DistributedLinearLayout(
 KROW4 = gl.constexpr(gl.DistributedLinearLayout(  # the same for the 4 high-plane words of a row
     reg_bases=[[0, 1], [0, 2], [8, 0], [16, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
     warp_bases=[], block_bases=[], shape=[BT, 4]))
+KROW2 = gl.constexpr(gl.DistributedLinearLayout(  # head_dim 64: the 2 high-plane words of a row
+    reg_bases=[[0, 1], [8, 0], [16, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+    warp_bases=[], block_bases=[], shape=[BT, 2]))
 KROW16 = gl.constexpr(gl.DistributedLinearLayout(  # the same for the 16 words of a 4-bit row
     reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [8, 0], [16, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
     warp_bases=[], block_bases=[], shape=[BT, 16]))
@@ -273,11 +278,11 @@ def _lds(off):
 
 
 @gluon.jit
-def _tile_off(t, c):
+def _tile_off(t, c, D: gl.constexpr = 128):
     """Byte offset in shared memory of the slot level of token t (< BT), channel c (< D) in the value slots' tile:
-    [token, channel] fp16 rows of 256 bytes whose 16-byte chunks are XOR-swizzled by t % 8, so the eight rows that
+    [token, channel] fp16 rows of 2 D bytes whose 16-byte chunks are XOR-swizzled by t % 8, so the eight rows that
     one ldmatrix reads (tokens 8 a .. 8 a + 7) fall in distinct banks."""
-    return _TILE_OFF + t * 256 + ((c // 8) ^ (t % 8)) * 16 + (c % 8) * 2
+    return _TILE_OFF + t * (2 * D) + ((c // 8) ^ (t % 8)) * 16 + (c % 8) * 2
 
 
 @gluon.jit
@@ -441,11 +446,11 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     q3 = gl.arange(0, 8, layout=P3_P)[None, None, :]
     h3 = gl.arange(0, 2, layout=P3_H)[None, :, None]
     if B4:  # natural channel order: pair p = p % 4 + 4 s is byte p % 4 of word 8 half + 2 j + s
-        k_pair = 64 * h3 + 8 * (q3 // 4)  # a key pair's first channel, less 16 j and the lane's 2 (p % 4)
+        k_pair = (D // 2) * h3 + 8 * (q3 // 4)  # a key pair's first channel, less 16 j and the lane's 2 (p % 4)
         k_base = 4 * ((q3 % 4) + 4 * (t3 % 2))  # lane % 8
         k_rw = (8 * (q3 % 4) - 5) & 31  # the pair's byte -> bits 5-12
     else:
-        k_pair = 64 * h3 + 2 * (q3 // 4)  # a key pair's first channel, less 16 j and the lane's 4 (p % 4)
+        k_pair = (D // 2) * h3 + 2 * (q3 // 4)  # a key pair's first channel, less 16 j and the lane's 4 (p % 4)
         k_base = 4 * ((q3 % 4) + 4 * (t3 % 8))
         k_rw = (2 * (4 * (q3 % 4) + 2 * (q3 // 4)) - 7) & 31  # first channel's low-plane bit -> bit 7
     k_rh = (4 * (q3 % 4) + 2 * (q3 // 4) - 11) & 31  # its high-plane bit -> bit 11 (half-word 0 of a word)
@@ -453,15 +458,23 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     hs = gl.arange(0, 2, layout=gl.SliceLayout(1, KS_L))[:, None]
     qs = gl.arange(0, 8, layout=gl.SliceLayout(0, KS_L))[None, :]
     if B4:
-        ks_off = 32 * hs + qs  # channel pair (without the 8 j)
+        ks_off = (D // 4) * hs + qs  # channel pair (without the 8 j)
     else:
-        ks_off = 32 * hs + 2 * (qs % 4) + qs // 4
-    trow = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW))[:, None]
-    wcol = gl.arange(0, 8, layout=gl.SliceLayout(0, KROW))[None, :]
-    trow16 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW16))[:, None]
-    wcol16 = gl.arange(0, 16, layout=gl.SliceLayout(0, KROW16))[None, :]
-    trow4 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW4))[:, None]
-    hcol = gl.arange(0, 4, layout=gl.SliceLayout(0, KROW4))[None, :]
+        ks_off = (D // 4) * hs + 2 * (qs % 4) + qs // 4
+    if D == 128:  # a row's low-plane words [token, 8], high-plane words [token, 4], 4-bit words [token, 16]
+        trow = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW))[:, None]
+        wcol = gl.arange(0, 8, layout=gl.SliceLayout(0, KROW))[None, :]
+        trow16 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW16))[:, None]
+        wcol16 = gl.arange(0, 16, layout=gl.SliceLayout(0, KROW16))[None, :]
+        trow4 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW4))[:, None]
+        hcol = gl.arange(0, 4, layout=gl.SliceLayout(0, KROW4))[None, :]
+    else:  # head_dim 64: half of each (the names keep head_dim 128's word counts)
+        trow = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW4))[:, None]
+        wcol = gl.arange(0, 4, layout=gl.SliceLayout(0, KROW4))[None, :]
+        trow16 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW))[:, None]
+        wcol16 = gl.arange(0, 8, layout=gl.SliceLayout(0, KROW))[None, :]
+        trow4 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW2))[:, None]
+        hcol = gl.arange(0, 2, layout=gl.SliceLayout(0, KROW2))[None, :]
     tcs = gl.arange(0, BT, layout=gl.SliceLayout(1, KC_L))[:, None]
     qcs = gl.arange(0, 8, layout=gl.SliceLayout(0, KC_L))[None, :]
     # fragment order: register s + 2 (tau // 8 % 2) + 4 (tau // 16) of lane p % 4 + 4 (tau % 8), s = p // 4
@@ -506,10 +519,14 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     # contiguous positions would put it, else from its own angles
     p_split = gl.load(QP + gl.minimum(lo_t, gl.maximum(n_q - 1, 0)))
     pf32 = p_split.to(gl.float32)
-    q0 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 0, qk_scale, GROUP, B4), (pf32, INVF), 0, N, False, B4)
-    q1 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 1, qk_scale, GROUP, B4), (pf32, INVF), 1, N, False, B4)
-    q2 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 2, qk_scale, GROUP, B4), (pf32, INVF), 2, N, False, B4)
-    q3q = _rot_q(_q_chunk(Qb, sqh, bn, bk, 3, qk_scale, GROUP, B4), (pf32, INVF), 3, N, False, B4)
+    q0 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 0, qk_scale, GROUP, B4, D), (pf32, INVF), 0, N, False, B4)
+    q1 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 1, qk_scale, GROUP, B4, D), (pf32, INVF), 1, N, False, B4)
+    if D == 128:
+        q2 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 2, qk_scale, GROUP, B4), (pf32, INVF), 2, N, False, B4)
+        q3q = _rot_q(_q_chunk(Qb, sqh, bn, bk, 3, qk_scale, GROUP, B4), (pf32, INVF), 3, N, False, B4)
+    else:  # head_dim 64: two chunks (q2 and q3q are never read)
+        q2 = q0
+        q3q = q1
     c_l: gl.constexpr = gl.SliceLayout(1, mma)
     h_l: gl.constexpr = gl.SliceLayout(0, mma)
     tc_ = gl.arange(0, BT, layout=c_l)
@@ -575,7 +592,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 vi_n = gl.load(VOI + st_ * svo_t + col, mask=col < s_hi, other=0)
                 xv_n = gl.load(VOV + st_ * svo_t + col, mask=col < s_hi, other=0.0)
                 res = gl.minimum(gl.maximum((xv - s_z) * s_inv, -65000.0), 65000.0)
-                _sts16(_tile_off(s_t, vi), res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32), ok)
+                _sts16(_tile_off(s_t, vi, D), res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32), ok)
             _warp_sync(s_t)
         # the block's positions: contiguous from its first token (the table path), and where that start lies
         bidx = (t0 - lo_t) // BT
@@ -588,9 +605,9 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         # same order and layout as it is read (each thread reads what it wrote: no barrier); the chunk loop below
         # then has no branch, so the scheduler can hoist its loads
         csb = CSP
-        qtb = BROT + bidx * 128
+        qtb = BROT + bidx * D  # (D // 32 chunks of 32 fp32)
         if not contig:
-            for jj in gl.static_range(4):
+            for jj in gl.static_range(D // 32):
                 dpos = (gl.load(QP + t0 + tcs, mask=(t0 + tcs) < hi_t, other=0) - p_b).to(gl.float32)
                 th = INVF + 16 * jj + cs_ch
                 c0, s0 = _cos_sin(dpos * gl.load(th))
@@ -599,7 +616,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 gl.store(SCR + cs_off + 512 * jj + 256, _pack2(s0, s1))
             csb = SCR
         if not q_tab:
-            for jj in gl.static_range(4):
+            for jj in gl.static_range(D // 32):
                 _q_table_store(_pick4(jj, q0, q1, q2, q3q), SCRQ + jj * 32, (p_b - p_split).to(gl.float32), INVF,
                                jj, N, B4)
             qtb = SCRQ
@@ -624,21 +641,39 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 k_rel = k_sp - 2 * (q3 % 4)
             else:
                 k_rel = k_sp - 4 * (q3 % 4)
-        if B4:
-            w_s0, w_s1 = gl.split(gl.reshape(wrow, [BT, 2, 2, 2, 2]))  # [token, half, jh, jl] of s = 0, 1
-            w_l0, w_l1 = gl.split(w_s0)
-            w_m0, w_m1 = gl.split(w_s1)
-        else:
-            wrow = gl.reshape(wrow, [BT, 2, 2, 2])  # word 4 half + 2 jh + jl
-            w_l0, w_l1 = gl.split(wrow)
-        if HI:
-            h_w0, h_w1 = gl.split(gl.reshape(hrow, [BT, 2, 2]))  # word 2 half + j // 2
-        for j in gl.static_range(4):
-            # the words of chunk j (channels 64 half + 16 j ..): low-plane word 4 half + j, high-plane half-word
-            w = _pick4(j, gl.split(w_l0)[0], gl.split(w_l1)[0], gl.split(w_l0)[1], gl.split(w_l1)[1])
+        if D == 128:
+            if B4:
+                w_s0, w_s1 = gl.split(gl.reshape(wrow, [BT, 2, 2, 2, 2]))  # [token, half, jh, jl] of s = 0, 1
+                w_l0, w_l1 = gl.split(w_s0)
+                w_m0, w_m1 = gl.split(w_s1)
+            else:
+                wrow = gl.reshape(wrow, [BT, 2, 2, 2])  # word 4 half + 2 jh + jl
+                w_l0, w_l1 = gl.split(wrow)
+            if HI:
+                h_w0, h_w1 = gl.split(gl.reshape(hrow, [BT, 2, 2]))  # word 2 half + j // 2
+        else:  # head_dim 64: chunk j's words as [token, half]
+            if B4:
+                w_s0, w_s1 = gl.split(gl.reshape(wrow, [BT, 2, 2, 2]))  # [token, half, j] of s = 0, 1
+                w_l0, w_l1 = gl.split(w_s0)
+                w_m0, w_m1 = gl.split(w_s1)
+            else:
+                w_l0, w_l1 = gl.split(gl.reshape(wrow, [BT, 2, 2]))  # word 2 half + j
+            if HI:  # word half, half-word j
+                h_w0 = hrow
+                h_w1 = hrow
+        for j in gl.static_range(D // 32):
+            # the words of chunk j (channels D / 2 half + 16 j ..): low-plane word (D / 32) half + j, high-plane
+            # half-word j % 2 of word (D / 64) half + j // 2
+            if D == 128:
+                w = _pick4(j, gl.split(w_l0)[0], gl.split(w_l1)[0], gl.split(w_l0)[1], gl.split(w_l1)[1])
+            else:
+                w = _pick4(j, w_l0, w_l1, w_l0, w_l1)
             w = gl.convert_layout(w, KW_L, assert_trivial=True)
             if B4:  # the word of the register's s = p // 4 (a constant per register)
-                w1 = _pick4(j, gl.split(w_m0)[0], gl.split(w_m1)[0], gl.split(w_m0)[1], gl.split(w_m1)[1])
+                if D == 128:
+                    w1 = _pick4(j, gl.split(w_m0)[0], gl.split(w_m1)[0], gl.split(w_m0)[1], gl.split(w_m1)[1])
+                else:
+                    w1 = _pick4(j, w_m0, w_m1, w_m0, w_m1)
                 w1 = gl.convert_layout(w1, KW_L, assert_trivial=True)
                 ws = gl.where(q3 < 4, w[:, :, None], w1[:, :, None])
                 lev = _lookup(ws, ws, k_rw, k_rw, k_base, 0, False, True)
@@ -689,12 +724,12 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             vz5 = gl.load(VZ + vt5 * svs_t, mask=vm, other=0.0).to(gl.float32)
             v_val, v_keep, v_sp = _slot_word((xv - vz5) / vs5, vi)
             v_rel = v_sp - 2 * pl5  # [1, 1, 8, 4, 4]
-        for i in gl.static_range(4):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
+        for i in gl.static_range(D // 32):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
             # (4-bit: words 4 i + 2 sw + mh)
             lev = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i, D, HI, B4, v_tok4, vw4,
                            vmask4)
             if VRUN:  # the slots' exact levels from the tile, in the same pair layout, in place of the looked-up ones
-                lev = _tile_merge(lev, _ldsm4(_tile_off(lt_tok, 32 * i + lt_ch)))
+                lev = _tile_merge(lev, _ldsm4(_tile_off(lt_tok, 32 * i + lt_ch, D)))
             elif CV:
                 lev = gl.where(v_rel == v_pair + 32 * i, (lev & v_keep) | v_val, lev)
             lev = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [lev],
@@ -710,7 +745,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 acc3 = mma_v2(vt, pv, acc3 * alpha[None, :])
         if VRUN:  # refill the tile with NaN (no slot) for the next block (after every lane's ldmatrix)
             _warp_sync(s_t)
-            for cc in gl.static_range(_TILE_ROWS // 4):
+            for cc in gl.static_range(_TILE_ROWS * D // 512):  # (the tile's BT 2 D bytes)
                 _clear16(_TILE_OFF + cc * 512 + 16 * s_t)
             _warp_sync(s_t)  # (before the next block's scatter)
     # partials: O^T chunks [32 channels, N] (natural channel order) + the zero term, for the group's heads only
@@ -720,8 +755,9 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     base = PACC + (row0 + oh.to(gl.int64) * (NSPLIT_Q + 1)) * D
     gl.store(base + oc, acc0 + z_i[None, :], mask=om)
     gl.store(base + 32 + oc, acc1 + z_i[None, :], mask=om)
-    gl.store(base + 64 + oc, acc2 + z_i[None, :], mask=om)
-    gl.store(base + 96 + oc, acc3 + z_i[None, :], mask=om)
+    if D == 128:
+        gl.store(base + 64 + oc, acc2 + z_i[None, :], mask=om)
+        gl.store(base + 96 + oc, acc3 + z_i[None, :], mask=om)
     hh = gl.arange(0, N, layout=h_l)
     # one read of the tables after the loop keeps their allocation alive (inline PTX reads it: Triton cannot see
     # that), so no scratch buffer can alias it; the term is 0 unless n_q < 0
@@ -788,24 +824,25 @@ def half_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def fragment_rope_table(inv_freq: torch.Tensor, bits: int = 3) -> torch.Tensor:
-    """[4, 2, 8, 32] int32: for chunk j, cos / sin, register r and lane l, the fp16 pair of channel pair
+    """[D/32, 2, 8, 32] int32: for chunk j, cos / sin, register r and lane l, the fp16 pair of channel pair
     8 j + 2 (l % 4) + (r % 2) (4-bit codes: 8 j + l % 4 + 4 (r % 2), _kchan's order) at block offset
     l // 4 + 8 (r // 2 % 2) + 16 (r // 4): the values a thread of the key layout holds, so a warp's load reads one
     contiguous line."""
     tau = torch.arange(BT, dtype=torch.float64, device=inv_freq.device)[:, None] * inv_freq.double()[None, :]
     cs = torch.stack([half_pairs(tau.cos()), half_pairs(tau.sin())])  # [2, BT, D/4]
-    j, r, lane = torch.arange(4)[:, None, None], torch.arange(8)[None, :, None], torch.arange(32)[None, None, :]
+    chunks = inv_freq.numel() // 16  # D / 32
+    j, r, lane = torch.arange(chunks)[:, None, None], torch.arange(8)[None, :, None], torch.arange(32)[None, None, :]
     tok = lane // 4 + 8 * (r // 2 % 2) + 16 * (r // 4)
     cp = 8 * j + (lane % 4) + 4 * (r % 2) if bits == 4 else 8 * j + 2 * (lane % 4) + r % 2
     return cs[:, tok.to(cs.device), cp.to(cs.device)].permute(1, 0, 2, 3).contiguous()
 
 
 def block_rope_table(inv_freq: torch.Tensor, n_blocks: int, bits: int = 3) -> torch.Tensor:
-    """[n_blocks, 4, 2, 16] fp32: for the block offset b BT in a split, chunk j, cos / sin of b BT theta for the query
-    K index m (< 16) of chunk j, i.e. channel _kchan(m, j) (computed in float64)."""
+    """[n_blocks, D/32, 2, 16] fp32: for the block offset b BT in a split, chunk j, cos / sin of b BT theta for the
+    query K index m (< 16) of chunk j, i.e. channel _kchan(m, j) (computed in float64)."""
     m = torch.arange(16)
     order = m if bits == 4 else 4 * ((m // 2) % 4) + 2 * (m // 8) + m % 2
-    ch = (16 * torch.arange(4)[:, None] + order).to(inv_freq.device)  # [4, 16]
+    ch = (16 * torch.arange(inv_freq.numel() // 16)[:, None] + order).to(inv_freq.device)  # [D/32, 16]
     ang = (torch.arange(n_blocks, device=inv_freq.device).double() * BT)[:, None, None] * inv_freq.double()[ch]
     return torch.stack([ang.cos(), ang.sin()], 2).float().contiguous()
 
@@ -840,28 +877,32 @@ def _check_shared(compiled, vrun: bool) -> None:
 _CHECKED: set = set()
 
 
-def value_slots(v_token: bool, cv: int, has_ends: bool) -> dict:
+def value_slots(v_token: bool, cv: int, has_ends: bool, head_dim: int = D) -> dict:
     """The kernel's value-slot variant (constexprs VRUN, VENDS, V_OFF): slot runs through the tile for token-group
     rows with slots (their elements span all KV heads: head h's are h D ..) and for head-group rows with several
     slots; token-group rows without slots take the plain path; VENDS where the storage keeps the runs' ends."""
     vrun = (v_token and cv > 0) or cv > 1
-    return dict(VRUN=vrun, VENDS=vrun and has_ends, V_OFF=D if v_token else 0)
+    return dict(VRUN=vrun, VENDS=vrun and has_ends, V_OFF=head_dim if v_token else 0)
 
 
 def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, chunk, nsq, group, ck, cv, voe=None,
            bits=3):
     """Launch the kernel over ``nsq`` splits (grid nsq x KV heads x batch); see _pairs_kernel for the arguments.
-    ``bits``: the codes' width (3; 2: rows of the low plane alone; 4: a byte per channel pair).
+    ``bits``: the codes' width (3; 2: rows of the low plane alone; 4: a byte per channel pair); head_dim 64 or 128,
+    read from the rows' width.
     ``quant``: the storage's (k_codes, k_out_idx, k_out_val, v_codes, v_zero, v_scale, v_out_idx, v_out_val, q_pos);
     token-group values (v_zero [B, 1, ..]) with slots and head-group values with more than one slot run the slot
     passes into the tile, with ``voe`` (v_out_ends) where the storage has it."""
     kc, koi, kov, vc, vz, vs, voi, vov, qpos = quant
     B, H = int(kc.shape[0]), int(kc.shape[1])
-    if bits not in (2, 3, 4) or kc.shape[-1] != D * bits // 8 or vc.shape[-1] != D * bits // 8:
-        raise ValueError(f"the pairs kernel reads 2-, 3- or 4-bit code rows of {D} channels; got bits={bits} with key "
-                         f"/ value rows of {kc.shape[-1]} / {vc.shape[-1]} bytes.")
+    d = int(kc.shape[-1]) * 8 // max(bits, 1)
+    if (bits not in (2, 3, 4) or d not in HEAD_DIMS or kc.shape[-1] != d * bits // 8 or vc.shape[-1] != kc.shape[-1]
+            or q is not None and q.shape[-1] != d):
+        raise ValueError(f"the pairs kernel reads 2-, 3- or 4-bit code rows of {' or '.join(map(str, HEAD_DIMS))} "
+                         f"channels; got bits={bits} with key / value rows of {kc.shape[-1]} / {vc.shape[-1]} bytes"
+                         f"{'' if q is None else f' and head_dim {q.shape[-1]}'}.")
     v_token = int(vz.shape[1]) == 1 and H > 1
-    slots = value_slots(v_token, cv, voe is not None)
+    slots = value_slots(v_token, cv, voe is not None, d)
     vrun = slots["VRUN"]
     mask = bias if bias is not None else pm
     scratch = torch.empty(B * H * nsq * SCRATCH_WORDS, device=q.device, dtype=torch.int32)  # RoPE of odd blocks
@@ -877,7 +918,7 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
         ends.stride(0), ends.stride(-2) if voe is not None else 0, qpos.stride(0),
         bias.stride(0) if bias is not None else 0, n_s, n_q, chunk, nsq, BROT_BLOCKS,
         H_KV=H, GROUP=group, CK=ck, CV=cv, **slots, HAS_MASK=bias is not None, DEVLEN=lengths is not None, PF=2,
-        HI=bits == 3, B4=bits == 4, BT=BT, D=D, N=N, num_warps=1, **({} if MAXNREG is None else {"maxnreg": MAXNREG}))
+        HI=bits == 3, B4=bits == 4, BT=BT, D=d, N=N, num_warps=1, **({} if MAXNREG is None else {"maxnreg": MAXNREG}))
     key = id(k)
     if key not in _CHECKED:
         _check_shared(k, vrun)
