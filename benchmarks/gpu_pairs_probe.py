@@ -1,7 +1,8 @@
 """Where the library's pairs kernel spends its time: one layer at 128K (Llama-3-8B shape or ``--shape``, batch 1 and
-8), nuq3 (or ``--bits 2`` / ``--bits 4``) storage with 1% outlier slots and without (head-group values;
-``--groups head,token`` adds token-group values, the calibration default), the pairs kernel beside the natural kernel and bf16 SDPA, all timed as
-CUDA-graph replays in one process; each kvquant row checked against the float reference at 4K first.
+8), nuq3 (or ``--bits 2`` / ``--bits 4``) storage with 1% outlier slots and without (head-group values; ``--groups
+head,token`` adds token-group values, the calibration default), the pairs kernel beside the natural kernel and bf16
+SDPA, all timed as CUDA-graph replays in one process; each kvquant row checked against the float reference at 4K
+first.
 
     PYTHONPATH=src python benchmarks/gpu_pairs_probe.py [--contexts 131072] [--batches 1,8] [--groups head,token]
         [--bits 3]
