@@ -538,7 +538,9 @@ def _generate_table(name, env, gen):
 
 def generate_report(runs, out):
     partial = [(n, r) for n, r in runs if n in PARTIAL_GENERATE and (r.get("generate") or {}).get("rows")]
-    batched = [(n, r) for n, r in runs if (r.get("generate") or {}).get("batch", 1) > 1]  # shown after the rest
+    # batched runs and other models (generate's --gen-model) get their own sections after the rest
+    batched = [(n, r) for n, r in runs if (r.get("generate") or {}).get("batch", 1) > 1
+               or (r.get("generate") or {}).get("shape", "llama3-8b") != "llama3-8b"]
     runs = [(n, r) for n, r in runs if n not in PARTIAL_GENERATE and (n, r) not in batched]
     found = last_with(runs, "generate", out, "gpu_generate.json")
     if found:
@@ -561,17 +563,23 @@ def generate_report(runs, out):
                 shown.append(x)
                 have |= pairs
         shown = list(dict(shown).items())
+        data = json.load(open(os.path.join(out, "gpu_generate.json")))
         if shown and gen.get("via") == "model.generate":
-            data = json.load(open(os.path.join(out, "gpu_generate.json")))
             data["earlier"] = []
             for en, er in shown:
                 md += "\n## Earlier run\n\n" + _generate_table(en, er["env"], er["generate"])
                 data["earlier"].append({"run": en, "env": er["env"], **er["generate"]})
-            json.dump(data, open(os.path.join(out, "gpu_generate.json"), "w"), indent=1)
         for pn, pr in partial:
             md += "\n## Partial run\n\n" + _generate_table(pn, pr["env"], pr["generate"])
+        data["separate"] = []  # the batched and other-model runs, as their sections below
         for bn, br in batched:
-            md += f"\n## Batch {br['generate']['batch']}\n\n" + _generate_table(bn, br["env"], br["generate"])
+            bg = br["generate"]
+            label = bg["model"].removeprefix("random-weight ").removesuffix(" (bf16)")
+            head = (f"Batch {bg['batch']}" if bg.get("shape", "llama3-8b") == "llama3-8b" else
+                    f"{label}, batch {bg.get('batch', 1)}")
+            md += f"\n## {head}\n\n" + _generate_table(bn, br["env"], bg)
+            data["separate"].append({"run": bn, "env": br["env"], **bg})
+        json.dump(data, open(os.path.join(out, "gpu_generate.json"), "w"), indent=1)
         open(os.path.join(out, "gpu_generate.md"), "w").write(md)
 
 

@@ -456,34 +456,48 @@ def capacity_section(res, out_dir, mem_bytes):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def llama3_8b_config(n_layers=32):
+# generate's models: random weights of these shapes (name -> label, LlamaConfig fields; layers: the model's own)
+GEN_MODELS = {
+    "llama3-8b": ("Llama-3-8B", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128)),
+    "llama32-1b": ("Llama-3.2-1B", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                        num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                                        tie_word_embeddings=True)),
+}
+
+
+def llama_config(n_layers=None, shape="llama3-8b"):
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=n_layers, num_attention_heads=32,
-                      num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=262144,
-                      rope_theta=500000.0, torch_dtype="bfloat16")
+    fields = dict(GEN_MODELS[shape][1])
+    fields["num_hidden_layers"] = n_layers or fields["num_hidden_layers"]
+    cfg = LlamaConfig(**fields, vocab_size=128256, max_position_embeddings=262144, rope_theta=500000.0,
+                      torch_dtype="bfloat16")
     cfg._attn_implementation = "sdpa"
     return cfg
 
 
-def random_llama3(n_layers=32):
+def random_llama(n_layers=None, shape="llama3-8b"):
+    """A random-weight Llama of ``shape`` (GEN_MODELS; Llama-3-8B by default), bf16 on the GPU."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     with torch.device(DEV):
-        model = LlamaForCausalLM(llama3_8b_config(n_layers)).to(torch.bfloat16).eval()
+        model = LlamaForCausalLM(llama_config(n_layers, shape)).to(torch.bfloat16).eval()
     return model
 
 
 def synthetic_nuq3_quantizer(model, n_layers, value_group="head", bits=3):
-    """nuq3-1% (or ``bits``: nuq2/nuq4-1%) quantizer with synthetic codebooks for a random Llama-3-8B-shaped model
-    (1 sink, no fp16 window; head-group values by default, "token" for the calibration default)."""
+    """nuq3-1% (or ``bits``: nuq2/nuq4-1%) quantizer with synthetic codebooks for a random Llama-shaped model (1 sink,
+    no fp16 window; head-group values by default, "token" for the calibration default)."""
     from kvquant.models import model_identity
     from kvquant.quantizer import Quantizer, QuantizerConfig
 
     qcfg = QuantizerConfig(bits=bits, outlier_fraction=0.01, n_sinks=1, recent_window=0, value_group=value_group)
-    return Quantizer(qcfg, model_identity(model), [synthetic_codec(8, 128, bits, 0.01, value_group, seed=i)
-                                                   for i in range(n_layers)])
+    cfg = model.config
+    return Quantizer(qcfg, model_identity(model), [
+        synthetic_codec(cfg.num_key_value_heads, cfg.head_dim, bits, 0.01, value_group, seed=i)
+        for i in range(n_layers)])
 
 
 def step_parser(context: int) -> argparse.ArgumentParser:
@@ -499,7 +513,7 @@ def step_setup(a):
     """(model, quantizer, prompt ids, result dict with env) of those scripts: a random Llama-3-8B-shaped model with
     ``a.layers`` layers, the synthetic nuq3-1% quantizer and an ``a.context``-token prompt; creates ``a.out``."""
     os.makedirs(a.out, exist_ok=True)
-    model = random_llama3(a.layers)
+    model = random_llama(a.layers)
     quant = synthetic_nuq3_quantizer(model, a.layers)
     ids = torch.randint(0, 32000, (1, a.context), device=DEV)
     return model, quant, ids, {"env": env_info(), "context": a.context, "layers": a.layers}
@@ -519,19 +533,21 @@ GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1
 # (value_group "head"; -tokengroup-: token-group values, 11 slots per row, the calibration default)
 
 
-def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHES, reps=2, batch=1):
+def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHES, reps=2, batch=1,
+                     shape="llama3-8b"):
     """tokens/s of ``model.generate`` (greedy, eager: ``disable_compile=True``) with each cache. A streamer stamps
     every new token after a device synchronisation; a row's step time is the median gap between tokens (the first
     decode step dropped). The caches run in turn, ``reps`` rounds (the host's speed drifts during a run: interleaving
     keeps the comparison side by side), and a row reports the faster round with both rounds' medians. Round r's prompt
-    has ctx + 97 r tokens, so no key length repeats."""
+    has ctx + 97 r tokens, so no key length repeats. ``shape``: the model (GEN_MODELS); ``n_layers`` None: its own."""
     from transformers import DynamicCache, QuantizedCache, StaticCache
     from transformers.generation.streamers import BaseStreamer
 
     from kvquant.cache import KVQuantCache
     from kvquant.calibration import cache_kwarg
 
-    model = random_llama3(n_layers)
+    model = random_llama(n_layers, shape)
+    n_layers = model.config.num_hidden_layers
     quants = {}  # (bits, value group) -> quantizer, built when a cache first asks for it
     prefetch_default = kernels.PREFETCH_DEFAULT
     eager_pairs_default = kernels.EAGER_PAIRS_MIN_TOKEN_HEADS
@@ -629,8 +645,9 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     os.environ.pop("KVQUANT_PAIRS", None)
     kernels.PREFETCH_DEFAULT = prefetch_default
     kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = eager_pairs_default
-    res["generate"] = dict(model="random-weight Llama-3-8B shape (bf16)", layers=n_layers, new_tokens=new_tokens,
-                           via="model.generate", rounds=reps, rows=rows, batch=batch)
+    res["generate"] = dict(model=f"random-weight {GEN_MODELS[shape][0]} shape (bf16)", layers=n_layers,
+                           new_tokens=new_tokens, via="model.generate", rounds=reps, rows=rows, batch=batch,
+                           shape=shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -639,7 +656,7 @@ def calibration_section(res, n_windows=16, window=2048):
     from kvquant.calibration import CalibrationSettings, build_quantizer, collect_statistics
     from kvquant.quantizer import QuantizerConfig
 
-    model = random_llama3()
+    model = random_llama()
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(0, 32000, (n_windows, window), generator=g)
     torch.cuda.synchronize()
@@ -668,7 +685,8 @@ def main():
     ap.add_argument("--shapes", default="llama3-8b,llama2-7b")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--gen-contexts", default="32768,131072")
-    ap.add_argument("--gen-layers", type=int, default=32)
+    ap.add_argument("--gen-layers", type=int, default=None, help="generate: layers (default: the model's)")
+    ap.add_argument("--gen-model", default="llama3-8b", choices=sorted(GEN_MODELS), help="generate: the model shape")
     ap.add_argument("--gen-batch", type=int, default=1, help="generate: sequences per batch (batch 1 is the report's)")
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
@@ -705,7 +723,7 @@ def main():
         ("calib", lambda: calibration_section(res)),
         ("generate", lambda: generate_section(res, [int(c) for c in args.gen_contexts.split(",")],
                                               args.gen_layers, caches=args.gen_caches.split(","),
-                                              batch=args.gen_batch)),
+                                              batch=args.gen_batch, shape=args.gen_model)),
     ):
         if fn is None:
             continue

@@ -216,7 +216,8 @@ def test_device_lengths_interpret(kernel, D, group):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kernel,D,group", DEVICE_LENGTH_CASES + [("pairs", 128, "head"), ("pairs", 128, "token")])
+@pytest.mark.parametrize("kernel,D,group", DEVICE_LENGTH_CASES + [("pairs", 128, "head"), ("pairs", 128, "token"),
+                                                                   ("pairs", 64, "head"), ("pairs", 64, "token")])
 def test_device_lengths_gpu(kernel, D, group):
     if kernel == "pairs" and not _pairs_here():
         pytest.skip("needs the Gluon pairs kernel")
@@ -599,11 +600,17 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
         assert kernels.decode_kernel(qo, other, graph=True) != "pairs", (args, kw)
         with pytest.raises(ValueError, match="head_dim 64 or 128"):
             kernels.decode_kernel(qo, other, kernel="pairs")
-    # head_dim 64: runs when asked for; the default takes it where PAIRS_DEFAULT_HEAD_DIMS says (measured)
+    # head_dim 64: the default in graph steps (run 91); eager launches keep the natural kernel at any size (the
+    # threshold was measured at head_dim 128)
+    assert kernels.PAIRS_DEFAULT_HEAD_DIMS == (64, 128) and kernels.EAGER_PAIRS_HEAD_DIMS == (128,)
+    monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", 1)
     d64, _, _ = make_storage(1, 2, 64, 3, 40, 1, 0, "head", "cpu")
     q64 = torch.zeros(1, 8, 1, 64).bfloat16()
     assert kernels.decode_kernel(q64, d64, kernel="pairs") == "pairs"
-    assert (kernels.decode_kernel(q64, d64, graph=True) == "pairs") == (64 in kernels.PAIRS_DEFAULT_HEAD_DIMS)
+    assert kernels.decode_kernel(q64, d64, graph=True) == "pairs" and kernels.decode_kernel(q64, d64) == "natural"
+    monkeypatch.setattr(kernels, "PAIRS_DEFAULT_HEAD_DIMS", (128,))
+    d64, _, _ = make_storage(1, 2, 64, 3, 40, 1, 0, "head", "cpu")  # (a fresh plan)
+    assert kernels.decode_kernel(q64, d64, graph=True) == "natural"
     sinks_only = LayerStorage(codec, rope, 1, 0, 1, torch.bfloat16, "cpu")
     pos = torch.zeros(1, 1, dtype=torch.long)
     k, v = synthetic_kv(codec, rope, 1, 1, pos)
@@ -669,12 +676,11 @@ def test_decode_pairs_d64_gpu(dtype):
     against the float reference: 3-, 2- and 4-bit codes; GQA with left padding, MHA with sinks and window, the
     SmolLM2-135M shape (9 query heads over 3 KV heads), token-group runs with and without ends, head-group rows with
     2 value slots (the tile), non-consecutive positions, one split past the query-rotation table with RoPE attention
-    scaling. Asked for explicitly: the default keeps it off at head_dim 64 unless PAIRS_DEFAULT_HEAD_DIMS lists 64."""
+    scaling. The default in graph steps (PAIRS_DEFAULT_HEAD_DIMS, run 91); eager launches keep the natural kernel."""
     kw = dict(dtype=dtype, kernel="pairs", prefetch=None)
     st, _, _ = make_storage(2, 8, 64, 3, 100, 1, 0, "head", "cuda")
     q0 = torch.zeros(2, 32, 1, 64, device="cuda")
-    want = "pairs" if 64 in kernels.PAIRS_DEFAULT_HEAD_DIMS else "natural"
-    assert kernels.decode_kernel(q0, st, graph=True) == want
+    assert kernels.decode_kernel(q0, st, graph=True) == "pairs" and kernels.decode_kernel(q0, st) == "natural"
     for bits in (3, 2, 4):
         check_decode(3, 32, 8, 64, bits, 3000, 1, 17, "head", "cuda", mask_lens=[3018, 2000, 100], **kw)
         check_decode(1, 6, 6, 64, bits, 1500, 4, 5, "head", "cuda", **kw)
@@ -814,13 +820,14 @@ def test_cuda_graph_generate_matches_eager_gpu(monkeypatch, head_dim, group, fra
     assert all(getattr(layer.storage, "_decode_graph", None) is None for layer in caches[0].layers)
 
 
-def _tiny_d128(kv_heads, bits, group, recent_window, device):
-    """A tiny random Llama with head_dim 128 (2 query heads per KV head; bf16 on CUDA) and a synthetic quantizer of
+def _tiny_model(kv_heads, bits, group, recent_window, device, head_dim=128):
+    """A tiny random Llama with ``head_dim`` (2 query heads per KV head; bf16 on CUDA) and a synthetic quantizer of
     ``bits`` at 1% with one sink, the given value grouping and fp16 window."""
     from kvquant.models import model_identity, tiny_random_model
     from kvquant.quantizer import Quantizer, QuantizerConfig
 
-    model = tiny_random_model("llama", head_dim=128, num_key_value_heads=kv_heads, num_attention_heads=2 * kv_heads)
+    model = tiny_random_model("llama", head_dim=head_dim, num_key_value_heads=kv_heads,
+                              num_attention_heads=2 * kv_heads)
     model = model.to(device, torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     cfg = model.config
     H, D = cfg.num_key_value_heads, cfg.head_dim
@@ -855,24 +862,25 @@ def _forced_steps(model, quant, seed, setups):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("group,kv_heads,bits", [("head", 2, 3), ("token", 2, 3), ("token", 8, 3), ("head", 2, 2),
-                                                 ("token", 8, 4), ("head", 2, 4)])
-def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads, bits):
+@pytest.mark.parametrize("group,kv_heads,bits,head_dim", [
+    ("head", 2, 3, 128), ("token", 2, 3, 128), ("token", 8, 3, 128), ("head", 2, 2, 128), ("token", 8, 4, 128),
+    ("head", 2, 4, 128), ("head", 2, 3, 64), ("token", 8, 3, 64), ("head", 2, 2, 64)])
+def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads, bits, head_dim):
     """A model's decode steps through KVQuantCache replayed as CUDA graphs, where the pairs kernel is the default, give
     the logits of the same steps run eagerly with the Triton kernel (natural; fields for 2-bit head-group storage),
     within bf16 tolerance (teacher-forced: both runs feed the same tokens), through a storage reallocation
     (re-recorded graphs). Token-group values over 2 KV heads (3 slots per row, no run ends) and over 8 (10 slots,
-    with run ends); 2-bit and 4-bit codes."""
+    with run ends); 2-bit and 4-bit codes; head_dim 64 (the default there since run 91)."""
     if not _pairs_here():
         pytest.skip("needs the Gluon pairs kernel")
-    model, quant = _tiny_d128(kv_heads, bits, group, 0, "cuda")
+    model, quant = _tiny_model(kv_heads, bits, group, 0, "cuda", head_dim)
     cfg, D = model.config, model.config.head_dim
     # eager (a Triton kernel), then graphs (pairs kernel)
     logits, caches = _forced_steps(model, quant, 0, [lambda f=flag: monkeypatch.setenv("KVQUANT_CUDA_GRAPHS", f)
                                                      for flag in ("0", "1")])
     st = caches[1].layers[0].storage
     q = torch.zeros(2, cfg.num_attention_heads, 1, D, device="cuda")
-    eager = "fields" if bits == 2 and group == "head" else "natural"
+    eager = "fields" if bits == 2 and group == "head" and D >= 128 else "natural"
     assert kernels.decode_kernel(q, st, graph=True) == "pairs" and kernels.decode_kernel(q, st) == eager
     assert (group == "token") == (st.v_zero.shape[1] == 1) and (st.v_out_ends is not None) == (kv_heads == 8)
     for layer in caches[1].layers:  # 50 + 40 tokens: the capacity grows past 64, so each layer re-recorded once
@@ -891,7 +899,7 @@ def test_eager_pairs_steps_match_natural_gpu(monkeypatch, group, kv_heads):
     natural kernel), within bf16 tolerance (teacher-forced), through a storage reallocation."""
     if not _pairs_here():
         pytest.skip("needs the Gluon pairs kernel")
-    model, quant = _tiny_d128(kv_heads, 3, group, 3, "cuda")
+    model, quant = _tiny_model(kv_heads, 3, group, 3, "cuda")
     cfg, D = model.config, model.config.head_dim
     # the natural kernel, then the pairs kernel, both launched eagerly
     logits, caches = _forced_steps(model, quant, 1, [

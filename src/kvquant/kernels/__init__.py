@@ -309,9 +309,13 @@ class _Plan:
 EAGER_PAIRS_MIN_TOKEN_HEADS: int | None = 3_000_000
 
 #: head_dims the pairs kernel compiles for (kernel="pairs"), and those where the default takes it (measured on the
-#: H200 against the natural kernel; see decode_attention)
+#: H200 against the natural kernel as graph replays; head_dim 64: benchmarks/gpu_runs/run91, Llama-3.2-1B's heads
+#: (32 query, 8 KV), nuq3-1% at 128K: head-group values 102.0 against 216.7 us at batch 1, 682.0 against 1890.8 at
+#: batch 8; token-group values 121.9 against 265.0 and 817.1 against 2298.0)
 PAIRS_HEAD_DIMS = (64, 128)
-PAIRS_DEFAULT_HEAD_DIMS = (128,)
+PAIRS_DEFAULT_HEAD_DIMS = (64, 128)
+#: head_dims where eager launches take it from EAGER_PAIRS_MIN_TOKEN_HEADS (the threshold was measured at 128 only)
+EAGER_PAIRS_HEAD_DIMS = (128,)
 
 
 def _decode_plan(st, B, Hq, D, dev, options) -> _Plan | None:
@@ -373,7 +377,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     pairs_ok = (natural_ok and bits in (2, 3, 4) and D in PAIRS_HEAD_DIMS and (v_token or G == H) and ck <= 1
                 and group <= 8 and _pairs_available(dev))
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
-    eager_pairs = (EAGER_PAIRS_MIN_TOKEN_HEADS is not None and has_q
+    eager_pairs = (EAGER_PAIRS_MIN_TOKEN_HEADS is not None and has_q and D in EAGER_PAIRS_HEAD_DIMS
                    and B * H * int(st.n_q) >= EAGER_PAIRS_MIN_TOKEN_HEADS)
     if (kernel is None and (graph or eager_pairs) and pairs_ok and D in PAIRS_DEFAULT_HEAD_DIMS
             and all(o is None for o in natural_options)
