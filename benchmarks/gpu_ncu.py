@@ -4,7 +4,7 @@
         --section SpeedOfLight --section SourceCounters -k regex:_kvq_decode_ -c 64 \\
         python3 benchmarks/gpu_ncu.py [--ctx 131072] [--configs JSON] [--group head|token]
 
-Fills one Llama-3-8B-shaped layer (8 KV heads, head_dim 128, batch 1, nuq3-1% or ``--bits 2|4``, head-group values,
+Fills one Llama-3-8B-shaped layer (8 KV heads, head_dim 128, batch 1; ``--shape`` for another, nuq3-1% or ``--bits 2|4``, head-group values,
 or token-group values with ``--group token``) through the real append kernel, then launches ``decode_attention``
 twice per launch configuration (the first launch compiles; both are profiled, in order). ``--configs`` is a JSON
 list of keyword dicts for ``kernels.decode_attention``. Without ncu it prints each configuration's latency (triton's
@@ -38,8 +38,9 @@ def main():
     ap.add_argument("--time", action="store_true", help="also time each configuration (do not use under ncu)")
     ap.add_argument("--group", default="head", choices=["head", "token"], help="value grouping of the storage")
     ap.add_argument("--bits", type=int, default=3, choices=[2, 3, 4], help="code width of the storage")
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(S.SHAPES), help="query heads, KV heads, head_dim")
     a = ap.parse_args()
-    Hq, H, D = S.SHAPES["llama3-8b"]
+    Hq, H, D = S.SHAPES[a.shape]
     _, _, sts, _ = S.fill_storages(1, H, D, a.ctx, [(a.bits, a.group)], want_fp16=False)
     st = sts[(a.bits, a.group)]
     q = torch.randn(1, Hq, 1, D, device=S.DEV).bfloat16()
