@@ -5,10 +5,11 @@
         python3 benchmarks/gpu_ncu.py [--ctx 131072] [--configs JSON] [--group head|token]
 
 Fills one Llama-3-8B-shaped layer (8 KV heads, head_dim 128, batch 1; ``--shape`` for another), nuq3-1% or ``--bits
-2|4``, head-group values, or token-group values with ``--group token``, through the real append kernel, then launches ``decode_attention``
-twice per launch configuration (the first launch compiles; both are profiled, in order). ``--configs`` is a JSON
-list of keyword dicts for ``kernels.decode_attention``. Without ncu it prints each configuration's latency (triton's
-do_bench) and error against the reference, so a run shows which profile belongs to which configuration.
+2|4``, head-group values, or token-group values with ``--group token``, through the real append kernel, then launches
+``decode_attention`` twice per launch configuration (the first launch compiles; both are profiled, in order).
+``--configs`` is a JSON list of keyword dicts for ``kernels.decode_attention``. Without ncu it prints each
+configuration's latency (triton's do_bench) and error against the reference, so a run shows which profile belongs to
+which configuration.
 """
 
 from __future__ import annotations
