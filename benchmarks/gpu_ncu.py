@@ -40,9 +40,10 @@ def main():
     ap.add_argument("--group", default="head", choices=["head", "token"], help="value grouping of the storage")
     ap.add_argument("--bits", type=int, default=3, choices=[2, 3, 4], help="code width of the storage")
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(S.SHAPES), help="query heads, KV heads, head_dim")
+    ap.add_argument("--frac", type=float, default=0.01, help="outlier fraction of the storage (0: no slots)")
     a = ap.parse_args()
     Hq, H, D = S.SHAPES[a.shape]
-    _, _, sts, _ = S.fill_storages(1, H, D, a.ctx, [(a.bits, a.group)], want_fp16=False)
+    _, _, sts, _ = S.fill_storages(1, H, D, a.ctx, [(a.bits, a.group)], want_fp16=False, frac=a.frac)
     st = sts[(a.bits, a.group)]
     q = torch.randn(1, Hq, 1, D, device=S.DEV).bfloat16()
     ref = reference_decode_attention(q, st, D**-0.5).float()
