@@ -1,5 +1,5 @@
 """The "pairs" decode kernel (Gluon, NVIDIA sm_80+): split-K decode attention over the quantized region of a layer
-stored as 2-, 3- or 4-bit codes, head_dim 128, at most one outlier slot per key vector (nuq2/3/4-1%), with
+stored as 2-, 3- or 4-bit codes, head_dim 128 or 64, at most one outlier slot per key vector (nuq2/3/4-1%), with
 head-group values (at most one slot per vector: a fixed merge) or token-group values (the calibration default: one zero
 / scale and one row of slots per token for every KV head; each KV head scatters its run of slots into a shared-memory
 tile).
@@ -11,7 +11,8 @@ CUDA graphs, and the library's partials layout, so that the Triton kernel's sink
 finish the job (:func:`kvquant.kernels.decode_attention` launches the three). Static SASS counts:
 ``benchmarks/ptx_count.py --kernel pairs``.
 
-Per program (one warp): one (sequence, KV head, split) of 32-token blocks.
+Per program (one warp): one (sequence, KV head, split) of 32-token blocks. head_dim (constexpr D) 128 is four chunks of
+32 channels (16 and their RoPE partners D / 2 later), 64 two; the code below says 128 where it describes the layout.
 - **Scores** S^T = K Q^T with mma.sync m16n8k16: tokens are M, the GQA group's query heads N (padded to 8).
 - **Key levels** from a 64-entry table of fp16 pairs in shared memory, replicated per lane (any index pattern is
   free of bank conflicts): two neighbouring codes of an operand register form a 6-bit index read in place from the
