@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from kvquant import KVQuantCache
-from kvquant.calibration import CalibrationSettings, build_quantizer, collect_statistics
+from kvquant.calibration import CalibrationSettings, build_quantizer, cache_kwarg, collect_statistics
 from kvquant.data import load_default_corpus, make_windows, split_documents
 from kvquant.evaluation.report import environment, write_json
 from kvquant.models import load_model
@@ -55,7 +55,7 @@ def main() -> None:
     for name, make in caches.items():
         t0 = time.perf_counter()
         with torch.no_grad():
-            gen = model.generate(prompts, attention_mask=torch.ones_like(prompts), past_key_values=make(),
+            gen = model.generate(prompts, attention_mask=torch.ones_like(prompts), **{cache_kwarg(model): make()},
                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
         outs[name] = gen[:, prompts.shape[1]:]

@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import gpu_suite as gs  # noqa: E402
 
+from kvquant.calibration import cache_kwarg  # noqa: E402  (the cache argument's name: transformers 5.24 renamed it)
+
 
 def host_us(fn, n=200):
     """Host microseconds per call (enqueue only), after a warm-up; the device is drained before and after."""
@@ -45,15 +47,15 @@ def host_us(fn, n=200):
 def timed_steps(model, cache, ids, warm=3, n=7):
     """Prefill ``ids`` into ``cache``, run ``warm`` decode steps, then time ``n``: (next token, median step ms, median
     host ms to enqueue a step)."""
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1:].argmax(-1)
     for _ in range(warm):
-        model(nxt, past_key_values=cache, use_cache=True)
+        model(nxt, **{cache_kwarg(model): cache}, use_cache=True)
     torch.cuda.synchronize()
     wall, enq = [], []
     for _ in range(n):
         t0 = time.perf_counter()
-        model(nxt, past_key_values=cache, use_cache=True)
+        model(nxt, **{cache_kwarg(model): cache}, use_cache=True)
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         wall.append(time.perf_counter() - t0)
@@ -92,9 +94,9 @@ def main():
     for name in () if "syncs" in skip else ("static", "kvquant-fused"):
         cache = make(name)
         with torch.no_grad():
-            out = model(ids[:, :512], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(ids[:, :512], **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
             nxt = out.logits[:, -1:].argmax(-1)
-            out = model(nxt, past_key_values=cache, use_cache=True)
+            out = model(nxt, **{cache_kwarg(model): cache}, use_cache=True)
             torch.cuda.synchronize()
             seen = []
 
@@ -106,7 +108,7 @@ def main():
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode(1)
             try:
-                out = model(nxt, past_key_values=cache, use_cache=True)
+                out = model(nxt, **{cache_kwarg(model): cache}, use_cache=True)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
                 warnings.showwarning = old
@@ -126,7 +128,7 @@ def main():
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(5):
-                model(nxt, past_key_values=cache, use_cache=True)
+                model(nxt, **{cache_kwarg(model): cache}, use_cache=True)
             torch.cuda.synchronize()
             prof.disable()
         res[name] = {"step_ms": step_ms, "enqueue_ms": enqueue_ms}
@@ -146,7 +148,7 @@ def main():
     if "cache" not in keep:
         keep["cache"] = make("kvquant-fused")
         with torch.no_grad():
-            model(ids, past_key_values=keep["cache"], use_cache=True, logits_to_keep=1)
+            model(ids, **{cache_kwarg(model): keep["cache"]}, use_cache=True, logits_to_keep=1)
     st = keep["cache"].layers[0].storage
     q = torch.randn(1, 32, 1, 128, device=gs.DEV, dtype=torch.bfloat16)
     total = len(st)
@@ -204,7 +206,7 @@ def main():
                 acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 with torch.profiler.profile(activities=acts) as prof:
                     for _ in range(3):
-                        model(nxt, past_key_values=cache, use_cache=True)
+                        model(nxt, **{cache_kwarg(model): cache}, use_cache=True)
                     torch.cuda.synchronize()
                 ka = [e for e in prof.key_averages() if e.self_device_time_total > 0]
                 ka.sort(key=lambda e: -e.self_device_time_total)

@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import gpu_suite as gs  # noqa: E402
 
+from kvquant.calibration import cache_kwarg  # noqa: E402  (the cache argument's name: transformers 5.24 renamed it)
+
 
 def main():
     a = gs.step_parser(32768).parse_args()
@@ -31,23 +33,23 @@ def main():
     for name in ("dynamic", "kvquant-fused"):
         cache = DynamicCache(config=model.config) if name == "dynamic" else KVQuantCache(quant, model)
         with torch.no_grad():
-            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
             nxt = out.logits[:, -1:].argmax(-1)
             for _ in range(3):  # warm-up (compilation)
-                out = model(nxt, past_key_values=cache, use_cache=True)
+                out = model(nxt, **{cache_kwarg(model): cache}, use_cache=True)
                 nxt = out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             times = []
             for _ in range(5):
                 t0 = time.time()
-                out = model(nxt, past_key_values=cache, use_cache=True)
+                out = model(nxt, **{cache_kwarg(model): cache}, use_cache=True)
                 nxt = out.logits[:, -1:].argmax(-1)
                 torch.cuda.synchronize()
                 times.append(time.time() - t0)
             acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             with torch.profiler.profile(activities=acts) as prof:
                 for _ in range(3):
-                    out = model(nxt, past_key_values=cache, use_cache=True)
+                    out = model(nxt, **{cache_kwarg(model): cache}, use_cache=True)
                     nxt = out.logits[:, -1:].argmax(-1)
                 torch.cuda.synchronize()
         res[name] = {"step_ms": sorted(times)[2] * 1e3}
