@@ -230,6 +230,13 @@ KS_L = gl.constexpr(gl.SliceLayout(0, P3))  # [half, p]: per channel pair
 
 
 @gluon.jit
+def _row_index(LAY: gl.constexpr, W: gl.constexpr, BT: gl.constexpr):
+    """(token [BT, 1], word [1, W]) indices of a block's rows of W 32-bit words in the row layout LAY."""
+    return (gl.arange(0, BT, layout=gl.SliceLayout(1, LAY))[:, None],
+            gl.arange(0, W, layout=gl.SliceLayout(0, LAY))[None, :])
+
+
+@gluon.jit
 def _entry(w, h, rw, rh, lane4):
     """Byte offset of the pair-table entry of a channel pair: w rotated right by rw puts its 4 low-plane bits at
     bits 7-10, h rotated by rh its 2 high-plane bits at 11-12, OR 4 lane (bits 2-6)."""
@@ -463,19 +470,13 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     else:
         ks_off = (D // 4) * hs + 2 * (qs % 4) + qs // 4
     if D == 128:  # a row's low-plane words [token, 8], high-plane words [token, 4], 4-bit words [token, 16]
-        trow = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW))[:, None]
-        wcol = gl.arange(0, 8, layout=gl.SliceLayout(0, KROW))[None, :]
-        trow16 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW16))[:, None]
-        wcol16 = gl.arange(0, 16, layout=gl.SliceLayout(0, KROW16))[None, :]
-        trow4 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW4))[:, None]
-        hcol = gl.arange(0, 4, layout=gl.SliceLayout(0, KROW4))[None, :]
+        trow, wcol = _row_index(KROW, 8, BT)
+        trow16, wcol16 = _row_index(KROW16, 16, BT)
+        trow4, hcol = _row_index(KROW4, 4, BT)
     else:  # head_dim 64: half of each (the names keep head_dim 128's word counts)
-        trow = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW4))[:, None]
-        wcol = gl.arange(0, 4, layout=gl.SliceLayout(0, KROW4))[None, :]
-        trow16 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW))[:, None]
-        wcol16 = gl.arange(0, 8, layout=gl.SliceLayout(0, KROW))[None, :]
-        trow4 = gl.arange(0, BT, layout=gl.SliceLayout(1, KROW2))[:, None]
-        hcol = gl.arange(0, 2, layout=gl.SliceLayout(0, KROW2))[None, :]
+        trow, wcol = _row_index(KROW4, 4, BT)
+        trow16, wcol16 = _row_index(KROW, 8, BT)
+        trow4, hcol = _row_index(KROW2, 2, BT)
     tcs = gl.arange(0, BT, layout=gl.SliceLayout(1, KC_L))[:, None]
     qcs = gl.arange(0, 8, layout=gl.SliceLayout(0, KC_L))[None, :]
     # fragment order: register s + 2 (tau // 8 % 2) + 4 (tau // 16) of lane p % 4 + 4 (tau % 8), s = p // 4
