@@ -445,13 +445,21 @@ def decode_report(runs, out):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for ax, shape in zip(axes, ("llama3-8b", "llama2-7b")):
+        shapes = [s for s in ("llama3-8b", "llama2-7b", "llama32-1b") if any(x["shape"] == s for x in rows)]
+        fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+        for ax, shape in zip(axes[0], shapes):
+            # colour: the storage (fp16 black); line: the kernel (solid: pairs / SDPA, the fastest of each)
+            methods = sorted({x["method"] for x in rows if x["method"] != "fp16"})
+            colour = {"fp16": "black", **{m: f"C{i}" for i, m in enumerate(methods)}}
+            style = {"sdpa": "-", "splitk": ":", "kvquant-pairs": "-", "kvquant-natural": "--", "kvquant-fields": "-.",
+                     "kvquant-tiles": ":"}
             for meth in sorted({(x["method"], x["impl"]) for x in rows}):
                 pts = sorted((x["context"], x["latency_us"]) for x in rows
                              if x["shape"] == shape and x["batch"] == 1 and (x["method"], x["impl"]) == meth)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{meth[0]} ({meth[1]})")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
+                            color=colour[meth[0]], linestyle=style.get(meth[1], "-"),
+                            label=f"{meth[0]} ({meth[1]})")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"{shape}, batch 1, one layer (H200)")
