@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--groups", default="head", help="value groupings: head, token or both")
     ap.add_argument("--bits", type=int, default=3, choices=[2, 3, 4])
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES), help="query heads, KV heads, head_dim")
+    ap.add_argument("--frac", type=float, default=0.01, help="--variants: the storage's outlier fraction (0: no slots)")
     ap.add_argument("--variants", default=None, help="register cap and programs per SM, e.g. none:8,168:12 (the "
                     "pairs kernel alone at each, per grouping, on one filled storage; head:/token: prefixes "
                     "restrict a variant to one grouping)")
@@ -89,7 +90,7 @@ def variants(a):
         *grp, reg, per = v.split(":")  # [grouping:]register cap:programs per SM
         specs.append((grp[0] if grp else "", None if reg == "none" else int(reg), int(per)))
     for vg in a.groups.split(","):
-        _, _, sts, _ = fill_storages(2, H, D, 4096, [(a.bits, vg)], frac=0.01, want_fp16=False)
+        _, _, sts, _ = fill_storages(2, H, D, 4096, [(a.bits, vg)], frac=a.frac, want_fp16=False)
         st4 = sts[(a.bits, vg)]
         q4 = torch.randn(2, Hq, 1, D, device="cuda").bfloat16()
         ref = reference_decode_attention(q4, st4, D**-0.5).float()
@@ -97,7 +98,7 @@ def variants(a):
             for B in (int(b) for b in a.batches.split(",")):
                 q = torch.randn(B, Hq, 1, D, device="cuda").bfloat16()
                 sdpa = sdpa_graph_us(q, H, ctx)
-                _, _, sts, _ = fill_storages(B, H, D, ctx, [(a.bits, vg)], frac=0.01, want_fp16=False)
+                _, _, sts, _ = fill_storages(B, H, D, ctx, [(a.bits, vg)], frac=a.frac, want_fp16=False)
                 st = sts[(a.bits, vg)]
                 print(f"{ctx} b{B}: SDPA bf16 {sdpa:.1f} us")
                 for grp, reg, per in specs:
@@ -107,7 +108,7 @@ def variants(a):
                     err = rel(kernels.decode_attention(q4, st4, D**-0.5, kernel="pairs").float(), ref)
                     us = bench_graph(lambda q_=q, s_=st: kernels.decode_attention(q_, s_, 0.088, kernel="pairs"))
                     regs, spills, shared = _last_compiled(G._pairs_kernel)
-                    print(f"{ctx} b{B} nuq{a.bits} {vg}-group slots 0.01: pairs maxnreg={reg} programs/SM={per} "
+                    print(f"{ctx} b{B} nuq{a.bits} {vg}-group slots {a.frac}: pairs maxnreg={reg} programs/SM={per} "
                           f"{us:.1f} us ({sdpa / us:.3f}x SDPA), 4K check {err:.2e}, {regs} registers, "
                           f"{spills} spilled, {shared} B shared", flush=True)
                 G.MAXNREG, G.PROGRAMS_PER_SM = None, 8
