@@ -78,6 +78,7 @@ def main() -> None:
            "new_tokens": args.new_tokens, "recent_window": args.recent, "environment": env,
            "command": "PYTHONPATH=src python3 " + " ".join(sys.argv), "rows": rows}
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     write_json(doc, out / "generation_quality_smollm2.json")
     lines = ["# Generation quality with KVQuantCache (SmolLM2-135M)", "",
              f"Command: `{doc['command']}`  ",
