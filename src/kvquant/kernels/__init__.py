@@ -308,10 +308,10 @@ class _Plan:
 #: 12.7 against 20.1 / 19.6. The threshold lies between them.
 EAGER_PAIRS_MIN_TOKEN_HEADS: int | None = 3_000_000
 
-#: head_dims the pairs kernel compiles for (kernel="pairs"), and those where the default takes it (measured on the
-#: H200 against the natural kernel as graph replays; head_dim 64: benchmarks/gpu_runs/run91, Llama-3.2-1B's heads
-#: (32 query, 8 KV), nuq3-1% at 128K: head-group values 102.0 against 216.7 us at batch 1, 682.0 against 1890.8 at
-#: batch 8; token-group values 121.9 against 265.0 and 817.1 against 2298.0)
+#: head_dims the pairs kernel compiles for (kernel="pairs"; _gluon.HEAD_DIMS), and those where the default takes it
+#: (measured on the H200 against the natural kernel as graph replays; head_dim 64: benchmarks/gpu_runs/run91,
+#: Llama-3.2-1B's heads (32 query, 8 KV), nuq3-1% at 128K: head-group values 102.0 against 216.7 us at batch 1, 682.0
+#: against 1890.8 at batch 8; token-group values 121.9 against 265.0 and 817.1 against 2298.0)
 PAIRS_HEAD_DIMS = (64, 128)
 PAIRS_DEFAULT_HEAD_DIMS = (64, 128)
 #: head_dims where eager launches take it from EAGER_PAIRS_MIN_TOKEN_HEADS (the threshold was measured at 128 only)

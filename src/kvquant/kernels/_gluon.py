@@ -60,10 +60,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from . import PAIRS_HEAD_DIMS as HEAD_DIMS  # the head_dims it compiles for (constexpr D: 2 or 4 chunks of 32 channels)
 from ._triton import PREFETCH_L1, PREFETCH_L2  # the prefetches' PTX, shared with the Triton kernels
 
 BT, D, N = 32, 128, 8  # tokens per block, head_dim (the widest), query heads per program (the GQA group, padded)
-HEAD_DIMS = (64, 128)  # the head_dims the kernel compiles for (constexpr D: 2 or 4 chunks of 32 channels)
 TABLE_SHARED_BYTES = 16384  # the key and value pair tables
 TILE_OFF = TABLE_SHARED_BYTES  # then, with slot runs (VRUN), the value slots' level tile: BT tokens x D fp16
 TILE_BYTES = BT * 2 * D
