@@ -83,6 +83,7 @@ def variants(a):
     programs per SM (the split rule fills one wave of them), nuq{bits}-1%, one storage per grouping."""
     from kvquant.kernels import _gluon as G
 
+    knobs = G.MAXNREG, G.PROGRAMS_PER_SM  # restored after each storage's variants
     print(env_info())
     Hq, H, D = SHAPES[a.shape]
     specs = []
@@ -111,7 +112,7 @@ def variants(a):
                     print(f"{ctx} b{B} nuq{a.bits} {vg}-group slots {a.frac}: pairs maxnreg={reg} programs/SM={per} "
                           f"{us:.1f} us ({sdpa / us:.3f}x SDPA), 4K check {err:.2e}, {regs} registers, "
                           f"{spills} spilled, {shared} B shared", flush=True)
-                G.MAXNREG, G.PROGRAMS_PER_SM = None, 8
+                G.MAXNREG, G.PROGRAMS_PER_SM = knobs
                 sts = st = None
                 torch.cuda.empty_cache()
 

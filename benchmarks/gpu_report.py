@@ -447,13 +447,14 @@ def decode_report(runs, out):
 
         shapes = [s for s in ("llama3-8b", "llama2-7b", "llama32-1b") if any(x["shape"] == s for x in rows)]
         fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+        # colour: the storage (fp16 black); line: the kernel (solid: pairs / SDPA, the fastest of each)
+        methods = sorted({x["method"] for x in rows if x["method"] != "fp16"})
+        colour = {"fp16": "black", **{m: f"C{i}" for i, m in enumerate(methods)}}
+        style = {"sdpa": "-", "splitk": ":", "kvquant-pairs": "-", "kvquant-natural": "--", "kvquant-fields": "-.",
+                 "kvquant-tiles": ":"}
+        curves = sorted({(x["method"], x["impl"]) for x in rows})
         for ax, shape in zip(axes[0], shapes):
-            # colour: the storage (fp16 black); line: the kernel (solid: pairs / SDPA, the fastest of each)
-            methods = sorted({x["method"] for x in rows if x["method"] != "fp16"})
-            colour = {"fp16": "black", **{m: f"C{i}" for i, m in enumerate(methods)}}
-            style = {"sdpa": "-", "splitk": ":", "kvquant-pairs": "-", "kvquant-natural": "--", "kvquant-fields": "-.",
-                     "kvquant-tiles": ":"}
-            for meth in sorted({(x["method"], x["impl"]) for x in rows}):
+            for meth in curves:
                 pts = sorted((x["context"], x["latency_us"]) for x in rows
                              if x["shape"] == shape and x["batch"] == 1 and (x["method"], x["impl"]) == meth)
                 if pts:
