@@ -49,10 +49,11 @@ def _generate(model, tok, quant, prompt: str, new: int, fused: bool) -> dict:
     os.environ["KVQUANT_FUSED_DECODE"] = "1" if fused else "0"
     cache = KVQuantCache(quant, model)
     ids = tok(prompt, return_tensors="pt").to(model.device)
+    kw = cache_kwarg(model)  # (outside the timed call)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**ids, **{cache_kwarg(model): cache}, max_new_tokens=new, min_new_tokens=new,
+        out = model.generate(**ids, **{kw: cache}, max_new_tokens=new, min_new_tokens=new,
                              do_sample=False, pad_token_id=tok.eos_token_id, disable_compile=True)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
