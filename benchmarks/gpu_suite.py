@@ -37,9 +37,12 @@ from kvquant.kernels.testing import synthetic_codec, synthetic_kv, synthetic_rop
 DEV = torch.device("cuda")
 DEADLINE = [float("inf")]
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64),
-          "llama32-1b": (32, 8, 64)}  # (query heads, KV heads, head_dim); Llama-3.2-1B: head_dim 64, GQA 4
+          "llama32-1b": (32, 8, 64), "gemma3-4b": (8, 4, 256)}
+# (query heads, KV heads, head_dim); Llama-3.2-1B: head_dim 64, GQA 4; Gemma-3-4B: head_dim 256, GQA 2 (the bytes per
+# token of Llama-3-8B: 4 x 256 = 8 x 128 channels)
 CONTEXTS = {"llama2-7b": [4096, 16384, 65536, 131072, 524288], "llama3-8b": [4096, 16384, 65536, 131072],
-            "smollm2-135m": [16384, 131072], "llama32-1b": [4096, 16384, 65536, 131072]}
+            "smollm2-135m": [16384, 131072], "llama32-1b": [4096, 16384, 65536, 131072],
+            "gemma3-4b": [4096, 16384, 65536, 131072]}
 BITS = [4, 3, 2]
 # decode rows: head-group value storage at every width + token-group storage (natural, tiles and pairs kernels)
 METHODS = [(4, "head"), (3, "head"), (2, "head"), (3, "token")]
@@ -234,6 +237,8 @@ def _decode_matrix(res, copy_bw, shapes, batches, only_ctx, check, extra, on_con
                     # since it was enabled there) and token-group values (natural since run 21)
                     kws = [kw0] + ([dict(kernel="tiles")] if vg == "token" or D == 64 else [])
                     if b == 3 and D == 128:  # the natural kernel beside the Gluon pairs kernel (both value groupings)
+                        kws += [dict(kernel="natural")]
+                    if D == 256 and vg == "head":  # no pairs kernel at 256: the natural one beside the default
                         kws += [dict(kernel="natural")]
                     # the pairs kernel (graph steps' default at kernels.PAIRS_DEFAULT_HEAD_DIMS)
                     if b in (2, 3, 4) and D in kernels.PAIRS_HEAD_DIMS and pairs_ok(q, st):
@@ -527,7 +532,8 @@ GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1
 # -eager, -natural variants
 # -fused: the library default on CUDA (fused kernels, decode steps as CUDA-graph replays); -fused-eager: the same
 # kernels launched one by one (KVQUANT_CUDA_GRAPHS=0); -fused-eager-pairs: launched one by one with the pairs kernel
-# where it applies (kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = 0); -reference: the PyTorch path (KVQUANT_FUSED_DECODE=0);
+# where it applies (kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = 0, at every head_dim it compiles for); -reference: the
+# PyTorch path (KVQUANT_FUSED_DECODE=0);
 # -noprefetch: the decode kernels without their PTX prefetch of the next block (kernels.PREFETCH_DEFAULT = False);
 # -natural: the Triton natural kernel where the Gluon pairs kernel is the default (KVQUANT_PAIRS=0)
 # (value_group "head"; -tokengroup-: token-group values, 11 slots per row, the calibration default)
@@ -552,6 +558,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     quants = {}  # (bits, value group) -> quantizer, built when a cache first asks for it
     prefetch_default = kernels.PREFETCH_DEFAULT
     eager_pairs_default = kernels.EAGER_PAIRS_MIN_TOKEN_HEADS
+    eager_dims = kernels.EAGER_PAIRS_HEAD_DIMS
     rows = []
 
     class Stamps(BaseStreamer):
@@ -569,6 +576,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
         os.environ["KVQUANT_FUSED_DECODE"] = "0" if name.endswith("-reference") else "1"
         os.environ["KVQUANT_CUDA_GRAPHS"] = "0" if name.endswith(("-eager", "-eager-pairs")) else "1"
         kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = 0 if name.endswith("-eager-pairs") else eager_pairs_default
+        kernels.EAGER_PAIRS_HEAD_DIMS = kernels.PAIRS_HEAD_DIMS if name.endswith("-eager-pairs") else eager_dims
         os.environ["KVQUANT_PAIRS"] = "0" if name.endswith("-natural") else "1"
         kernels.PREFETCH_DEFAULT = False if name.endswith("-noprefetch") else prefetch_default  # read by each plan
         if name == "dynamic":
@@ -646,6 +654,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     os.environ.pop("KVQUANT_PAIRS", None)
     kernels.PREFETCH_DEFAULT = prefetch_default
     kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = eager_pairs_default
+    kernels.EAGER_PAIRS_HEAD_DIMS = eager_dims
     res["generate"] = dict(model=f"random-weight {GEN_MODELS[shape][0]} shape (bf16)", layers=n_layers,
                            new_tokens=new_tokens, via="model.generate", rounds=reps, rows=rows, batch=batch,
                            shape=shape)
