@@ -77,6 +77,8 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run85_2026-11-30": "61cfbf4 (eager steps take the pairs kernel from 3M quantized token-heads)",
     "run92_2026-11-30": "b5a105f (graph steps take the pairs kernel at head_dim 64 since dac6b26)",
     "run93_2026-11-30": "f38c783 (the pairs kernel at head_dim 64 beside the natural and tiles kernels)",
+    "run98_2026-11-30": "1dbf792 (the Gemma-3-4B shape, head_dim 256: the Triton kernels, no pairs kernel there)",
+    "run99_2026-11-30": "1dbf792 (-fused-eager-pairs caches at head_dim 64; kernels as run 93)",
 }
 
 # runs kept in gpu_runs/ as records whose decode rows the report must not take as the latest: what they measured is
@@ -132,6 +134,13 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                          "natural one (173 against 422 us at 128K, run 77): 5.5 against 13.5 ms of GPU time in a "
                          "27-51 ms step. The step is bound by the host, which drifted by more than that between "
                          "rounds, so this run does not separate the two kernels end to end."),
+    "run98_2026-11-30": ("head_dim 256 (Gemma-3-4B's heads: 8 query, 4 KV), first timed: no pairs kernel compiles "
+                         "there, so the natural kernel (nuq3/nuq4, and nuq2 beside the fields kernel, which was the "
+                         "2-bit default before this run) and the tiles kernel (token-group values) run: 0.14-0.38x "
+                         "the best fp16."),
+    "run99_2026-11-30": ("Eager steps (KVQUANT_CUDA_GRAPHS=0) at head_dim 64, batch 8, 16 layers, nuq3-1% head-group: "
+                         "the natural kernel against the pairs kernel launched eagerly, to place the eager threshold "
+                         "at 64. The host drifted between rounds (64K pairs 39.1 then 33.0 ms)."),
     "run84_2026-11-30": ("Eager steps (KVQUANT_CUDA_GRAPHS=0, as with an fp16 window R > 0) at batch 8, 8 layers: "
                          "the natural kernel (the eager default until then), the pairs kernel launched eagerly, and "
                          "the default CUDA-graph steps. 32K (2.1M token-heads): pairs 20.6 / 17.7 ms per step "

@@ -277,7 +277,8 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
     prefetch, tokens per block, warps and register cap ("regs": a second, narrower pass); the tiles kernel
     (token-group values). The fastest correct fields configuration becomes KV_OPTS for the decode rows."""
     rows = res.setdefault("diag", [])
-    shape = {"d64": "smollm2-135m", "tokengroup-mha": "llama2-7b", "prefetch-mha": "llama2-7b"}.get(sweep, "llama3-8b")
+    shape = {"d64": "smollm2-135m", "tokengroup-mha": "llama2-7b", "prefetch-mha": "llama2-7b",
+             "d256": "gemma3-4b"}.get(sweep, "llama3-8b")
     Hq, H, D = SHAPES[shape]
     q = torch.randn(batch, Hq, 1, D, device=DEV).bfloat16()
     _, _, sts, _ = fill_storages(batch, H, D, ctx, [(3, "head"), (3, "token")], want_fp16=False)
@@ -329,6 +330,15 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
         sweeps = [("tiles", "head", {}), ("tiles", "token", {})]
         sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw)) for bt, nw in ((32, 2), (64, 4), (128, 4),
                                                                                        (128, 8), (256, 4), (256, 8))]
+    if sweep == "d256":  # head_dim 256 (Gemma-3-4B shape): the natural kernel's launches (default: 32-token blocks,
+        # 4 warps) over blocks, warps, register caps, reloads and split counts, both value groupings
+        sweeps = [("natural", grp, {}) for grp in ("head", "token")]
+        sweeps += [("natural", "head", dict(block_t=bt, num_warps=nw)) for bt, nw in ((32, 2), (32, 8), (64, 4),
+                                                                                       (64, 8), (128, 8))]
+        sweeps += [("natural", "head", dict(maxnreg=mr)) for mr in (128, 168)]
+        sweeps += [("natural", "head", dict(reload=True)), ("natural", "head", dict(wide_loads=False))]
+        sweeps += [("natural", "head", dict(num_splits=ns)) for ns in (66, 264, 528)]
+        sweeps += [("natural", "token", dict(block_t=bt, num_warps=nw)) for bt, nw in ((32, 2), (32, 8), (64, 8))]
     refs = {grp: reference_decode_attention(q, st, D**-0.5).float() for (_, grp), st in sts.items()}
     for kernel, group, kw in sweeps:
         st = sts[(3, group)]
@@ -344,7 +354,7 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
         rows.append(dict(shape=shape, batch=batch, kernel=kernel, value_group=group, **kw, latency_us=round(us, 2),
                          gbps=round(nbytes / (us * 1e-6) / 1e9, 1), rel_err=err))
         log(rows[-1])
-        if (kernel in ("fields", "natural") and sweep not in ("d64", "prefetch", "prefetch-mha") and err < 1e-2
+        if (kernel in ("fields", "natural") and sweep not in ("d64", "d256", "prefetch", "prefetch-mha") and err < 1e-2
                 and (best is None or us < best[0])):  # the prefetch sweeps leave the decode rows at the defaults
             best = (us, dict(kw, **kn))
     if best is not None:
@@ -701,9 +711,9 @@ def main():
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
     ap.add_argument("--diag-sweep", default="full", help="comma list of: full, regs, occupancy, natural, default, "
-                    "blocks, d64, tokengroup, tokengroup-mha (Llama-2-7B shape, batch 1), slots (nuq3 with and without "
-                    "outlier slots, both value groupings), prefetch, prefetch-mha (the natural kernel's prefetch "
-                    "options)")
+                    "blocks, d64, d256 (Gemma-3-4B shape, batch 1 and 8), tokengroup, tokengroup-mha (Llama-2-7B "
+                    "shape, batch 1), slots (nuq3 with and without outlier slots, both value groupings), prefetch, "
+                    "prefetch-mha (the natural kernel's prefetch options)")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -723,7 +733,7 @@ def main():
     for name, fn in (
         ("diag", lambda: [diag_section(res, res["copy_bandwidth_gbps"], sweep=sw, batch=b)
                           for sw in args.diag_sweep.split(",")
-                          for b in ((1, 8) if sw in ("d64", "tokengroup", "prefetch") else (1,))]),
+                          for b in ((1, 8) if sw in ("d64", "d256", "tokengroup", "prefetch") else (1,))]),
         ("quant", lambda: quant_speed(res)),
         ("capacity_first", None),
         ("decode", lambda: decode_section(res, res["copy_bandwidth_gbps"], args.shapes.split(","),

@@ -370,7 +370,7 @@ def test_quantize_append_gpu(bits, D):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("bits,D,dtype", [(3, 64, torch.bfloat16), (2, 64, torch.float16), (4, 64, torch.bfloat16),
-                                          (3, 128, torch.bfloat16), (3, 256, torch.float16),
+                                          (3, 128, torch.bfloat16), (3, 256, torch.float16), (2, 256, torch.bfloat16),
                                           (2, 128, torch.float16), (4, 128, torch.bfloat16)])
 def test_decode_gpu(bits, D, dtype):
     # token-group values over 8 KV heads (> 4 slots per row): the natural kernel's ranked slots, and the tiles kernel
@@ -587,6 +587,11 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
         kernels.decode_kernel(q, st, kernel="pairs", block_t=64)
     two, _, _ = make_storage(1, 2, 128, 2, 40, 1, 0, "head", "cpu")  # 2-bit storage
     assert kernels.decode_kernel(q, two, graph=True) == "pairs" and kernels.decode_kernel(q, two) == "fields"
+    # 2-bit storage at head_dim 256: the natural kernel (1.5x the fields kernel there, run 98), which stays selectable
+    two256, _, _ = make_storage(1, 2, 256, 2, 40, 1, 0, "head", "cpu")
+    q256 = torch.zeros(1, 8, 1, 256).bfloat16()
+    assert kernels.decode_kernel(q256, two256) == "natural" == kernels.decode_kernel(q256, two256, graph=True)
+    assert kernels.decode_kernel(q256, two256, kernel="fields") == "fields"
     for heads in (8, 2):  # token-group values: with run ends (8 KV heads), and without (2)
         tg, _, _ = make_storage(1, heads, 128, 3, 40, 1, 0, "token", "cpu")
         assert (tg.v_out_ends is not None) == (heads == 8)
@@ -600,14 +605,19 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
         assert kernels.decode_kernel(qo, other, graph=True) != "pairs", (args, kw)
         with pytest.raises(ValueError, match="head_dim 64 or 128"):
             kernels.decode_kernel(qo, other, kernel="pairs")
-    # head_dim 64: the default in graph steps (run 91); eager launches keep the natural kernel at any size (the
-    # threshold was measured at head_dim 128)
-    assert kernels.PAIRS_DEFAULT_HEAD_DIMS == (64, 128) and kernels.EAGER_PAIRS_HEAD_DIMS == (128,)
-    monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", 1)
-    d64, _, _ = make_storage(1, 2, 64, 3, 40, 1, 0, "head", "cpu")
+    # head_dim 64: the default in graph steps (run 91) and eagerly from the same threshold counted in token-heads of
+    # head_dim 128 (run 99): 2 KV heads x 40 tokens x 64 / 128 = 40
+    assert kernels.PAIRS_DEFAULT_HEAD_DIMS == (64, 128) and kernels.EAGER_PAIRS_HEAD_DIMS == (64, 128)
     q64 = torch.zeros(1, 8, 1, 64).bfloat16()
-    assert kernels.decode_kernel(q64, d64, kernel="pairs") == "pairs"
-    assert kernels.decode_kernel(q64, d64, graph=True) == "pairs" and kernels.decode_kernel(q64, d64) == "natural"
+    for threshold, want in ((40, "pairs"), (41, "natural")):
+        monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", threshold)
+        d64, _, _ = make_storage(1, 2, 64, 3, 40, 1, 0, "head", "cpu")
+        assert kernels.decode_kernel(q64, d64) == want, threshold
+        assert kernels.decode_kernel(q64, d64, kernel="pairs") == "pairs"
+        assert kernels.decode_kernel(q64, d64, graph=True) == "pairs"
+    monkeypatch.setattr(kernels, "EAGER_PAIRS_HEAD_DIMS", (128,))
+    d64, _, _ = make_storage(1, 2, 64, 3, 40, 1, 0, "head", "cpu")
+    assert kernels.decode_kernel(q64, d64) == "natural" and kernels.decode_kernel(q64, d64, graph=True) == "pairs"
     monkeypatch.setattr(kernels, "PAIRS_DEFAULT_HEAD_DIMS", (128,))
     d64, _, _ = make_storage(1, 2, 64, 3, 40, 1, 0, "head", "cpu")  # (a fresh plan)
     assert kernels.decode_kernel(q64, d64, graph=True) == "natural"
@@ -892,14 +902,14 @@ def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads,
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("group,kv_heads", [("head", 2), ("token", 8)])
-def test_eager_pairs_steps_match_natural_gpu(monkeypatch, group, kv_heads):
+@pytest.mark.parametrize("group,kv_heads,head_dim", [("head", 2, 128), ("token", 8, 128), ("head", 2, 64)])
+def test_eager_pairs_steps_match_natural_gpu(monkeypatch, group, kv_heads, head_dim):
     """Eager decode steps (an fp16 window, R = 3, so no CUDA graphs) of a storage past EAGER_PAIRS_MIN_TOKEN_HEADS
     (here lowered to 1) take the pairs kernel and give the logits of the same steps with the threshold off (the
     natural kernel), within bf16 tolerance (teacher-forced), through a storage reallocation."""
     if not _pairs_here():
         pytest.skip("needs the Gluon pairs kernel")
-    model, quant = _tiny_model(kv_heads, 3, group, 3, "cuda")
+    model, quant = _tiny_model(kv_heads, 3, group, 3, "cuda", head_dim)
     cfg, D = model.config, model.config.head_dim
     # the natural kernel, then the pairs kernel, both launched eagerly
     logits, caches = _forced_steps(model, quant, 1, [

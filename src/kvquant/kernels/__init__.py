@@ -168,9 +168,9 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     ones that fall in it), ``"fields"`` (the head-group conditions and head_dim >= 128; twelve narrow dots per block,
     one per bit field),
     ``"tiles"`` (interleave unpack; any slot count) or None (pairs where it applies and no natural/fields option is
-    given, in CUDA-graph steps and, launched eagerly, from EAGER_PAIRS_MIN_TOKEN_HEADS quantized token-heads; else
-    natural for 3/4-bit storage, and for 2-bit at head_dim 64;
-    fields for 2-bit at head_dim >= 128; else tiles; :func:`decode_kernel` says which).
+    given, in CUDA-graph steps and, launched eagerly, from EAGER_PAIRS_MIN_TOKEN_HEADS quantized token-heads of
+    head_dim 128; else natural for 3/4-bit storage, and for 2-bit at head_dim 64 and 256;
+    fields for 2-bit at head_dim 128; else tiles; :func:`decode_kernel` says which).
     ``value_correction=True``: the tiles kernel's value-slot correction (a one-hot dot after P@V) instead of the
     per-slot overwrite (slower on the H200).
     ``prefetch`` (natural and fields kernels): ``"l2"`` (the default, None) or ``"l1"``: each block asks for the next
@@ -300,12 +300,14 @@ class _Plan:
 
 
 #: Launched eagerly (an fp16 window R > 0, or KVQUANT_CUDA_GRAPHS=0), the default takes the pairs kernel where it
-#: applies once the storage holds at least this many quantized token-heads (batch x KV heads x quantized tokens when
-#: the launch plan is built: again each time the storage doubles); None: never. An eager Gluon launch costs the host
-#: about 200 us (run 71's eager_us) and an eager step is host-bound, so it pays only where the GPU work is large.
-#: benchmarks/gpu_runs/run84 (generate, eager, Llama-3-8B shape, 8 layers, batch 8, nuq3-1% head-group): 2.1M
-#: token-heads (32K): pairs 20.6 / 17.7 ms per step against 18.2 / 14.5 for the natural kernel; 4.2M (64K): 12.3 /
-#: 12.7 against 20.1 / 19.6. The threshold lies between them.
+#: applies once the storage holds at least this many quantized token-heads of head_dim 128 (batch x KV heads x
+#: quantized tokens x head_dim / 128 when the launch plan is built: again each time the storage doubles); None: never.
+#: An eager Gluon launch costs the host 200-400 us (run 71's and run 93's eager_us) and an eager step is host-bound,
+#: so it pays only where the GPU work is large. Measured with generate, eager, nuq3-1% head-group, batch 8:
+#: benchmarks/gpu_runs/run84 (Llama-3-8B shape, head_dim 128, 8 layers): 2.1M token-heads (32K): pairs 20.6 / 17.7 ms
+#: per step against 18.2 / 14.5 for the natural kernel; 4.2M (64K): 12.3 / 12.7 against 20.1 / 19.6. run99
+#: (Llama-3.2-1B shape, head_dim 64, 16 layers; in head_dim-128 token-heads): 2.1M (64K): 39.1 / 33.0 against 22.3 /
+#: 28.1; 4.2M (128K): 23.1 / 21.9 against 36.3 / 35.8. The threshold lies between them at both head_dims.
 EAGER_PAIRS_MIN_TOKEN_HEADS: int | None = 3_000_000
 
 #: head_dims the pairs kernel compiles for (kernel="pairs"; _gluon.HEAD_DIMS), and those where the default takes it
@@ -314,8 +316,8 @@ EAGER_PAIRS_MIN_TOKEN_HEADS: int | None = 3_000_000
 #: against 1890.8 at batch 8; token-group values 121.9 against 265.0 and 817.1 against 2298.0)
 PAIRS_HEAD_DIMS = (64, 128)
 PAIRS_DEFAULT_HEAD_DIMS = (64, 128)
-#: head_dims where eager launches take it from EAGER_PAIRS_MIN_TOKEN_HEADS (the threshold was measured at 128 only)
-EAGER_PAIRS_HEAD_DIMS = (128,)
+#: head_dims where eager launches take it from EAGER_PAIRS_MIN_TOKEN_HEADS (measured at 64 and 128)
+EAGER_PAIRS_HEAD_DIMS = (64, 128)
 
 
 def _decode_plan(st, B, Hq, D, dev, options) -> _Plan | None:
@@ -378,7 +380,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
                 and group <= 8 and _pairs_available(dev))
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
     eager_pairs = (EAGER_PAIRS_MIN_TOKEN_HEADS is not None and has_q and D in EAGER_PAIRS_HEAD_DIMS
-                   and B * H * int(st.n_q) >= EAGER_PAIRS_MIN_TOKEN_HEADS)
+                   and B * H * int(st.n_q) * D // 128 >= EAGER_PAIRS_MIN_TOKEN_HEADS)
     if (kernel is None and (graph or eager_pairs) and pairs_ok and D in PAIRS_DEFAULT_HEAD_DIMS
             and all(o is None for o in natural_options)
             and _pairs_available(dev, True)):
@@ -394,8 +396,11 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if kernel is None:
         # H200, Llama-3-8B shape at 128K (benchmarks/gpu_decode.md: natural in run 13, fields in run 4): per layer
         # nuq4 425 vs 514 us, nuq3 372 vs 435 us, but nuq2 371 vs 291 us (the natural kernel's cost does not shrink
-        # with the width), so 2-bit storage keeps the fields kernel
-        kernel = "natural" if natural_ok and (bits >= 3 or not fields_ok) else "fields" if fields_ok else "tiles"
+        # with the width), so 2-bit storage keeps the fields kernel at head_dim 128. At 256 (Gemma-3-4B shape, run
+        # 98) the natural kernel is ahead for nuq2 too, in every cell: 525 vs 799 us at 128K batch 1, 2398 vs 3653 at
+        # 64K batch 8, 63.9 vs 89.1 at 4K batch 1
+        fields_default = fields_ok and bits < 3 and D == 128
+        kernel = "natural" if natural_ok and not fields_default else "fields" if fields_ok else "tiles"
     if kernel not in ("pairs", "fields", "natural", "tiles"):
         raise ValueError(f"kernel must be 'pairs', 'fields', 'natural', 'tiles' or None, got {kernel!r}.")
     pairs = kernel == "pairs"
