@@ -238,14 +238,20 @@ def _decode_matrix(res, copy_bw, shapes, batches, only_ctx, check, extra, on_con
                     kws = [kw0] + ([dict(kernel="tiles")] if vg == "token" or D == 64 else [])
                     if b == 3 and D == 128:  # the natural kernel beside the Gluon pairs kernel (both value groupings)
                         kws += [dict(kernel="natural")]
-                    if D == 256 and vg == "head":  # no pairs kernel at 256: the natural one beside the default
-                        kws += [dict(kernel="natural")]
+                    if D == 256:  # no pairs kernel at 256: the natural kernel beside the default, and with the
+                        # launch it had before run 101 (no reload, four waves of splits)
+                        kws += [dict(kernel="natural"),
+                                dict(kernel="natural", reload=False,
+                                     num_splits=kernels._splits(ctx, B * H, DEV, 32)[0], label="natural-run98launch")]
+                        kws += [dict(kernel="fields")] if b == 2 and vg == "head" else []  # nuq2's default until run 98
                     # the pairs kernel (graph steps' default at kernels.PAIRS_DEFAULT_HEAD_DIMS)
                     if b in (2, 3, 4) and D in kernels.PAIRS_HEAD_DIMS and pairs_ok(q, st):
                         kws += [dict(kernel="pairs")]
                     done = set()
                     for kw in kws:
-                        impl = "kvquant-" + kernels.decode_kernel(q, st, **kw)  # the kernel that actually runs
+                        kw = dict(kw)  # noqa: PLW2901
+                        label = kw.pop("label", None)
+                        impl = "kvquant-" + (label or kernels.decode_kernel(q, st, **kw))  # the kernel that runs
                         if impl in done:
                             continue
                         done.add(impl)
@@ -278,7 +284,7 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
     (token-group values). The fastest correct fields configuration becomes KV_OPTS for the decode rows."""
     rows = res.setdefault("diag", [])
     shape = {"d64": "smollm2-135m", "tokengroup-mha": "llama2-7b", "prefetch-mha": "llama2-7b",
-             "d256": "gemma3-4b"}.get(sweep, "llama3-8b")
+             "d256": "gemma3-4b", "d256b": "gemma3-4b"}.get(sweep, "llama3-8b")
     Hq, H, D = SHAPES[shape]
     q = torch.randn(batch, Hq, 1, D, device=DEV).bfloat16()
     _, _, sts, _ = fill_storages(batch, H, D, ctx, [(3, "head"), (3, "token")], want_fp16=False)
@@ -339,6 +345,11 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
         sweeps += [("natural", "head", dict(reload=True)), ("natural", "head", dict(wide_loads=False))]
         sweeps += [("natural", "head", dict(num_splits=ns)) for ns in (66, 264, 528)]
         sweeps += [("natural", "token", dict(block_t=bt, num_warps=nw)) for bt, nw in ((32, 2), (32, 8), (64, 8))]
+    if sweep == "d256b":  # head_dim 256, second pass (after run 100: reload 1.20x, 66 splits 1.04-1.23x): reload
+        # with split counts, both value groupings
+        sweeps = [("natural", grp, dict(reload=rl)) for grp in ("head", "token") for rl in (False, True)]
+        sweeps += [("natural", grp, dict(reload=True, num_splits=ns)) for grp in ("head", "token")
+                   for ns in (33, 66, 132, 264)]
     refs = {grp: reference_decode_attention(q, st, D**-0.5).float() for (_, grp), st in sts.items()}
     for kernel, group, kw in sweeps:
         st = sts[(3, group)]
@@ -351,11 +362,12 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
             log("diag fail", kernel, kw, repr(e)[:300])
             rows.append(dict(kernel=kernel, value_group=group, **kw, error=repr(e)[:300]))
             continue
-        rows.append(dict(shape=shape, batch=batch, kernel=kernel, value_group=group, **kw, latency_us=round(us, 2),
-                         gbps=round(nbytes / (us * 1e-6) / 1e9, 1), rel_err=err))
+        rows.append(dict(shape=shape, batch=batch, context=ctx, kernel=kernel, value_group=group, **kw,
+                         latency_us=round(us, 2), gbps=round(nbytes / (us * 1e-6) / 1e9, 1), rel_err=err))
         log(rows[-1])
-        if (kernel in ("fields", "natural") and sweep not in ("d64", "d256", "prefetch", "prefetch-mha") and err < 1e-2
-                and (best is None or us < best[0])):  # the prefetch sweeps leave the decode rows at the defaults
+        no_best = ("d64", "d256", "d256b", "prefetch", "prefetch-mha")  # these leave the decode rows at the defaults
+        if (kernel in ("fields", "natural") and sweep not in no_best and err < 1e-2
+                and (best is None or us < best[0])):
             best = (us, dict(kw, **kn))
     if best is not None:
         KV_OPTS.clear()
@@ -711,9 +723,11 @@ def main():
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
     ap.add_argument("--diag-sweep", default="full", help="comma list of: full, regs, occupancy, natural, default, "
-                    "blocks, d64, d256 (Gemma-3-4B shape, batch 1 and 8), tokengroup, tokengroup-mha (Llama-2-7B "
-                    "shape, batch 1), slots (nuq3 with and without outlier slots, both value groupings), prefetch, "
-                    "prefetch-mha (the natural kernel's prefetch options)")
+                    "blocks, d64, d256 / d256b (Gemma-3-4B shape, batch 1 and 8), tokengroup, tokengroup-mha "
+                    "(Llama-2-7B shape, batch 1), slots (nuq3 with and without outlier slots, both value groupings), "
+                    "prefetch, prefetch-mha (the natural kernel's prefetch options)")
+    ap.add_argument("--diag-contexts", type=lambda x: [int(c) for c in x.split(",")], default=[131072],
+                    help="comma list: the contexts of the diag sweeps")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which decode combos are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -731,9 +745,9 @@ def main():
     res["copy_bandwidth_gbps"] = round(copy_bandwidth(), 1) if "bw" in secs else 4213.0
     log("copy bandwidth GB/s", res["copy_bandwidth_gbps"])
     for name, fn in (
-        ("diag", lambda: [diag_section(res, res["copy_bandwidth_gbps"], sweep=sw, batch=b)
-                          for sw in args.diag_sweep.split(",")
-                          for b in ((1, 8) if sw in ("d64", "d256", "tokengroup", "prefetch") else (1,))]),
+        ("diag", lambda: [diag_section(res, res["copy_bandwidth_gbps"], ctx=c, sweep=sw, batch=b)
+                          for c in args.diag_contexts for sw in args.diag_sweep.split(",")
+                          for b in ((1, 8) if sw in ("d64", "d256", "d256b", "tokengroup", "prefetch") else (1,))]),
         ("quant", lambda: quant_speed(res)),
         ("capacity_first", None),
         ("decode", lambda: decode_section(res, res["copy_bandwidth_gbps"], args.shapes.split(","),

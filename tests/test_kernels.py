@@ -923,6 +923,27 @@ def test_eager_pairs_steps_match_natural_gpu(monkeypatch, group, kv_heads, head_
         assert rel(logits[1][:, t], logits[0][:, t]) < 2e-2, t
 
 
+def test_natural_kernel_launch_at_head_dim_256(monkeypatch):
+    """At head_dim 256 the natural kernel re-reads its loop invariants every block (reload) and splits the tokens
+    about two waves wide with at least 64 splits (H200 sweeps, runs 100-101); other head_dims keep four waves and
+    registers."""
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: 132)
+    dev = torch.device("cpu")
+    for batch, want in ((1, 66), (8, 64)):  # 4 KV heads (Gemma-3-4B)
+        assert kernels._kernel_splits("natural", 131072, batch * 4, dev, 32, 256)[0] == want
+    assert kernels._kernel_splits("natural", 131072, 4, dev, 32, 128)[0] == 128  # four waves (chunks of 1024)
+    assert kernels._kernel_splits("natural", 131072, 32, dev, 32, 128)[0] == 17
+    assert kernels._kernel_splits("natural", 1024, 4, dev, 32, 256)[0] == 4  # capped at 256 tokens per split
+    for D, reload in ((256, True), (128, False)):
+        st, _, _ = make_storage(1, 2, D, 3, 40, 1, 0, "head", "cpu")
+        q = torch.zeros(1, 4, 1, D)
+        plan = kernels._decode_plan(st, 1, 4, D, dev, kernels._launch_options(kernel="natural"))
+        assert plan.consts["RELOAD"] is reload, D
+        plan = kernels._decode_plan(st, 1, 4, D, dev, kernels._launch_options(kernel="natural", reload=False))
+        assert plan.consts["RELOAD"] is False
+        assert kernels.decode_kernel(q, st) == "natural"
+
+
 @pytest.mark.parametrize("R,head_dim,frac", [(0, 16, 0.01), (3, 16, 0.01), (0, 64, 0.05)])
 def test_fused_cache_path_matches_reference_path(monkeypatch, R, head_dim, frac):
     """With the opt-in fused path (GPU encode + fused decode; here under the interpreter), a KVQuantCache stores the

@@ -141,10 +141,11 @@ def mask_bias(attention_mask, batch: int, total: int, device) -> torch.Tensor | 
     return bias.contiguous()
 
 
-def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int = 256, target_waves: float = 4.0):
+def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int = 256, target_waves: float = 4.0,
+            min_splits: int = 1):
     if n_tokens <= 0:
         return 0, block_t
-    want = max(1, math.ceil(target_waves * _num_sms(device) / max(programs, 1)))
+    want = max(min_splits, math.ceil(target_waves * _num_sms(device) / max(programs, 1)))
     want = min(want, max(1, n_tokens // min_chunk))
     chunk = math.ceil(math.ceil(n_tokens / want) / block_t) * block_t
     return math.ceil(n_tokens / chunk), chunk
@@ -218,7 +219,7 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
             raise ValueError("lengths= needs a fixed num_splits.")
         nsq, chunk = int(num_splits), bt  # chunk: computed in the kernel from the device length
     elif num_splits is None:
-        nsq, chunk = _kernel_splits(plan.kernel, n_q, B * H, dev, bt)
+        nsq, chunk = _kernel_splits(plan.kernel, n_q, B * H, dev, bt, D)
     else:
         nsq = min(num_splits, max(1, math.ceil(n_q / bt))) if n_q else 0
         chunk = math.ceil(math.ceil(max(n_q, 1) / max(nsq, 1)) / bt) * bt
@@ -268,12 +269,19 @@ def graph_splits(storage, query) -> int:
     """The fixed split count of a CUDA-graph decode step (the kernels derive each split's share from the device
     length): sized for the storage's capacity, by the rule of the kernel that serves ``query``."""
     st = storage
-    return _kernel_splits(decode_kernel(query, st, graph=True), st.capacity, st.batch * st.heads, query.device, 32)[0]
+    return _kernel_splits(decode_kernel(query, st, graph=True), st.capacity, st.batch * st.heads, query.device, 32,
+                          int(query.shape[-1]))[0]
 
 
-def _kernel_splits(kernel: str, n_tokens: int, programs: int, device, block_t: int) -> tuple[int, int]:
+def _kernel_splits(kernel: str, n_tokens: int, programs: int, device, block_t: int,
+                   head_dim: int = 128) -> tuple[int, int]:
     """(splits, chunk) by the rule of ``kernel``: the pairs kernel fills one wave of one-warp programs
-    (_gluon.splits), the Triton kernels about four waves (_splits)."""
+    (_gluon.splits), the Triton kernels about four waves (_splits); the natural kernel at head_dim 256 about two
+    waves and at least 64 splits (H200 sweep, Gemma-3-4B shape, benchmarks/gpu_runs/run101: with reload, 66 splits
+    against the four-wave rule's 128 at batch 1: 482.6 against 504.5 us at 128K, 133.5 against 149.6 at 32K; against
+    its 17 at batch 8: 3599.8 against 4518.7 at 128K, 934.1 against 1088.4 at 32K)."""
+    if kernel == "natural" and head_dim == 256:
+        return _splits(n_tokens, programs, device, block_t, target_waves=2.0, min_splits=64)
     if kernel == "pairs":
         from ._gluon import splits
 
@@ -420,6 +428,12 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         raise ValueError("the natural kernel needs head_dim 64/128/256, an affine key table, <= 4 key outlier "
                          "slots, <= 4 value slots (any number for token-group values), and the register lookup "
                          "table (lutx).")
+    if reload is None and kernel == "natural" and D == 256:
+        # H200 sweep at head_dim 256 (Gemma-3-4B shape, benchmarks/gpu_runs/run100-101, nuq3-1% head-group): the
+        # loop invariants re-read from L1 every block, 504.5 against 609.2 us at 128K batch 1, 4518.7 against
+        # 5447.8 at batch 8, 149.6 against 230.2 at 32K batch 1 (token-group values: 760.7 against 767.7 at 128K
+        # batch 1, 6949.6 against 6865.8 at batch 8; with the split rule of _kernel_splits 1.03-1.23x faster)
+        reload = True
     if prefetch is True:  # the fields kernel's register double buffering, by its former name
         prefetch = "registers"
     if prefetch is None:
