@@ -79,6 +79,8 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run93_2026-11-30": "f38c783 (the pairs kernel at head_dim 64 beside the natural and tiles kernels)",
     "run98_2026-11-30": "1dbf792 (the Gemma-3-4B shape, head_dim 256: the Triton kernels, no pairs kernel there)",
     "run99_2026-11-30": "1dbf792 (-fused-eager-pairs caches at head_dim 64; kernels as run 93)",
+    "run100_2026-11-30": "6850cbb (diag sweep d256: the natural kernel's launches at head_dim 256)",
+    "run101_2026-11-30": "6850cbb (diag sweep d256b: reload x split counts at head_dim 256)",
 }
 
 # runs kept in gpu_runs/ as records whose decode rows the report must not take as the latest: what they measured is
