@@ -924,7 +924,8 @@ def test_eager_pairs_steps_match_natural_gpu(monkeypatch, group, kv_heads, head_
 
 
 def test_natural_kernel_launch_at_head_dim_256(monkeypatch):
-    """At head_dim 256 the natural kernel re-reads its loop invariants every block (reload) and splits the tokens
+    """At head_dim 256 the natural kernel re-reads its loop invariants every block for head-group values (reload) and
+    splits the tokens
     about two waves wide with at least 64 splits (H200 sweeps, runs 100-101); other head_dims keep four waves and
     registers."""
     monkeypatch.setattr(kernels, "_num_sms", lambda device: 132)
@@ -942,6 +943,9 @@ def test_natural_kernel_launch_at_head_dim_256(monkeypatch):
         plan = kernels._decode_plan(st, 1, 4, D, dev, kernels._launch_options(kernel="natural", reload=False))
         assert plan.consts["RELOAD"] is False
         assert kernels.decode_kernel(q, st) == "natural"
+    tg, _, _ = make_storage(1, 8, 256, 3, 40, 1, 0, "token", "cpu")  # token-group values keep their registers
+    plan = kernels._decode_plan(tg, 1, 16, 256, dev, kernels._launch_options(kernel="natural"))
+    assert plan.consts["RELOAD"] is False
 
 
 @pytest.mark.parametrize("R,head_dim,frac", [(0, 16, 0.01), (3, 16, 0.01), (0, 64, 0.05)])
