@@ -15,6 +15,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import sys
@@ -181,6 +182,14 @@ def decode_section(res, copy_bw, shapes, batches, only_ctx=None, check=True, ext
         kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = eager_pairs
 
 
+def _run98_splits(n_tokens, programs, block_t=32, min_chunk=256, target_waves=4.0):
+    """The natural kernel's split count before run 101: about four waves, at most n_tokens // min_chunk splits."""
+    want = max(1, math.ceil(target_waves * torch.cuda.get_device_properties(0).multi_processor_count / programs))
+    want = min(want, max(1, n_tokens // min_chunk))
+    chunk = math.ceil(math.ceil(n_tokens / want) / block_t) * block_t
+    return math.ceil(n_tokens / chunk)
+
+
 def _decode_matrix(res, copy_bw, shapes, batches, only_ctx, check, extra, on_context):
     rows = res.setdefault("rows", [])
     checks = res.setdefault("checks", [])
@@ -242,7 +251,7 @@ def _decode_matrix(res, copy_bw, shapes, batches, only_ctx, check, extra, on_con
                         # launch it had before run 101 (no reload, four waves of splits)
                         kws += [dict(kernel="natural"),
                                 dict(kernel="natural", reload=False,
-                                     num_splits=kernels._splits(ctx, B * H, DEV, 32)[0], label="natural-run98launch")]
+                                     num_splits=_run98_splits(st.n_q, B * H), label="natural-run98launch")]
                         kws += [dict(kernel="fields")] if b == 2 and vg == "head" else []  # nuq2's default until run 98
                     # the pairs kernel (graph steps' default at kernels.PAIRS_DEFAULT_HEAD_DIMS)
                     if b in (2, 3, 4) and D in kernels.PAIRS_HEAD_DIMS and pairs_ok(q, st):

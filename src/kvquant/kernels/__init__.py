@@ -146,7 +146,9 @@ def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int =
     if n_tokens <= 0:
         return 0, block_t
     want = max(min_splits, math.ceil(target_waves * _num_sms(device) / max(programs, 1)))
-    want = min(want, max(1, n_tokens // min_chunk))
+    # at most one split per min_chunk tokens, rounded up: 4095 tokens (4K less a sink) in 16 splits of 8 blocks, not
+    # 15 of 9 (one wave either way: the longest split sets the time; benchmarks/gpu_runs/run105)
+    want = min(want, max(1, math.ceil(n_tokens / min_chunk)))
     chunk = math.ceil(math.ceil(n_tokens / want) / block_t) * block_t
     return math.ceil(n_tokens / chunk), chunk
 
