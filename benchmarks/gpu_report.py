@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 COMMITS = {  # code each committed run measured (gpu_suite.py was run from a checkout of this commit)
@@ -81,6 +82,10 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run99_2026-11-30": "1dbf792 (-fused-eager-pairs caches at head_dim 64; kernels as run 93)",
     "run100_2026-11-30": "6850cbb (diag sweep d256: the natural kernel's launches at head_dim 256)",
     "run101_2026-11-30": "6850cbb (diag sweep d256b: reload x split counts at head_dim 256)",
+    "run102_2026-11-30": "6c5f229 (head_dim 256: the natural kernel with reload and the two-wave split rule)",
+    "run103_2026-11-30": "6c5f229 (diag sweep d256c: token-group values, reload and the split rule apart)",
+    "run104_2026-11-30": "7afec96 (head_dim 256: token-group values without reload)",
+    "run105_2026-11-30": "141131f (the Triton kernels' split cap rounded up: 16 splits for 4095 tokens)",
 }
 
 # runs kept in gpu_runs/ as records whose decode rows the report must not take as the latest: what they measured is
@@ -143,6 +148,17 @@ RUN_NOTES = {  # what a reader must know about a run's rows
     "run99_2026-11-30": ("Eager steps (KVQUANT_CUDA_GRAPHS=0) at head_dim 64, batch 8, 16 layers, nuq3-1% head-group: "
                          "the natural kernel against the pairs kernel launched eagerly, to place the eager threshold "
                          "at 64. The host drifted between rounds (64K pairs 39.1 then 33.0 ms)."),
+    "run102_2026-11-30": ("head_dim 256 after runs 100-101: the natural kernel reloads its loop invariants every "
+                          "block and splits about two waves wide (at least 64 splits); the natural-run98launch rows "
+                          "run the launch before (no reload, four waves), the fields rows nuq2's former default. Its "
+                          "64K rows stay the report's: the token-group default there still reloaded (7afec96 "
+                          "stopped that; neutral at 128K, run 103). Its 4K / 16K run98launch rows took 16 / 64 "
+                          "splits where run 98 took 15 / 63 (counted from the context, not the quantized tokens)."),
+    "run104_2026-11-30": ("Run 102's 4K and 128K cells after token-group values stopped reloading (7afec96). The "
+                          "4K run98launch rows took 16 splits where the defaults took 15 (fixed in 141131f)."),
+    "run105_2026-11-30": ("4K and 16K at head_dim 256 after the Triton kernels' split cap was rounded up "
+                          "(141131f: 16 splits of 8 blocks for 4095 tokens instead of 15 of 9); the run98launch "
+                          "rows count their splits as run 98 did."),
     "run84_2026-11-30": ("Eager steps (KVQUANT_CUDA_GRAPHS=0, as with an fp16 window R > 0) at batch 8, 8 layers: "
                          "the natural kernel (the eager default until then), the pairs kernel launched eagerly, and "
                          "the default CUDA-graph steps. 32K (2.1M token-heads): pairs 20.6 / 17.7 ms per step "
@@ -405,11 +421,13 @@ def decode_report(runs, out):
            "kernel) / this row. Synthetic quantizers (random sorted codebooks, random per-channel key ranges with "
            "outlier channels), storages filled through `quantize_append`; 1 fp16 sink. `nuqN-1pct` = head-group "
            "value ranges (one value slot per head and token), read by the kernel in the `kernel` column (pairs: the "
-           "Gluon kernel, the default in CUDA-graph decode steps, i.e. in `generate`, for 3-bit storage since run "
-           "55, 2-bit since run 71 and 4-bit since run 77; launched eagerly the default is natural for 3/4-bit "
-           "storage and fields for 2-bit); `-tokengroup` = value ranges and 1% slots over all KV heads of a token "
-           "(the calibration default), read by the kernel in the `kernel` column (pairs in graph steps; eagerly "
-           "natural, the default since run 21; tiles before).\n\n")
+           "Gluon kernel, the default in CUDA-graph decode steps, i.e. in `generate`, at head_dim 64 and 128: for "
+           "3-bit storage since run 55, 2-bit since run 71, 4-bit since run 77, head_dim 64 since run 92; launched "
+           "eagerly the default is natural for 3/4-bit storage and fields for 2-bit at head_dim 128, up to "
+           "`kernels.EAGER_PAIRS_MIN_TOKEN_HEADS`; at head_dim 256 natural for every width, since run 98, with "
+           "`natural-run98launch` the launch it had before run 102); `-tokengroup` = value ranges and 1% slots over "
+           "all KV heads of a token (the calibration default), read by the kernel in the `kernel` column (pairs in "
+           "graph steps; eagerly natural, the default since run 21; tiles before).\n\n")
     md += ("| shape | context | batch | method | kernel | bits | latency (us) | GB/s | % copy BW | "
            "speedup vs best fp16 | run |\n")
     md += "|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -456,15 +474,18 @@ def decode_report(runs, out):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        shapes = [s for s in ("llama3-8b", "llama2-7b", "llama32-1b") if any(x["shape"] == s for x in rows)]
-        fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+        shapes = [s for s in ("llama3-8b", "llama2-7b", "llama32-1b", "gemma3-4b")
+                  if any(x["shape"] == s for x in rows)]
+        cols = min(len(shapes), 2)
+        nrows = math.ceil(len(shapes) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(7 * cols, 4.8 * nrows), squeeze=False)
         # colour: the storage (fp16 black); line: the kernel (solid: pairs / SDPA, the fastest of each)
         methods = sorted({x["method"] for x in rows if x["method"] != "fp16"})
         colour = {"fp16": "black", **{m: f"C{i}" for i, m in enumerate(methods)}}
         style = {"sdpa": "-", "splitk": ":", "kvquant-pairs": "-", "kvquant-natural": "--", "kvquant-fields": "-.",
-                 "kvquant-tiles": ":"}
+                 "kvquant-tiles": ":", "kvquant-natural-run98launch": (0, (1, 3))}
         curves = sorted({(x["method"], x["impl"]) for x in rows})
-        for ax, shape in zip(axes[0], shapes):
+        for ax, shape in zip(axes.flat, shapes):
             for meth in curves:
                 pts = sorted((x["context"], x["latency_us"]) for x in rows
                              if x["shape"] == shape and x["batch"] == 1 and (x["method"], x["impl"]) == meth)
