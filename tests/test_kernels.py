@@ -503,6 +503,7 @@ def test_pairs_kernel_tables_cpu(D):
     assert G.value_slots(False, 2, False) == dict(VRUN=True, VENDS=False, V_OFF=0)
     # short contexts fill the wave with one-block splits (run 69); a full wave (batch 8 x 8 KV heads) keeps 16 splits
     assert G.splits(4096, 8, 132) == (128, 32) and G.splits(16384, 8, 132) == (128, 128)
+    assert G.splits(4095, 8, 132) == (128, 32)  # 4K less a sink: one block per split too (the cap rounds up)
     assert G.splits(4096, 64, 132) == (16, 256) and G.splits(131072, 8, 132) == (128, 1024)
 
 
@@ -925,9 +926,8 @@ def test_eager_pairs_steps_match_natural_gpu(monkeypatch, group, kv_heads, head_
 
 def test_natural_kernel_launch_at_head_dim_256(monkeypatch):
     """At head_dim 256 the natural kernel re-reads its loop invariants every block for head-group values (reload) and
-    splits the tokens
-    about two waves wide with at least 64 splits (H200 sweeps, runs 100-101); other head_dims keep four waves and
-    registers."""
+    splits the tokens about two waves wide with at least 64 splits (H200 sweeps, runs 100-103); other head_dims keep
+    four waves and registers."""
     monkeypatch.setattr(kernels, "_num_sms", lambda device: 132)
     dev = torch.device("cpu")
     for batch, want in ((1, 66), (8, 64)):  # 4 KV heads (Gemma-3-4B)
