@@ -433,9 +433,9 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     if reload is None and kernel == "natural" and D == 256 and not v_token:
         # H200 sweeps at head_dim 256 (Gemma-3-4B shape, benchmarks/gpu_runs/run100-101, nuq3-1% head-group): the
         # loop invariants re-read from L1 every block, 504.5 against 609.2 us at 128K batch 1, 4518.7 against
-        # 5447.8 at batch 8, 149.6 against 230.2 at 32K batch 1. Token-group values keep them in registers: reload
-        # was neutral at 128K (run 103: 742.4 against 745.9 us at batch 1, 5642.9 against 5624.9 at batch 8, both
-        # with the split rule of _kernel_splits) and cost 5-11% at 4K-16K (run 102's graph replays)
+        # 5447.8 at batch 8, 149.6 against 230.2 at 32K batch 1. Token-group values keep them in registers: there
+        # reload was neutral (run 103: 742.4 against 745.9 us at 128K batch 1, 5642.9 against 5624.9 at batch 8, both
+        # with the split rule of _kernel_splits; run 102's 4K-16K gap was a split count, run 104)
         reload = True
     if prefetch is True:  # the fields kernel's register double buffering, by its former name
         prefetch = "registers"
