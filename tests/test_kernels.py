@@ -935,6 +935,9 @@ def test_natural_kernel_launch_at_head_dim_256(monkeypatch):
     assert kernels._kernel_splits("natural", 131072, 4, dev, 32, 128)[0] == 128  # four waves (chunks of 1024)
     assert kernels._kernel_splits("natural", 131072, 32, dev, 32, 128)[0] == 17
     assert kernels._kernel_splits("natural", 1024, 4, dev, 32, 256)[0] == 4  # capped at 256 tokens per split
+    # the cap rounds up: 4K less a sink in 16 splits of 8 blocks, not 15 of 9 (run 105)
+    assert kernels._kernel_splits("natural", 4095, 4, dev, 32, 128) == (16, 256)
+    assert kernels._kernel_splits("natural", 4095, 32, dev, 32, 256) == (16, 256)
     for D, reload in ((256, True), (128, False)):
         st, _, _ = make_storage(1, 2, D, 3, 40, 1, 0, "head", "cpu")
         q = torch.zeros(1, 4, 1, D)
