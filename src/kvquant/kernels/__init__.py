@@ -146,8 +146,15 @@ def _splits(n_tokens: int, programs: int, device, block_t: int, min_chunk: int =
     if n_tokens <= 0:
         return 0, block_t
     want = max(min_splits, math.ceil(target_waves * _num_sms(device) / max(programs, 1)))
-    # at most one split per min_chunk tokens, rounded up: 4095 tokens (4K less a sink) in 16 splits of 8 blocks, not
-    # 15 of 9 (one wave either way: the longest split sets the time; benchmarks/gpu_runs/run105)
+    return _block_splits(n_tokens, want, min_chunk, block_t)
+
+
+def _block_splits(n_tokens: int, want: int, min_chunk: int, block_t: int) -> tuple[int, int]:
+    """(splits, chunk) of ``n_tokens`` > 0 into about ``want`` splits of whole blocks of ``block_t``, at most one per
+    ``min_chunk`` tokens, rounded up: 4095 tokens (4K less a sink) in 16 splits of 8 blocks, not 15 of 9 (one wave
+    either way: the longest split sets the time; benchmarks/gpu_runs/run105 for the Triton kernels, run69 for the
+    pairs kernel's one-block splits). The split rules of the Triton kernels (_splits) and of the pairs kernel
+    (_gluon.splits) choose ``want``."""
     want = min(want, max(1, math.ceil(n_tokens / min_chunk)))
     chunk = math.ceil(math.ceil(n_tokens / want) / block_t) * block_t
     return math.ceil(n_tokens / chunk), chunk

@@ -52,7 +52,6 @@ at its offset (:func:`_check_shared`). Hence the pinned Triton range in
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -61,6 +60,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from . import PAIRS_HEAD_DIMS as HEAD_DIMS  # the head_dims it compiles for (constexpr D: 2 or 4 chunks of 32 channels)
+from . import _block_splits  # the split arithmetic shared with the Triton kernels' rule
 from ._triton import PREFETCH_L1, PREFETCH_L2  # the prefetches' PTX, shared with the Triton kernels
 
 BT, D, N = 32, 128, 8  # tokens per block, head_dim (the widest), query heads per program (the GQA group, padded)
@@ -946,8 +946,6 @@ def splits(n_tokens: int, programs: int, num_sms: int, min_chunk: int = BT) -> t
         return 0, BT
     # (rounded down: a second, nearly empty wave doubles the time)
     want = max(1, PROGRAMS_PER_SM * num_sms // max(programs, 1))
-    # at most one split per min_chunk tokens, rounded up: 4095 quantized tokens (4K less a sink) in 128 one-block
-    # splits, not 64 of two blocks (run 69, Llama-3-8B shape, 4K batch 1: 24.3 against 25.5 us)
-    want = min(want, max(1, math.ceil(n_tokens / min_chunk)))
-    chunk = math.ceil(math.ceil(n_tokens / want) / BT) * BT
-    return math.ceil(n_tokens / chunk), chunk
+    # (the cap rounds up: 4095 quantized tokens, 4K less a sink, in 128 one-block splits, not 64 of two blocks; run
+    # 69, Llama-3-8B shape, 4K batch 1: 24.3 against 25.5 us)
+    return _block_splits(n_tokens, want, min_chunk, BT)
