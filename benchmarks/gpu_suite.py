@@ -286,6 +286,9 @@ def _decode_matrix(res, copy_bw, shapes, batches, only_ctx, check, extra, on_con
             torch.cuda.empty_cache()
 
 
+D256_SWEEPS = ("d256", "d256b", "d256c")  # head_dim 256 (Gemma-3-4B shape): batch 1 and 8, decode rows untouched
+
+
 def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
     """Launch-parameter sweep at Llama-3-8B 128K batch 1, nuq3-1%, each row with its error against the reference:
     the fields kernel (head-group values) with the gather path and with the register lookup table (lutx) over
@@ -293,7 +296,7 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
     (token-group values). The fastest correct fields configuration becomes KV_OPTS for the decode rows."""
     rows = res.setdefault("diag", [])
     shape = {"d64": "smollm2-135m", "tokengroup-mha": "llama2-7b", "prefetch-mha": "llama2-7b",
-             "d256": "gemma3-4b", "d256b": "gemma3-4b", "d256c": "gemma3-4b"}.get(sweep, "llama3-8b")
+             **dict.fromkeys(D256_SWEEPS, "gemma3-4b")}.get(sweep, "llama3-8b")
     Hq, H, D = SHAPES[shape]
     q = torch.randn(batch, Hq, 1, D, device=DEV).bfloat16()
     _, _, sts, _ = fill_storages(batch, H, D, ctx, [(3, "head"), (3, "token")], want_fp16=False)
@@ -359,9 +362,10 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
         sweeps = [("natural", grp, dict(reload=rl)) for grp in ("head", "token") for rl in (False, True)]
         sweeps += [("natural", grp, dict(reload=True, num_splits=ns)) for grp in ("head", "token")
                    for ns in (33, 66, 132, 264)]
-    if sweep == "d256c":  # head_dim 256, third pass (run 102: token-group values lost 5-11% at 4K-16K with reload):
-        # reload and the split rule apart, token-group values, against run 98's launch (no reload, four waves)
-        old = kernels._splits(ctx, batch * H, DEV, 32)[0]
+    if sweep == "d256c":  # head_dim 256, third pass (run 102's token-group values lost 5-11% at 4K-16K; run 104 found
+        # a split count): reload and the split rule apart, token-group values, against run 98's launch (no reload,
+        # four waves; run 103 counted its splits from the context, now from the quantized tokens as run 98 did)
+        old = _run98_splits(int(sts[(3, "token")].n_q), batch * H)
         sweeps = [("natural", "token", dict(reload=False, num_splits=old)), ("natural", "token", dict(reload=False)),
                   ("natural", "token", {}), ("natural", "token", dict(num_splits=old))]
     refs = {grp: reference_decode_attention(q, st, D**-0.5).float() for (_, grp), st in sts.items()}
@@ -379,7 +383,7 @@ def diag_section(res, copy_bw, ctx=131072, sweep="full", batch=1):
         rows.append(dict(shape=shape, batch=batch, context=ctx, kernel=kernel, value_group=group, **kw,
                          latency_us=round(us, 2), gbps=round(nbytes / (us * 1e-6) / 1e9, 1), rel_err=err))
         log(rows[-1])
-        no_best = ("d64", "d256", "d256b", "d256c", "prefetch", "prefetch-mha")  # the decode rows keep the defaults
+        no_best = ("d64", *D256_SWEEPS, "prefetch", "prefetch-mha")  # the decode rows keep the defaults
         if (kernel in ("fields", "natural") and sweep not in no_best and err < 1e-2
                 and (best is None or us < best[0])):
             best = (us, dict(kw, **kn))
@@ -761,8 +765,7 @@ def main():
     for name, fn in (
         ("diag", lambda: [diag_section(res, res["copy_bandwidth_gbps"], ctx=c, sweep=sw, batch=b)
                           for c in args.diag_contexts for sw in args.diag_sweep.split(",")
-                          for b in ((1, 8) if sw in ("d64", "d256", "d256b", "d256c", "tokengroup", "prefetch")
-                                    else (1,))]),
+                          for b in ((1, 8) if sw in ("d64", *D256_SWEEPS, "tokengroup", "prefetch") else (1,))]),
         ("quant", lambda: quant_speed(res)),
         ("capacity_first", None),
         ("decode", lambda: decode_section(res, res["copy_bandwidth_gbps"], args.shapes.split(","),
