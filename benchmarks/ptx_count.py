@@ -254,7 +254,7 @@ def main():
     ap.add_argument("--bt", type=int, default=None, help="tokens per block (default: 64 tiles, 32 fields/natural)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--maxnreg", type=int, default=None)
-    ap.add_argument("--head-dim", type=int, default=128, help="pairs: 64 or 128")
+    ap.add_argument("--head-dim", type=int, default=128, help="pairs: 64, 128 or 256")
     ap.add_argument("--ck", type=int, default=None, help="key slots (default: 1 tiles, 2 fields/natural)")
     ap.add_argument("--cv", type=int, nargs="*", default=None, help="value slots (default: 10 and 0 / 2)")
     ap.add_argument("--div", action="store_true", help="run-time divisibility hints (see the module docstring)")

@@ -407,10 +407,10 @@ def _gluon_module():
     return _gluon
 
 
-@pytest.mark.parametrize("D", [128, 64])
+@pytest.mark.parametrize("D", [128, 64, 256])
 def test_pairs_kernel_tables_cpu(D):
     """The pairs kernel's host tables against the storage format, on the CPU (the kernel itself needs a GPU), at
-    head_dim 128 and 64: the 6-bit index the kernel forms from a channel pair's packed bits (core/packing.py: 2-bit
+    head_dim 128, 64 and 256: the 6-bit index the kernel forms from a channel pair's packed bits (core/packing.py: 2-bit
     low plane, 1-bit high plane) selects the fp16 pair of the two levels; the fragment-order RoPE table read at the
     kernel's offsets gives cos / sin of each token's offset for its channel pair; the query-rotation table follows
     _kchan; the split rule fills one wave of programs and covers the tokens."""
@@ -464,6 +464,11 @@ def test_pairs_kernel_tables_cpu(D):
         quant = (row, None, None, row, torch.zeros(1, 1, 1, 1), None, None, None, None)
         with pytest.raises(ValueError, match="2-, 3- or 4-bit code rows"):
             G.launch(None, None, None, None, quant, {}, None, None, 1.0, 0, 1, 32, 1, 1, 0, 0, bits=bits)
+    # more key slots per vector than the kernel merges (1 at head_dim 64 / 128, 3 at 256): refused, no launch
+    quant = (rows[0], None, None, rows[0], torch.zeros(1, 1, 1, 1), None, None, None, None)
+    ck = G.MAX_KEY_SLOTS[D] + 1
+    with pytest.raises(ValueError, match=f"at most {ck - 1} key slot"):
+        G.launch(None, None, None, None, quant, {}, None, None, 1.0, 0, 1, 32, 1, 1, ck, 0, bits=3)
 
     inv = synthetic_rope(D).inv_freq
     t = torch.arange(32)[:, None]
@@ -489,6 +494,10 @@ def test_pairs_kernel_tables_cpu(D):
     assert set(G.tables(lev16, torch.ones(2, D), torch.zeros(2, D), lev16, inv)["CSP"].view(-1).tolist()) == \
         set(G.fragment_rope_table(inv, 4).view(-1).tolist())
     assert G.value_slots(True, 10, True, D)["V_OFF"] == D  # token-group rows: head h's slot elements are h D ..
+    if D == 256:  # two programs per split (one per value half): the rule fills one wave with both
+        assert G.programs_per_split(256) == 2 and G.programs_per_split(128) == G.programs_per_split(64) == 1
+        cpu = torch.device("cpu")
+        assert kernels._kernel_splits("pairs", 131072, 4, cpu, 32, 256) == G.splits(131072, 8, kernels._num_sms(cpu))
     if D != 128:
         return
 
@@ -599,13 +608,17 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
         assert kernels.decode_kernel(torch.zeros(1, 4 * heads, 1, 128), tg, graph=True) == "pairs"
     four, _, _ = make_storage(1, 2, 128, 4, 40, 1, 0, "head", "cpu")  # 4-bit storage
     assert kernels.decode_kernel(q, four, graph=True) == "pairs" and kernels.decode_kernel(q, four) == "natural"
-    for args, kw in (((1, 2, 256, 3, 40, 1, 0, "head"), {}),  # head_dim 256
-                     ((1, 2, 128, 3, 40, 1, 0, "head"), {"frac": 0.03})):  # 4 key slots per vector
+    for args, kw in (((1, 2, 128, 3, 40, 1, 0, "head"), {"frac": 0.03}),  # 4 key slots per vector
+                     ((1, 2, 256, 3, 40, 1, 0, "head"), {"frac": 0.015})):  # 4 at head_dim 256
         other, _, _ = make_storage(*args, "cpu", **kw)
         qo = torch.zeros(1, 4 * args[1], 1, args[2]).bfloat16()
         assert kernels.decode_kernel(qo, other, graph=True) != "pairs", (args, kw)
-        with pytest.raises(ValueError, match="head_dim 64 or 128"):
+        with pytest.raises(ValueError, match="head_dim 64 or 128 with at most 1 outlier slot"):
             kernels.decode_kernel(qo, other, kernel="pairs")
+    # head_dim 256 (3 key slots at 1%): when asked for
+    d256, _, _ = make_storage(1, 2, 256, 3, 40, 1, 0, "head", "cpu")
+    assert int(d256.k_out_idx.shape[-1]) == 3 and kernels.PAIRS_MAX_KEY_SLOTS == {64: 1, 128: 1, 256: 3}
+    assert kernels.decode_kernel(q256, d256, kernel="pairs") == "pairs"
     # head_dim 64: the default in graph steps (run 91) and eagerly from the same threshold counted in token-heads of
     # head_dim 128 (run 99): 2 KV heads x 40 tokens x 64 / 128 = 40
     assert kernels.PAIRS_DEFAULT_HEAD_DIMS == (64, 128) and kernels.EAGER_PAIRS_HEAD_DIMS == (64, 128)
@@ -702,6 +715,35 @@ def test_decode_pairs_d64_gpu(dtype):
     check_decode(2, 8, 2, 64, 3, 900, 1, 3, "head", "cuda", vfrac=0.03, **kw)  # 2 value slots: the tile, V_OFF 0
     check_decode(1, 4, 1, 64, 3, 20000, 1, 0, "head", "cuda", num_splits=1, attention_scaling=1.3, **kw)
     check_decode(1, 4, 1, 64, 4, 20000, 1, 0, "token", "cuda", num_splits=1, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _pairs_here(), reason="needs CUDA sm_80+ and the Triton version of the Gluon pairs kernel")
+def test_decode_pairs_d256_gpu():
+    """The pairs kernel at head_dim 256 (two programs per split, one per value half, each computing all the scores;
+    up to 3 key slots per vector: 1% of 256 channels) against the float reference: 3-, 2- and 4-bit codes; Gemma-3-4B's
+    heads (8 query over 4 KV) with left padding, MHA with sinks and window, token-group runs with ends, non-consecutive
+    positions (the exact RoPE path); one split past the query-rotation table with RoPE attention scaling; no key slot
+    and one. Every case runs before the assertion, so a failure lists all that failed."""
+    kw = dict(kernel="pairs", prefetch=None)
+    st, _, _ = make_storage(2, 4, 256, 3, 100, 1, 0, "head", "cuda")
+    assert int(st.k_out_idx.shape[-1]) == 3 and kernels.decode_kernel(torch.zeros(2, 8, 1, 256), st, **kw) == "pairs"
+    cases = []
+    for bits in (3, 2, 4):
+        cases += [((3, 8, 4, 256, bits, 3000, 1, 17, "head", "cuda"), dict(mask_lens=[3018, 2000, 100])),
+                  ((1, 6, 6, 256, bits, 1500, 4, 5, "head", "cuda"), {}),
+                  ((3, 8, 4, 256, bits, 3000, 1, 17, "token", "cuda"), dict(mask_lens=[3018, 2000, 100])),
+                  ((2, 8, 4, 256, bits, 700, 1, 0, "token", "cuda"), dict(offsets=[0, 77], gap_at=300))]
+    cases += [((1, 2, 1, 256, 3, 20000, 1, 0, "head", "cuda"), dict(num_splits=1, attention_scaling=1.3)),
+              ((2, 8, 4, 256, 3, 900, 1, 3, "head", "cuda"), dict(frac=0.0)),
+              ((2, 8, 4, 256, 3, 900, 1, 3, "head", "cuda"), dict(frac=0.004, dtype=torch.float16))]  # 1 key slot
+    failed = []
+    for args, extra in cases:
+        try:
+            check_decode(*args, **kw, **extra)
+        except AssertionError as e:
+            failed.append(f"{args} {extra}: {e}")
+    assert not failed, "\n".join(failed)
 
 
 @pytest.mark.gpu

@@ -292,9 +292,9 @@ def _kernel_splits(kernel: str, n_tokens: int, programs: int, device, block_t: i
     if kernel == "natural" and head_dim == 256:
         return _splits(n_tokens, programs, device, block_t, target_waves=2.0, min_splits=64)
     if kernel == "pairs":
-        from ._gluon import splits
+        from ._gluon import programs_per_split, splits
 
-        return splits(n_tokens, programs, _num_sms(device))
+        return splits(n_tokens, programs * programs_per_split(head_dim), _num_sms(device))
     return _splits(n_tokens, programs, device, block_t)
 
 
@@ -331,8 +331,10 @@ EAGER_PAIRS_MIN_TOKEN_HEADS: int | None = 3_000_000
 #: (measured on the H200 against the natural kernel as graph replays; head_dim 64: benchmarks/gpu_runs/run91,
 #: Llama-3.2-1B's heads (32 query, 8 KV), nuq3-1% at 128K: head-group values 102.0 against 216.7 us at batch 1, 682.0
 #: against 1890.8 at batch 8; token-group values 121.9 against 265.0 and 817.1 against 2298.0)
-PAIRS_HEAD_DIMS = (64, 128)
+PAIRS_HEAD_DIMS = (64, 128, 256)
 PAIRS_DEFAULT_HEAD_DIMS = (64, 128)
+#: key outlier slots per vector the pairs kernel merges, by head_dim (1% of the channels: round(0.01 D) = 1, 1, 3)
+PAIRS_MAX_KEY_SLOTS = {64: 1, 128: 1, 256: 3}
 #: head_dims where eager launches take it from EAGER_PAIRS_MIN_TOKEN_HEADS (measured at 64 and 128)
 EAGER_PAIRS_HEAD_DIMS = (64, 128)
 
@@ -393,8 +395,8 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     # the pairs kernel (Gluon, _gluon.py): 2-, 3- or 4-bit storage at head_dim 64/128 with <= 1 key slot per vector,
     # head-group or token-group values with any number of slots; the natural kernel's sinks/window split completes it
     # (and is all that runs while no token is quantized yet)
-    pairs_ok = (natural_ok and bits in (2, 3, 4) and D in PAIRS_HEAD_DIMS and (v_token or G == H) and ck <= 1
-                and group <= 8 and _pairs_available(dev))
+    pairs_ok = (natural_ok and bits in (2, 3, 4) and D in PAIRS_HEAD_DIMS and (v_token or G == H)
+                and ck <= PAIRS_MAX_KEY_SLOTS.get(D, 0) and group <= 8 and _pairs_available(dev))
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
     eager_pairs = (EAGER_PAIRS_MIN_TOKEN_HEADS is not None and has_q and D in EAGER_PAIRS_HEAD_DIMS
                    and B * H * int(st.n_q) * D // 128 >= EAGER_PAIRS_MIN_TOKEN_HEADS)
@@ -425,8 +427,8 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
         if not pairs_ok:
             raise ValueError("the pairs kernel needs a CUDA GPU of sm_80 or newer, Triton 3.6 (its Gluon API; "
                              "kernels/_gluon.py SUPPORTED_TRITON), KVQUANT_PAIRS unset or 1, 2-, 3- or 4-bit keys "
-                             "and values, head_dim 64 or 128, channel-mode keys with at most 1 outlier slot per "
-                             "vector, and at most 8 query heads per KV head; use kernel='natural'.")
+                             "and values, head_dim 64 or 128 with at most 1 outlier slot per key vector or 256 with at "
+                             "most 3, channel-mode keys, and at most 8 query heads per KV head; use kernel='natural'.")
         if any(o is not None for o in natural_options):
             raise ValueError("the pairs kernel takes no natural/fields launch options (block_t, use_dot, "
                              "num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads).")

@@ -59,18 +59,22 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from . import PAIRS_HEAD_DIMS as HEAD_DIMS  # the head_dims it compiles for (constexpr D: 2 or 4 chunks of 32 channels)
+# the head_dims it compiles for (constexpr D: 2, 4 or 8 chunks of 32 channels), the key slots it merges by head_dim
+from . import PAIRS_HEAD_DIMS as HEAD_DIMS
+from . import PAIRS_MAX_KEY_SLOTS as MAX_KEY_SLOTS
 from . import _block_splits  # the split arithmetic shared with the Triton kernels' rule
 from ._triton import PREFETCH_L1, PREFETCH_L2  # the prefetches' PTX, shared with the Triton kernels
 
-BT, D, N = 32, 128, 8  # tokens per block, head_dim (the widest), query heads per program (the GQA group, padded)
+BT, D, N = 32, 128, 8  # tokens per block, value channels per program (the widest), query heads per program (the GQA
+# group, padded)
 TABLE_SHARED_BYTES = 16384  # the key and value pair tables
 TILE_OFF = TABLE_SHARED_BYTES  # then, with slot runs (VRUN), the value slots' level tile: BT tokens x D fp16
 TILE_BYTES = BT * 2 * D
 _TILE_OFF = gl.constexpr(TILE_OFF)
 _TILE_ROWS = gl.constexpr(TILE_BYTES // 128)  # the tile as rows of 32 int32
-SCRATCH_KEY = 4 * 2 * 8 * 32  # a program's scratch (int32 words): a block's key cos/sin in fragment order (as CSP),
-SCRATCH_WORDS = SCRATCH_KEY + 4 * 32  # then the query rotation's cos/sin (as a BROT row)
+_BT = gl.constexpr(BT)
+SCRATCH_KEY = 4 * 2 * 8 * 32  # a program's scratch (int32 words) per 128 key channels (head_dim 256: twice): a block's
+SCRATCH_WORDS = SCRATCH_KEY + 4 * 32  # key cos/sin in fragment order (as CSP), then the query rotation's (a BROT row)
 _SCRATCH_KEY = gl.constexpr(SCRATCH_KEY)
 _SCRATCH_WORDS = gl.constexpr(SCRATCH_WORDS)
 
@@ -119,6 +123,14 @@ def _pick4(j: gl.constexpr, x0, x1, x2, x3):
         return x2
     else:
         return x3
+
+
+@gluon.jit
+def _pick8(j: gl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7):
+    if j < 4:
+        return _pick4(j, x0, x1, x2, x3)
+    else:
+        return _pick4(j - 4, x4, x5, x6, x7)
 
 
 @gluon.jit
@@ -347,16 +359,16 @@ def _ldsm4(off):
 
 @gluon.jit
 def _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i: gl.constexpr, D: gl.constexpr,
-             HI: gl.constexpr, B4: gl.constexpr = False, v_tok4=None, vw4=None, vmask4=None):
-    """The value levels of channels 32 i .. 32 i + 31 of a block, as channel pairs in the layout V5 (low-plane words
-    2 i + sw, with HI (3-bit codes) high-plane word D / 16 + i; B4 (4-bit codes): words 4 i + vw4, vw4 = 2 sw + mh, at
-    tokens v_tok4)."""
+             HI: gl.constexpr, B4: gl.constexpr = False, v_tok4=None, vw4=None, vmask4=None, i0=0):
+    """The value levels of channels 32 (i0 + i) .. + 31 of a block, as channel pairs in the layout V5 (low-plane words
+    2 (i0 + i) + sw, with HI (3-bit codes) high-plane word D / 16 + i0 + i; B4 (4-bit codes): words 4 (i0 + i) + vw4,
+    vw4 = 2 sw + mh, at tokens v_tok4). i0: the program's first value chunk (head_dim 256: 0 or 4; else 0)."""
     if B4:
-        w4 = gl.load(VC32 + (t0 + v_tok4) * (svc_t // 4) + 4 * i + vw4, mask=vmask4, other=0)
+        w4 = gl.load(VC32 + (t0 + v_tok4) * (svc_t // 4) + 4 * (i0 + i) + vw4, mask=vmask4, other=0)
         return _lookup(w4[:, :, :, :, None], w4[:, :, :, :, None], v_rw, v_rh, v_base, 1, False, True)
-    w = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + 2 * i + sww, mask=vmask, other=0)
+    w = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + 2 * (i0 + i) + sww, mask=vmask, other=0)
     if HI:
-        h = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + D // 16 + i + 0 * sww, mask=vmask, other=0)
+        h = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + D // 16 + (i0 + i) + 0 * sww, mask=vmask, other=0)
     else:
         h = w
     return _lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, 1, HI)
@@ -382,6 +394,71 @@ def _slot_word(lvl, c):
     bits = gl.minimum(gl.maximum(lvl, -65000.0), 65000.0).to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32)
     odd = (c & 1) != 0
     return gl.where(odd, bits << 16, bits & 65535), gl.where(odd, 65535, -65536), c & 254
+
+
+@gluon.jit
+def _key_rows(KC32, t0, skc_t, hi_t, trow, wcol, trow16, wcol16, trow4, hcol, g: gl.constexpr, HI: gl.constexpr,
+              B4: gl.constexpr, D: gl.constexpr):
+    """A block's key words as (w_l0, w_l1, w_m0, w_m1, h_w0, h_w1) (those the codes do not use repeat w_l0): 2/3-bit
+    low-plane words [token, 8] (word 4 half + 2 jh + jl, split by jl then jh), 3-bit high-plane words [token, 4] (read
+    as 32-bit words: half-word 4 half + j is half j % 2 of word 2 half + j // 2, no sign extension), 4-bit words
+    [token, 16] (word 8 half + 4 jh + 2 jl + s). head_dim 256: those of chunks 4 g .. 4 g + 3 (j % 4 in place of j),
+    i.e. low-plane words 8 half + 4 g + j % 4, high-plane words 4 half + 2 g + (j % 4) // 2, 4-bit words
+    16 half + 8 g + 2 (j % 4) + s; head_dim 64: chunk j's words as [token, half]."""
+    if D == 256:
+        lw = wcol + 4 * (wcol // 4) + 4 * g
+        hw = hcol + 2 * (hcol // 2) + 2 * g
+        bw = wcol16 + 8 * (wcol16 // 8) + 8 * g
+    else:
+        lw = wcol
+        hw = hcol
+        bw = wcol16
+    if B4:
+        wrow = gl.load(KC32 + (t0 + trow16) * (skc_t // 4) + bw, mask=(t0 + trow16) < hi_t, other=0)
+    else:
+        wrow = gl.load(KC32 + (t0 + trow) * (skc_t // 4) + lw, mask=(t0 + trow) < hi_t, other=0)
+    if HI:
+        hrow = gl.load(KC32 + (t0 + trow4) * (skc_t // 4) + D // 16 + hw, mask=(t0 + trow4) < hi_t, other=0)
+    w_m0 = wrow
+    w_m1 = wrow
+    h_w0 = wrow
+    h_w1 = wrow
+    if D >= 128:
+        if B4:
+            w_s0, w_s1 = gl.split(gl.reshape(wrow, [_BT, 2, 2, 2, 2]))  # [token, half, jh, jl] of s = 0, 1
+            w_l0, w_l1 = gl.split(w_s0)
+            w_m0, w_m1 = gl.split(w_s1)
+        else:
+            w_l0, w_l1 = gl.split(gl.reshape(wrow, [_BT, 2, 2, 2]))  # word 4 half + 2 jh + jl
+        if HI:
+            h_w0, h_w1 = gl.split(gl.reshape(hrow, [_BT, 2, 2]))  # word 2 half + j // 2
+    else:  # head_dim 64: chunk j's words as [token, half]
+        if B4:
+            w_s0, w_s1 = gl.split(gl.reshape(wrow, [_BT, 2, 2, 2]))  # [token, half, j] of s = 0, 1
+            w_l0, w_l1 = gl.split(w_s0)
+            w_m0, w_m1 = gl.split(w_s1)
+        else:
+            w_l0, w_l1 = gl.split(gl.reshape(wrow, [_BT, 2, 2]))  # word 2 half + j
+        if HI:  # word half, half-word j
+            h_w0 = hrow
+            h_w1 = hrow
+    return w_l0, w_l1, w_m0, w_m1, h_w0, h_w1
+
+
+@gluon.jit
+def _key_slot(KOI, KOV, KZI, kt, km, sko_t, r: gl.constexpr, q3, B4: gl.constexpr, D: gl.constexpr):
+    """Key slot r of tokens kt (where km) as _slot_word gives it ((exact - zero) / scale in its channel's half, the
+    mask of the other half), and its pair's first channel less the lane's offset in the chunk (compared with a
+    constant per register)."""
+    ci = gl.load(KOI + kt * sko_t + r, mask=km, other=255).to(gl.int32)  # [BT, 1, 1]; 255: matches no pair below 254
+    xk = gl.load(KOV + kt * sko_t + r, mask=km, other=0.0).to(gl.float32)
+    k_val, k_keep, k_sp = _slot_word(
+        (xk - gl.load(KZI + ci, mask=km, other=0.0)) * gl.load(KZI + D + ci, mask=km, other=0.0), ci)
+    if B4:  # [BT, 1, 8]
+        k_rel = k_sp - 2 * (q3 % 4)
+    else:
+        k_rel = k_sp - 4 * (q3 % 4)
+    return k_val, k_keep, k_rel
 
 
 # decode steps change these every step: not specialised (no recompilation mid-generation)
@@ -410,7 +487,17 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     (for the slots); CSP [4, 2, 8, 32] int32: cos / sin of the block offsets in fragment order; BROT [n_brot, 4, 2, 16]
     fp32: the per-block query rotation; INVF [D/2]. Writes partials row ((b H_KV + h) GROUP + n) (NSPLIT_Q + 1) + pid
     of PACC [.., D], PM, PL (log2 units)."""
-    pid = gl.program_id(0)
+    # head_dim 256: two programs per split (NV), value half vh each (value channels DV = 128 vh ..), both computing all
+    # the scores (the scores of 256 key channels, 8 query and 8 accumulator chunks would not fit one warp's registers)
+    NV: gl.constexpr = 1 + D // 256
+    DV: gl.constexpr = D // NV
+    pid0 = gl.program_id(0)
+    if NV == 2:
+        pid = pid0 // 2
+        vh = pid0 % 2
+    else:
+        pid = pid0
+        vh = 0
     hd = gl.program_id(1)
     bb = gl.program_id(2).to(gl.int64)
     h64 = hd.to(gl.int64)
@@ -427,8 +514,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     VOV += bb * svo_b + h64 * svo_h
     VOE += bb * soe_b
     QP = QPOS + bb * sqp_b
-    SCR += ((bb * H_KV + h64) * NSPLIT_Q + pid) * _SCRATCH_WORDS  # this program's scratch: key, then query tables
-    SCRQ = SCR.to(gl.pointer_type(gl.float32)) + _SCRATCH_KEY
+    SCR += ((bb * H_KV + h64) * NSPLIT_Q * NV + pid0) * (_SCRATCH_WORDS * NV)  # this program's scratch: key, then
+    SCRQ = SCR.to(gl.pointer_type(gl.float32)) + _SCRATCH_KEY * NV  # query tables
     MROW = MASK + bb * smask_b + n_s
     KSZ += hd * D
     KZI += hd * 2 * D
@@ -469,7 +556,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         ks_off = (D // 4) * hs + qs  # channel pair (without the 8 j)
     else:
         ks_off = (D // 4) * hs + 2 * (qs % 4) + qs // 4
-    if D == 128:  # a row's low-plane words [token, 8], high-plane words [token, 4], 4-bit words [token, 16]
+    if D >= 128:  # a row's low-plane words [token, 8], high-plane words [token, 4], 4-bit words [token, 16] (256: half)
         trow, wcol = _row_index(KROW, 8, BT)
         trow16, wcol16 = _row_index(KROW16, 16, BT)
         trow4, hcol = _row_index(KROW4, 4, BT)
@@ -509,7 +596,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     phw = gl.arange(0, 4, layout=VW_PH)[None, None, :]
     v_tok = 8 * phw + mlw  # the token of a value pair before the transpose
     v_tok5 = 8 * ph5 + ml5  # (the same in the pairs' layout)
-    v_pair = 16 * sw5 + 8 * mh5  # a value pair's first channel, less 32 i and the lane's 2 pl
+    v_pair = 16 * sw5 + 8 * mh5 + DV * vh  # a value pair's first channel, less 32 i and the lane's 2 pl
     if VRUN:  # the slot tile's addressing: its ldmatrix rows per lane, and the scatter's token s_t on lane s_t
         lt_tok, lt_ch = _ldsm_rows(ml5, ph5, pl5)
         lt_ch += 0 * (sw5 + mh5)
@@ -523,12 +610,22 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     pf32 = p_split.to(gl.float32)
     q0 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 0, qk_scale, GROUP, B4, D), (pf32, INVF), 0, N, False, B4)
     q1 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 1, qk_scale, GROUP, B4, D), (pf32, INVF), 1, N, False, B4)
-    if D == 128:
-        q2 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 2, qk_scale, GROUP, B4), (pf32, INVF), 2, N, False, B4)
-        q3q = _rot_q(_q_chunk(Qb, sqh, bn, bk, 3, qk_scale, GROUP, B4), (pf32, INVF), 3, N, False, B4)
+    if D >= 128:
+        q2 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 2, qk_scale, GROUP, B4, D), (pf32, INVF), 2, N, False, B4)
+        q3q = _rot_q(_q_chunk(Qb, sqh, bn, bk, 3, qk_scale, GROUP, B4, D), (pf32, INVF), 3, N, False, B4)
     else:  # head_dim 64: two chunks (q2 and q3q are never read)
         q2 = q0
         q3q = q1
+    if D == 256:  # eight chunks
+        q4 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 4, qk_scale, GROUP, B4, D), (pf32, INVF), 4, N, False, B4)
+        q5 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 5, qk_scale, GROUP, B4, D), (pf32, INVF), 5, N, False, B4)
+        q6 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 6, qk_scale, GROUP, B4, D), (pf32, INVF), 6, N, False, B4)
+        q7 = _rot_q(_q_chunk(Qb, sqh, bn, bk, 7, qk_scale, GROUP, B4, D), (pf32, INVF), 7, N, False, B4)
+    else:  # (never read)
+        q4 = q0
+        q5 = q0
+        q6 = q0
+        q7 = q0
     c_l: gl.constexpr = gl.SliceLayout(1, mma)
     h_l: gl.constexpr = gl.SliceLayout(0, mma)
     tc_ = gl.arange(0, BT, layout=c_l)
@@ -587,14 +684,14 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             vi_n = gl.load(VOI + st_ * svo_t + col, mask=col < s_hi, other=0)
             xv_n = gl.load(VOV + st_ * svo_t + col, mask=col < s_hi, other=0.0)
             for _r in range(npass):
-                vi = vi_n.to(gl.int32) - hd * V_OFF
+                vi = vi_n.to(gl.int32) - hd * V_OFF - DV * vh  # (head_dim 256: the program's value half)
                 xv = xv_n.to(gl.float32)
-                ok = ((col < s_hi) & (vi >= 0)) & (vi < D)
+                ok = ((col < s_hi) & (vi >= 0)) & (vi < DV)
                 col = col + 1
                 vi_n = gl.load(VOI + st_ * svo_t + col, mask=col < s_hi, other=0)
                 xv_n = gl.load(VOV + st_ * svo_t + col, mask=col < s_hi, other=0.0)
                 res = gl.minimum(gl.maximum((xv - s_z) * s_inv, -65000.0), 65000.0)
-                _sts16(_tile_off(s_t, vi, D), res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32), ok)
+                _sts16(_tile_off(s_t, vi, DV), res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32), ok)
             _warp_sync(s_t)
         # the block's positions: contiguous from its first token (the table path), and where that start lies
         bidx = (t0 - lo_t) // BT
@@ -619,61 +716,36 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             csb = SCR
         if not q_tab:
             for jj in gl.static_range(D // 32):
-                _q_table_store(_pick4(jj, q0, q1, q2, q3q), SCRQ + jj * 32, (p_b - p_split).to(gl.float32), INVF,
-                               jj, N, B4)
+                _q_table_store(_pick8(jj, q0, q1, q2, q3q, q4, q5, q6, q7), SCRQ + jj * 32,
+                               (p_b - p_split).to(gl.float32), INVF, jj, N, B4)
             qtb = SCRQ
         s = gl.zeros([BT, N], gl.float32, layout=mma)
-        # the block's key rows, 16 bytes per load: low-plane words [token, 8], high-plane words [token, 4] (read as
-        # 32-bit words: half-word 4 half + j is half j % 2 of word 2 half + j // 2, no sign extension)
-        if B4:  # [token, 16] words: word 8 half + 4 jh + 2 jl + s
-            wrow = gl.load(KC32 + (t0 + trow16) * (skc_t // 4) + wcol16, mask=(t0 + trow16) < hi_t, other=0)
-        else:
-            kmask = (t0 + trow) < hi_t
-            wrow = gl.load(KC32 + (t0 + trow) * (skc_t // 4) + wcol, mask=kmask, other=0)
-        if HI:
-            hrow = gl.load(KC32 + (t0 + trow4) * (skc_t // 4) + D // 16 + hcol, mask=(t0 + trow4) < hi_t, other=0)
+        # the block's key rows, 16 bytes per load (head_dim 256: the words of chunks 0-3 here, of 4-7 at chunk 4)
+        w_l0, w_l1, w_m0, w_m1, h_w0, h_w1 = _key_rows(KC32, t0, skc_t, hi_t, trow, wcol, trow16, wcol16, trow4, hcol,
+                                                       0, HI, B4, D)
         if CK:  # the block's key slots in code-level units, (exact - zero) / scale, to replace their levels
             kt = t0 + t3
             km = kt < hi_t
-            ci = gl.load(KOI + kt * sko_t, mask=km, other=255).to(gl.int32)  # [BT, 1, 1]; 255: matches no pair
-            xk = gl.load(KOV + kt * sko_t, mask=km, other=0.0).to(gl.float32)
-            k_val, k_keep, k_sp = _slot_word(
-                (xk - gl.load(KZI + ci, mask=km, other=0.0)) * gl.load(KZI + D + ci, mask=km, other=0.0), ci)
-            if B4:  # [BT, 1, 8]: compared with constants per register
-                k_rel = k_sp - 2 * (q3 % 4)
-            else:
-                k_rel = k_sp - 4 * (q3 % 4)
-        if D == 128:
-            if B4:
-                w_s0, w_s1 = gl.split(gl.reshape(wrow, [BT, 2, 2, 2, 2]))  # [token, half, jh, jl] of s = 0, 1
-                w_l0, w_l1 = gl.split(w_s0)
-                w_m0, w_m1 = gl.split(w_s1)
-            else:
-                wrow = gl.reshape(wrow, [BT, 2, 2, 2])  # word 4 half + 2 jh + jl
-                w_l0, w_l1 = gl.split(wrow)
-            if HI:
-                h_w0, h_w1 = gl.split(gl.reshape(hrow, [BT, 2, 2]))  # word 2 half + j // 2
-        else:  # head_dim 64: chunk j's words as [token, half]
-            if B4:
-                w_s0, w_s1 = gl.split(gl.reshape(wrow, [BT, 2, 2, 2]))  # [token, half, j] of s = 0, 1
-                w_l0, w_l1 = gl.split(w_s0)
-                w_m0, w_m1 = gl.split(w_s1)
-            else:
-                w_l0, w_l1 = gl.split(gl.reshape(wrow, [BT, 2, 2]))  # word 2 half + j
-            if HI:  # word half, half-word j
-                h_w0 = hrow
-                h_w1 = hrow
+            k_val, k_keep, k_rel = _key_slot(KOI, KOV, KZI, kt, km, sko_t, 0, q3, B4, D)
+            if CK > 1:
+                k_val1, k_keep1, k_rel1 = _key_slot(KOI, KOV, KZI, kt, km, sko_t, 1, q3, B4, D)
+            if CK > 2:
+                k_val2, k_keep2, k_rel2 = _key_slot(KOI, KOV, KZI, kt, km, sko_t, 2, q3, B4, D)
         for j in gl.static_range(D // 32):
             # the words of chunk j (channels D / 2 half + 16 j ..): low-plane word (D / 32) half + j, high-plane
-            # half-word j % 2 of word (D / 64) half + j // 2
-            if D == 128:
-                w = _pick4(j, gl.split(w_l0)[0], gl.split(w_l1)[0], gl.split(w_l0)[1], gl.split(w_l1)[1])
+            # half-word j % 2 of word (D / 64) half + j // 2 (head_dim 256: of the words loaded for chunks 4-7 from
+            # chunk 4 on, as j % 4)
+            if D == 256 and j == 4:
+                w_l0, w_l1, w_m0, w_m1, h_w0, h_w1 = _key_rows(KC32, t0, skc_t, hi_t, trow, wcol, trow16, wcol16,
+                                                               trow4, hcol, 1, HI, B4, D)
+            if D >= 128:
+                w = _pick4(j % 4, gl.split(w_l0)[0], gl.split(w_l1)[0], gl.split(w_l0)[1], gl.split(w_l1)[1])
             else:
                 w = _pick4(j, w_l0, w_l1, w_l0, w_l1)
             w = gl.convert_layout(w, KW_L, assert_trivial=True)
             if B4:  # the word of the register's s = p // 4 (a constant per register)
-                if D == 128:
-                    w1 = _pick4(j, gl.split(w_m0)[0], gl.split(w_m1)[0], gl.split(w_m0)[1], gl.split(w_m1)[1])
+                if D >= 128:
+                    w1 = _pick4(j % 4, gl.split(w_m0)[0], gl.split(w_m1)[0], gl.split(w_m0)[1], gl.split(w_m1)[1])
                 else:
                     w1 = _pick4(j, w_m0, w_m1, w_m0, w_m1)
                 w1 = gl.convert_layout(w1, KW_L, assert_trivial=True)
@@ -681,13 +753,17 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 lev = _lookup(ws, ws, k_rw, k_rw, k_base, 0, False, True)
             else:
                 if HI:
-                    h = gl.convert_layout(h_w0 if j < 2 else h_w1, KW_L, assert_trivial=True)
+                    h = gl.convert_layout(h_w0 if j % 4 < 2 else h_w1, KW_L, assert_trivial=True)
                 else:
                     h = w
                 rh = k_rh if j % 2 == 0 else k_rh16
                 lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, 0, HI)
             if CK:  # the slot's exact level in place of the looked-up one, before the affine map and RoPE
                 lev = gl.where(k_rel == k_pair + 16 * j, (lev & k_keep) | k_val, lev)
+            if CK > 1:  # (head_dim 256: up to 3 slots, one after the other)
+                lev = gl.where(k_rel1 == k_pair + 16 * j, (lev & k_keep1) | k_val1, lev)
+            if CK > 2:
+                lev = gl.where(k_rel2 == k_pair + 16 * j, (lev & k_keep2) | k_val2, lev)
             ksz = ks_off + 8 * j
             k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
             k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
@@ -698,7 +774,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                             gl.convert_layout(sw, k1.type.layout, assert_trivial=True))
             kr = _to_operand(gl.reshape(gl.permute(gl.join(r1, r2), [0, 2, 1]), [BT, 16]), a_l, BT)
             # the query chunk rotated on from p_split to the block start p_b
-            qj = _pick4(j, q0, q1, q2, q3q)
+            qj = _pick8(j, q0, q1, q2, q3q, q4, q5, q6, q7)
             qr = _rot_q(qj, qtb + j * 32, j, N, True, B4)
             s = mma_v2(kr, gl.convert_layout(qr, b_l), s)
         if HAS_MASK:  # the additive mask, natural-log units
@@ -726,12 +802,12 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             vz5 = gl.load(VZ + vt5 * svs_t, mask=vm, other=0.0).to(gl.float32)
             v_val, v_keep, v_sp = _slot_word((xv - vz5) / vs5, vi)
             v_rel = v_sp - 2 * pl5  # [1, 1, 8, 4, 4]
-        for i in gl.static_range(D // 32):  # channels 32 i .. 32 i + 31: low-plane words 2 i + sw, high half-words too
-            # (4-bit: words 4 i + 2 sw + mh)
+        for i in gl.static_range(DV // 32):  # channels 32 i .. 32 i + 31 (of the program's value half DV vh ..):
+            # low-plane words 2 i + sw, high half-words too (4-bit: words 4 i + 2 sw + mh)
             lev = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i, D, HI, B4, v_tok4, vw4,
-                           vmask4)
+                           vmask4, (DV // 32) * vh)
             if VRUN:  # the slots' exact levels from the tile, in the same pair layout, in place of the looked-up ones
-                lev = _tile_merge(lev, _ldsm4(_tile_off(lt_tok, 32 * i + lt_ch, D)))
+                lev = _tile_merge(lev, _ldsm4(_tile_off(lt_tok, 32 * i + lt_ch, DV)))
             elif CV:
                 lev = gl.where(v_rel == v_pair + 32 * i, (lev & v_keep) | v_val, lev)
             lev = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [lev],
@@ -747,17 +823,17 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 acc3 = mma_v2(vt, pv, acc3 * alpha[None, :])
         if VRUN:  # refill the tile with NaN (no slot) for the next block (after every lane's ldmatrix)
             _warp_sync(s_t)
-            for cc in gl.static_range(_TILE_ROWS * D // 512):  # (the tile's BT 2 D bytes)
+            for cc in gl.static_range(_TILE_ROWS * DV // 512):  # (the tile's BT 2 DV bytes)
                 _clear16(_TILE_OFF + cc * 512 + 16 * s_t)
             _warp_sync(s_t)  # (before the next block's scatter)
     # partials: O^T chunks [32 channels, N] (natural channel order) + the zero term, for the group's heads only
     oc = gl.arange(0, 32, layout=c_l)[:, None]
     oh = gl.arange(0, N, layout=h_l)[None, :]
     om = (oh < GROUP) & (oc >= 0)
-    base = PACC + (row0 + oh.to(gl.int64) * (NSPLIT_Q + 1)) * D
+    base = PACC + (row0 + oh.to(gl.int64) * (NSPLIT_Q + 1)) * D + DV * vh
     gl.store(base + oc, acc0 + z_i[None, :], mask=om)
     gl.store(base + 32 + oc, acc1 + z_i[None, :], mask=om)
-    if D == 128:
+    if DV == 128:
         gl.store(base + 64 + oc, acc2 + z_i[None, :], mask=om)
         gl.store(base + 96 + oc, acc3 + z_i[None, :], mask=om)
     hh = gl.arange(0, N, layout=h_l)
@@ -768,8 +844,11 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         keep += gl.sum(gl.sum(tile.slice(0, 1, dim=0).load(tb_l), 1), 0)
     m_i += gl.where(n_q < 0, keep.to(gl.float32), 0.0)
     prow = row0 + hh.to(gl.int64) * (NSPLIT_Q + 1)
-    gl.store(PM + prow, m_i, mask=hh < GROUP)
-    gl.store(PL + prow, l_i, mask=hh < GROUP)
+    pmask = hh < GROUP
+    if NV == 2:  # (both value halves hold the same m and l)
+        pmask = pmask & (vh == 0)
+    gl.store(PM + prow, m_i, mask=pmask)
+    gl.store(PL + prow, l_i, mask=pmask)
 
 
 # ---------------------------------------------------------------------------------------------------- host side
@@ -903,14 +982,19 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
         raise ValueError(f"the pairs kernel reads 2-, 3- or 4-bit code rows of {' or '.join(map(str, HEAD_DIMS))} "
                          f"channels; got bits={bits} with key / value rows of {kc.shape[-1]} / {vc.shape[-1]} bytes"
                          f"{'' if q is None else f' and head_dim {q.shape[-1]}'}.")
+    if ck > MAX_KEY_SLOTS[d]:
+        raise ValueError(f"the pairs kernel merges at most {MAX_KEY_SLOTS[d]} key slot(s) per vector at head_dim {d}, "
+                         f"got {ck}.")
     v_token = int(vz.shape[1]) == 1 and H > 1
     slots = value_slots(v_token, cv, voe is not None, d)
     vrun = slots["VRUN"]
     mask = bias if bias is not None else pm
-    scratch = torch.empty(B * H * nsq * SCRATCH_WORDS, device=q.device, dtype=torch.int32)  # RoPE of odd blocks
+    nv = programs_per_split(d)
+    scratch = torch.empty(B * H * nsq * nv * nv * SCRATCH_WORDS, device=q.device, dtype=torch.int32)  # RoPE of odd
+    # blocks
     ends = voe if voe is not None else qpos
     svh = 0 if v_token else 1  # token-group rows: one zero / scale / slot row for every KV head
-    k = _pairs_kernel[(nsq, H, B)](
+    k = _pairs_kernel[(nsq * nv, H, B)](
         q, pacc, pm, pl, kc, koi, kov, vc, vz, vs, voi, vov, ends, qpos, mask,
         lengths if lengths is not None else qpos,
         tb["TAB"], tb["KSZ"], tb["KZI"], tb["CSP"], tb["BROT"], tb["INVF"], scratch,
@@ -934,6 +1018,11 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
 # at 128K batch 1 took 154.4 us against 133.7 (run 75, benchmarks/gpu_runs/run75_pairs_probe_maxnreg.txt)
 MAXNREG = None
 PROGRAMS_PER_SM = 8
+
+
+def programs_per_split(head_dim: int) -> int:
+    """Programs per split and KV head: head_dim 256 takes two, one per value half (each computes all the scores)."""
+    return 2 if head_dim == 256 else 1
 
 
 def splits(n_tokens: int, programs: int, num_sms: int, min_chunk: int = BT) -> tuple[int, int]:
