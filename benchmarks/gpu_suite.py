@@ -247,7 +247,7 @@ def _decode_matrix(res, copy_bw, shapes, batches, only_ctx, check, extra, on_con
                     kws = [kw0] + ([dict(kernel="tiles")] if vg == "token" or D == 64 else [])
                     if b == 3 and D == 128:  # the natural kernel beside the Gluon pairs kernel (both value groupings)
                         kws += [dict(kernel="natural")]
-                    if D == 256:  # no pairs kernel at 256: the natural kernel beside the default, and with the
+                    if D == 256:  # the natural kernel beside the default (pairs since runs 106-107), and with the
                         # launch it had before run 101 (no reload, four waves of splits)
                         kws += [dict(kernel="natural"),
                                 dict(kernel="natural", reload=False,

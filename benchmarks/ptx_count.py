@@ -161,7 +161,7 @@ def sass_loop(cubin: bytes):
 # one: the helper function it was inlined from, else keywords of the kernel's statement
 _HELPER_REGION = {
     "_entry": "codes", "_entry_lo": "codes", "_entry_byte": "codes", "_lds": "codes", "_lookup": "codes",
-    "_vlookup": "codes",
+    "_vlookup": "codes", "_key_rows": "codes", "_key_slot": "slots", "_pick8": "query rotation",
     "_cos_sin": "exact RoPE", "_q_table_store": "exact RoPE", "_pack2": "exact RoPE",
     "_rot_q": "query rotation", "_pick4": "query rotation",
     "_hfma2": "key affine + RoPE", "_rope2": "key affine + RoPE", "_to_operand": "key affine + RoPE",

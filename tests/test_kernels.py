@@ -615,13 +615,26 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
         assert kernels.decode_kernel(qo, other, graph=True) != "pairs", (args, kw)
         with pytest.raises(ValueError, match="head_dim 64 or 128 with at most 1 outlier slot"):
             kernels.decode_kernel(qo, other, kernel="pairs")
-    # head_dim 256 (3 key slots at 1%): when asked for
+    # head_dim 256 (3 key slots at 1%): the default in graph steps for token-group values and 4-bit storage (runs
+    # 106-107), for head-group 2/3-bit storage from PAIRS_D256_HEAD_MIN_TOKEN_HEADS (batch x KV heads x capacity)
     d256, _, _ = make_storage(1, 2, 256, 3, 40, 1, 0, "head", "cpu")
     assert int(d256.k_out_idx.shape[-1]) == 3 and kernels.PAIRS_MAX_KEY_SLOTS == {64: 1, 128: 1, 256: 3}
     assert kernels.decode_kernel(q256, d256, kernel="pairs") == "pairs"
+    assert kernels.decode_kernel(q256, d256, graph=True) == "natural" == kernels.decode_kernel(q256, d256)
+    assert kernels.PAIRS_D256_HEAD_MIN_TOKEN_HEADS == 100_000
+    for bits, vg in ((3, "token"), (4, "head"), (2, "token")):
+        big, _, _ = make_storage(1, 2, 256, bits, 40, 1, 0, vg, "cpu")
+        assert kernels.decode_kernel(q256, big, graph=True) == "pairs" and kernels.decode_kernel(q256, big) == "natural"
+    cap = int(d256.capacity)
+    for threshold, want in ((2 * cap, "pairs"), (2 * cap + 1, "natural")):
+        monkeypatch.setattr(kernels, "PAIRS_D256_HEAD_MIN_TOKEN_HEADS", threshold)
+        for bits in (3, 2):
+            fresh, _, _ = make_storage(1, 2, 256, bits, 40, 1, 0, "head", "cpu")
+            assert kernels.decode_kernel(q256, fresh, graph=True) == want, (threshold, bits)
+    monkeypatch.setattr(kernels, "PAIRS_D256_HEAD_MIN_TOKEN_HEADS", 100_000)
     # head_dim 64: the default in graph steps (run 91) and eagerly from the same threshold counted in token-heads of
     # head_dim 128 (run 99): 2 KV heads x 40 tokens x 64 / 128 = 40
-    assert kernels.PAIRS_DEFAULT_HEAD_DIMS == (64, 128) and kernels.EAGER_PAIRS_HEAD_DIMS == (64, 128)
+    assert kernels.PAIRS_DEFAULT_HEAD_DIMS == (64, 128, 256) and kernels.EAGER_PAIRS_HEAD_DIMS == (64, 128)
     q64 = torch.zeros(1, 8, 1, 64).bfloat16()
     for threshold, want in ((40, "pairs"), (41, "natural")):
         monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", threshold)
@@ -727,7 +740,8 @@ def test_decode_pairs_d256_gpu():
     and one. Every case runs before the assertion, so a failure lists all that failed."""
     kw = dict(kernel="pairs", prefetch=None)
     st, _, _ = make_storage(2, 4, 256, 3, 100, 1, 0, "head", "cuda")
-    assert int(st.k_out_idx.shape[-1]) == 3 and kernels.decode_kernel(torch.zeros(2, 8, 1, 256), st, **kw) == "pairs"
+    q0 = torch.zeros(2, 8, 1, 256, device="cuda")
+    assert int(st.k_out_idx.shape[-1]) == 3 and kernels.decode_kernel(q0, st, **kw) == "pairs"
     cases = []
     for bits in (3, 2, 4):
         cases += [((3, 8, 4, 256, bits, 3000, 1, 17, "head", "cuda"), dict(mask_lens=[3018, 2000, 100])),
@@ -917,13 +931,15 @@ def _forced_steps(model, quant, seed, setups):
 @gpu
 @pytest.mark.parametrize("group,kv_heads,bits,head_dim", [
     ("head", 2, 3, 128), ("token", 2, 3, 128), ("token", 8, 3, 128), ("head", 2, 2, 128), ("token", 8, 4, 128),
-    ("head", 2, 4, 128), ("head", 2, 3, 64), ("token", 8, 3, 64), ("head", 2, 2, 64)])
+    ("head", 2, 4, 128), ("head", 2, 3, 64), ("token", 8, 3, 64), ("head", 2, 2, 64), ("token", 4, 3, 256),
+    ("head", 2, 4, 256)])
 def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads, bits, head_dim):
     """A model's decode steps through KVQuantCache replayed as CUDA graphs, where the pairs kernel is the default, give
     the logits of the same steps run eagerly with the Triton kernel (natural; fields for 2-bit head-group storage),
     within bf16 tolerance (teacher-forced: both runs feed the same tokens), through a storage reallocation
     (re-recorded graphs). Token-group values over 2 KV heads (3 slots per row, no run ends) and over 8 (10 slots,
-    with run ends); 2-bit and 4-bit codes; head_dim 64 (the default there since run 91)."""
+    with run ends); 2-bit and 4-bit codes; head_dim 64 (the default there since run 91) and 256 (token-group values
+    over 4 KV heads, 4-bit head-group storage: the default there since runs 106-107)."""
     if not _pairs_here():
         pytest.skip("needs the Gluon pairs kernel")
     model, quant = _tiny_model(kv_heads, bits, group, 0, "cuda", head_dim)
@@ -935,7 +951,7 @@ def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads,
     q = torch.zeros(2, cfg.num_attention_heads, 1, D, device="cuda")
     eager = "fields" if bits == 2 and group == "head" and D >= 128 else "natural"
     assert kernels.decode_kernel(q, st, graph=True) == "pairs" and kernels.decode_kernel(q, st) == eager
-    assert (group == "token") == (st.v_zero.shape[1] == 1) and (st.v_out_ends is not None) == (kv_heads == 8)
+    assert (group == "token") == (st.v_zero.shape[1] == 1) and (st.v_out_ends is not None) == (kv_heads >= 4)
     for layer in caches[1].layers:  # 50 + 40 tokens: the capacity grows past 64, so each layer re-recorded once
         graph = getattr(layer.storage, "_decode_graph", None)
         assert graph is not None and graph.graph is not None and graph.stamp is layer.storage.k_codes
