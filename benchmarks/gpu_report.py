@@ -86,6 +86,8 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run103_2026-11-30": "6c5f229 (diag sweep d256c: token-group values, reload and the split rule apart)",
     "run104_2026-11-30": "7afec96 (head_dim 256: token-group values without reload)",
     "run105_2026-11-30": "141131f (the Triton kernels' split cap rounded up: 16 splits for 4095 tokens)",
+    "run106_2026-11-30": "a539923 (the pairs kernel at head_dim 256: two programs per split, up to 3 key slots)",
+    "run107_2026-11-30": "a539923 (as run 106; 16K and 64K)",
 }
 
 # runs kept in gpu_runs/ as records whose decode rows the report must not take as the latest: what they measured is
@@ -145,6 +147,16 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                          "there, so the natural kernel (nuq3/nuq4, and nuq2 beside the fields kernel, which was the "
                          "2-bit default before this run) and the tiles kernel (token-group values) run: 0.14-0.38x "
                          "the best fp16."),
+    "run106_2026-11-30": ("head_dim 256 with the pairs kernel, first timed (a539923: two one-warp programs per split, "
+                          "one per value half, each computing all the scores; 3 key slots per vector at 1%): "
+                          "1.16-2.06x the natural kernel at 128K (nuq3-1% head-group 387.8 against 487.6 us at batch "
+                          "1, token-group 387.1 against 746.6), still 0.35-0.44x the best fp16. Its pairs rows at 4K "
+                          "ran one-block splits (128 at batch 1); the default since 23e5f04 takes two blocks per "
+                          "split there (64 splits), which run 108's sweep measured at 56.3 us head-group and 59.6 "
+                          "token-group against 62.7 and 65.5 (gpu_runs/run108_splits_d256.txt)."),
+    "run107_2026-11-30": ("Run 106's code at 16K and 64K: at 16K batch 1 the natural kernel stays ahead for head-group "
+                          "2/3-bit storage (71.6 / 62.8 us against the pairs kernel's 92.2 / 86.8), so graph steps "
+                          "take the pairs kernel there only from kernels.PAIRS_D256_HEAD_MIN_TOKEN_HEADS (1885dbf)."),
     "run99_2026-11-30": ("Eager steps (KVQUANT_CUDA_GRAPHS=0) at head_dim 64, batch 8, 16 layers, nuq3-1% head-group: "
                          "the natural kernel against the pairs kernel launched eagerly, to place the eager threshold "
                          "at 64. The host drifted between rounds (64K pairs 39.1 then 33.0 ms)."),
@@ -424,10 +436,12 @@ def decode_report(runs, out):
            "Gluon kernel, the default in CUDA-graph decode steps, i.e. in `generate`, at head_dim 64 and 128: for "
            "3-bit storage since run 55, 2-bit since run 71, 4-bit since run 77, head_dim 64 since run 92; launched "
            "eagerly the default is natural for 3/4-bit storage and fields for 2-bit at head_dim 128, up to "
-           "`kernels.EAGER_PAIRS_MIN_TOKEN_HEADS`; at head_dim 256 natural for every width, since run 98, with "
-           "`natural-run98launch` the launch it had before run 102); `-tokengroup` = value ranges and 1% slots over "
-           "all KV heads of a token (the calibration default), read by the kernel in the `kernel` column (pairs in "
-           "graph steps; eagerly natural, the default since run 21; tiles before).\n\n")
+           "`kernels.EAGER_PAIRS_MIN_TOKEN_HEADS`; at head_dim 256 pairs in graph steps since run 106 for "
+           "token-group values and 4-bit storage, and for head-group 2/3-bit storage from "
+           "`kernels.PAIRS_D256_HEAD_MIN_TOKEN_HEADS` (batch x KV heads x capacity), natural otherwise, with "
+           "`natural-run98launch` the natural kernel's launch before run 102); `-tokengroup` = value ranges and 1% "
+           "slots over all KV heads of a token (the calibration default), read by the kernel in the `kernel` column "
+           "(pairs in graph steps; eagerly natural, the default since run 21; tiles before).\n\n")
     md += ("| shape | context | batch | method | kernel | bits | latency (us) | GB/s | % copy BW | "
            "speedup vs best fp16 | run |\n")
     md += "|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -484,7 +498,8 @@ def decode_report(runs, out):
         colour = {"fp16": "black", **{m: f"C{i}" for i, m in enumerate(methods)}}
         style = {"sdpa": "-", "splitk": ":", "kvquant-pairs": "-", "kvquant-natural": "--", "kvquant-fields": "-.",
                  "kvquant-tiles": ":", "kvquant-natural-run98launch": (0, (1, 3))}
-        curves = sorted({(x["method"], x["impl"]) for x in rows})
+        # (the natural kernel's pre-run-102 launch stays in the table; the plot shows the kernels that run now)
+        curves = sorted({(x["method"], x["impl"]) for x in rows if x["impl"] != "kvquant-natural-run98launch"})
         for ax, shape in zip(axes.flat, shapes):
             for meth in curves:
                 pts = sorted((x["context"], x["latency_us"]) for x in rows
@@ -498,7 +513,7 @@ def decode_report(runs, out):
             ax.set_title(f"{shape}, batch 1, one layer (H200)")
             ax.set_xlabel("context (tokens)")
             ax.set_ylabel("decode attention latency (us)")
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6 if shape == "gemma3-4b" else 7, loc="lower right" if shape == "gemma3-4b" else "best")
         fig.tight_layout()
         fig.savefig(os.path.join(out, "gpu_decode.png"), dpi=110)
     except Exception as e:  # noqa: BLE001
