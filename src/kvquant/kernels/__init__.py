@@ -169,9 +169,10 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     """Fused decode attention over a compressed layer. ``query`` [B, Hq, 1, D] (post-RoPE) -> [B, Hq, 1, D].
 
     ``kernel``: ``"pairs"`` (the Gluon kernel of :mod:`kvquant.kernels._gluon`: 2-, 3- or 4-bit storage, head_dim
-    64 or 128, <= 1 outlier slot per key vector, head-group or token-group values with any number of slots, <= 8
-    query heads per KV head, on sm_80+ with Triton 3.6; the default at PAIRS_DEFAULT_HEAD_DIMS in CUDA-graph steps on
-    the GPUs it was measured on (sm_90), KVQUANT_PAIRS=0 turns it off),
+    64 or 128 with <= 1 outlier slot per key vector, or 256 with <= 3, head-group or token-group values with any
+    number of slots, <= 8 query heads per KV head, on sm_80+ with Triton 3.6; the default at PAIRS_DEFAULT_HEAD_DIMS
+    in CUDA-graph steps on the GPUs it was measured on (sm_90; at head_dim 256 for head-group 2/3-bit storage from
+    PAIRS_D256_HEAD_MIN_TOKEN_HEADS), KVQUANT_PAIRS=0 turns it off),
     ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key dots and
     one value dot per block; a per-channel affine key table, at most 4 key outlier slots per vector, and at most 4
     value slots per head vector or token-group value rows with any number of slots: each KV head applies the
@@ -404,9 +405,9 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     # reads and applies only its own run of them, _overwrite_run)
     runs = v_token and voe is not None
     natural_ok = kaff is not None and (cv <= 4 or runs) and ck <= 4 and lutx is not False  # D: 64/128/256
-    # the pairs kernel (Gluon, _gluon.py): 2-, 3- or 4-bit storage at head_dim 64/128 with <= 1 key slot per vector,
-    # head-group or token-group values with any number of slots; the natural kernel's sinks/window split completes it
-    # (and is all that runs while no token is quantized yet)
+    # the pairs kernel (Gluon, _gluon.py): 2-, 3- or 4-bit storage at head_dim 64/128 with <= 1 key slot per vector
+    # (256: <= 3), head-group or token-group values with any number of slots; the natural kernel's sinks/window split
+    # completes it (and is all that runs while no token is quantized yet)
     pairs_ok = (natural_ok and bits in (2, 3, 4) and D in PAIRS_HEAD_DIMS and (v_token or G == H)
                 and ck <= PAIRS_MAX_KEY_SLOTS.get(D, 0) and group <= 8 and _pairs_available(dev))
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)

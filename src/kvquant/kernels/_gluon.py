@@ -1,5 +1,6 @@
 """The "pairs" decode kernel (Gluon, NVIDIA sm_80+): split-K decode attention over the quantized region of a layer
-stored as 2-, 3- or 4-bit codes, head_dim 128 or 64, at most one outlier slot per key vector (nuq2/3/4-1%), with
+stored as 2-, 3- or 4-bit codes, head_dim 128, 64 or 256, at most one outlier slot per key vector (three at 256;
+nuq2/3/4-1%), with
 head-group values (at most one slot per vector: a fixed merge) or token-group values (the calibration default: one zero
 / scale and one row of slots per token for every KV head; each KV head scatters its run of slots into a shared-memory
 tile).
@@ -13,6 +14,10 @@ finish the job (:func:`kvquant.kernels.decode_attention` launches the three). St
 
 Per program (one warp): one (sequence, KV head, split) of 32-token blocks. head_dim (constexpr D) 128 is four chunks of
 32 channels (16 and their RoPE partners D / 2 later), 64 two; the code below says 128 where it describes the layout.
+head_dim 256 is eight key chunks, more than one warp's registers hold with eight accumulator chunks, so two programs
+share a split (grid axis 0: 2 split + vh), each accumulating one half of the value channels (the head_dim-128 value
+path, offset by 128 vh) and both computing all the scores; their key rows are read in two halves (the words of chunks
+0-3, then 4-7), and up to 3 key slots per vector (1% of 256) are merged one after the other.
 - **Scores** S^T = K Q^T with mma.sync m16n8k16: tokens are M, the GQA group's query heads N (padded to 8).
 - **Key levels** from a 64-entry table of fp16 pairs in shared memory, replicated per lane (any index pattern is
   free of bank conflicts): two neighbouring codes of an operand register form a 6-bit index read in place from the
@@ -475,10 +480,11 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                   VRUN: gl.constexpr, VENDS: gl.constexpr, V_OFF: gl.constexpr,
                   HAS_MASK: gl.constexpr, DEVLEN: gl.constexpr, PF: gl.constexpr, HI: gl.constexpr,
                   B4: gl.constexpr, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
-    """Split pid of KV head h of sequence b (grid: NSPLIT_Q, H_KV, B): tokens [pid chunk, pid chunk + chunk) of the
-    quantized region. Storage as LayerStorage holds it (codes [B, H, cap, 48] uint8 at 3 bits (HI), [B, H, cap, 32]
-    at 2 bits, [B, H, cap, 64] at 4 bits (B4); value zero/scale [B, H, cap, 1] fp16; slots [B, H, cap, CK/CV];
-    positions [B, cap] int32). Values in runs (VRUN: token-group value rows with slots, whose zero / scale / slots
+    """Split pid of KV head h of sequence b (grid: NSPLIT_Q, H_KV, B; head_dim 256: 2 NSPLIT_Q, program 2 pid + vh
+    accumulating value channels 128 vh ..): tokens [pid chunk, pid chunk + chunk) of the quantized region. Storage
+    as LayerStorage holds it (codes [B, H, cap, 3 D / 8] uint8 at 3 bits (HI), [B, H, cap, D / 4] at 2 bits,
+    [B, H, cap, D / 2] at 4 bits (B4); value zero/scale [B, H, cap, 1] fp16; slots [B, H, cap, CK/CV]; positions
+    [B, cap] int32). Values in runs (VRUN: token-group value rows with slots, whose zero / scale / slots
     [B, 1, cap, ..] serve every KV head (the host passes head strides 0, V_OFF = D: head h's slot elements are h D ..),
     or head-group rows with several slots, V_OFF = 0): one scatter pass per slot rank, up to the block's longest run
     of head h (VENDS: the runs' ends VOE [B, 1, cap, H], core.codec.head_ends; else every slot of the row is tried and
@@ -968,9 +974,10 @@ def value_slots(v_token: bool, cv: int, has_ends: bool, head_dim: int = D) -> di
 
 def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, chunk, nsq, group, ck, cv, voe=None,
            bits=3):
-    """Launch the kernel over ``nsq`` splits (grid nsq x KV heads x batch); see _pairs_kernel for the arguments.
-    ``bits``: the codes' width (3; 2: rows of the low plane alone; 4: a byte per channel pair); head_dim 64 or 128,
-    read from the rows' width.
+    """Launch the kernel over ``nsq`` splits (grid nsq x KV heads x batch; head_dim 256: two programs per split, 2 nsq
+    x KV heads x batch); see _pairs_kernel for the arguments. ``bits``: the codes' width (3; 2: rows of the low plane
+    alone; 4: a byte per channel pair); head_dim 64, 128 or 256, read from the rows' width; ``ck`` key slots per
+    vector, at most MAX_KEY_SLOTS[head_dim].
     ``quant``: the storage's (k_codes, k_out_idx, k_out_val, v_codes, v_zero, v_scale, v_out_idx, v_out_val, q_pos);
     token-group values (v_zero [B, 1, ..]) with slots and head-group values with more than one slot run the slot
     passes into the tile, with ``voe`` (v_out_ends) where the storage has it."""
