@@ -337,7 +337,7 @@ EAGER_PAIRS_MIN_TOKEN_HEADS: int | None = 3_000_000
 #: Llama-3.2-1B's heads (32 query, 8 KV), nuq3-1% at 128K: head-group values 102.0 against 216.7 us at batch 1, 682.0
 #: against 1890.8 at batch 8; token-group values 121.9 against 265.0 and 817.1 against 2298.0)
 PAIRS_HEAD_DIMS = (64, 128, 256)
-#: (head_dim 256, Gemma-3-4B's heads, runs 106-107: token-group values and 4-bit storage 1.13-2.06x the natural kernel
+#: (head_dim 256, Gemma-3-4B's heads, runs 106-107: token-group values and 4-bit storage 1.14-2.06x the natural kernel
 #: in every cell, 4K-128K, batch 1 and 8; head-group 2/3-bit storage from PAIRS_D256_HEAD_MIN_TOKEN_HEADS)
 PAIRS_DEFAULT_HEAD_DIMS = (64, 128, 256)
 #: head_dim 256, head-group values of 2 or 3 bits: graph steps take the pairs kernel once the storage holds room for

@@ -455,7 +455,9 @@ def _key_slot(KOI, KOV, KZI, kt, km, sko_t, r: gl.constexpr, q3, B4: gl.constexp
     """Key slot r of tokens kt (where km) as _slot_word gives it ((exact - zero) / scale in its channel's half, the
     mask of the other half), and its pair's first channel less the lane's offset in the chunk (compared with a
     constant per register)."""
-    ci = gl.load(KOI + kt * sko_t + r, mask=km, other=255).to(gl.int32)  # [BT, 1, 1]; 255: matches no pair below 254
+    # [BT, 1, 1]; 255 for tokens past the end: no pair below 254 matches (at head_dim 256 the pair 254-255 may, with
+    # a finite level: those tokens' scores are masked)
+    ci = gl.load(KOI + kt * sko_t + r, mask=km, other=255).to(gl.int32)
     xk = gl.load(KOV + kt * sko_t + r, mask=km, other=0.0).to(gl.float32)
     k_val, k_keep, k_sp = _slot_word(
         (xk - gl.load(KZI + ci, mask=km, other=0.0)) * gl.load(KZI + D + ci, mask=km, other=0.0), ci)
