@@ -293,13 +293,9 @@ def _kernel_splits(kernel: str, n_tokens: int, programs: int, device, block_t: i
     if kernel == "natural" and head_dim == 256:
         return _splits(n_tokens, programs, device, block_t, target_waves=2.0, min_splits=64)
     if kernel == "pairs":
-        from ._gluon import programs_per_split, splits
+        from ._gluon import splits
 
-        # (head_dim 256: at least two blocks per split; run 108, Gemma-3-4B heads, 4K batch 1: 64 splits against the
-        # one-block rule's 128, nuq3-1% head-group 56.3 against 62.7 us, token-group 59.6 against 65.5; at 16K the
-        # rule's 128 splits of four blocks stay: 92.4 us against 109.0 with 64 and 176.8 with 256)
-        nv = programs_per_split(head_dim)
-        return splits(n_tokens, programs * nv, _num_sms(device), 32 * nv)
+        return splits(n_tokens, programs, _num_sms(device), head_dim)
     return _splits(n_tokens, programs, device, block_t)
 
 
@@ -413,9 +409,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
     eager_pairs = (EAGER_PAIRS_MIN_TOKEN_HEADS is not None and has_q and D in EAGER_PAIRS_HEAD_DIMS
                    and B * H * int(st.n_q) * D // 128 >= EAGER_PAIRS_MIN_TOKEN_HEADS)
-    small_d256 = (D == 256 and not v_token and bits < 4
-                  and B * H * max(int(getattr(st, "capacity", 0)), int(st.n_q) if has_q else 0)
-                  < PAIRS_D256_HEAD_MIN_TOKEN_HEADS)
+    small_d256 = D == 256 and not v_token and bits < 4 and B * H * int(st.capacity) < PAIRS_D256_HEAD_MIN_TOKEN_HEADS
     if (kernel is None and (graph or eager_pairs) and pairs_ok and D in PAIRS_DEFAULT_HEAD_DIMS and not small_d256
             and all(o is None for o in natural_options)
             and _pairs_available(dev, True)):

@@ -999,8 +999,8 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     vrun = slots["VRUN"]
     mask = bias if bias is not None else pm
     nv = programs_per_split(d)
-    scratch = torch.empty(B * H * nsq * nv * nv * SCRATCH_WORDS, device=q.device, dtype=torch.int32)  # RoPE of odd
-    # blocks
+    # each program's scratch for the RoPE of odd blocks: SCRATCH_WORDS per 128 key channels (head_dim 256: twice)
+    scratch = torch.empty(B * H * nsq * nv * (SCRATCH_WORDS * nv), device=q.device, dtype=torch.int32)
     ends = voe if voe is not None else qpos
     svh = 0 if v_token else 1  # token-group rows: one zero / scale / slot row for every KV head
     k = _pairs_kernel[(nsq * nv, H, B)](
@@ -1034,16 +1034,20 @@ def programs_per_split(head_dim: int) -> int:
     return 2 if head_dim == 256 else 1
 
 
-def splits(n_tokens: int, programs: int, num_sms: int, min_chunk: int = BT) -> tuple[int, int]:
-    """(splits, chunk): one wave of one-warp programs, 8 per SM (H200 sweep, benchmarks/gpu_runs/run44: 128 splits
-    for 8 KV heads at 128K beat 256), at least ``min_chunk`` tokens each: as little as one block, so that short
-    contexts fill the wave too. Run 69 (gpu_splits_sweep.py, Llama-3-8B shape, batch 1): 128 splits against the
-    former 256-token minimum's 16 took 4K from 46.3 to 24.3 us, and 128 against 64 took 16K from 46.6 to 36.7 us.
-    Where the wave is already full (batch 8) the split counts are those of the former rule."""
+def splits(n_tokens: int, programs: int, num_sms: int, head_dim: int = D) -> tuple[int, int]:
+    """(splits, chunk) for ``programs`` (sequence, KV head) pairs: one wave of one-warp programs, 8 per SM (H200
+    sweep, benchmarks/gpu_runs/run44: 128 splits for 8 KV heads at 128K beat 256), as little as one block each, so
+    that short contexts fill the wave too. Run 69 (gpu_splits_sweep.py, Llama-3-8B shape, batch 1): 128 splits
+    against the former 256-token minimum's 16 took 4K from 46.3 to 24.3 us, and 128 against 64 took 16K from 46.6 to
+    36.7 us. Where the wave is already full (batch 8) the split counts are those of the former rule. head_dim 256:
+    two programs per split (programs_per_split) and at least two blocks each (run 108, Gemma-3-4B heads, 4K batch 1:
+    64 splits against the one-block rule's 128, nuq3-1% head-group 56.3 against 62.7 us, token-group 59.6 against
+    65.5; at 16K the rule's 128 splits of four blocks stay: 92.4 us against 109.0 with 64 and 176.8 with 256)."""
     if n_tokens <= 0:
         return 0, BT
+    nv = programs_per_split(head_dim)
     # (rounded down: a second, nearly empty wave doubles the time)
-    want = max(1, PROGRAMS_PER_SM * num_sms // max(programs, 1))
+    want = max(1, PROGRAMS_PER_SM * num_sms // max(programs * nv, 1))
     # (the cap rounds up: 4095 quantized tokens, 4K less a sink, in 128 one-block splits, not 64 of two blocks; run
     # 69, Llama-3-8B shape, 4K batch 1: 24.3 against 25.5 us)
-    return _block_splits(n_tokens, want, min_chunk, BT)
+    return _block_splits(n_tokens, want, BT * nv, BT)
