@@ -501,34 +501,51 @@ def capacity_section(res, out_dir, mem_bytes):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# generate's models: random weights of these shapes (name -> label, LlamaConfig fields; layers: the model's own)
+# generate's models: random weights of these shapes (name -> label, config fields; layers: the model's own). Llama
+# configs unless the fields name a ``family``; Gemma-3-4B keeps its five sliding-window layers (1024 tokens) per global
+# layer and its per-layer-type RoPE (linear x8 on the global layers), as the real model's config has them.
 GEN_MODELS = {
     "llama3-8b": ("Llama-3-8B", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                      num_attention_heads=32, num_key_value_heads=8, head_dim=128)),
     "llama32-1b": ("Llama-3.2-1B", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                         num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                                         tie_word_embeddings=True)),
+    "gemma3-4b": ("Gemma-3-4B (text)", dict(family="gemma3", hidden_size=2560, intermediate_size=10240,
+                                            num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4,
+                                            head_dim=256, sliding_window=1024, vocab_size=262208,
+                                            max_position_embeddings=131072 + 4096)),
 }
 
 
 def llama_config(n_layers=None, shape="llama3-8b"):
-    from transformers import LlamaConfig
+    """The transformers config of ``shape`` (GEN_MODELS) with ``n_layers`` layers (None: the model's own)."""
+    from transformers import Gemma3TextConfig, LlamaConfig
 
     fields = dict(GEN_MODELS[shape][1])
+    family = fields.pop("family", "llama")
     fields["num_hidden_layers"] = n_layers or fields["num_hidden_layers"]
-    cfg = LlamaConfig(**fields, vocab_size=128256, max_position_embeddings=262144, rope_theta=500000.0,
-                      torch_dtype="bfloat16")
+    if family == "gemma3":
+        pattern = ["sliding_attention"] * 5 + ["full_attention"]
+        fields["layer_types"] = [pattern[i % 6] for i in range(fields["num_hidden_layers"])]
+        fields["rope_parameters"] = {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+        cfg = Gemma3TextConfig(**fields, torch_dtype="bfloat16")
+    else:
+        cfg = LlamaConfig(**fields, vocab_size=128256, max_position_embeddings=262144, rope_theta=500000.0,
+                          torch_dtype="bfloat16")
     cfg._attn_implementation = "sdpa"
     return cfg
 
 
 def random_llama(n_layers=None, shape="llama3-8b"):
-    """A random-weight Llama of ``shape`` (GEN_MODELS; Llama-3-8B by default), bf16 on the GPU."""
-    from transformers import LlamaForCausalLM
+    """A random-weight model of ``shape`` (GEN_MODELS; Llama-3-8B by default), bf16 on the GPU."""
+    from transformers import Gemma3ForCausalLM, LlamaForCausalLM
 
+    cls = Gemma3ForCausalLM if GEN_MODELS[shape][1].get("family") == "gemma3" else LlamaForCausalLM
     torch.manual_seed(0)
     with torch.device(DEV):
-        model = LlamaForCausalLM(llama_config(n_layers, shape)).to(torch.bfloat16).eval()
+        model = cls(llama_config(n_layers, shape)).to(torch.bfloat16).eval()
     return model
 
 
