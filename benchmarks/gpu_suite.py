@@ -592,7 +592,9 @@ GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1
 # where it applies (kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = 0, at every head_dim it compiles for); -reference: the
 # PyTorch path (KVQUANT_FUSED_DECODE=0);
 # -noprefetch: the decode kernels without their PTX prefetch of the next block (kernels.PREFETCH_DEFAULT = False);
-# -natural: the Triton natural kernel where the Gluon pairs kernel is the default (KVQUANT_PAIRS=0)
+# -natural: the Triton natural kernel where the Gluon pairs kernel is the default (KVQUANT_PAIRS=0);
+# -slidingref: sliding-window layers (Gemma 3) dequantized and attended with SDPA, as before the fifteenth session
+# (kvquant_cache.SLIDING_LAYER_KERNELS = False; their default is the fused kernel, launched eagerly)
 # (value_group "head"; -tokengroup-: token-group values, 11 slots per row, the calibration default)
 
 
@@ -606,7 +608,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     from transformers import DynamicCache, QuantizedCache, StaticCache
     from transformers.generation.streamers import BaseStreamer
 
-    from kvquant.cache import KVQuantCache
+    from kvquant.cache import KVQuantCache, kvquant_cache
     from kvquant.calibration import cache_kwarg
 
     model = random_llama(n_layers, shape)
@@ -636,6 +638,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
         kernels.EAGER_PAIRS_HEAD_DIMS = kernels.PAIRS_HEAD_DIMS if name.endswith("-eager-pairs") else eager_dims
         os.environ["KVQUANT_PAIRS"] = "0" if name.endswith("-natural") else "1"
         kernels.PREFETCH_DEFAULT = False if name.endswith("-noprefetch") else prefetch_default  # read by each plan
+        kvquant_cache.SLIDING_LAYER_KERNELS = not name.endswith("-slidingref")
         if name == "dynamic":
             return DynamicCache(config=model.config)
         if name == "static":  # preallocated fp16 cache (no per-step concatenation)
@@ -712,6 +715,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     kernels.PREFETCH_DEFAULT = prefetch_default
     kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = eager_pairs_default
     kernels.EAGER_PAIRS_HEAD_DIMS = eager_dims
+    kvquant_cache.SLIDING_LAYER_KERNELS = True
     res["generate"] = dict(model=f"random-weight {GEN_MODELS[shape][0]} shape (bf16)", layers=n_layers,
                            new_tokens=new_tokens, via="model.generate", rounds=reps, rows=rows, batch=batch,
                            shape=shape)

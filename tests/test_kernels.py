@@ -1066,6 +1066,70 @@ def test_fused_cache_path_matches_reference_path(monkeypatch, R, head_dim, frac)
     assert (ref - fused).norm() / ref.norm() < 1e-2
 
 
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU tensors through the Triton kernels)")
+def test_sliding_layers_take_the_fused_kernel(monkeypatch):
+    """Gemma 3's sliding-window layers decode through the fused kernel too (eagerly; under the interpreter here): 32
+    tokens run twice past the 16-token window; every kernel call matches the float reference on the storage it read
+    (with the step's mask), the logits follow the reference path (dequantize + SDPA), the kernel served both layer
+    types, and a sliding storage holds one window between steps."""
+    from kvquant import KVQuantCache
+    from kvquant.cache import kvquant_cache as kc
+    from kvquant.calibration import build_quantizer, collect_statistics
+    from kvquant.models import tiny_random_model
+    from kvquant.quantizer import QuantizerConfig
+
+    if not kernels.available(torch.device("cpu")):
+        pytest.skip("needs triton")
+    model = tiny_random_model("gemma3", head_dim=64)  # head_dim 64: the natural kernel (16 has no kernel)
+    sw = model.config.sliding_window
+    g = torch.Generator().manual_seed(1)
+    q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
+                        QuantizerConfig(bits=3))
+    ids = torch.randint(0, 128, (2, 32), generator=g)
+    seen = []
+    real = kernels.decode_attention
+
+    errs = []
+
+    def spy(query, storage, scaling, attention_mask=None, **kw):
+        seen.append(id(storage))
+        out = real(query, storage, scaling, attention_mask, **kw)
+        ref = reference_decode_attention(query, storage, scaling, attention_mask)
+        errs.append(float((out - ref).norm() / ref.norm()))
+        return out
+
+    monkeypatch.setattr(kernels, "decode_attention", spy)
+
+    def run(fused: bool):
+        monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1" if fused else "0")
+        monkeypatch.setattr(kc, "_KERNEL_OK", {})
+        cache = KVQuantCache(q, model)
+        outs = []
+        with torch.no_grad():
+            kw = {cache_kwarg(model): cache}
+            outs.append(model(ids[:, :10], use_cache=True, **kw).logits[:, -1])
+            for i in range(10, 32):
+                outs.append(model(ids[:, i : i + 1], use_cache=True, **kw).logits[:, -1])
+        return torch.stack(outs), cache
+
+    ref, c_ref = run(False)
+    assert not seen
+    fused, c_fused = run(True)
+    assert [layer.is_sliding for layer in c_fused.layers] == [True, False]
+    assert seen.count(id(c_fused.layers[0].storage)) == seen.count(id(c_fused.layers[1].storage)) == 22
+    x = torch.zeros(2, model.config.num_attention_heads, 1, 64)
+    assert [kernels.decode_kernel(x, layer.storage) for layer in c_fused.layers] == ["natural", "natural"]
+    assert len(c_ref.layers[0].storage) == sw - 1 and len(c_fused.layers[0].storage) == sw
+    assert max(errs) < 2e-3
+    # a tiny random Gemma 3 amplifies attention errors about tenfold into its logits (Gaussian noise of 7e-4 of the
+    # first layer's attention output moves them by 0.1-1%), hence the looser bound than the per-call one
+    assert (ref - fused).norm() / ref.norm() < 3e-2
+    monkeypatch.setattr(kc, "SLIDING_LAYER_KERNELS", False)  # the switch restores the reference path there
+    seen.clear()
+    off, _ = run(True)
+    assert len(seen) == 22 and (off - ref).norm() / ref.norm() < 1e-2
+
+
 def _graph_recorder_setup(monkeypatch, seed):
     """kernels.graphs without a GPU: the CUDA capture replaced by a recorder that reruns the recorded step on each
     replay (the list of recorders is returned), the fused path forced on, and a tiny head_dim-64 Llama (the natural

@@ -55,6 +55,10 @@ def install_position_hook(rotary: torch.nn.Module) -> None:
 
 # ---- kernels ------------------------------------------------------------------------------------------------------
 _KERNEL_OK: dict[str, bool] = {}
+#: decode steps of sliding-window layers (Gemma 3's local layers) through the fused kernel, launched eagerly (they
+#: hold at most ``sliding_window`` tokens, so no CUDA graph); False: dequantized and attended with SDPA, as before
+#: the fifteenth GPU session (kept for benchmarks/gpu_suite.py's side-by-side rows)
+SLIDING_LAYER_KERNELS = True
 
 
 def _steady_decode(storage, t: int) -> bool:
@@ -91,7 +95,9 @@ class KVQuantLayer(CacheLayerMixin):
 
     ``sliding_window`` (Gemma 3 ``sliding_attention`` layers) keeps transformers' ``DynamicSlidingWindowLayer``
     semantics: ``update`` returns the previous ``sliding_window - 1`` tokens plus the new ones, and only those
-    ``sliding_window - 1`` are kept afterwards (older ones, sinks included, are dropped).
+    ``sliding_window - 1`` are kept afterwards (older ones, sinks included, are dropped). A decode step through the
+    fused kernel reads the storage after ``update`` returns, so there the drop waits for the next ``update`` (the
+    storage holds ``sliding_window`` tokens between steps).
     """
 
     is_compileable = False
@@ -149,15 +155,17 @@ class KVQuantLayer(CacheLayerMixin):
         pos = c._positions(b, t, self.cumulative_length, key_states.device)
         c._check_limit(pos, self.cumulative_length + t, t)
         self.cumulative_length += t
+        if self.is_sliding:  # a kernel step's deferred drop (a no-op after any other step)
+            st.drop_front(len(st) - (self.sliding_window - 1))
 
         R = st.recent_window
         # prefill="exact": a multi-token step attends its own tokens unquantized (plain SDPA over the prompt) and
         # earlier tokens as stored; its tokens are compressed in the same step
         exact = t > 1 and c.prefill == "exact"
         band = R > 0 and t > 1 and not exact and c._uses_kvquant_attention()
-        kernel = t == 1 and not self.is_sliding and c._uses_kvquant_attention() and kernels_available(
-            key_states.device)
-        if kernel and _steady_decode(st, t):
+        kernel = (t == 1 and (SLIDING_LAYER_KERNELS or not self.is_sliding) and c._uses_kvquant_attention()
+                  and kernels_available(key_states.device))
+        if kernel and not self.is_sliding and _steady_decode(st, t):
             # steady decode step: the append runs with the attention, both as one CUDA-graph replay
             # (kvquant.kernels.graphs), or eagerly when the attention call does not qualify (no fused kernel for
             # this storage, graphs off, a layer whose recordings churn)
@@ -169,6 +177,8 @@ class KVQuantLayer(CacheLayerMixin):
             old_win_k, old_win_v, n_old = st.win_k, st.win_v, st.n_s + st.n_q
         st.append(key_states, value_states, pos)
         if kernel:
+            # a sliding layer's storage now holds exactly the tokens its window attends to (its drop waits for the
+            # next update), in cache order, as the sliding mask's columns have them
             _attention.set_pending(self.layer_idx, ("kernel", st))
             return key_states, value_states  # placeholders: the kernel reads the storage
         pending = None
