@@ -760,6 +760,7 @@ def main():
     ap.add_argument("--gen-model", default="llama3-8b", choices=sorted(GEN_MODELS), help="generate: the model shape")
     ap.add_argument("--gen-batch", type=int, default=1, help="generate: sequences per batch (batch 1 is the report's)")
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
+    ap.add_argument("--gen-rounds", type=int, default=2, help="generate: interleaved rounds over the caches")
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
     ap.add_argument("--diag-sweep", default="full", help="comma list of: full, regs, occupancy, natural, default, "
                     "blocks, d64, d256 / d256b / d256c (Gemma-3-4B shape, batch 1 and 8), tokengroup, tokengroup-mha "
@@ -796,7 +797,7 @@ def main():
         ("calib", lambda: calibration_section(res)),
         ("generate", lambda: generate_section(res, [int(c) for c in args.gen_contexts.split(",")],
                                               args.gen_layers, caches=args.gen_caches.split(","),
-                                              batch=args.gen_batch, shape=args.gen_model)),
+                                              batch=args.gen_batch, shape=args.gen_model, reps=args.gen_rounds)),
     ):
         if fn is None:
             continue
