@@ -88,6 +88,10 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run105_2026-11-30": "141131f (the Triton kernels' split cap rounded up: 16 splits for 4095 tokens)",
     "run106_2026-11-30": "a539923 (the pairs kernel at head_dim 256: two programs per split, up to 3 key slots)",
     "run107_2026-11-30": "a539923 (as run 106; 16K and 64K)",
+    "run111_2026-11-30": "9a1bccc (sliding-window layers still dequantized and attended with SDPA)",
+    "run112_2026-11-30": "a2fad18 (sliding-window layers through the fused kernel since 1798dd5; -slidingref: the old "
+                         "path)",
+    "run112b_2026-11-30": "a2fad18 (as run 112; 128K)",
 }
 
 # runs kept in gpu_runs/ as records whose decode rows the report must not take as the latest: what they measured is
@@ -157,6 +161,21 @@ RUN_NOTES = {  # what a reader must know about a run's rows
     "run107_2026-11-30": ("Run 106's code at 16K and 64K: at 16K batch 1 the natural kernel stays ahead for head-group "
                           "2/3-bit storage (71.6 / 62.8 us against the pairs kernel's 92.2 / 86.8), so graph steps "
                           "take the pairs kernel there only from kernels.PAIRS_D256_HEAD_MIN_TOKEN_HEADS (1885dbf)."),
+    "run111_2026-11-30": ("A random-weight Gemma-3-4B-shaped model (28 sliding-window layers of 1024 tokens, 6 global "
+                          "ones at head_dim 256), first through generate. The fused kernels then served the global "
+                          "layers only; each sliding layer dequantized its window with the PyTorch reference path "
+                          "every step. The host's speed drifted by up to 1.7x between rounds of one cache (head-group "
+                          "32K: 97.7 then 163.6 ms), so the rows do not separate the caches; "
+                          "gpu_sliding_steps.md (run 113) does, step by step."),
+    "run112_2026-11-30": ("The sliding-window layers through the fused kernel (the natural kernel, eagerly; the "
+                          "decode_kernels of a row list it beside the pairs kernel of the global layers) against "
+                          "the old path (-slidingref), three rounds. The host switched between about 65, 97 and "
+                          "150-220 ms per step within rows (DynamicCache 130.7 / 222.1 / 98.9 ms in its three "
+                          "rounds), so read gpu_sliding_steps.md (run 113: the same caches interleaved step by step, "
+                          "1.37x DynamicCache against 0.94x for the old path at 32K) for the comparison."),
+    "run112b_2026-11-30": ("Run 112's code at 128K, one round (the call's time): DynamicCache 100.5 ms, the sliding "
+                           "layers through the fused kernel 96.7, through SDPA 144.2. Run 113 measured the same "
+                           "three interleaved: 143.8 / 103.2 / 148.6 ms (1.39x and 0.96x DynamicCache)."),
     "run99_2026-11-30": ("Eager steps (KVQUANT_CUDA_GRAPHS=0) at head_dim 64, batch 8, 16 layers, nuq3-1% head-group: "
                          "the natural kernel against the pairs kernel launched eagerly, to place the eager threshold "
                          "at 64. The host drifted between rounds (64K pairs 39.1 then 33.0 ms)."),

@@ -1,0 +1,131 @@
+"""Decode steps of a Gemma-3-shaped model with each cache, interleaved step by step (H200, via the device tool).
+
+    PYTHONPATH=src python3 benchmarks/gpu_sliding_steps.py [--contexts 32768,131072] [--steps 40] [--out DIR]
+    python3 benchmarks/gpu_sliding_steps.py --report gpu_runs/run113_sliding_steps_2026-11-30.json [--note TEXT]
+
+An eager batch-1 decode step is host-bound, and this host's speed drifts by up to 2x within a minute (gpu_notes,
+fifteenth session), so `generate` rows taken one cache after another cannot separate a few milliseconds. Here one
+random-weight Gemma-3-4B-shaped model (gpu_suite.GEN_MODELS["gemma3-4b"]: 28 sliding-window layers, 6 global) holds
+three caches filled with the same prompt: DynamicCache, KVQuantCache nuq3-1% (token-group values, the calibration
+default) with its sliding layers through the fused kernel (the default), and the same with them dequantized and
+attended with SDPA (``kvquant_cache.SLIDING_LAYER_KERNELS = False``: the flag is read at every ``update``). Each round
+runs one decode step of every cache, in rotated order, each timed between device synchronisations; the report gives
+each cache's median step and the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import gpu_suite as S  # noqa: E402
+
+from kvquant.cache import KVQuantCache, kvquant_cache  # noqa: E402
+from kvquant.calibration import cache_kwarg  # noqa: E402
+
+CACHES = ("dynamic", "kvquant-sliding-kernel", "kvquant-sliding-sdpa")
+
+
+def report(path: str, out_md: str, note: str = "") -> None:
+    """Markdown table of a run's JSON (``--report JSON --md OUT``)."""
+    with open(path) as f:
+        res = json.load(f)
+    env = res["env"]
+    md = ("# Gemma-3-4B-shaped decode steps: the sliding-window layers through the fused kernel\n\n"
+          f"Run: `{env['command']}`; {env['gpu']}, torch {env['torch']}, triton {env['triton']}, transformers "
+          f"{env['transformers']}; {env['date']}; code {env.get('code_commit', '?')}.\n\n"
+          f"Model: {res['model']}, batch 1; KVQuantCache {res['cache_config']}. The three caches hold the same "
+          "prompt and take one decode step each per round, in rotated order (the host's speed drifts by up to 2x "
+          "within a minute, so rows measured one cache after another do not compare); each step is timed between "
+          "device synchronisations, the first 3 rounds dropped. Ratios are medians of the per-round ratios.\n\n"
+          + (f"**Note.** {note}\n\n" if note else "")
+          + "| context | cache | median step ms | tokens/s | vs DynamicCache (per round) | kernels |\n"
+          "|---|---|---|---|---|---|\n")
+    for r in res["rows"]:
+        for n in CACHES:
+            kern = ", ".join(r["decode_kernels"]) if n == "kvquant-sliding-kernel" else ""
+            md += (f"| {r['context']:,} | {n} | {r['median_step_ms'][n]} | {r['tokens_per_s'][n]} | "
+                   f"{r['speedup_vs_dynamic_median_of_rounds'][n]:.2f}x | {kern} |\n")
+        md += (f"| {r['context']:,} | sliding kernel against sliding SDPA | | | "
+               f"{r['sliding_kernel_vs_sdpa_median_of_rounds']:.2f}x | |\n")
+    with open(out_md, "w") as f:
+        f.write(md)
+
+
+def main():
+    from transformers import DynamicCache
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--report", help="write the Markdown table of this JSON (to --md) and exit")
+    ap.add_argument("--md", default="benchmarks/gpu_sliding_steps.md")
+    ap.add_argument("--note", default="")
+    a = ap.parse_args()
+    if a.report:
+        return report(a.report, a.md, a.note)
+    os.makedirs(a.out, exist_ok=True)
+    model = S.random_llama(None, "gemma3-4b")
+    n_layers = model.config.num_hidden_layers
+    quant = S.synthetic_nuq3_quantizer(model, n_layers, "token", 3)
+    kw = cache_kwarg(model)
+    res = {"env": S.env_info(), "model": "random-weight Gemma-3-4B shape (bf16, 34 layers: 28 sliding of 1024, 6 "
+           "global)", "cache_config": "nuq3-1%, token-group values, 1 sink", "rows": []}
+    for ctx in (int(c) for c in a.contexts.split(",")):
+        torch.manual_seed(ctx)
+        ids = torch.randint(0, 32000, (1, ctx), device=S.DEV)
+        caches, nxt = {}, {}
+        for name in CACHES:
+            kvquant_cache.SLIDING_LAYER_KERNELS = name != "kvquant-sliding-sdpa"
+            caches[name] = DynamicCache(config=model.config) if name == "dynamic" else KVQuantCache(quant, model)
+            with torch.no_grad():
+                logits = model(ids, use_cache=True, **{kw: caches[name]}).logits[:, -1:]
+            nxt[name] = logits.argmax(-1)
+            del logits
+            torch.cuda.empty_cache()
+        times = {name: [] for name in CACHES}
+        for r in range(a.steps):
+            order = CACHES[r % 3:] + CACHES[: r % 3]
+            for name in order:
+                kvquant_cache.SLIDING_LAYER_KERNELS = name != "kvquant-sliding-sdpa"
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    out = model(nxt[name], use_cache=True, **{kw: caches[name]}).logits[:, -1:]
+                torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+                nxt[name] = out.argmax(-1)
+        kvquant_cache.SLIDING_LAYER_KERNELS = True
+        warm = 3  # the first steps record graphs / compile
+        med = {n: statistics.median(t[warm:]) * 1e3 for n, t in times.items()}
+        ratio = {n: statistics.median(times["dynamic"][i] / times[n][i] for i in range(warm, a.steps))
+                 for n in CACHES}
+        ratio_sdpa = statistics.median(times["kvquant-sliding-sdpa"][i] / times["kvquant-sliding-kernel"][i]
+                                       for i in range(warm, a.steps))
+        kern = sorted(set().union(*(S.kernels.planned_kernels(layer.storage)
+                                    for layer in caches["kvquant-sliding-kernel"].layers)))
+        row = dict(context=ctx, steps=a.steps - warm, median_step_ms={n: round(v, 2) for n, v in med.items()},
+                   tokens_per_s={n: round(1e3 / v, 2) for n, v in med.items()},
+                   speedup_vs_dynamic_median_of_rounds={n: round(v, 3) for n, v in ratio.items()},
+                   sliding_kernel_vs_sdpa_median_of_rounds=round(ratio_sdpa, 3), decode_kernels=kern,
+                   step_ms={n: [round(x * 1e3, 1) for x in t] for n, t in times.items()})
+        print(json.dumps({k: v for k, v in row.items() if k != "step_ms"}), flush=True)
+        res["rows"].append(row)
+        del caches
+        torch.cuda.empty_cache()
+        with open(os.path.join(a.out, "gpu_sliding_steps.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
