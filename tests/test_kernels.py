@@ -1130,6 +1130,57 @@ def test_sliding_layers_take_the_fused_kernel(monkeypatch):
     assert len(seen) == 22 and (off - ref).norm() / ref.norm() < 1e-2
 
 
+@gpu
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_sliding_layers_fused_gpu(monkeypatch, head_dim):
+    """On the GPU, in bf16: a tiny Gemma 3's sliding-window layer decodes through the fused kernel (eagerly) and its
+    global layer through CUDA-graph steps; every sliding-layer call matches the float reference on the storage it read,
+    through two window wraps, and the logits follow the reference path (dequantize + SDPA everywhere)."""
+    from kvquant import KVQuantCache
+    from kvquant.cache import kvquant_cache as kc
+    from kvquant.calibration import build_quantizer, collect_statistics
+    from kvquant.models import tiny_random_model
+    from kvquant.quantizer import QuantizerConfig
+
+    model = tiny_random_model("gemma3", head_dim=head_dim)
+    g = torch.Generator().manual_seed(2)
+    q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
+                        QuantizerConfig(bits=3))
+    model = model.to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 44), generator=g).cuda()
+    real, errs = kernels.decode_attention, []
+
+    def spy(query, storage, scaling, attention_mask=None, **kw):
+        out = real(query, storage, scaling, attention_mask, **kw)
+        if kw.get("lengths") is None:  # not inside a graph capture
+            ref = reference_decode_attention(query, storage, scaling, attention_mask)
+            errs.append((id(storage), float((out.float() - ref.float()).norm() / ref.float().norm())))
+        return out
+
+    monkeypatch.setattr(kernels, "decode_attention", spy)
+
+    def run(fused: bool):
+        monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1" if fused else "0")
+        monkeypatch.setattr(kc, "_KERNEL_OK", {})
+        cache = KVQuantCache(q, model)
+        outs = []
+        with torch.no_grad():
+            kw = {cache_kwarg(model): cache}
+            outs.append(model(ids[:, :10], use_cache=True, **kw).logits[:, -1].float())
+            for i in range(10, 44):
+                outs.append(model(ids[:, i : i + 1], use_cache=True, **kw).logits[:, -1].float())
+        return torch.stack(outs), cache
+
+    ref, _ = run(False)
+    fused, cache = run(True)
+    sliding = [e for sid, e in errs if sid == id(cache.layers[0].storage)]
+    assert len(sliding) == 34 and max(e for _, e in errs) < 1e-2, errs
+    x = torch.zeros(2, model.config.num_attention_heads, 1, head_dim, device="cuda")
+    assert kernels.decode_kernel(x, cache.layers[0].storage) == "natural"
+    assert getattr(cache.layers[1].storage, "_decode_graph", None) is not None
+    assert (ref - fused).norm() / ref.norm() < 5e-2
+
+
 def _graph_recorder_setup(monkeypatch, seed):
     """kernels.graphs without a GPU: the CUDA capture replaced by a recorder that reruns the recorded step on each
     replay (the list of recorders is returned), the fused path forced on, and a tiny head_dim-64 Llama (the natural
