@@ -1135,7 +1135,8 @@ def test_sliding_layers_take_the_fused_kernel(monkeypatch):
 def test_sliding_layers_fused_gpu(monkeypatch, head_dim):
     """On the GPU, in bf16: a tiny Gemma 3's sliding-window layer decodes through the fused kernel (eagerly) and its
     global layer through CUDA-graph steps; every sliding-layer call matches the float reference on the storage it read,
-    through two window wraps, and the logits follow the reference path (dequantize + SDPA everywhere)."""
+    through two window wraps, and the logits are as close to the fp32 reference path's as the bf16 reference path's
+    are (a tiny random Gemma 3 amplifies rounding about tenfold into its logits, so bf16 paths differ by a few %)."""
     from kvquant import KVQuantCache
     from kvquant.cache import kvquant_cache as kc
     from kvquant.calibration import build_quantizer, collect_statistics
@@ -1146,7 +1147,7 @@ def test_sliding_layers_fused_gpu(monkeypatch, head_dim):
     g = torch.Generator().manual_seed(2)
     q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
                         QuantizerConfig(bits=3))
-    model = model.to("cuda", torch.bfloat16)
+    model = model.to("cuda")
     ids = torch.randint(0, 128, (2, 44), generator=g).cuda()
     real, errs = kernels.decode_attention, []
 
@@ -1171,14 +1172,19 @@ def test_sliding_layers_fused_gpu(monkeypatch, head_dim):
                 outs.append(model(ids[:, i : i + 1], use_cache=True, **kw).logits[:, -1].float())
         return torch.stack(outs), cache
 
+    truth, _ = run(False)  # fp32
+    model.to(torch.bfloat16)
     ref, _ = run(False)
+    errs.clear()
     fused, cache = run(True)
     sliding = [e for sid, e in errs if sid == id(cache.layers[0].storage)]
     assert len(sliding) == 34 and max(e for _, e in errs) < 1e-2, errs
     x = torch.zeros(2, model.config.num_attention_heads, 1, head_dim, device="cuda")
     assert kernels.decode_kernel(x, cache.layers[0].storage) == "natural"
     assert getattr(cache.layers[1].storage, "_decode_graph", None) is not None
-    assert (ref - fused).norm() / ref.norm() < 5e-2
+    e_ref, e_fused = rel(ref, truth), rel(fused, truth)
+    print(f"logits against fp32: bf16 reference path {e_ref:.4f}, fused {e_fused:.4f}")
+    assert e_fused < 1.5 * e_ref + 5e-3, (e_fused, e_ref)
 
 
 def _graph_recorder_setup(monkeypatch, seed):
