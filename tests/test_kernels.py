@@ -1066,13 +1066,30 @@ def test_fused_cache_path_matches_reference_path(monkeypatch, R, head_dim, frac)
     assert (ref - fused).norm() / ref.norm() < 1e-2
 
 
+def _sliding_steps(monkeypatch, model, quant, ids, fused: bool):
+    """A 10-token prefill, then the rest of ``ids`` token by token through a new KVQuantCache, with the fused path on
+    or off -> (the last-position logits of every step in fp32 [steps, B, V], the cache)."""
+    from kvquant import KVQuantCache
+    from kvquant.cache import kvquant_cache as kc
+
+    monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1" if fused else "0")
+    monkeypatch.setattr(kc, "_KERNEL_OK", {})
+    cache = KVQuantCache(quant, model)
+    outs = []
+    with torch.no_grad():
+        kw = {cache_kwarg(model): cache}
+        outs.append(model(ids[:, :10], use_cache=True, **kw).logits[:, -1].float())
+        for i in range(10, ids.shape[1]):
+            outs.append(model(ids[:, i : i + 1], use_cache=True, **kw).logits[:, -1].float())
+    return torch.stack(outs), cache
+
+
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU tensors through the Triton kernels)")
 def test_sliding_layers_take_the_fused_kernel(monkeypatch):
     """Gemma 3's sliding-window layers decode through the fused kernel too (eagerly; under the interpreter here): 32
     tokens run twice past the 16-token window; every kernel call matches the float reference on the storage it read
     (with the step's mask), the logits follow the reference path (dequantize + SDPA), the kernel served both layer
     types, and a sliding storage holds one window between steps."""
-    from kvquant import KVQuantCache
     from kvquant.cache import kvquant_cache as kc
     from kvquant.calibration import build_quantizer, collect_statistics
     from kvquant.models import tiny_random_model
@@ -1101,16 +1118,7 @@ def test_sliding_layers_take_the_fused_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "decode_attention", spy)
 
     def run(fused: bool):
-        monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1" if fused else "0")
-        monkeypatch.setattr(kc, "_KERNEL_OK", {})
-        cache = KVQuantCache(q, model)
-        outs = []
-        with torch.no_grad():
-            kw = {cache_kwarg(model): cache}
-            outs.append(model(ids[:, :10], use_cache=True, **kw).logits[:, -1])
-            for i in range(10, 32):
-                outs.append(model(ids[:, i : i + 1], use_cache=True, **kw).logits[:, -1])
-        return torch.stack(outs), cache
+        return _sliding_steps(monkeypatch, model, q, ids, fused)
 
     ref, c_ref = run(False)
     assert not seen
@@ -1137,8 +1145,6 @@ def test_sliding_layers_fused_gpu(monkeypatch, head_dim):
     global layer through CUDA-graph steps; every sliding-layer call matches the float reference on the storage it read,
     through two window wraps, and the logits are as close to the fp32 reference path's as the bf16 reference path's
     are (a tiny random Gemma 3 amplifies rounding about tenfold into its logits, so bf16 paths differ by a few %)."""
-    from kvquant import KVQuantCache
-    from kvquant.cache import kvquant_cache as kc
     from kvquant.calibration import build_quantizer, collect_statistics
     from kvquant.models import tiny_random_model
     from kvquant.quantizer import QuantizerConfig
@@ -1161,16 +1167,7 @@ def test_sliding_layers_fused_gpu(monkeypatch, head_dim):
     monkeypatch.setattr(kernels, "decode_attention", spy)
 
     def run(fused: bool):
-        monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1" if fused else "0")
-        monkeypatch.setattr(kc, "_KERNEL_OK", {})
-        cache = KVQuantCache(q, model)
-        outs = []
-        with torch.no_grad():
-            kw = {cache_kwarg(model): cache}
-            outs.append(model(ids[:, :10], use_cache=True, **kw).logits[:, -1].float())
-            for i in range(10, 44):
-                outs.append(model(ids[:, i : i + 1], use_cache=True, **kw).logits[:, -1].float())
-        return torch.stack(outs), cache
+        return _sliding_steps(monkeypatch, model, q, ids, fused)
 
     truth, _ = run(False)  # fp32
     model.to(torch.bfloat16)
