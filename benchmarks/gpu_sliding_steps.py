@@ -75,7 +75,7 @@ def main():
     if a.report:
         return report(a.report, a.md, a.note)
     os.makedirs(a.out, exist_ok=True)
-    model = S.random_llama(None, "gemma3-4b")
+    model = S.random_model(None, "gemma3-4b")
     n_layers = model.config.num_hidden_layers
     quant = S.synthetic_nuq3_quantizer(model, n_layers, "token", 3)
     kw = cache_kwarg(model)

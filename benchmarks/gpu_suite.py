@@ -517,7 +517,7 @@ GEN_MODELS = {
 }
 
 
-def llama_config(n_layers=None, shape="llama3-8b"):
+def model_config(n_layers=None, shape="llama3-8b"):
     """The transformers config of ``shape`` (GEN_MODELS) with ``n_layers`` layers (None: the model's own)."""
     from transformers import Gemma3TextConfig, LlamaConfig
 
@@ -538,19 +538,19 @@ def llama_config(n_layers=None, shape="llama3-8b"):
     return cfg
 
 
-def random_llama(n_layers=None, shape="llama3-8b"):
+def random_model(n_layers=None, shape="llama3-8b"):
     """A random-weight model of ``shape`` (GEN_MODELS; Llama-3-8B by default), bf16 on the GPU."""
     from transformers import Gemma3ForCausalLM, LlamaForCausalLM
 
     cls = Gemma3ForCausalLM if GEN_MODELS[shape][1].get("family") == "gemma3" else LlamaForCausalLM
     torch.manual_seed(0)
     with torch.device(DEV):
-        model = cls(llama_config(n_layers, shape)).to(torch.bfloat16).eval()
+        model = cls(model_config(n_layers, shape)).to(torch.bfloat16).eval()
     return model
 
 
 def synthetic_nuq3_quantizer(model, n_layers, value_group="head", bits=3):
-    """nuq3-1% (or ``bits``: nuq2/nuq4-1%) quantizer with synthetic codebooks for a random Llama-shaped model (1 sink,
+    """nuq3-1% (or ``bits``: nuq2/nuq4-1%) quantizer with synthetic codebooks for a random model of GEN_MODELS (1 sink,
     no fp16 window; head-group values by default, "token" for the calibration default)."""
     from kvquant.models import model_identity
     from kvquant.quantizer import Quantizer, QuantizerConfig
@@ -575,7 +575,7 @@ def step_setup(a):
     """(model, quantizer, prompt ids, result dict with env) of those scripts: a random Llama-3-8B-shaped model with
     ``a.layers`` layers, the synthetic nuq3-1% quantizer and an ``a.context``-token prompt; creates ``a.out``."""
     os.makedirs(a.out, exist_ok=True)
-    model = random_llama(a.layers)
+    model = random_model(a.layers)
     quant = synthetic_nuq3_quantizer(model, a.layers)
     ids = torch.randint(0, 32000, (1, a.context), device=DEV)
     return model, quant, ids, {"env": env_info(), "context": a.context, "layers": a.layers}
@@ -611,7 +611,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     from kvquant.cache import KVQuantCache, kvquant_cache
     from kvquant.calibration import cache_kwarg
 
-    model = random_llama(n_layers, shape)
+    model = random_model(n_layers, shape)
     n_layers = model.config.num_hidden_layers
     kw = cache_kwarg(model)  # once, not inside the timed generate calls
     quants = {}  # (bits, value group) -> quantizer, built when a cache first asks for it
@@ -727,7 +727,7 @@ def calibration_section(res, n_windows=16, window=2048):
     from kvquant.calibration import CalibrationSettings, build_quantizer, collect_statistics
     from kvquant.quantizer import QuantizerConfig
 
-    model = random_llama()
+    model = random_model()
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(0, 32000, (n_windows, window), generator=g)
     torch.cuda.synchronize()
