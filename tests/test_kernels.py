@@ -1103,10 +1103,8 @@ def test_sliding_layers_take_the_fused_kernel(monkeypatch):
     q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
                         QuantizerConfig(bits=3))
     ids = torch.randint(0, 128, (2, 32), generator=g)
-    seen = []
+    seen, errs = [], []
     real = kernels.decode_attention
-
-    errs = []
 
     def spy(query, storage, scaling, attention_mask=None, **kw):
         seen.append(id(storage))
@@ -1117,12 +1115,9 @@ def test_sliding_layers_take_the_fused_kernel(monkeypatch):
 
     monkeypatch.setattr(kernels, "decode_attention", spy)
 
-    def run(fused: bool):
-        return _sliding_steps(monkeypatch, model, q, ids, fused)
-
-    ref, c_ref = run(False)
+    ref, c_ref = _sliding_steps(monkeypatch, model, q, ids, False)
     assert not seen
-    fused, c_fused = run(True)
+    fused, c_fused = _sliding_steps(monkeypatch, model, q, ids, True)
     assert [layer.is_sliding for layer in c_fused.layers] == [True, False]
     assert seen.count(id(c_fused.layers[0].storage)) == seen.count(id(c_fused.layers[1].storage)) == 22
     x = torch.zeros(2, model.config.num_attention_heads, 1, 64)
@@ -1134,7 +1129,7 @@ def test_sliding_layers_take_the_fused_kernel(monkeypatch):
     assert (ref - fused).norm() / ref.norm() < 3e-2
     monkeypatch.setattr(kc, "SLIDING_LAYER_KERNELS", False)  # the switch restores the reference path there
     seen.clear()
-    off, _ = run(True)
+    off, _ = _sliding_steps(monkeypatch, model, q, ids, True)
     assert len(seen) == 22 and (off - ref).norm() / ref.norm() < 1e-2
 
 
@@ -1166,14 +1161,11 @@ def test_sliding_layers_fused_gpu(monkeypatch, head_dim):
 
     monkeypatch.setattr(kernels, "decode_attention", spy)
 
-    def run(fused: bool):
-        return _sliding_steps(monkeypatch, model, q, ids, fused)
-
-    truth, _ = run(False)  # fp32
+    truth, _ = _sliding_steps(monkeypatch, model, q, ids, False)  # fp32
     model.to(torch.bfloat16)
-    ref, _ = run(False)
+    ref, _ = _sliding_steps(monkeypatch, model, q, ids, False)
     errs.clear()
-    fused, cache = run(True)
+    fused, cache = _sliding_steps(monkeypatch, model, q, ids, True)
     sliding = [e for sid, e in errs if sid == id(cache.layers[0].storage)]
     assert len(sliding) == 34 and max(e for _, e in errs) < 1e-2, errs
     x = torch.zeros(2, model.config.num_attention_heads, 1, head_dim, device="cuda")
