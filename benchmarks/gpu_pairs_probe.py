@@ -34,6 +34,8 @@ def main():
     ap.add_argument("--variants", default=None, help="register cap and programs per SM, e.g. none:8,168:12 (the "
                     "pairs kernel alone at each, per grouping, on one filled storage; head:/token: prefixes "
                     "restrict a variant to one grouping)")
+    ap.add_argument("--key-slots", default="tile", help="--variants at head_dim 256: the key slots through the "
+                    "per-chunk tile, merged into every key register, or both (tile,merge; _gluon.KEY_SLOT_TILE)")
     a = ap.parse_args()
     if a.variants:
         return variants(a)
@@ -68,11 +70,11 @@ def main():
 
 
 
-def _last_compiled(fn):
+def _last_compiled(fn, keep=lambda c: True):
     """(registers, spilled registers, shared bytes) of the kernel's most recent compilation (Triton's per-device
-    cache)."""
+    cache) among those ``keep`` accepts."""
     try:
-        last = [c for dc in fn.device_caches.values() for c in dc[0].values()][-1]
+        last = [c for dc in fn.device_caches.values() for c in dc[0].values() if keep(c)][-1]
         return last.n_regs, last.n_spills, last.metadata.shared
     except (AttributeError, IndexError, TypeError):
         return None, None, None
@@ -83,13 +85,14 @@ def variants(a):
     programs per SM (the split rule fills one wave of them), nuq{bits}-1%, one storage per grouping."""
     from kvquant.kernels import _gluon as G
 
-    knobs = G.MAXNREG, G.PROGRAMS_PER_SM  # restored after each storage's variants
+    knobs = G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE  # restored after each storage's variants
     print(env_info())
     Hq, H, D = SHAPES[a.shape]
     specs = []
     for v in a.variants.split(","):
         *grp, reg, per = v.split(":")  # [grouping:]register cap:programs per SM
-        specs.append((grp[0] if grp else "", None if reg == "none" else int(reg), int(per)))
+        for ks in a.key_slots.split(","):
+            specs.append((grp[0] if grp else "", None if reg == "none" else int(reg), int(per), ks == "tile"))
     for vg in a.groups.split(","):
         _, _, sts, _ = fill_storages(2, H, D, 4096, [(a.bits, vg)], frac=a.frac, want_fp16=False)
         st4 = sts[(a.bits, vg)]
@@ -102,17 +105,23 @@ def variants(a):
                 _, _, sts, _ = fill_storages(B, H, D, ctx, [(a.bits, vg)], frac=a.frac, want_fp16=False)
                 st = sts[(a.bits, vg)]
                 print(f"{ctx} b{B}: SDPA bf16 {sdpa:.1f} us")
-                for grp, reg, per in specs:
+                for grp, reg, per, tile in specs:
                     if grp and grp != vg:
                         continue
-                    G.MAXNREG, G.PROGRAMS_PER_SM = reg, per
+                    G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE = reg, per, tile
                     err = rel(kernels.decode_attention(q4, st4, D**-0.5, kernel="pairs").float(), ref)
                     us = bench_graph(lambda q_=q, s_=st: kernels.decode_attention(q_, s_, 0.088, kernel="pairs"))
-                    regs, spills, shared = _last_compiled(G._pairs_kernel)
+                    on = G.key_slot_tile(D, int(st.k_out_idx.shape[-1]))
+                    ktile = "tile" if on else "merge"
+                    # (this variant's compilation: the key tile's bytes are what its shared memory has beyond the
+                    # tables and the value tile)
+                    regs, spills, shared = _last_compiled(G._pairs_kernel, lambda c, on=on: (
+                        c.metadata.shared - G.TABLE_SHARED_BYTES) % G.TILE_BYTES == G.KTILE_BYTES * on)
                     print(f"{ctx} b{B} nuq{a.bits} {vg}-group slots {a.frac}: pairs maxnreg={reg} programs/SM={per} "
+                          f"key slots {ktile} "
                           f"{us:.1f} us ({sdpa / us:.3f}x SDPA), 4K check {err:.2e}, {regs} registers, "
                           f"{spills} spilled, {shared} B shared", flush=True)
-                G.MAXNREG, G.PROGRAMS_PER_SM = knobs
+                G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE = knobs
                 sts = st = None
                 torch.cuda.empty_cache()
 

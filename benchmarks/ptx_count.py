@@ -166,11 +166,12 @@ _HELPER_REGION = {
     "_rot_q": "query rotation", "_pick4": "query rotation",
     "_hfma2": "key affine + RoPE", "_rope2": "key affine + RoPE", "_to_operand": "key affine + RoPE",
     "_slot_word": "slots", "_tile_off": "slots", "_sts16": "slots", "_clear16": "slots", "_warp_sync": "slots",
-    "_ldsm4": "slots", "_tile_merge": "slots", "_ldsm_rows": "slots", "_prefetch": "other",
+    "_ldsm4": "slots", "_tile_merge": "slots", "_ldsm_rows": "slots", "_ktile_off": "slots", "_ktile_rows": "slots",
+    "_key_slot_cell": "slots", "_prefetch": "other",
 }
 _STATEMENT_REGION = (  # (region, keywords), first match wins
     ("slots", ("k_rel", "v_rel", "KOI", "KOV", "KZI", "VOI", "VOV", "VOE", "vs5", "vz5", "s_row", "s_inv", "s_z",
-               "ent = ", "+ ent", "res = ", "col = ", "npass")),
+               "ent = ", "+ ent", "res = ", "col = ", "npass", "ksm", "ko0", "ko1", "ko2", "kt_rows")),
     ("exact RoPE", ("dpos", "_cos_sin", "SCR", "_pack2", "_q_table_store")),
     ("codes", ("wrow", "hrow", "_lookup", "_vlookup", "h_w", " w = ", " h = ", "w1 = ", "ws = ", "w_s0", "w_l", "w_m")),
     ("MMA + movmatrix", ("movmatrix", "mma_v2", "acc")),
@@ -230,7 +231,8 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits
     cv = token_group or slots
     cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=cv,
               **G.value_slots(bool(token_group), cv, uses_head_ends("token", heads, token_group), head_dim),
-              HAS_MASK=has_mask, DEVLEN=False, PF=2, HI=bits == 3, B4=bits == 4, BT=G.BT, D=head_dim, N=G.N)
+              KTILE=G.key_slot_tile(head_dim, slots), HAS_MASK=has_mask, DEVLEN=False, PF=2, HI=bits == 3,
+              B4=bits == 4, BT=G.BT, D=head_dim, N=G.N)
     order = list(sig)
     div = [["tt.divisibility", 16]]
     hinted = ("KC", "VC", "skc_h", "svc_h", "skc_b", "svc_b")
@@ -241,8 +243,8 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits
                           options=dict(num_warps=1, **({} if maxnreg is None else {"maxnreg": maxnreg})))
 
 
-_PAIRS_CONST = ("H_KV", "GROUP", "CK", "CV", "VRUN", "VENDS", "V_OFF", "HAS_MASK", "DEVLEN", "PF", "HI", "B4", "BT",
-                "D", "N")
+_PAIRS_CONST = ("H_KV", "GROUP", "CK", "CV", "VRUN", "VENDS", "V_OFF", "KTILE", "HAS_MASK", "DEVLEN", "PF", "HI",
+                "B4", "BT", "D", "N")
 
 
 def main():

@@ -569,6 +569,60 @@ def test_pairs_slot_tile_layout_cpu(D):
                     assert got == want, (i, ph, k, lane)
 
 
+
+@pytest.mark.parametrize("vrun", [True, False])
+def test_pairs_key_slot_tile_layout_cpu(vrun):
+    """The head_dim-256 pairs kernel's key slot tile (KTILE), by its own index helpers (_ktile_off, _ktile_rows,
+    _key_slot_cell's chunk) and layout (P3), on the CPU: within a chunk every (token, channel) key slot has its own fp16
+    cell inside the tile's BT x 64 bytes, after the tables and (vrun) the value tile; the ldmatrix .x4 of each key
+    register pack hands every lane exactly the (token, channel pair) of chunk j that its P3 level register holds
+    (register k of pack (half, token // 16) from matrix k), the same row address for the pack's four registers; and
+    the eight rows of each matrix fall in distinct 16-byte bank groups. The kernel's own merge runs on the GPU
+    (test_decode_pairs_d256_gpu)."""
+    G = _gluon_module()
+    D = 256
+    kt_off = G.key_tile_off(vrun)
+    assert kt_off == G.TABLE_SHARED_BYTES + G.TILE_BYTES * vrun and G.KTILE_BYTES == G.BT * 64
+
+    def val(x):
+        return int(getattr(x, "value", x))
+
+    def chunk(c):
+        return (c % (D // 2)) // 16
+
+    for j in range(D // 32):
+        cell = {}
+        for t in range(G.BT):
+            for c in [c for c in range(D) if chunk(c) == j]:
+                a = val(G._ktile_off.fn(t, c, kt_off, D))
+                assert kt_off <= a < kt_off + G.KTILE_BYTES and a % 2 == 0
+                cell[a] = (t, c)
+        assert len(cell) == G.BT * 32
+
+        def coord(bases, index):  # a P3 basis combination: [token, half, p]
+            out = [0] * 3
+            for bit, b in enumerate(bases):
+                if index >> bit & 1:
+                    out = [o ^ x for o, x in zip(out, b)]
+            return out
+
+        for pack in range(4):
+            rows = {}
+            for lane in range(32):
+                addrs = set()
+                for k in range(4):
+                    t, h, p = [a ^ b for a, b in zip(coord(G.P3.reg_bases, k + 4 * pack), coord(G.P3.lane_bases, lane))]
+                    addrs.add(val(G._ktile_off.fn(*G._ktile_rows.fn(t, h, p, D), kt_off, D)))
+                assert len(addrs) == 1, (pack, lane)  # one row address per pack (the _ldsm4 operand)
+                rows[lane] = addrs.pop()
+            for k in range(4):
+                assert len({(rows[8 * k + r] // 16) % 8 for r in range(8)}) == 8  # no bank conflict
+                for lane in range(32):
+                    t, h, p = [a ^ b for a, b in zip(coord(G.P3.reg_bases, k + 4 * pack), coord(G.P3.lane_bases, lane))]
+                    got = [cell[rows[8 * k + lane // 4] + 4 * (lane % 4) + 2 * e] for e in range(2)]
+                    want = [(t, (D // 2) * h + 16 * j + 4 * (p % 4) + 2 * (p // 4) + e) for e in range(2)]
+                    assert got == want, (j, pack, k, lane)
+
 def test_pairs_kernel_refused_clearly_cpu():
     """Asked for where it cannot run (here: no CUDA), the pairs kernel is an error that says what it needs; the
     default never picks it."""

@@ -17,7 +17,7 @@ Per program (one warp): one (sequence, KV head, split) of 32-token blocks. head_
 head_dim 256 is eight key chunks, more than one warp's registers hold with eight accumulator chunks, so two programs
 share a split (grid axis 0: 2 split + vh), each accumulating one half of the value channels (the head_dim-128 value
 path, offset by 128 vh) and both computing all the scores; their key rows are read in two halves (the words of chunks
-0-3, then 4-7), and up to 3 key slots per vector (1% of 256) are merged one after the other.
+0-3, then 4-7), and up to 3 key slots per vector (1% of 256) go through a key slot tile (below).
 - **Scores** S^T = K Q^T with mma.sync m16n8k16: tokens are M, the GQA group's query heads N (padded to 8).
 - **Key levels** from a 64-entry table of fp16 pairs in shared memory, replicated per lane (any index pattern is
   free of bank conflicts): two neighbouring codes of an operand register form a 6-bit index read in place from the
@@ -36,6 +36,11 @@ path, offset by 128 vh) and both computing all the scores; their key rows are re
 - **Outlier slots** (the library's exact fp16 values and their channel): keys and head-group values (one slot per
   vector): each exact value, in code-level units ((exact - zero) / scale), replaces its channel's looked-up level
   before the affine map: a compare, an AND-OR merge and a select per register; no code lookup for the slot.
+  head_dim 256 (up to 3 key slots; constexpr KTILE): merged that way, the slots cost 1150 of a block's 4261
+  instructions and 72 live registers (ptxas spilled into the hot loop). Instead one lane per token writes its slots'
+  levels into a [token, 32 channels] fp16 tile of the chunk (2 KB, NaN elsewhere; each chunk first clears the cells
+  the last one wrote), and each key chunk reads it with ``ldmatrix`` straight into its level registers' layout and
+  merges it as the value tile is merged (below).
   Token-group values (a run of slots per head and token, core.codec.head_ends), and head-group rows with several
   slots: one lane per token writes each slot's exact value in level units ((exact - zero) / scale) into a [token,
   channel] fp16 tile in shared memory that holds NaN elsewhere, one rank per pass up to the block's longest run (3.71
@@ -47,10 +52,10 @@ path, offset by 128 vh) and both computing all the scores; their key rows are re
 - **Loads**: key rows as 16-byte loads, high-plane codes as 32-bit words, and a PTX prefetch of the next block's
   rows into L2.
 
-The tables (16 KB) and the slot tile (8 KB after them) are read and written through inline PTX at the address of
-Triton's dynamic shared memory (symbol ``global_smem``): Gluon 3.6 has no indexed shared-memory access. The kernel
-keeps both allocations alive to the end and the host checks that they are all the shared memory there is, the tile
-at its offset (:func:`_check_shared`). Hence the pinned Triton range in
+The tables (16 KB), the value slot tile (8 KB after them) and the key slot tile (2 KB after those) are read and
+written through inline PTX at the address of Triton's dynamic shared memory (symbol ``global_smem``): Gluon 3.6 has
+no indexed shared-memory access. The kernel keeps every allocation alive to the end and the host checks that they are
+all the shared memory there is, each tile at its offset (:func:`_check_shared`). Hence the pinned Triton range in
 :func:`available`; elsewhere the library uses its Triton kernels.
 """
 
@@ -77,6 +82,9 @@ TILE_OFF = TABLE_SHARED_BYTES  # then, with slot runs (VRUN), the value slots' l
 TILE_BYTES = BT * 2 * D
 _TILE_OFF = gl.constexpr(TILE_OFF)
 _TILE_ROWS = gl.constexpr(TILE_BYTES // 128)  # the tile as rows of 32 int32
+KTILE_BYTES = BT * 64  # head_dim 256 (KTILE): then the key slots' tile of one chunk, BT tokens x 32 channels fp16
+_KTILE_ROWS = gl.constexpr(KTILE_BYTES // 128)
+_TILE_BYTES = gl.constexpr(TILE_BYTES)
 _BT = gl.constexpr(BT)
 SCRATCH_KEY = 4 * 2 * 8 * 32  # a program's scratch (int32 words) per 128 key channels (head_dim 256: twice): a block's
 SCRATCH_WORDS = SCRATCH_KEY + 4 * 32  # key cos/sin in fragment order (as CSP), then the query rotation's (a BROT row)
@@ -468,6 +476,40 @@ def _key_slot(KOI, KOV, KZI, kt, km, sko_t, r: gl.constexpr, q3, B4: gl.constexp
     return k_val, k_keep, k_rel
 
 
+@gluon.jit
+def _ktile_off(t, c, KT_OFF: gl.constexpr, D: gl.constexpr):
+    """Byte offset in shared memory of the slot level of token t (< BT), key channel c in the key slots' tile (KTILE,
+    one chunk at a time; the chunk of c is (c % (D / 2)) // 16). Rows of 64 bytes per token: four 16-byte column
+    blocks, block 2 half + (c % 16) // 2 % 2 holding the channels 4 m + e of the chunk's half (m = 0..3, e = 0, 1)
+    in the order of one ldmatrix row (a lane's pair p % 4 = m, as in P3), XOR-swizzled by (t // 2) % 4 so that the
+    eight rows one ldmatrix reads (tokens 8 a .. 8 a + 7) fall in distinct banks."""
+    cl = c % 16
+    cb = 2 * (c // (D // 2)) + (cl // 2) % 2
+    return KT_OFF + t * 64 + (cb ^ ((t // 2) % 4)) * 16 + (cl // 4) * 4 + (cl % 2) * 2
+
+
+@gluon.jit
+def _ktile_rows(t3, h3, q3, D: gl.constexpr):
+    """The key slot tile's row that the P3 lane (p % 4, token % 8) addresses for the _ldsm4 of its register pack
+    (half, token // 16), whose four registers (p // 4, token // 8 % 2) = matrix k = p // 4 + 2 (token // 8 % 2):
+    lane l addresses row l % 8 = p % 4 + 4 (token % 2) of matrix l // 8 = (token % 8) // 2, i.e. token 16 (t // 16) +
+    8 ((t // 4) % 2) + p % 4 + 4 (t % 2), column block 2 half + (t // 2) % 2 (channel 2 ((t // 2) % 2) of its
+    chunk's half). Returns (token, channel) for _ktile_off."""
+    return (16 * (t3 // 16) + 8 * ((t3 // 4) % 2) + (q3 % 4) + 4 * (t3 % 2),
+            (D // 2) * h3 + 2 * ((t3 // 2) % 2))
+
+
+@gluon.jit
+def _key_slot_cell(KOI, KOV, KZI, kt, km, sko_t, r: gl.constexpr, s_t, KT_OFF: gl.constexpr, D: gl.constexpr):
+    """Key slot r of token kt = t0 + s_t (one token per lane; where km) for the key slot tile: its cell's byte offset,
+    its level ((exact - zero) / scale) as fp16 bits, and its chunk (-1 where km is false: never written)."""
+    ci = gl.load(KOI + kt * sko_t + r, mask=km, other=0).to(gl.int32)
+    xk = gl.load(KOV + kt * sko_t + r, mask=km, other=0.0).to(gl.float32)
+    lvl = (xk - gl.load(KZI + ci)) * gl.load(KZI + D + ci)
+    bits = gl.minimum(gl.maximum(lvl, -65000.0), 65000.0).to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32)
+    return _ktile_off(s_t, ci, KT_OFF, D), bits, gl.where(km, (ci % (D // 2)) // 16, -1)
+
+
 # decode steps change these every step: not specialised (no recompilation mid-generation)
 _DYNAMIC = ("smask_b", "n_s", "n_q", "chunk", "NSPLIT_Q")
 
@@ -479,7 +521,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                   svs_b, svs_h, svs_t, svo_b, svo_h, svo_t, soe_b, soe_t, sqp_b, smask_b,
                   n_s, n_q, chunk, NSPLIT_Q, n_brot,
                   H_KV: gl.constexpr, GROUP: gl.constexpr, CK: gl.constexpr, CV: gl.constexpr,
-                  VRUN: gl.constexpr, VENDS: gl.constexpr, V_OFF: gl.constexpr,
+                  VRUN: gl.constexpr, VENDS: gl.constexpr, V_OFF: gl.constexpr, KTILE: gl.constexpr,
                   HAS_MASK: gl.constexpr, DEVLEN: gl.constexpr, PF: gl.constexpr, HI: gl.constexpr,
                   B4: gl.constexpr, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
     """Split pid of KV head h of sequence b (grid: NSPLIT_Q, H_KV, B; head_dim 256: 2 NSPLIT_Q, program 2 pid + vh
@@ -543,6 +585,10 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     if VRUN:  # then the value slots' tile (NaN: no slot; each block clears it after use)
         tile = gl.allocate_shared_memory(gl.int32, [_TILE_ROWS, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
                                          gl.full([_TILE_ROWS, 32], -1, gl.int32, layout=tb_l))
+    KT_OFF: gl.constexpr = _TILE_OFF + _TILE_BYTES * VRUN
+    if KTILE:  # then the key slots' tile of one chunk (NaN: no slot; each chunk clears the cells the last one wrote)
+        ktile = gl.allocate_shared_memory(gl.int32, [_KTILE_ROWS, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+                                          gl.full([_KTILE_ROWS, 32], -1, gl.int32, layout=tb_l))
     gl.thread_barrier()
     # key side invariants
     t3 = gl.arange(0, BT, layout=P3_T)[:, None, None]
@@ -558,6 +604,10 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         k_rw = (2 * (4 * (q3 % 4) + 2 * (q3 // 4)) - 7) & 31  # first channel's low-plane bit -> bit 7
     k_rh = (4 * (q3 % 4) + 2 * (q3 // 4) - 11) & 31  # its high-plane bit -> bit 11 (half-word 0 of a word)
     k_rh16 = (k_rh + 16) & 31  # (half-word 1)
+    if KTILE:  # the key slot tile's ldmatrix rows per lane, and the scatter's token ks_t on lane ks_t
+        kt_tok, kt_ch = _ktile_rows(t3, h3, q3, D)
+        kt_rows = _ktile_off(kt_tok, kt_ch, KT_OFF, D)
+        ks_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))
     hs = gl.arange(0, 2, layout=gl.SliceLayout(1, KS_L))[:, None]
     qs = gl.arange(0, 8, layout=gl.SliceLayout(0, KS_L))[None, :]
     if B4:
@@ -731,7 +781,14 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         # the block's key rows, 16 bytes per load (head_dim 256: the words of chunks 0-3 here, of 4-7 at chunk 4)
         w_l0, w_l1, w_m0, w_m1, h_w0, h_w1 = _key_rows(KC32, t0, skc_t, hi_t, trow, wcol, trow16, wcol16, trow4, hcol,
                                                        0, HI, B4, D)
-        if CK:  # the block's key slots in code-level units, (exact - zero) / scale, to replace their levels
+        if KTILE:  # one lane per token: the cells, levels and chunks of its key slots in the key slot tile
+            ksm = (t0 + ks_t) < hi_t
+            ko0, kv0, kc0 = _key_slot_cell(KOI, KOV, KZI, t0 + ks_t, ksm, sko_t, 0, ks_t, KT_OFF, D)
+            if CK > 1:
+                ko1, kv1, kc1 = _key_slot_cell(KOI, KOV, KZI, t0 + ks_t, ksm, sko_t, 1, ks_t, KT_OFF, D)
+            if CK > 2:
+                ko2, kv2, kc2 = _key_slot_cell(KOI, KOV, KZI, t0 + ks_t, ksm, sko_t, 2, ks_t, KT_OFF, D)
+        elif CK:  # the block's key slots in code-level units, (exact - zero) / scale, to replace their levels
             kt = t0 + t3
             km = kt < hi_t
             k_val, k_keep, k_rel = _key_slot(KOI, KOV, KZI, kt, km, sko_t, 0, q3, B4, D)
@@ -766,12 +823,28 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                     h = w
                 rh = k_rh if j % 2 == 0 else k_rh16
                 lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, 0, HI)
-            if CK:  # the slot's exact level in place of the looked-up one, before the affine map and RoPE
+            if KTILE:  # the chunk's slots through the tile: each lane clears the cells it wrote for the last chunk,
+                # writes those of this one, and every key register takes the tile's numbers in place of its levels
+                if j > 0:
+                    _sts16(ko0, kv0 * 0 - 1, ksm)
+                    if CK > 1:
+                        _sts16(ko1, kv1 * 0 - 1, ksm)
+                    if CK > 2:
+                        _sts16(ko2, kv2 * 0 - 1, ksm)
+                _sts16(ko0, kv0, kc0 == j)
+                if CK > 1:
+                    _sts16(ko1, kv1, kc1 == j)
+                if CK > 2:
+                    _sts16(ko2, kv2, kc2 == j)
+                _warp_sync(ks_t)
+                lev = _tile_merge(lev, _ldsm4(kt_rows))
+                _warp_sync(ks_t)  # (every lane's ldmatrix before the next chunk's clears)
+            elif CK:  # the slot's exact level in place of the looked-up one, before the affine map and RoPE
                 lev = gl.where(k_rel == k_pair + 16 * j, (lev & k_keep) | k_val, lev)
-            if CK > 1:  # (head_dim 256: up to 3 slots, one after the other)
-                lev = gl.where(k_rel1 == k_pair + 16 * j, (lev & k_keep1) | k_val1, lev)
-            if CK > 2:
-                lev = gl.where(k_rel2 == k_pair + 16 * j, (lev & k_keep2) | k_val2, lev)
+                if CK > 1:  # (head_dim 256 without the tile: up to 3 slots, one after the other)
+                    lev = gl.where(k_rel1 == k_pair + 16 * j, (lev & k_keep1) | k_val1, lev)
+                if CK > 2:
+                    lev = gl.where(k_rel2 == k_pair + 16 * j, (lev & k_keep2) | k_val2, lev)
             ksz = ks_off + 8 * j
             k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
             k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
@@ -785,6 +858,12 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             qj = _pick8(j, q0, q1, q2, q3q, q4, q5, q6, q7)
             qr = _rot_q(qj, qtb + j * 32, j, N, True, B4)
             s = mma_v2(kr, gl.convert_layout(qr, b_l), s)
+        if KTILE:  # the last chunk's cells, cleared for the next block (its lanes' ldmatrix are behind the sync above)
+            _sts16(ko0, kv0 * 0 - 1, ksm)
+            if CK > 1:
+                _sts16(ko1, kv1 * 0 - 1, ksm)
+            if CK > 2:
+                _sts16(ko2, kv2 * 0 - 1, ksm)
         if HAS_MASK:  # the additive mask, natural-log units
             s += gl.load(MROW + t0 + tc_, mask=tmask, other=0.0)[:, None] * 1.4426950408889634
         # online softmax over the block's tokens (axis 0), base 2 (qk_scale holds log2 e / sqrt(D))
@@ -850,6 +929,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     keep = gl.sum(gl.sum(tab.slice(0, 1, dim=0).load(tb_l), 1), 0)
     if VRUN:
         keep += gl.sum(gl.sum(tile.slice(0, 1, dim=0).load(tb_l), 1), 0)
+    if KTILE:
+        keep += gl.sum(gl.sum(ktile.slice(0, 1, dim=0).load(tb_l), 1), 0)
     m_i += gl.where(n_q < 0, keep.to(gl.float32), 0.0)
     prow = row0 + hh.to(gl.int64) * (NSPLIT_Q + 1)
     pmask = hh < GROUP
@@ -951,19 +1032,38 @@ def tables(key_levels, key_scale, key_zero, value_levels, inv_freq) -> dict:
         INVF=inv_freq.float().contiguous())
 
 
-def _check_shared(compiled, vrun: bool) -> None:
-    """The inline PTX reads the tables (and with slot runs the tile after them) at offset 0 of Triton's shared memory:
-    the allocation must be all there is."""
+def key_tile_off(vrun: bool) -> int:
+    """Where the key slots' tile (KTILE) starts: after the tables and, with slot runs, the value slots' tile."""
+    return TILE_OFF + (TILE_BYTES if vrun else 0)
+
+
+def _check_shared(compiled, vrun: bool, ktile: bool = False) -> None:
+    """The inline PTX reads the tables (and with slot runs the value tile after them, then with KTILE the key tile)
+    at offset 0 of Triton's shared memory: the allocation must be all there is, each tile at its offset."""
     got = compiled.metadata.shared
-    want = TABLE_SHARED_BYTES + (TILE_BYTES if vrun else 0)
-    tile_at = f"getelementptr (i8, ptr addrspace(3) @global_smem, i32 {TILE_OFF})"  # the tile's keep-alive read
-    if got != want or (vrun and tile_at not in compiled.asm.get("llir", tile_at)):
+    want = TABLE_SHARED_BYTES + (TILE_BYTES if vrun else 0) + (KTILE_BYTES if ktile else 0)
+    llir = compiled.asm.get("llir")
+    at = [off for off, on in ((TILE_OFF, vrun), (key_tile_off(vrun), ktile)) if on]  # the tiles' keep-alive reads
+    if got != want or (llir is not None and any(
+            f"getelementptr (i8, ptr addrspace(3) @global_smem, i32 {off})" not in llir for off in at)):
+        what = " and the value slot tile" * vrun + " and the key slot tile" * ktile
         raise RuntimeError(f"the pairs kernel was compiled with {got} B of shared memory; its inline PTX expects "
-                           f"exactly {want} B (the tables{' and the slot tile' if vrun else ''}). This Triton version "
-                           "lays it out differently: use kernel='natural'.")
+                           f"exactly {want} B (the tables{what}). This Triton version lays it out differently: use "
+                           "kernel='natural'.")
 
 
 _CHECKED: set = set()
+
+
+#: head_dim 256: key slots go through a per-chunk shared-memory tile (KTILE) instead of being merged into every key
+#: register (3 slots x 3 instructions x 16 registers per chunk, 1150 of the 4261 instructions per block, and 72 live
+#: registers: ptxas spilled, benchmarks/gpu_notes.md, sixteenth session); False: the merge (an experiment knob)
+KEY_SLOT_TILE = True
+
+
+def key_slot_tile(head_dim: int, ck: int) -> bool:
+    """The kernel's key-slot variant (constexpr KTILE): the tile at head_dim 256 with slots, else the merge."""
+    return bool(KEY_SLOT_TILE and head_dim == 256 and ck > 0)
 
 
 def value_slots(v_token: bool, cv: int, has_ends: bool, head_dim: int = D) -> dict:
@@ -997,6 +1097,7 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     v_token = int(vz.shape[1]) == 1 and H > 1
     slots = value_slots(v_token, cv, voe is not None, d)
     vrun = slots["VRUN"]
+    ktile = key_slot_tile(d, ck)
     mask = bias if bias is not None else pm
     nv = programs_per_split(d)
     # each program's scratch for the RoPE of odd blocks: SCRATCH_WORDS per 128 key channels (head_dim 256: twice)
@@ -1012,11 +1113,12 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
         vs.stride(0), svh * vs.stride(1), vs.stride(2), voi.stride(0), svh * voi.stride(1), voi.stride(2),
         ends.stride(0), ends.stride(-2) if voe is not None else 0, qpos.stride(0),
         bias.stride(0) if bias is not None else 0, n_s, n_q, chunk, nsq, BROT_BLOCKS,
-        H_KV=H, GROUP=group, CK=ck, CV=cv, **slots, HAS_MASK=bias is not None, DEVLEN=lengths is not None, PF=2,
-        HI=bits == 3, B4=bits == 4, BT=BT, D=d, N=N, num_warps=1, **({} if MAXNREG is None else {"maxnreg": MAXNREG}))
+        H_KV=H, GROUP=group, CK=ck, CV=cv, **slots, KTILE=ktile, HAS_MASK=bias is not None,
+        DEVLEN=lengths is not None, PF=2, HI=bits == 3, B4=bits == 4, BT=BT, D=d, N=N, num_warps=1,
+        **({} if MAXNREG is None else {"maxnreg": MAXNREG}))
     key = id(k)
     if key not in _CHECKED:
-        _check_shared(k, vrun)
+        _check_shared(k, vrun, ktile)
         _CHECKED.add(key)
     return k
 
