@@ -570,13 +570,14 @@ def test_pairs_slot_tile_layout_cpu(D):
 
 
 
-@pytest.mark.parametrize("vrun", [True, False])
-def test_pairs_key_slot_tile_layout_cpu(vrun):
+@pytest.mark.parametrize("vrun,b4", [(True, False), (False, False), (True, True)])
+def test_pairs_key_slot_tile_layout_cpu(vrun, b4):
     """The head_dim-256 pairs kernel's key slot tile (KTILE), by its own index helpers (_ktile_off, _ktile_rows,
     _key_slot_cell's chunk) and layout (P3), on the CPU: within a chunk every (token, channel) key slot has its own fp16
     cell inside the tile's BT x 64 bytes, after the tables and (vrun) the value tile; the ldmatrix .x4 of each key
     register pack hands every lane exactly the (token, channel pair) of chunk j that its P3 level register holds
-    (register k of pack (half, token // 16) from matrix k), the same row address for the pack's four registers; and
+    (register k of pack (half, token // 16) from matrix k; b4: 4-bit codes, whose keys take the natural channel
+    order), the same row address for the pack's four registers; and
     the eight rows of each matrix fall in distinct 16-byte bank groups. The kernel's own merge runs on the GPU
     (test_decode_pairs_d256_gpu)."""
     G = _gluon_module()
@@ -594,7 +595,7 @@ def test_pairs_key_slot_tile_layout_cpu(vrun):
         cell = {}
         for t in range(G.BT):
             for c in [c for c in range(D) if chunk(c) == j]:
-                a = val(G._ktile_off.fn(t, c, kt_off, D))
+                a = val(G._ktile_off.fn(t, c, kt_off, D, b4))
                 assert kt_off <= a < kt_off + G.KTILE_BYTES and a % 2 == 0
                 cell[a] = (t, c)
         assert len(cell) == G.BT * 32
@@ -612,7 +613,7 @@ def test_pairs_key_slot_tile_layout_cpu(vrun):
                 addrs = set()
                 for k in range(4):
                     t, h, p = [a ^ b for a, b in zip(coord(G.P3.reg_bases, k + 4 * pack), coord(G.P3.lane_bases, lane))]
-                    addrs.add(val(G._ktile_off.fn(*G._ktile_rows.fn(t, h, p, D), kt_off, D)))
+                    addrs.add(val(G._ktile_off.fn(*G._ktile_rows.fn(t, h, p, D, b4), kt_off, D, b4)))
                 assert len(addrs) == 1, (pack, lane)  # one row address per pack (the _ldsm4 operand)
                 rows[lane] = addrs.pop()
             for k in range(4):
@@ -620,7 +621,8 @@ def test_pairs_key_slot_tile_layout_cpu(vrun):
                 for lane in range(32):
                     t, h, p = [a ^ b for a, b in zip(coord(G.P3.reg_bases, k + 4 * pack), coord(G.P3.lane_bases, lane))]
                     got = [cell[rows[8 * k + lane // 4] + 4 * (lane % 4) + 2 * e] for e in range(2)]
-                    want = [(t, (D // 2) * h + 16 * j + 4 * (p % 4) + 2 * (p // 4) + e) for e in range(2)]
+                    lane_ch = 8 * (p // 4) + 2 * (p % 4) if b4 else 4 * (p % 4) + 2 * (p // 4)
+                    want = [(t, (D // 2) * h + 16 * j + lane_ch + e) for e in range(2)]
                     assert got == want, (j, pack, k, lane)
 
 def test_pairs_kernel_refused_clearly_cpu():

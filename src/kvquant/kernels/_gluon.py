@@ -477,37 +477,45 @@ def _key_slot(KOI, KOV, KZI, kt, km, sko_t, r: gl.constexpr, q3, B4: gl.constexp
 
 
 @gluon.jit
-def _ktile_off(t, c, KT_OFF: gl.constexpr, D: gl.constexpr):
+def _ktile_off(t, c, KT_OFF: gl.constexpr, D: gl.constexpr, B4: gl.constexpr):
     """Byte offset in shared memory of the slot level of token t (< BT), key channel c in the key slots' tile (KTILE,
     one chunk at a time; the chunk of c is (c % (D / 2)) // 16). Rows of 64 bytes per token: four 16-byte column
-    blocks, block 2 half + (c % 16) // 2 % 2 holding the channels 4 m + e of the chunk's half (m = 0..3, e = 0, 1)
-    in the order of one ldmatrix row (a lane's pair p % 4 = m, as in P3), XOR-swizzled by (t // 2) % 4 so that the
-    eight rows one ldmatrix reads (tokens 8 a .. 8 a + 7) fall in distinct banks."""
+    blocks, block 2 half + p // 4 holding the pairs p % 4 = m (m = 0..3, elements e = 0, 1) of the chunk's half in
+    the order of one ldmatrix row, where P3 puts channel c = 16 j + 4 m + 2 (p // 4) + e of the half (B4, natural
+    order: 16 j + 8 (p // 4) + 2 m + e); XOR-swizzled by (t // 2) % 4 so that the eight rows one ldmatrix reads
+    (tokens 8 a .. 8 a + 7) fall in distinct banks."""
     cl = c % 16
-    cb = 2 * (c // (D // 2)) + (cl // 2) % 2
-    return KT_OFF + t * 64 + (cb ^ ((t // 2) % 4)) * 16 + (cl // 4) * 4 + (cl % 2) * 2
+    if B4:
+        m = (cl // 2) % 4
+        pb = cl // 8
+    else:
+        m = cl // 4
+        pb = (cl // 2) % 2
+    cb = 2 * (c // (D // 2)) + pb
+    return KT_OFF + t * 64 + (cb ^ ((t // 2) % 4)) * 16 + m * 4 + (cl % 2) * 2
 
 
 @gluon.jit
-def _ktile_rows(t3, h3, q3, D: gl.constexpr):
+def _ktile_rows(t3, h3, q3, D: gl.constexpr, B4: gl.constexpr):
     """The key slot tile's row that the P3 lane (p % 4, token % 8) addresses for the _ldsm4 of its register pack
     (half, token // 16), whose four registers (p // 4, token // 8 % 2) = matrix k = p // 4 + 2 (token // 8 % 2):
     lane l addresses row l % 8 = p % 4 + 4 (token % 2) of matrix l // 8 = (token % 8) // 2, i.e. token 16 (t // 16) +
     8 ((t // 4) % 2) + p % 4 + 4 (t % 2), column block 2 half + (t // 2) % 2 (channel 2 ((t // 2) % 2) of its
-    chunk's half). Returns (token, channel) for _ktile_off."""
+    chunk's half; B4: 8 ((t // 2) % 2)). Returns (token, channel) for _ktile_off."""
     return (16 * (t3 // 16) + 8 * ((t3 // 4) % 2) + (q3 % 4) + 4 * (t3 % 2),
-            (D // 2) * h3 + 2 * ((t3 // 2) % 2))
+            (D // 2) * h3 + (8 if B4 else 2) * ((t3 // 2) % 2))
 
 
 @gluon.jit
-def _key_slot_cell(KOI, KOV, KZI, kt, km, sko_t, r: gl.constexpr, s_t, KT_OFF: gl.constexpr, D: gl.constexpr):
+def _key_slot_cell(KOI, KOV, KZI, kt, km, sko_t, r: gl.constexpr, s_t, KT_OFF: gl.constexpr, D: gl.constexpr,
+                   B4: gl.constexpr):
     """Key slot r of token kt = t0 + s_t (one token per lane; where km) for the key slot tile: its cell's byte offset,
     its level ((exact - zero) / scale) as fp16 bits, and its chunk (-1 where km is false: never written)."""
     ci = gl.load(KOI + kt * sko_t + r, mask=km, other=0).to(gl.int32)
     xk = gl.load(KOV + kt * sko_t + r, mask=km, other=0.0).to(gl.float32)
     lvl = (xk - gl.load(KZI + ci)) * gl.load(KZI + D + ci)
     bits = gl.minimum(gl.maximum(lvl, -65000.0), 65000.0).to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32)
-    return _ktile_off(s_t, ci, KT_OFF, D), bits, gl.where(km, (ci % (D // 2)) // 16, -1)
+    return _ktile_off(s_t, ci, KT_OFF, D, B4), bits, gl.where(km, (ci % (D // 2)) // 16, -1)
 
 
 # decode steps change these every step: not specialised (no recompilation mid-generation)
@@ -605,8 +613,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     k_rh = (4 * (q3 % 4) + 2 * (q3 // 4) - 11) & 31  # its high-plane bit -> bit 11 (half-word 0 of a word)
     k_rh16 = (k_rh + 16) & 31  # (half-word 1)
     if KTILE:  # the key slot tile's ldmatrix rows per lane, and the scatter's token ks_t on lane ks_t
-        kt_tok, kt_ch = _ktile_rows(t3, h3, q3, D)
-        kt_rows = _ktile_off(kt_tok, kt_ch, KT_OFF, D)
+        kt_tok, kt_ch = _ktile_rows(t3, h3, q3, D, B4)
+        kt_rows = _ktile_off(kt_tok, kt_ch, KT_OFF, D, B4)
         ks_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))
     hs = gl.arange(0, 2, layout=gl.SliceLayout(1, KS_L))[:, None]
     qs = gl.arange(0, 8, layout=gl.SliceLayout(0, KS_L))[None, :]
@@ -783,11 +791,11 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                                                        0, HI, B4, D)
         if KTILE:  # one lane per token: the cells, levels and chunks of its key slots in the key slot tile
             ksm = (t0 + ks_t) < hi_t
-            ko0, kv0, kc0 = _key_slot_cell(KOI, KOV, KZI, t0 + ks_t, ksm, sko_t, 0, ks_t, KT_OFF, D)
+            ko0, kv0, kc0 = _key_slot_cell(KOI, KOV, KZI, t0 + ks_t, ksm, sko_t, 0, ks_t, KT_OFF, D, B4)
             if CK > 1:
-                ko1, kv1, kc1 = _key_slot_cell(KOI, KOV, KZI, t0 + ks_t, ksm, sko_t, 1, ks_t, KT_OFF, D)
+                ko1, kv1, kc1 = _key_slot_cell(KOI, KOV, KZI, t0 + ks_t, ksm, sko_t, 1, ks_t, KT_OFF, D, B4)
             if CK > 2:
-                ko2, kv2, kc2 = _key_slot_cell(KOI, KOV, KZI, t0 + ks_t, ksm, sko_t, 2, ks_t, KT_OFF, D)
+                ko2, kv2, kc2 = _key_slot_cell(KOI, KOV, KZI, t0 + ks_t, ksm, sko_t, 2, ks_t, KT_OFF, D, B4)
         elif CK:  # the block's key slots in code-level units, (exact - zero) / scale, to replace their levels
             kt = t0 + t3
             km = kt < hi_t
