@@ -831,8 +831,16 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                     h = w
                 rh = k_rh if j % 2 == 0 else k_rh16
                 lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, 0, HI)
-            if KTILE:  # the chunk's slots through the tile: each lane clears the cells it wrote for the last chunk,
-                # writes those of this one, and every key register takes the tile's numbers in place of its levels
+            if KTILE:  # the slots through the tile: each lane clears the cells it wrote for the last chunk, writes
+                # those of this one, and every key register takes the tile's numbers in place of its levels. KTILE 2:
+                # the chunk's key scale / zero and RoPE table loads first (the compiler does not move loads across
+                # the tile's stores and syncs)
+                ksz = ks_off + 8 * j
+                if KTILE == 2:
+                    k_sc = gl.load(KSZ + ksz)[None, :, :]
+                    k_zr = gl.load(KSZ + D // 2 + ksz)[None, :, :]
+                    cw = gl.load(csb + cs_off + 512 * j)
+                    sw = gl.load(csb + cs_off + 512 * j + 256)
                 if j > 0:
                     _sts16(ko0, kv0 * 0 - 1, ksm)
                     if CK > 1:
@@ -847,24 +855,30 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 _warp_sync(ks_t)
                 lev = _tile_merge(lev, _ldsm4(kt_rows))
                 _warp_sync(ks_t)  # (every lane's ldmatrix before the next chunk's clears)
-            elif CK:  # the slot's exact level in place of the looked-up one, before the affine map and RoPE
-                lev = gl.where(k_rel == k_pair + 16 * j, (lev & k_keep) | k_val, lev)
+                if KTILE == 1:
+                    k_sc = gl.load(KSZ + ksz)[None, :, :]
+                    k_zr = gl.load(KSZ + D // 2 + ksz)[None, :, :]
+                    cw = gl.load(csb + cs_off + 512 * j)
+                    sw = gl.load(csb + cs_off + 512 * j + 256)
+                k = _hfma2(lev, k_sc, k_zr)
+            else:
+                if CK:  # the slot's exact level in place of the looked-up one, before the affine map and RoPE
+                    lev = gl.where(k_rel == k_pair + 16 * j, (lev & k_keep) | k_val, lev)
                 if CK > 1:  # (head_dim 256 without the tile: up to 3 slots, one after the other)
                     lev = gl.where(k_rel1 == k_pair + 16 * j, (lev & k_keep1) | k_val1, lev)
                 if CK > 2:
                     lev = gl.where(k_rel2 == k_pair + 16 * j, (lev & k_keep2) | k_val2, lev)
-            ksz = ks_off + 8 * j
-            k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
+                ksz = ks_off + 8 * j
+                k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
+                # RoPE by each token's offset from the block start (fragment order: one line per warp-wide load)
+                cw = gl.load(csb + cs_off + 512 * j)
+                sw = gl.load(csb + cs_off + 512 * j + 256)
             k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
-            # RoPE by each token's offset from the block start (fragment order: one line per warp-wide load)
-            cw = gl.load(csb + cs_off + 512 * j)
-            sw = gl.load(csb + cs_off + 512 * j + 256)
             r1, r2 = _rope2(k1, k2, gl.convert_layout(cw, k1.type.layout, assert_trivial=True),
                             gl.convert_layout(sw, k1.type.layout, assert_trivial=True))
             kr = _to_operand(gl.reshape(gl.permute(gl.join(r1, r2), [0, 2, 1]), [BT, 16]), a_l, BT)
             # the query chunk rotated on from p_split to the block start p_b
-            qj = _pick8(j, q0, q1, q2, q3q, q4, q5, q6, q7)
-            qr = _rot_q(qj, qtb + j * 32, j, N, True, B4)
+            qr = _rot_q(_pick8(j, q0, q1, q2, q3q, q4, q5, q6, q7), qtb + j * 32, j, N, True, B4)
             s = mma_v2(kr, gl.convert_layout(qr, b_l), s)
         if KTILE:  # the last chunk's cells, cleared for the next block (its lanes' ldmatrix are behind the sync above)
             _sts16(ko0, kv0 * 0 - 1, ksm)
@@ -1054,7 +1068,7 @@ def _check_shared(compiled, vrun: bool, ktile: bool = False) -> None:
     at = [off for off, on in ((TILE_OFF, vrun), (key_tile_off(vrun), ktile)) if on]  # the tiles' keep-alive reads
     if got != want or (llir is not None and any(
             f"getelementptr (i8, ptr addrspace(3) @global_smem, i32 {off})" not in llir for off in at)):
-        what = " and the value slot tile" * vrun + " and the key slot tile" * ktile
+        what = " and the value slot tile" * bool(vrun) + " and the key slot tile" * bool(ktile)
         raise RuntimeError(f"the pairs kernel was compiled with {got} B of shared memory; its inline PTX expects "
                            f"exactly {want} B (the tables{what}). This Triton version lays it out differently: use "
                            "kernel='natural'.")
@@ -1065,13 +1079,14 @@ _CHECKED: set = set()
 
 #: head_dim 256: key slots go through a per-chunk shared-memory tile (KTILE) instead of being merged into every key
 #: register (3 slots x 3 instructions x 16 registers per chunk, 1150 of the 4261 instructions per block, and 72 live
-#: registers: ptxas spilled, benchmarks/gpu_notes.md, sixteenth session); False: the merge (an experiment knob)
-KEY_SLOT_TILE = True
+#: registers: ptxas spilled, benchmarks/gpu_notes.md, sixteenth session); 0: the merge; 2: the tile with the chunk's
+#: table loads issued before its stores (an experiment knob)
+KEY_SLOT_TILE = 1
 
 
-def key_slot_tile(head_dim: int, ck: int) -> bool:
-    """The kernel's key-slot variant (constexpr KTILE): the tile at head_dim 256 with slots, else the merge."""
-    return bool(KEY_SLOT_TILE and head_dim == 256 and ck > 0)
+def key_slot_tile(head_dim: int, ck: int) -> int:
+    """The kernel's key-slot variant (constexpr KTILE): the tile at head_dim 256 with slots, else 0 (the merge)."""
+    return int(KEY_SLOT_TILE) if head_dim == 256 and ck > 0 else 0
 
 
 def value_slots(v_token: bool, cv: int, has_ends: bool, head_dim: int = D) -> dict:
