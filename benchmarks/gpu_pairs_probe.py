@@ -35,8 +35,8 @@ def main():
                     "pairs kernel alone at each, per grouping, on one filled storage; head:/token: prefixes "
                     "restrict a variant to one grouping)")
     ap.add_argument("--key-slots", default="tile", help="--variants at head_dim 256: the key slots through the "
-                    "per-chunk tile, through it with the chunk's table loads first (hoist), or merged into every key "
-                    "register, e.g. tile,hoist,merge (_gluon.KEY_SLOT_TILE 1, 2, 0)")
+                    "per-chunk tile, merged into every key register, or both: tile,merge (_gluon.KEY_SLOT_TILE; run "
+                    "121 also timed the tile with the table loads after its stores, since removed)")
     a = ap.parse_args()
     if a.variants:
         return variants(a)
@@ -93,8 +93,7 @@ def variants(a):
     for v in a.variants.split(","):
         *grp, reg, per = v.split(":")  # [grouping:]register cap:programs per SM
         for ks in a.key_slots.split(","):
-            specs.append((grp[0] if grp else "", None if reg == "none" else int(reg), int(per),
-                          {"merge": 0, "tile": 1, "hoist": 2}[ks]))
+            specs.append((grp[0] if grp else "", None if reg == "none" else int(reg), int(per), ks == "tile"))
     for vg in a.groups.split(","):
         _, _, sts, _ = fill_storages(2, H, D, 4096, [(a.bits, vg)], frac=a.frac, want_fp16=False)
         st4 = sts[(a.bits, vg)]
@@ -114,11 +113,11 @@ def variants(a):
                     err = rel(kernels.decode_attention(q4, st4, D**-0.5, kernel="pairs").float(), ref)
                     us = bench_graph(lambda q_=q, s_=st: kernels.decode_attention(q_, s_, 0.088, kernel="pairs"))
                     on = G.key_slot_tile(D, int(st.k_out_idx.shape[-1]))
-                    ktile = ["merge", "tile", "hoist"][on]
+                    ktile = "tile" if on else "merge"
                     # (this variant's compilation: the key tile's bytes are what its shared memory has beyond the
                     # tables and the value tile)
                     regs, spills, shared = _last_compiled(G._pairs_kernel, lambda c, on=on: (
-                        c.metadata.shared - G.TABLE_SHARED_BYTES) % G.TILE_BYTES == G.KTILE_BYTES * (on > 0))
+                        c.metadata.shared - G.TABLE_SHARED_BYTES) % G.TILE_BYTES == G.KTILE_BYTES * on)
                     print(f"{ctx} b{B} nuq{a.bits} {vg}-group slots {a.frac}: pairs maxnreg={reg} programs/SM={per} "
                           f"key slots {ktile} "
                           f"{us:.1f} us ({sdpa / us:.3f}x SDPA), 4K check {err:.2e}, {regs} registers, "

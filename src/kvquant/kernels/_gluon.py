@@ -831,16 +831,15 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                     h = w
                 rh = k_rh if j % 2 == 0 else k_rh16
                 lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, 0, HI)
-            if KTILE:  # the slots through the tile: each lane clears the cells it wrote for the last chunk, writes
-                # those of this one, and every key register takes the tile's numbers in place of its levels. KTILE 2:
-                # the chunk's key scale / zero and RoPE table loads first (the compiler does not move loads across
-                # the tile's stores and syncs)
+            if KTILE:  # the chunk's key scale / zero and RoPE table loads first (the compiler does not move loads
+                # across the tile's stores and syncs: issued after them, their waits cost run 120 the tile's gain),
+                # then the slots through the tile: each lane clears the cells it wrote for the last chunk, writes
+                # those of this one, and every key register takes the tile's numbers in place of its levels
                 ksz = ks_off + 8 * j
-                if KTILE == 2:
-                    k_sc = gl.load(KSZ + ksz)[None, :, :]
-                    k_zr = gl.load(KSZ + D // 2 + ksz)[None, :, :]
-                    cw = gl.load(csb + cs_off + 512 * j)
-                    sw = gl.load(csb + cs_off + 512 * j + 256)
+                k_sc = gl.load(KSZ + ksz)[None, :, :]
+                k_zr = gl.load(KSZ + D // 2 + ksz)[None, :, :]
+                cw = gl.load(csb + cs_off + 512 * j)
+                sw = gl.load(csb + cs_off + 512 * j + 256)
                 if j > 0:
                     _sts16(ko0, kv0 * 0 - 1, ksm)
                     if CK > 1:
@@ -855,11 +854,6 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 _warp_sync(ks_t)
                 lev = _tile_merge(lev, _ldsm4(kt_rows))
                 _warp_sync(ks_t)  # (every lane's ldmatrix before the next chunk's clears)
-                if KTILE == 1:
-                    k_sc = gl.load(KSZ + ksz)[None, :, :]
-                    k_zr = gl.load(KSZ + D // 2 + ksz)[None, :, :]
-                    cw = gl.load(csb + cs_off + 512 * j)
-                    sw = gl.load(csb + cs_off + 512 * j + 256)
                 k = _hfma2(lev, k_sc, k_zr)
             else:
                 if CK:  # the slot's exact level in place of the looked-up one, before the affine map and RoPE
@@ -1079,14 +1073,14 @@ _CHECKED: set = set()
 
 #: head_dim 256: key slots go through a per-chunk shared-memory tile (KTILE) instead of being merged into every key
 #: register (3 slots x 3 instructions x 16 registers per chunk, 1150 of the 4261 instructions per block, and 72 live
-#: registers: ptxas spilled, benchmarks/gpu_notes.md, sixteenth session); 0: the merge; 2: the tile with the chunk's
-#: table loads issued before its stores (an experiment knob)
-KEY_SLOT_TILE = 1
+#: registers: ptxas spilled). Run 121 (benchmarks/gpu_runs/run121/probe.txt, Gemma-3-4B heads, 128K): 1.03-1.28x the
+#: merge (nuq3-1% head-group batch 1 310.6 against 385.2 us). False: the merge (an experiment knob)
+KEY_SLOT_TILE = True
 
 
-def key_slot_tile(head_dim: int, ck: int) -> int:
-    """The kernel's key-slot variant (constexpr KTILE): the tile at head_dim 256 with slots, else 0 (the merge)."""
-    return int(KEY_SLOT_TILE) if head_dim == 256 and ck > 0 else 0
+def key_slot_tile(head_dim: int, ck: int) -> bool:
+    """The kernel's key-slot variant (constexpr KTILE): the tile at head_dim 256 with slots, else the merge."""
+    return bool(KEY_SLOT_TILE and head_dim == 256 and ck > 0)
 
 
 def value_slots(v_token: bool, cv: int, has_ends: bool, head_dim: int = D) -> dict:
