@@ -163,13 +163,13 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                           "2/3-bit storage (71.6 / 62.8 us against the pairs kernel's 92.2 / 86.8), so graph steps "
                           "take the pairs kernel there only from kernels.PAIRS_D256_HEAD_MIN_TOKEN_HEADS (1885dbf)."),
     "run122_2026-11-30": ("head_dim 256 with the key slots through a per-chunk shared-memory tile (390fe59; before, 3 "
-                          "slots were merged into every key register and ptxas spilled in the hot loop): the pairs "
-                          "rows against runs 106-107's, same shapes, 1.10-1.41x (128K batch 1: nuq3-1% head-group 310.0 "
+                          "slots were merged into every key register and ptxas spilled in the hot loop): the pairs rows"
+                          " against runs 106-107's, same shapes, 1.10-1.41x (128K batch 1: nuq3-1% head-group 310.0 "
                           "against 387.8 us, token-group 320.4 against 387.1, nuq2 275.2 against 356.4, nuq4 392.9 "
-                          "against 435.5); 0.39-0.60x the best fp16 at 128K (0.50-0.54x for nuq3). At 16K batch 1 the natural kernel stays "
-                          "ahead for head-group 2/3-bit storage (71.9 / 62.6 us against 79.7 / 72.2), so "
-                          "kernels.PAIRS_D256_HEAD_MIN_TOKEN_HEADS is unchanged, although at 4K batch 1 the pairs "
-                          "kernel is now ahead (46.5 / 41.5 against 58.3 / 47.0)."),
+                          "against 435.5); 0.39-0.60x the best fp16 at 128K (0.50-0.54x for nuq3). At 16K batch 1 the "
+                          "natural kernel stays ahead for head-group 2/3-bit storage (71.9 / 62.6 us against 79.7 / "
+                          "72.2), so kernels.PAIRS_D256_HEAD_MIN_TOKEN_HEADS is unchanged, although at 4K batch 1 the "
+                          "pairs kernel is now ahead (46.5 / 41.5 against 58.3 / 47.0)."),
     "run111_2026-11-30": ("A random-weight Gemma-3-4B-shaped model (28 sliding-window layers of 1024 tokens, 6 global "
                           "ones at head_dim 256), first through generate. The fused kernels then served the global "
                           "layers only; each sliding layer dequantized its window with the PyTorch reference path "

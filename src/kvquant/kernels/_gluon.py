@@ -540,11 +540,13 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     [B, 1, cap, ..] serve every KV head (the host passes head strides 0, V_OFF = D: head h's slot elements are h D ..),
     or head-group rows with several slots, V_OFF = 0): one scatter pass per slot rank, up to the block's longest run
     of head h (VENDS: the runs' ends VOE [B, 1, cap, H], core.codec.head_ends; else every slot of the row is tried and
-    kept if it lies in head h). TAB [128, 32] int32: the key then the value pair table, lane-replicated (4-bit: over 8
-    lane groups); KSZ [H, 2, D/2] int32: key scale and zero as fp16 pairs; KZI [H, 2, D] fp32: key zero and 1 / scale
-    (for the slots); CSP [4, 2, 8, 32] int32: cos / sin of the block offsets in fragment order; BROT [n_brot, 4, 2, 16]
-    fp32: the per-block query rotation; INVF [D/2]. Writes partials row ((b H_KV + h) GROUP + n) (NSPLIT_Q + 1) + pid
-    of PACC [.., D], PM, PL (log2 units)."""
+    kept if it lies in head h). KTILE (head_dim 256 with key slots): the key slots through a per-chunk tile after
+    the tables and the value tile (_ktile_off), not merged into every key register. TAB [128, 32] int32: the key
+    then the value pair table, lane-replicated (4-bit: over 8 lane groups); KSZ [H, 2, D/2] int32: key scale and
+    zero as fp16 pairs; KZI [H, 2, D] fp32: key zero and 1 / scale (for the slots); CSP [4, 2, 8, 32] int32: cos /
+    sin of the block offsets in fragment order; BROT [n_brot, 4, 2, 16] fp32: the per-block query rotation; INVF
+    [D/2]. Writes partials row ((b H_KV + h) GROUP + n) (NSPLIT_Q + 1) + pid of PACC [.., D], PM, PL (log2 units).
+    """
     # head_dim 256: two programs per split (NV), value half vh each (value channels DV = 128 vh ..), both computing all
     # the scores (the scores of 256 key channels, 8 query and 8 accumulator chunks would not fit one warp's registers)
     NV: gl.constexpr = 1 + D // 256
