@@ -522,6 +522,15 @@ def test_pairs_kernel_tables_cpu(D):
     assert G.splits(4096, 64, 132) == (16, 256) and G.splits(131072, 8, 132) == (128, 1024)
 
 
+def _layout_coord(bases, index, rank):
+    """The coordinates a Gluon linear layout gives register (or lane) ``index``: the XOR of its set bits' bases."""
+    out = [0] * rank
+    for bit, b in enumerate(bases):
+        if index >> bit & 1:
+            out = [o ^ x for o, x in zip(out, b)]
+    return out
+
+
 @pytest.mark.parametrize("D", [128, 64])
 def test_pairs_slot_tile_layout_cpu(D):
     """The pairs kernel's value slot tile, by its own index helpers (_tile_off, _ldsm_rows) and layout (V5), on the
@@ -545,11 +554,7 @@ def test_pairs_slot_tile_layout_cpu(D):
     assert int(getattr(G._TILE_ROWS, "value", G._TILE_ROWS)) * D // 512 * 512 == G.BT * 2 * D  # the refill's bytes
 
     def coord(bases, index):  # a V5 basis combination: [sw, mh, ml, ph, pl]
-        out = [0] * 5
-        for bit, b in enumerate(bases):
-            if index >> bit & 1:
-                out = [o ^ x for o, x in zip(out, b)]
-        return out
+        return _layout_coord(bases, index, 5)
 
     for i in range(D // 32):
         for ph in range(4):
@@ -569,16 +574,15 @@ def test_pairs_slot_tile_layout_cpu(D):
                     assert got == want, (i, ph, k, lane)
 
 
-
 @pytest.mark.parametrize("vrun,b4", [(True, False), (False, False), (True, True)])
 def test_pairs_key_slot_tile_layout_cpu(vrun, b4):
-    """The head_dim-256 pairs kernel's key slot tile (KTILE), by its own index helpers (_ktile_off, _ktile_rows,
-    _key_slot_cell's chunk) and layout (P3), on the CPU: within a chunk every (token, channel) key slot has its own fp16
-    cell inside the tile's BT x 64 bytes, after the tables and (vrun) the value tile; the ldmatrix .x4 of each key
-    register pack hands every lane exactly the (token, channel pair) of chunk j that its P3 level register holds
-    (register k of pack (half, token // 16) from matrix k; b4: 4-bit codes, whose keys take the natural channel
-    order), the same row address for the pack's four registers; and
-    the eight rows of each matrix fall in distinct 16-byte bank groups. The kernel's own merge runs on the GPU
+    """The head_dim-256 pairs kernel's key slot tile (KTILE), by its own index helpers (_ktile_off, _ktile_rows) and
+    layout (P3), on the CPU: within a chunk (channel c is in chunk (c % 128) // 16, as _key_slot_cell computes it)
+    every (token, channel) key slot has its own fp16 cell inside the tile's BT x 64 bytes, after the tables and (vrun)
+    the value tile; the ldmatrix .x4 of each key register pack hands every lane exactly the (token, channel pair) of
+    chunk j that its P3 level register holds (register k of pack (half, token // 16) from matrix k; b4: 4-bit codes,
+    whose keys take the natural channel order), from one row address for the pack's four registers; and the eight rows
+    of each matrix fall in distinct 16-byte bank groups. The kernel's own merge runs on the GPU
     (test_decode_pairs_d256_gpu)."""
     G = _gluon_module()
     D = 256
@@ -600,30 +604,26 @@ def test_pairs_key_slot_tile_layout_cpu(vrun, b4):
                 cell[a] = (t, c)
         assert len(cell) == G.BT * 32
 
-        def coord(bases, index):  # a P3 basis combination: [token, half, p]
-            out = [0] * 3
-            for bit, b in enumerate(bases):
-                if index >> bit & 1:
-                    out = [o ^ x for o, x in zip(out, b)]
-            return out
-
         for pack in range(4):
             rows = {}
             for lane in range(32):
                 addrs = set()
                 for k in range(4):
-                    t, h, p = [a ^ b for a, b in zip(coord(G.P3.reg_bases, k + 4 * pack), coord(G.P3.lane_bases, lane))]
+                    t, h, p = [a ^ b for a, b in zip(_layout_coord(G.P3.reg_bases, k + 4 * pack, 3),
+                                                     _layout_coord(G.P3.lane_bases, lane, 3))]
                     addrs.add(val(G._ktile_off.fn(*G._ktile_rows.fn(t, h, p, D, b4), kt_off, D, b4)))
                 assert len(addrs) == 1, (pack, lane)  # one row address per pack (the _ldsm4 operand)
                 rows[lane] = addrs.pop()
             for k in range(4):
                 assert len({(rows[8 * k + r] // 16) % 8 for r in range(8)}) == 8  # no bank conflict
                 for lane in range(32):
-                    t, h, p = [a ^ b for a, b in zip(coord(G.P3.reg_bases, k + 4 * pack), coord(G.P3.lane_bases, lane))]
+                    t, h, p = [a ^ b for a, b in zip(_layout_coord(G.P3.reg_bases, k + 4 * pack, 3),
+                                                     _layout_coord(G.P3.lane_bases, lane, 3))]
                     got = [cell[rows[8 * k + lane // 4] + 4 * (lane % 4) + 2 * e] for e in range(2)]
                     lane_ch = 8 * (p // 4) + 2 * (p % 4) if b4 else 4 * (p % 4) + 2 * (p // 4)
                     want = [(t, (D // 2) * h + 16 * j + lane_ch + e) for e in range(2)]
                     assert got == want, (j, pack, k, lane)
+
 
 def test_pairs_kernel_refused_clearly_cpu():
     """Asked for where it cannot run (here: no CUDA), the pairs kernel is an error that says what it needs; the
