@@ -6,10 +6,12 @@
 An eager batch-1 decode step is host-bound, and this host's speed drifts by up to 2x within a minute (gpu_notes,
 fifteenth session), so `generate` rows taken one cache after another cannot separate a few milliseconds. Here one
 random-weight Gemma-3-4B-shaped model (gpu_suite.GEN_MODELS["gemma3-4b"]: 28 sliding-window layers, 6 global) holds
-three caches filled with the same prompt: DynamicCache, KVQuantCache nuq3-1% (token-group values, the calibration
-default) with its sliding layers through the fused kernel (the default), and the same with them dequantized and
-attended with SDPA (``kvquant_cache.SLIDING_LAYER_KERNELS = False``: the flag is read at every ``update``). Each round
-runs one decode step of every cache, in rotated order, each timed between device synchronisations; the report gives
+four caches filled with the same prompt: DynamicCache, KVQuantCache nuq3-1% (token-group values, the calibration
+default) with its sliding layers through the fused kernel (the default: a full window's step quantizes the new token
+into the oldest token's row, ``kvquant_cache.SLIDING_RING``), the same with the front drop instead
+(``SLIDING_RING = False``, the code of run 113), and the same with the sliding layers dequantized and attended with
+SDPA (``kvquant_cache.SLIDING_LAYER_KERNELS = False``; the flags are read at every ``update``). Each round runs one
+decode step of every cache, in rotated order, each timed between device synchronisations; the report gives
 each cache's median step and the median of the per-round ratios.
 """
 
@@ -32,7 +34,13 @@ import gpu_suite as S  # noqa: E402
 from kvquant.cache import KVQuantCache, kvquant_cache  # noqa: E402
 from kvquant.calibration import cache_kwarg  # noqa: E402
 
-CACHES = ("dynamic", "kvquant-sliding-kernel", "kvquant-sliding-sdpa")
+CACHES = ("dynamic", "kvquant-sliding-kernel", "kvquant-sliding-kernel-drop", "kvquant-sliding-sdpa")
+
+
+def _flags(name: str) -> None:
+    """The module flags of cache ``name`` (read at every update)."""
+    kvquant_cache.SLIDING_LAYER_KERNELS = name != "kvquant-sliding-sdpa"
+    kvquant_cache.SLIDING_RING = name != "kvquant-sliding-kernel-drop"
 
 
 def report(path: str, out_md: str, note: str = "") -> None:
@@ -43,7 +51,7 @@ def report(path: str, out_md: str, note: str = "") -> None:
     md = ("# Gemma-3-4B-shaped decode steps: the sliding-window layers through the fused kernel\n\n"
           f"Run: `{env['command']}`; {env['gpu']}, torch {env['torch']}, triton {env['triton']}, transformers "
           f"{env['transformers']}; {env['date']}; code {env.get('code_commit', '?')}.\n\n"
-          f"Model: {res['model']}, batch 1; KVQuantCache {res['cache_config']}. The three caches hold the same "
+          f"Model: {res['model']}, batch 1; KVQuantCache {res['cache_config']}. The caches hold the same "
           "prompt and take one decode step each per round, in rotated order (the host's speed drifts by up to 2x "
           "within a minute, so rows measured one cache after another do not compare); each step is timed between "
           "device synchronisations, the first 3 rounds dropped. Ratios are medians of the per-round ratios.\n\n"
@@ -51,12 +59,15 @@ def report(path: str, out_md: str, note: str = "") -> None:
           + "| context | cache | median step ms | tokens/s | vs DynamicCache (per round) | kernels |\n"
           "|---|---|---|---|---|---|\n")
     for r in res["rows"]:
-        for n in CACHES:
+        for n in [c for c in CACHES if c in r["median_step_ms"]]:  # (run 113 had no -drop cache)
             kern = ", ".join(r["decode_kernels"]) if n == "kvquant-sliding-kernel" else ""
             md += (f"| {r['context']:,} | {n} | {r['median_step_ms'][n]} | {r['tokens_per_s'][n]} | "
                    f"{r['speedup_vs_dynamic_median_of_rounds'][n]:.2f}x | {kern} |\n")
         md += (f"| {r['context']:,} | sliding kernel against sliding SDPA | | | "
                f"{r['sliding_kernel_vs_sdpa_median_of_rounds']:.2f}x | |\n")
+        if "ring_vs_drop_median_of_rounds" in r:
+            md += (f"| {r['context']:,} | sliding kernel: ring against front drop | | | "
+                   f"{r['ring_vs_drop_median_of_rounds']:.3f}x | |\n")
     with open(out_md, "w") as f:
         f.write(md)
 
@@ -86,7 +97,7 @@ def main():
         ids = torch.randint(0, 32000, (1, ctx), device=S.DEV)
         caches, nxt = {}, {}
         for name in CACHES:
-            kvquant_cache.SLIDING_LAYER_KERNELS = name != "kvquant-sliding-sdpa"
+            _flags(name)
             caches[name] = DynamicCache(config=model.config) if name == "dynamic" else KVQuantCache(quant, model)
             with torch.no_grad():
                 logits = model(ids, use_cache=True, **{kw: caches[name]}).logits[:, -1:]
@@ -95,9 +106,9 @@ def main():
             torch.cuda.empty_cache()
         times = {name: [] for name in CACHES}
         for r in range(a.steps):
-            order = CACHES[r % 3:] + CACHES[: r % 3]
+            order = CACHES[r % len(CACHES):] + CACHES[: r % len(CACHES)]
             for name in order:
-                kvquant_cache.SLIDING_LAYER_KERNELS = name != "kvquant-sliding-sdpa"
+                _flags(name)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 with torch.no_grad():
@@ -105,19 +116,22 @@ def main():
                 torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t0)
                 nxt[name] = out.argmax(-1)
-        kvquant_cache.SLIDING_LAYER_KERNELS = True
+        _flags("kvquant-sliding-kernel")
         warm = 3  # the first steps record graphs / compile
         med = {n: statistics.median(t[warm:]) * 1e3 for n, t in times.items()}
         ratio = {n: statistics.median(times["dynamic"][i] / times[n][i] for i in range(warm, a.steps))
                  for n in CACHES}
         ratio_sdpa = statistics.median(times["kvquant-sliding-sdpa"][i] / times["kvquant-sliding-kernel"][i]
                                        for i in range(warm, a.steps))
+        ring_drop = statistics.median(times["kvquant-sliding-kernel-drop"][i] / times["kvquant-sliding-kernel"][i]
+                                      for i in range(warm, a.steps))
         kern = sorted(set().union(*(S.kernels.planned_kernels(layer.storage)
                                     for layer in caches["kvquant-sliding-kernel"].layers)))
         row = dict(context=ctx, steps=a.steps - warm, median_step_ms={n: round(v, 2) for n, v in med.items()},
                    tokens_per_s={n: round(1e3 / v, 2) for n, v in med.items()},
                    speedup_vs_dynamic_median_of_rounds={n: round(v, 3) for n, v in ratio.items()},
-                   sliding_kernel_vs_sdpa_median_of_rounds=round(ratio_sdpa, 3), decode_kernels=kern,
+                   sliding_kernel_vs_sdpa_median_of_rounds=round(ratio_sdpa, 3),
+                   ring_vs_drop_median_of_rounds=round(ring_drop, 3), decode_kernels=kern,
                    step_ms={n: [round(x * 1e3, 1) for x in t] for n, t in times.items()})
         print(json.dumps({k: v for k, v in row.items() if k != "step_ms"}), flush=True)
         res["rows"].append(row)

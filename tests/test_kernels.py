@@ -1122,22 +1122,68 @@ def test_fused_cache_path_matches_reference_path(monkeypatch, R, head_dim, frac)
     assert (ref - fused).norm() / ref.norm() < 1e-2
 
 
-def _sliding_steps(monkeypatch, model, quant, ids, fused: bool):
+def _sliding_steps(monkeypatch, model, quant, ids, fused: bool, attention_mask=None):
     """A 10-token prefill, then the rest of ``ids`` token by token through a new KVQuantCache, with the fused path on
-    or off -> (the last-position logits of every step in fp32 [steps, B, V], the cache)."""
+    or off (and ``attention_mask`` over ``ids``, e.g. left padding) -> (the last-position logits of every step in fp32
+    [steps, B, V], the cache)."""
     from kvquant import KVQuantCache
     from kvquant.cache import kvquant_cache as kc
 
     monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1" if fused else "0")
     monkeypatch.setattr(kc, "_KERNEL_OK", {})
     cache = KVQuantCache(quant, model)
+    am = {} if attention_mask is None else {"attention_mask": attention_mask[:, :10]}
     outs = []
     with torch.no_grad():
         kw = {cache_kwarg(model): cache}
-        outs.append(model(ids[:, :10], use_cache=True, **kw).logits[:, -1].float())
+        outs.append(model(ids[:, :10], use_cache=True, **am, **kw).logits[:, -1].float())
         for i in range(10, ids.shape[1]):
-            outs.append(model(ids[:, i : i + 1], use_cache=True, **kw).logits[:, -1].float())
+            if attention_mask is not None:
+                am = {"attention_mask": attention_mask[:, : i + 1]}
+            outs.append(model(ids[:, i : i + 1], use_cache=True, **am, **kw).logits[:, -1].float())
     return torch.stack(outs), cache
+
+
+def _cache_order_mask(storage, mask):
+    """The mask a sliding storage's kernel call got (rotated to its rows by LayerStorage.ring_mask) back in cache
+    order, for the float reference (whose reading of the storage restores cache order)."""
+    if mask is None or not storage.ring_start:
+        return mask
+    s, n = storage.n_s, storage.n_q
+    out = mask.clone()
+    out[..., s : s + n] = torch.roll(mask[..., s : s + n], -storage.ring_start, dims=-1)
+    return out
+
+
+def test_ring_replace_matches_front_drop_cpu():
+    """LayerStorage.ring_replace (a full sliding window's decode step: the new token quantized into the oldest
+    token's row) holds what drop_front(1) + append hold, as a rotation of the rows: through two wraps of a 12-token
+    window the rows are the front-drop storage's rolled by ring_start, ring_mask rolls a mask's columns the same way,
+    and the first reading in cache order (dequantize) restores it exactly. A storage with sinks is refused."""
+    n, B, H, D = 12, 2, 2, 64
+    a, codec, rope = make_storage(B, H, D, 3, n, 0, 0, "token", "cpu", fill="reference")
+    b, _, _ = make_storage(B, H, D, 3, n, 0, 0, "token", "cpu", fill="reference")
+    pos = torch.arange(n, 3 * n + 3)[None, :].expand(B, -1)
+    k, v = synthetic_kv(codec, rope, B, pos.shape[1], pos, seed=5)
+    mask = torch.rand(B, 1, 1, n, generator=torch.Generator().manual_seed(0)) > 0.3
+    for i in range(pos.shape[1]):
+        a.drop_front(1)
+        a.append(k[:, :, i : i + 1], v[:, :, i : i + 1], pos[:, i : i + 1])
+        b.ring_replace(k[:, :, i : i + 1], v[:, :, i : i + 1], pos[:, i : i + 1])
+        r = b.ring_start
+        assert r == (i + 1) % n and b.n_q == a.n_q == len(b) == n and b.n_dropped == a.n_dropped
+        for name in ("q_pos", "k_codes", "k_out_val", "v_codes", "v_scale", "v_out_idx"):
+            dim = 1 if name == "q_pos" else 2
+            x, y = getattr(a, name).narrow(dim, 0, n), getattr(b, name).narrow(dim, 0, n)
+            assert torch.equal(y, torch.roll(x, r, dim)), (i, name)
+        assert torch.equal(b.ring_mask(mask), torch.roll(mask, r, -1))
+        assert torch.equal(_cache_order_mask(b, b.ring_mask(mask)), mask)
+    assert b.ring_start == 3
+    (ka, va), (kb, vb) = a.dequantize(), b.dequantize()
+    assert b.ring_start == 0 and torch.equal(ka, kb) and torch.equal(va, vb)
+    with_sink, _, _ = make_storage(B, H, D, 3, n, 1, 0, "token", "cpu", fill="reference")
+    with pytest.raises(ValueError, match="quantized tokens only"):
+        with_sink.ring_replace(k[:, :, :1], v[:, :, :1], pos[:, :1])
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU tensors through the Triton kernels)")
@@ -1165,7 +1211,7 @@ def test_sliding_layers_take_the_fused_kernel(monkeypatch):
     def spy(query, storage, scaling, attention_mask=None, **kw):
         seen.append(id(storage))
         out = real(query, storage, scaling, attention_mask, **kw)
-        ref = reference_decode_attention(query, storage, scaling, attention_mask)
+        ref = reference_decode_attention(query, storage, scaling, _cache_order_mask(storage, attention_mask))
         errs.append(float((out - ref).norm() / ref.norm()))
         return out
 
@@ -1190,6 +1236,54 @@ def test_sliding_layers_take_the_fused_kernel(monkeypatch):
     assert len(seen) == 22 and (off - ref).norm() / ref.norm() < 1e-2
 
 
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU tensors through the Triton kernels)")
+def test_sliding_ring_steps_match_front_drop(monkeypatch):
+    """A full sliding window's kernel steps take the new token into the oldest token's row (kvquant_cache.SLIDING_RING,
+    LayerStorage.ring_replace), under the interpreter, through two window wraps of a left-padded batch: every kernel
+    call on the rotated rows, with the mask rotated to match, is within 2e-3 of the float reference in cache order
+    (as the front drop's calls are), and the logits follow the front drop's (SLIDING_RING False) within the bound the
+    fused path keeps to the reference path (a tiny random model turns rounding differences into other quantization
+    codes for later tokens; test_ring_replace_matches_front_drop_cpu checks the storage itself exactly)."""
+    import copy
+
+    from kvquant.cache import kvquant_cache as kc
+    from kvquant.calibration import build_quantizer, collect_statistics
+    from kvquant.models import tiny_random_model
+    from kvquant.quantizer import QuantizerConfig
+
+    if not kernels.available(torch.device("cpu")):
+        pytest.skip("needs triton")
+    model = tiny_random_model("gemma3", head_dim=64)
+    sw = model.config.sliding_window
+    g = torch.Generator().manual_seed(3)
+    q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
+                        QuantizerConfig(bits=3))
+    ids = torch.randint(0, 128, (2, 48), generator=g)
+    am = torch.ones_like(ids)
+    am[1, :20] = 0  # row 1's padding stays inside the window for a while after the first wrap
+    real, calls = kernels.decode_attention, []
+
+    def spy(query, storage, scaling, attention_mask=None, **kw):
+        out = real(query, storage, scaling, attention_mask, **kw)
+        # the reference reads a copy (reading restores cache order; the storage keeps its rotation)
+        ref = reference_decode_attention(query, copy.deepcopy(storage), scaling,
+                                         _cache_order_mask(storage, attention_mask))
+        calls.append((storage.ring_start, float((out - ref).norm() / ref.norm())))
+        return out
+
+    monkeypatch.setattr(kernels, "decode_attention", spy)
+    out = {}
+    for ring in (False, True):
+        monkeypatch.setattr(kc, "SLIDING_RING", ring)
+        calls.clear()
+        out[ring] = _sliding_steps(monkeypatch, model, q, ids, True, attention_mask=am)
+        assert max(e for _, e in calls) < 2e-3, calls
+        assert (max(r for r, _ in calls) == sw - 1) == ring  # the rotation went all the way round (ring only)
+    (drop, c_drop), (ring, c_ring) = out[False], out[True]
+    assert c_drop.layers[0].storage.ring_start == 0 and c_ring.layers[0].storage.ring_start != 0
+    assert len(c_ring.layers[0].storage) == len(c_drop.layers[0].storage) == sw
+    assert torch.isfinite(ring).all() and rel(ring, drop) < 3e-2, rel(ring, drop)
+
 @gpu
 @pytest.mark.parametrize("head_dim", [64, 256])
 def test_sliding_layers_fused_gpu(monkeypatch, head_dim):
@@ -1212,7 +1306,7 @@ def test_sliding_layers_fused_gpu(monkeypatch, head_dim):
     def spy(query, storage, scaling, attention_mask=None, **kw):
         out = real(query, storage, scaling, attention_mask, **kw)
         if kw.get("lengths") is None:  # not inside a graph capture
-            ref = reference_decode_attention(query, storage, scaling, attention_mask)
+            ref = reference_decode_attention(query, storage, scaling, _cache_order_mask(storage, attention_mask))
             errs.append((id(storage), float((out.float() - ref.float()).norm() / ref.float().norm())))
         return out
 

@@ -87,8 +87,8 @@ def kvquant_attention_forward(module, query, key, value, attention_mask, dropout
                     out = graph.step(st, *note[2:], query, scale, attention_mask)
                 else:
                     st.append(*note[2:])
-            if out is None:
-                out = kernels.decode_attention(query, st, scale, attention_mask)  # [B, Hq, 1, D]
+            if out is None:  # (a sliding layer's rows may be a rotation of cache order: LayerStorage.ring_replace)
+                out = kernels.decode_attention(query, st, scale, st.ring_mask(attention_mask))  # [B, Hq, 1, D]
             return out.transpose(1, 2).contiguous(), None
         if note[0] == "band" and note[1].shape[2] == key.shape[2]:
             _, k_fp, v_fp, window = note

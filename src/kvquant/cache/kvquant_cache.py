@@ -59,6 +59,10 @@ _KERNEL_OK: dict[str, bool] = {}
 #: hold at most ``sliding_window`` tokens, so no CUDA graph); False: dequantized and attended with SDPA, as before
 #: the fifteenth GPU session (kept for benchmarks/gpu_suite.py's side-by-side rows)
 SLIDING_LAYER_KERNELS = True
+#: a full sliding-window layer's kernel step quantizes the new token into the oldest token's row
+#: (LayerStorage.ring_replace) instead of dropping the front (which moves every field: two launches each) and
+#: appending; False: the front drop (kept for benchmarks/gpu_sliding_steps.py's side-by-side rows)
+SLIDING_RING = True
 
 
 def _steady_decode(storage, t: int) -> bool:
@@ -155,9 +159,6 @@ class KVQuantLayer(CacheLayerMixin):
         pos = c._positions(b, t, self.cumulative_length, key_states.device)
         c._check_limit(pos, self.cumulative_length + t, t)
         self.cumulative_length += t
-        if self.is_sliding:  # a kernel step's deferred drop (a no-op after any other step)
-            st.drop_front(len(st) - (self.sliding_window - 1))
-
         R = st.recent_window
         # prefill="exact": a multi-token step attends its own tokens unquantized (plain SDPA over the prompt) and
         # earlier tokens as stored; its tokens are compressed in the same step
@@ -165,6 +166,15 @@ class KVQuantLayer(CacheLayerMixin):
         band = R > 0 and t > 1 and not exact and c._uses_kvquant_attention()
         kernel = (t == 1 and (SLIDING_LAYER_KERNELS or not self.is_sliding) and c._uses_kvquant_attention()
                   and kernels_available(key_states.device))
+        if (kernel and self.is_sliding and SLIDING_RING and st.n_q == len(st) == self.sliding_window
+                and R == 0):
+            # a full window of quantized tokens: the new token takes the oldest one's row (the front drop's result
+            # without moving the storage); the kernel reads the rows in any order, the mask rotated to match
+            st.ring_replace(key_states, value_states, pos)
+            _attention.set_pending(self.layer_idx, ("kernel", st))
+            return key_states, value_states  # placeholders: the kernel reads the storage
+        if self.is_sliding:  # a kernel step's deferred drop (a no-op after any other step)
+            st.drop_front(len(st) - (self.sliding_window - 1))
         if kernel and not self.is_sliding and _steady_decode(st, t):
             # steady decode step: the append runs with the attention, both as one CUDA-graph replay
             # (kvquant.kernels.graphs), or eagerly when the attention call does not qualify (no fused kernel for

@@ -115,6 +115,9 @@ class LayerStorage:
             setattr(self, name, None)
         self.n_seen = 0  # tokens ever appended (decides which ones are sinks)
         self.n_dropped = 0  # tokens dropped from the front (sliding-window layers)
+        # sliding-window decode steps (ring_replace): quantized row r holds the token (r - ring_start) % n_q in cache
+        # order; every other operation first puts the rows back in cache order (_unring)
+        self.ring_start = 0
 
     # ---- sizes ---------------------------------------------------------------------------------------------------
     @property
@@ -141,11 +144,14 @@ class LayerStorage:
         exceeds R tokens there is quantized (once) into the packed region. Returns the number of tokens quantized.
         """
         b, h, t, d = k.shape
+        self._unring()
         if (b, h, d) != (self.batch, self.heads, self.head_dim) or v.shape != k.shape:
             raise ValueError(
                 f"append expects keys/values [B={self.batch}, H={self.heads}, T, D={self.head_dim}], got "
                 f"{tuple(k.shape)} and {tuple(v.shape)}."
             )
+        if t == 0:  # (nothing to place; a fresh storage has no quantized fields to write into yet)
+            return 0
         R = self.recent_window
         if self.n_seen >= self.n_sinks and self.n_w == R and (R == 0 or t <= R):
             # Steady state (every decode step): no sink left to fill and the window full (or R = 0), so the t oldest
@@ -185,9 +191,54 @@ class LayerStorage:
     def append_quantized(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Quantize post-RoPE ``k``/``v`` [B, H, T, D] at ``positions`` [B, T] straight into the packed region
         (bypassing sinks and window; used to fill storage for measurements)."""
+        self._unring()
         self.n_seen += k.shape[2]
         self._quantize(k.to(self.dtype), v.to(self.dtype), positions.to(self.device, torch.int32).expand(
             k.shape[0], k.shape[2]))
+
+    @torch.no_grad()
+    def ring_replace(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """A full sliding-window layer's decode step: the new token [B, H, 1, D] (post-RoPE, at ``positions`` [B, 1])
+        is quantized into the row of the oldest quantized token, which is dropped, instead of dropping it from the
+        front (which moves every field) and appending. Only for a storage of quantized tokens alone (no sinks left,
+        no recent window). The rows are then a rotation of cache order (``ring_start``): the fused decode kernels
+        read tokens in any order (each row has its position), and the attention mask is rotated to match
+        (:func:`ring_mask`); every other operation first restores cache order."""
+        if k.shape[2] != 1 or self.n_s or self.n_w or self.recent_window or not self.n_q:
+            raise ValueError("ring_replace takes one token into a storage of quantized tokens only (no sinks, no "
+                             f"recent window); got {k.shape[2]} tokens, {self.n_s} sinks, window {self.n_w} / "
+                             f"{self.recent_window}, {self.n_q} quantized.")
+        n, row = self.n_q, self.ring_start
+        positions = positions.to(self.device, torch.int32).expand(k.shape[0], 1)
+        self.n_q = row  # the encoders write at n_q
+        try:
+            self._quantize(k.to(self.dtype), v.to(self.dtype), positions)
+        finally:
+            self.n_q = n
+        self.ring_start = (row + 1) % n
+        self.n_seen += 1
+        self.n_dropped += 1
+
+    def ring_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """``mask`` (last dim: the held tokens in cache order) with its quantized columns in row order."""
+        if mask is None or not self.ring_start:
+            return mask
+        s, n = self.n_s, self.n_q
+        rolled = mask.clone()
+        rolled[..., s : s + n] = torch.roll(mask[..., s : s + n], self.ring_start, dims=-1)
+        return rolled
+
+    def _unring(self) -> None:
+        """Put the quantized rows back in cache order (after ring_replace steps): one roll per field."""
+        r = self.ring_start
+        if not r:
+            return
+        n = self.n_q
+        for name in self._fields() + ["q_pos"]:
+            dim = 1 if name == "q_pos" else 2
+            rows = getattr(self, name).narrow(dim, 0, n)
+            rows.copy_(torch.roll(rows, -r, dims=dim))
+        self.ring_start = 0
 
     def _fused_encode(self, k_post: torch.Tensor) -> bool:
         """Encode on the GPU with ``kernels.quantize_append`` (same format; on with the fused decode kernel)."""
@@ -254,6 +305,7 @@ class LayerStorage:
         return self._packed(_V_FIELDS)
 
     def _packed(self, fields) -> PackedBlock:
+        self._unring()
         n = self.n_q
         return PackedBlock(**{attr: (None if getattr(self, name) is None else getattr(self, name)[:, :, :n])
                               for name, attr in fields})
@@ -286,6 +338,7 @@ class LayerStorage:
         m = min(int(m), len(self))
         if m <= 0:
             return
+        self._unring()
         self.n_dropped += m
         a = min(m, self.n_s)
         if a:
