@@ -61,6 +61,9 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+_RING_MASK: dict = {}  # LayerStorage.ring_mask's last result: {"last": (mask, key, rolled mask)}
+
+
 class LayerStorage:
     """Compressed keys/values of one layer for a batch of ``batch`` sequences.
 
@@ -220,12 +223,19 @@ class LayerStorage:
         self.n_dropped += 1
 
     def ring_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
-        """``mask`` (last dim: the held tokens in cache order) with its quantized columns in row order."""
+        """``mask`` (last dim: the held tokens in cache order) with its quantized columns in row order. The sliding
+        layers of a model rotate in step, so the last result is reused for the same mask (tensor and version): the
+        kernels' mask-bias memo then hits for every layer of the step, as without the ring."""
         if mask is None or not self.ring_start:
             return mask
         s, n = self.n_s, self.n_q
+        key = (mask._version, self.ring_start, s, n)
+        hit = _RING_MASK.get("last")
+        if hit is not None and hit[0] is mask and hit[1] == key:
+            return hit[2]
         rolled = mask.clone()
         rolled[..., s : s + n] = torch.roll(mask[..., s : s + n], self.ring_start, dims=-1)
+        _RING_MASK["last"] = (mask, key, rolled)
         return rolled
 
     def _unring(self) -> None:
