@@ -7,10 +7,10 @@ An eager batch-1 decode step is host-bound, and this host's speed drifts by up t
 fifteenth session), so `generate` rows taken one cache after another cannot separate a few milliseconds. Here one
 random-weight Gemma-3-4B-shaped model (gpu_suite.GEN_MODELS["gemma3-4b"]: 28 sliding-window layers, 6 global) holds
 four caches filled with the same prompt: DynamicCache, KVQuantCache nuq3-1% (token-group values, the calibration
-default) with its sliding layers through the fused kernel (the default: a full window's step quantizes the new token
-into the oldest token's row, ``kvquant_cache.SLIDING_RING``), the same with the front drop instead
-(``SLIDING_RING = False``, the code of run 113), and the same with the sliding layers dequantized and attended with
-SDPA (``kvquant_cache.SLIDING_LAYER_KERNELS = False``; the flags are read at every ``update``). Each round runs one
+default) with its sliding layers through the fused kernel (the default: a full window's step drops its oldest token
+from the front, then appends), the same with the new token quantized into the oldest token's row instead
+(``kvquant_cache.SLIDING_RING = True``), and the same with the sliding layers dequantized and attended with SDPA
+(``kvquant_cache.SLIDING_LAYER_KERNELS = False``; the flags are read at every ``update``). Each round runs one
 decode step of every cache, in rotated order, each timed between device synchronisations; the report gives
 each cache's median step and the median of the per-round ratios.
 """
@@ -34,13 +34,13 @@ import gpu_suite as S  # noqa: E402
 from kvquant.cache import KVQuantCache, kvquant_cache  # noqa: E402
 from kvquant.calibration import cache_kwarg  # noqa: E402
 
-CACHES = ("dynamic", "kvquant-sliding-kernel", "kvquant-sliding-kernel-drop", "kvquant-sliding-sdpa")
+CACHES = ("dynamic", "kvquant-sliding-kernel", "kvquant-sliding-kernel-ring", "kvquant-sliding-sdpa")
 
 
 def _flags(name: str) -> None:
     """The module flags of cache ``name`` (read at every update)."""
     kvquant_cache.SLIDING_LAYER_KERNELS = name != "kvquant-sliding-sdpa"
-    kvquant_cache.SLIDING_RING = name != "kvquant-sliding-kernel-drop"
+    kvquant_cache.SLIDING_RING = name == "kvquant-sliding-kernel-ring"
 
 
 def report(path: str, out_md: str, note: str = "") -> None:
@@ -59,7 +59,7 @@ def report(path: str, out_md: str, note: str = "") -> None:
           + "| context | cache | median step ms | tokens/s | vs DynamicCache (per round) | kernels |\n"
           "|---|---|---|---|---|---|\n")
     for r in res["rows"]:
-        for n in [c for c in CACHES if c in r["median_step_ms"]]:  # (run 113 had no -drop cache)
+        for n in [c for c in CACHES if c in r["median_step_ms"]]:  # (run 113 had no -ring cache)
             kern = ", ".join(r["decode_kernels"]) if n == "kvquant-sliding-kernel" else ""
             md += (f"| {r['context']:,} | {n} | {r['median_step_ms'][n]} | {r['tokens_per_s'][n]} | "
                    f"{r['speedup_vs_dynamic_median_of_rounds'][n]:.2f}x | {kern} |\n")
@@ -123,7 +123,7 @@ def main():
                  for n in CACHES}
         ratio_sdpa = statistics.median(times["kvquant-sliding-sdpa"][i] / times["kvquant-sliding-kernel"][i]
                                        for i in range(warm, a.steps))
-        ring_drop = statistics.median(times["kvquant-sliding-kernel-drop"][i] / times["kvquant-sliding-kernel"][i]
+        ring_drop = statistics.median(times["kvquant-sliding-kernel"][i] / times["kvquant-sliding-kernel-ring"][i]
                                       for i in range(warm, a.steps))
         kern = sorted(set().union(*(S.kernels.planned_kernels(layer.storage)
                                     for layer in caches["kvquant-sliding-kernel"].layers)))

@@ -59,10 +59,12 @@ _KERNEL_OK: dict[str, bool] = {}
 #: hold at most ``sliding_window`` tokens, so no CUDA graph); False: dequantized and attended with SDPA, as before
 #: the fifteenth GPU session (kept for benchmarks/gpu_suite.py's side-by-side rows)
 SLIDING_LAYER_KERNELS = True
-#: a full sliding-window layer's kernel step quantizes the new token into the oldest token's row
+#: True: a full sliding-window layer's kernel step quantizes the new token into the oldest token's row
 #: (LayerStorage.ring_replace) instead of dropping the front (which moves every field: two launches each) and
-#: appending; False: the front drop (kept for benchmarks/gpu_sliding_steps.py's side-by-side rows)
-SLIDING_RING = True
+#: appending. Tested on the CPU (the interpreter) but not yet on the GPU, where the front drop (False) is what the GPU
+#: tests and benchmarks/gpu_sliding_steps.md measured; off until gpu_sliding_steps.py times it (gpu_notes.md,
+#: sixteenth session: predicted 1.02-1.05x per step)
+SLIDING_RING = False
 
 
 def _steady_decode(storage, t: int) -> bool:
