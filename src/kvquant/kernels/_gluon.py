@@ -614,10 +614,11 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         k_rw = (2 * (4 * (q3 % 4) + 2 * (q3 // 4)) - 7) & 31  # first channel's low-plane bit -> bit 7
     k_rh = (4 * (q3 % 4) + 2 * (q3 // 4) - 11) & 31  # its high-plane bit -> bit 11 (half-word 0 of a word)
     k_rh16 = (k_rh + 16) & 31  # (half-word 1)
-    if KTILE:  # the key slot tile's ldmatrix rows per lane, and the scatter's token ks_t on lane ks_t
+    # token t of a block on lane t: the next block's prefetch, and the value and key slot scatters
+    lane_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    if KTILE:  # the key slot tile's ldmatrix rows per lane
         kt_tok, kt_ch = _ktile_rows(t3, h3, q3, D, B4)
         kt_rows = _ktile_off(kt_tok, kt_ch, KT_OFF, D, B4)
-        ks_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))
     hs = gl.arange(0, 2, layout=gl.SliceLayout(1, KS_L))[:, None]
     qs = gl.arange(0, 8, layout=gl.SliceLayout(0, KS_L))[None, :]
     if B4:
@@ -665,10 +666,9 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     v_tok = 8 * phw + mlw  # the token of a value pair before the transpose
     v_tok5 = 8 * ph5 + ml5  # (the same in the pairs' layout)
     v_pair = 16 * sw5 + 8 * mh5 + DV * vh  # a value pair's first channel, less 32 i and the lane's 2 pl
-    if VRUN:  # the slot tile's addressing: its ldmatrix rows per lane, and the scatter's token s_t on lane s_t
+    if VRUN:  # the slot tile's addressing: its ldmatrix rows per lane
         lt_tok, lt_ch = _ldsm_rows(ml5, ph5, pl5)
         lt_ch += 0 * (sw5 + mh5)
-        s_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))
     bk = gl.arange(0, 32, layout=gl.SliceLayout(1, b_l))
     bn = gl.arange(0, N, layout=gl.SliceLayout(0, b_l))
     # the query chunks rotated back by the split's first position p_split (RoPE(p + tau) = RoPE(tau) RoPE(p)); each
@@ -706,10 +706,9 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     acc3 = gl.zeros([32, N], gl.float32, layout=mma)
     KC32 = KC.to(gl.pointer_type(gl.int32))
     VC32 = VC.to(gl.pointer_type(gl.int32))
-    pf_t = gl.arange(0, BT, layout=gl.BlockedLayout([1], [32], [1], [0]))
     for t0 in range(lo_t, hi_t, BT):
         if PF > 0:  # the next block's rows (a row start per lane touches every line: rows are < 128 bytes)
-            nxt = t0 + BT + pf_t
+            nxt = t0 + BT + lane_t
             pmask = nxt < hi_t
             _prefetch(KC + nxt * skc_t, pmask, PF)
             _prefetch(VC + nxt * svc_t, pmask, PF)
@@ -736,7 +735,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         vzr = gl.load(VZ + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
         if VRUN:  # head h's value slots, one token per lane, in level units ((exact - zero) / scale) into the block's
             # tile; the value chunks put them in place of their looked-up levels
-            st_ = t0 + s_t
+            st_ = t0 + lane_t
             sm_ = st_ < hi_t
             if VENDS:  # head h's run [ends[h - 1], ends[h]) of the sorted slots
                 s_lo = gl.load(VOE + st_ * soe_t + gl.maximum(hd - 1, 0), mask=sm_ & (hd > 0), other=0).to(gl.int32)
@@ -759,8 +758,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 vi_n = gl.load(VOI + st_ * svo_t + col, mask=col < s_hi, other=0)
                 xv_n = gl.load(VOV + st_ * svo_t + col, mask=col < s_hi, other=0.0)
                 res = gl.minimum(gl.maximum((xv - s_z) * s_inv, -65000.0), 65000.0)
-                _sts16(_tile_off(s_t, vi, DV), res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32), ok)
-            _warp_sync(s_t)
+                _sts16(_tile_off(lane_t, vi, DV), res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32), ok)
+            _warp_sync(lane_t)
         # the block's positions: contiguous from its first token (the table path), and where that start lies
         bidx = (t0 - lo_t) // BT
         p_b = gl.load(QP + t0)
@@ -792,12 +791,12 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         w_l0, w_l1, w_m0, w_m1, h_w0, h_w1 = _key_rows(KC32, t0, skc_t, hi_t, trow, wcol, trow16, wcol16, trow4, hcol,
                                                        0, HI, B4, D)
         if KTILE:  # one lane per token: the cells, levels and chunks of its key slots in the key slot tile
-            ksm = (t0 + ks_t) < hi_t
-            ko0, kv0, kc0 = _key_slot_cell(KOI, KOV, KZI, t0 + ks_t, ksm, sko_t, 0, ks_t, KT_OFF, D, B4)
+            ksm = (t0 + lane_t) < hi_t
+            ko0, kv0, kc0 = _key_slot_cell(KOI, KOV, KZI, t0 + lane_t, ksm, sko_t, 0, lane_t, KT_OFF, D, B4)
             if CK > 1:
-                ko1, kv1, kc1 = _key_slot_cell(KOI, KOV, KZI, t0 + ks_t, ksm, sko_t, 1, ks_t, KT_OFF, D, B4)
+                ko1, kv1, kc1 = _key_slot_cell(KOI, KOV, KZI, t0 + lane_t, ksm, sko_t, 1, lane_t, KT_OFF, D, B4)
             if CK > 2:
-                ko2, kv2, kc2 = _key_slot_cell(KOI, KOV, KZI, t0 + ks_t, ksm, sko_t, 2, ks_t, KT_OFF, D, B4)
+                ko2, kv2, kc2 = _key_slot_cell(KOI, KOV, KZI, t0 + lane_t, ksm, sko_t, 2, lane_t, KT_OFF, D, B4)
         elif CK:  # the block's key slots in code-level units, (exact - zero) / scale, to replace their levels
             kt = t0 + t3
             km = kt < hi_t
@@ -853,9 +852,9 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                     _sts16(ko1, kv1, kc1 == j)
                 if CK > 2:
                     _sts16(ko2, kv2, kc2 == j)
-                _warp_sync(ks_t)
+                _warp_sync(lane_t)
                 lev = _tile_merge(lev, _ldsm4(kt_rows))
-                _warp_sync(ks_t)  # (every lane's ldmatrix before the next chunk's clears)
+                _warp_sync(lane_t)  # (every lane's ldmatrix before the next chunk's clears)
                 k = _hfma2(lev, k_sc, k_zr)
             else:
                 if CK:  # the slot's exact level in place of the looked-up one, before the affine map and RoPE
@@ -927,10 +926,10 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             else:
                 acc3 = mma_v2(vt, pv, acc3 * alpha[None, :])
         if VRUN:  # refill the tile with NaN (no slot) for the next block (after every lane's ldmatrix)
-            _warp_sync(s_t)
+            _warp_sync(lane_t)
             for cc in gl.static_range(_TILE_ROWS * DV // 512):  # (the tile's BT 2 DV bytes)
-                _clear16(_TILE_OFF + cc * 512 + 16 * s_t)
-            _warp_sync(s_t)  # (before the next block's scatter)
+                _clear16(_TILE_OFF + cc * 512 + 16 * lane_t)
+            _warp_sync(lane_t)  # (before the next block's scatter)
     # partials: O^T chunks [32 channels, N] (natural channel order) + the zero term, for the group's heads only
     oc = gl.arange(0, 32, layout=c_l)[:, None]
     oh = gl.arange(0, N, layout=h_l)[None, :]
