@@ -618,6 +618,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     prefetch_default = kernels.PREFETCH_DEFAULT
     eager_pairs_default = kernels.EAGER_PAIRS_MIN_TOKEN_HEADS
     eager_dims = kernels.EAGER_PAIRS_HEAD_DIMS
+    sliding_default = kvquant_cache.SLIDING_LAYER_KERNELS
     rows = []
 
     class Stamps(BaseStreamer):
@@ -638,7 +639,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
         kernels.EAGER_PAIRS_HEAD_DIMS = kernels.PAIRS_HEAD_DIMS if name.endswith("-eager-pairs") else eager_dims
         os.environ["KVQUANT_PAIRS"] = "0" if name.endswith("-natural") else "1"
         kernels.PREFETCH_DEFAULT = False if name.endswith("-noprefetch") else prefetch_default  # read by each plan
-        kvquant_cache.SLIDING_LAYER_KERNELS = not name.endswith("-slidingref")
+        kvquant_cache.SLIDING_LAYER_KERNELS = False if name.endswith("-slidingref") else sliding_default
         if name == "dynamic":
             return DynamicCache(config=model.config)
         if name == "static":  # preallocated fp16 cache (no per-step concatenation)
@@ -715,7 +716,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     kernels.PREFETCH_DEFAULT = prefetch_default
     kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = eager_pairs_default
     kernels.EAGER_PAIRS_HEAD_DIMS = eager_dims
-    kvquant_cache.SLIDING_LAYER_KERNELS = True
+    kvquant_cache.SLIDING_LAYER_KERNELS = sliding_default
     res["generate"] = dict(model=f"random-weight {GEN_MODELS[shape][0]} shape (bf16)", layers=n_layers,
                            new_tokens=new_tokens, via="model.generate", rounds=reps, rows=rows, batch=batch,
                            shape=shape)
