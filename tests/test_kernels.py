@@ -522,6 +522,11 @@ def test_pairs_kernel_tables_cpu(D):
     assert G.splits(4096, 64, 132) == (16, 256) and G.splits(131072, 8, 132) == (128, 1024)
 
 
+def _int(x) -> int:
+    """A Gluon helper's result called on the host (.fn): a constexpr or an int."""
+    return int(getattr(x, "value", x))
+
+
 def _layout_coord(bases, index, rank):
     """The coordinates a Gluon linear layout gives register (or lane) ``index``: the XOR of its set bits' bases."""
     out = [0] * rank
@@ -541,17 +546,14 @@ def test_pairs_slot_tile_layout_cpu(D):
     16-byte bank groups."""
     G = _gluon_module()
 
-    def val(x):
-        return int(getattr(x, "value", x))
-
     cell = {}
     for t in range(G.BT):
         for c in range(D):
-            a = val(G._tile_off.fn(t, c, D))
+            a = _int(G._tile_off.fn(t, c, D))
             assert G.TILE_OFF <= a < G.TILE_OFF + G.BT * 2 * D and a % 2 == 0
             cell[a] = (t, c)
     assert len(cell) == G.BT * D and G.BT * 2 * D <= G.TILE_BYTES
-    assert int(getattr(G._TILE_ROWS, "value", G._TILE_ROWS)) * D // 512 * 512 == G.BT * 2 * D  # the refill's bytes
+    assert _int(G._TILE_ROWS) * D // 512 * 512 == G.BT * 2 * D  # the refill's bytes
 
     def coord(bases, index):  # a V5 basis combination: [sw, mh, ml, ph, pl]
         return _layout_coord(bases, index, 5)
@@ -562,7 +564,7 @@ def test_pairs_slot_tile_layout_cpu(D):
             for lane in range(32):
                 _, _, ml, _, pl = coord(G.V5.lane_bases, lane)
                 tok, ch = G._ldsm_rows.fn(ml, ph, pl)
-                rows[lane] = val(G._tile_off.fn(tok, 32 * i + ch, D))
+                rows[lane] = _int(G._tile_off.fn(tok, 32 * i + ch, D))
             for k in range(4):
                 assert len({(rows[8 * k + r] // 16) % 8 for r in range(8)}) == 8  # no bank conflict
                 for lane in range(32):
@@ -589,9 +591,6 @@ def test_pairs_key_slot_tile_layout_cpu(vrun, b4):
     kt_off = G.key_tile_off(vrun)
     assert kt_off == G.TABLE_SHARED_BYTES + G.TILE_BYTES * vrun and G.KTILE_BYTES == G.BT * 64
 
-    def val(x):
-        return int(getattr(x, "value", x))
-
     def chunk(c):
         return (c % (D // 2)) // 16
 
@@ -599,7 +598,7 @@ def test_pairs_key_slot_tile_layout_cpu(vrun, b4):
         cell = {}
         for t in range(G.BT):
             for c in [c for c in range(D) if chunk(c) == j]:
-                a = val(G._ktile_off.fn(t, c, kt_off, D, b4))
+                a = _int(G._ktile_off.fn(t, c, kt_off, D, b4))
                 assert kt_off <= a < kt_off + G.KTILE_BYTES and a % 2 == 0
                 cell[a] = (t, c)
         assert len(cell) == G.BT * 32
@@ -611,7 +610,7 @@ def test_pairs_key_slot_tile_layout_cpu(vrun, b4):
                 for k in range(4):
                     t, h, p = [a ^ b for a, b in zip(_layout_coord(G.P3.reg_bases, k + 4 * pack, 3),
                                                      _layout_coord(G.P3.lane_bases, lane, 3))]
-                    addrs.add(val(G._ktile_off.fn(*G._ktile_rows.fn(t, h, p, D, b4), kt_off, D, b4)))
+                    addrs.add(_int(G._ktile_off.fn(*G._ktile_rows.fn(t, h, p, D, b4), kt_off, D, b4)))
                 assert len(addrs) == 1, (pack, lane)  # one row address per pack (the _ldsm4 operand)
                 rows[lane] = addrs.pop()
             for k in range(4):
@@ -1122,6 +1121,20 @@ def test_fused_cache_path_matches_reference_path(monkeypatch, R, head_dim, frac)
     assert (ref - fused).norm() / ref.norm() < 1e-2
 
 
+def _tiny_gemma3(head_dim: int, seed: int):
+    """A tiny random Gemma 3 (one sliding-window layer, one global) at ``head_dim`` with an nuq3 quantizer calibrated
+    on random ids -> (model, quantizer, the generator to draw further ids from)."""
+    from kvquant.calibration import build_quantizer, collect_statistics
+    from kvquant.models import tiny_random_model
+    from kvquant.quantizer import QuantizerConfig
+
+    model = tiny_random_model("gemma3", head_dim=head_dim)
+    g = torch.Generator().manual_seed(seed)
+    q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
+                        QuantizerConfig(bits=3))
+    return model, q, g
+
+
 def _sliding_steps(monkeypatch, model, quant, ids, fused: bool, attention_mask=None):
     """A 10-token prefill, then the rest of ``ids`` token by token through a new KVQuantCache, with the fused path on
     or off (and ``attention_mask`` over ``ids``, e.g. left padding) -> (the last-position logits of every step in fp32
@@ -1194,17 +1207,11 @@ def test_sliding_layers_take_the_fused_kernel(monkeypatch):
     (with the step's mask), the logits follow the reference path (dequantize + SDPA), the kernel served both layer
     types, and a sliding storage holds one window between steps."""
     from kvquant.cache import kvquant_cache as kc
-    from kvquant.calibration import build_quantizer, collect_statistics
-    from kvquant.models import tiny_random_model
-    from kvquant.quantizer import QuantizerConfig
 
     if not kernels.available(torch.device("cpu")):
         pytest.skip("needs triton")
-    model = tiny_random_model("gemma3", head_dim=64)  # head_dim 64: the natural kernel (16 has no kernel)
+    model, q, g = _tiny_gemma3(64, 1)  # head_dim 64: the natural kernel (16 has no kernel)
     sw = model.config.sliding_window
-    g = torch.Generator().manual_seed(1)
-    q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
-                        QuantizerConfig(bits=3))
     ids = torch.randint(0, 128, (2, 32), generator=g)
     seen, errs = [], []
     real = kernels.decode_attention
@@ -1248,17 +1255,11 @@ def test_sliding_ring_steps_match_front_drop(monkeypatch):
     import copy
 
     from kvquant.cache import kvquant_cache as kc
-    from kvquant.calibration import build_quantizer, collect_statistics
-    from kvquant.models import tiny_random_model
-    from kvquant.quantizer import QuantizerConfig
 
     if not kernels.available(torch.device("cpu")):
         pytest.skip("needs triton")
-    model = tiny_random_model("gemma3", head_dim=64)
+    model, q, g = _tiny_gemma3(64, 3)
     sw = model.config.sliding_window
-    g = torch.Generator().manual_seed(3)
-    q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
-                        QuantizerConfig(bits=3))
     ids = torch.randint(0, 128, (2, 48), generator=g)
     am = torch.ones_like(ids)
     am[1, :20] = 0  # row 1's padding stays inside the window for a while after the first wrap
@@ -1292,14 +1293,8 @@ def test_sliding_layers_fused_gpu(monkeypatch, head_dim):
     global layer through CUDA-graph steps; every sliding-layer call matches the float reference on the storage it read,
     through two window wraps, and the logits are as close to the fp32 reference path's as the bf16 reference path's
     are (a tiny random Gemma 3 amplifies rounding into its logits, so the bf16 paths are 13-24% off the fp32 one)."""
-    from kvquant.calibration import build_quantizer, collect_statistics
-    from kvquant.models import tiny_random_model
-    from kvquant.quantizer import QuantizerConfig
 
-    model = tiny_random_model("gemma3", head_dim=head_dim)
-    g = torch.Generator().manual_seed(2)
-    q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),
-                        QuantizerConfig(bits=3))
+    model, q, g = _tiny_gemma3(head_dim, 2)
     model = model.to("cuda")
     ids = torch.randint(0, 128, (2, 44), generator=g).cuda()
     real, errs = kernels.decode_attention, []
