@@ -1293,7 +1293,6 @@ def test_sliding_layers_fused_gpu(monkeypatch, head_dim):
     global layer through CUDA-graph steps; every sliding-layer call matches the float reference on the storage it read,
     through two window wraps, and the logits are as close to the fp32 reference path's as the bf16 reference path's
     are (a tiny random Gemma 3 amplifies rounding into its logits, so the bf16 paths are 13-24% off the fp32 one)."""
-
     model, q, g = _tiny_gemma3(head_dim, 2)
     model = model.to("cuda")
     ids = torch.randint(0, 128, (2, 44), generator=g).cuda()
