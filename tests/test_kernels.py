@@ -1287,21 +1287,32 @@ def test_sliding_ring_steps_match_front_drop(monkeypatch):
     assert torch.isfinite(ring).all() and rel(ring, drop) < 3e-2, rel(ring, drop)
 
 @gpu
+@pytest.mark.parametrize("ring", [False, True], ids=["front-drop", "ring"])
 @pytest.mark.parametrize("head_dim", [64, 256])
-def test_sliding_layers_fused_gpu(monkeypatch, head_dim):
+def test_sliding_layers_fused_gpu(monkeypatch, head_dim, ring):
     """On the GPU, in bf16: a tiny Gemma 3's sliding-window layer decodes through the fused kernel (eagerly) and its
     global layer through CUDA-graph steps; every sliding-layer call matches the float reference on the storage it read,
-    through two window wraps, and the logits are as close to the fp32 reference path's as the bf16 reference path's
-    are (a tiny random Gemma 3 amplifies rounding into its logits, so the bf16 paths are 13-24% off the fp32 one)."""
+    through two window wraps (with ``ring``, kvquant_cache.SLIDING_RING: on the rotated rows, the rotation going all
+    the way round), and the logits are as close to the fp32 reference path's as the bf16 reference path's are (a tiny
+    random Gemma 3 amplifies rounding into its logits, so the bf16 paths are 13-24% off the fp32 one)."""
+    import copy
+
+    from kvquant.cache import kvquant_cache as kc
+
+    monkeypatch.setattr(kc, "SLIDING_RING", ring)
     model, q, g = _tiny_gemma3(head_dim, 2)
     model = model.to("cuda")
     ids = torch.randint(0, 128, (2, 44), generator=g).cuda()
-    real, errs = kernels.decode_attention, []
+    real, errs, starts = kernels.decode_attention, [], []
 
     def spy(query, storage, scaling, attention_mask=None, **kw):
         out = real(query, storage, scaling, attention_mask, **kw)
         if kw.get("lengths") is None:  # not inside a graph capture
-            ref = reference_decode_attention(query, storage, scaling, _cache_order_mask(storage, attention_mask))
+            starts.append(storage.ring_start)
+            # a rotated storage's reference reads a copy (reading restores cache order; the storage keeps its
+            # rotation; the global layer's storage holds a CUDA graph, and is never rotated)
+            src = copy.deepcopy(storage) if storage.ring_start else storage
+            ref = reference_decode_attention(query, src, scaling, _cache_order_mask(storage, attention_mask))
             errs.append((id(storage), float((out.float() - ref.float()).norm() / ref.float().norm())))
         return out
 
@@ -1314,6 +1325,8 @@ def test_sliding_layers_fused_gpu(monkeypatch, head_dim):
     fused, cache = _sliding_steps(monkeypatch, model, q, ids, True)
     sliding = [e for sid, e in errs if sid == id(cache.layers[0].storage)]
     assert len(sliding) == 34 and max(e for _, e in errs) < 1e-2, errs
+    assert (max(starts) == model.config.sliding_window - 1) == ring, starts
+    assert (cache.layers[0].storage.ring_start != 0) == ring
     x = torch.zeros(2, model.config.num_attention_heads, 1, head_dim, device="cuda")
     assert kernels.decode_kernel(x, cache.layers[0].storage) == "natural"
     assert getattr(cache.layers[1].storage, "_decode_graph", None) is not None
