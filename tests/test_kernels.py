@@ -6,6 +6,7 @@ triton is missing). GPU (``-m gpu``): the same checks compiled on CUDA at realis
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -1157,6 +1158,19 @@ def _sliding_steps(monkeypatch, model, quant, ids, fused: bool, attention_mask=N
     return torch.stack(outs), cache
 
 
+def _cache_order_copy(storage):
+    """``storage`` itself, or, if its rows are rotated (ring_start), a shallow copy with its own copies of the
+    quantized fields and positions, for the float reference (whose reading restores cache order: the copy's, not
+    the storage's; a deep copy would also copy the storage's launch plans, which hold compiled kernels)."""
+    if not storage.ring_start:
+        return storage
+    snap = copy.copy(storage)
+    for name in storage._fields() + ["q_pos"]:
+        setattr(snap, name, getattr(storage, name).clone())
+    snap._kernel_cache = {}
+    return snap
+
+
 def _cache_order_mask(storage, mask):
     """The mask a sliding storage's kernel call got (rotated to its rows by LayerStorage.ring_mask) back in cache
     order, for the float reference (whose reading of the storage restores cache order)."""
@@ -1252,8 +1266,6 @@ def test_sliding_ring_steps_match_front_drop(monkeypatch):
     (as the front drop's calls are), and the logits follow the front drop's (SLIDING_RING False) within the bound the
     fused path keeps to the reference path (a tiny random model turns rounding differences into other quantization
     codes for later tokens; test_ring_replace_matches_front_drop_cpu checks the storage itself exactly)."""
-    import copy
-
     from kvquant.cache import kvquant_cache as kc
 
     if not kernels.available(torch.device("cpu")):
@@ -1268,7 +1280,7 @@ def test_sliding_ring_steps_match_front_drop(monkeypatch):
     def spy(query, storage, scaling, attention_mask=None, **kw):
         out = real(query, storage, scaling, attention_mask, **kw)
         # the reference reads a copy (reading restores cache order; the storage keeps its rotation)
-        ref = reference_decode_attention(query, copy.deepcopy(storage), scaling,
+        ref = reference_decode_attention(query, _cache_order_copy(storage), scaling,
                                          _cache_order_mask(storage, attention_mask))
         calls.append((storage.ring_start, float((out - ref).norm() / ref.norm())))
         return out
@@ -1295,8 +1307,6 @@ def test_sliding_layers_fused_gpu(monkeypatch, head_dim, ring):
     through two window wraps (with ``ring``, kvquant_cache.SLIDING_RING: on the rotated rows, the rotation going all
     the way round), and the logits are as close to the fp32 reference path's as the bf16 reference path's are (a tiny
     random Gemma 3 amplifies rounding into its logits, so the bf16 paths are 13-24% off the fp32 one)."""
-    import copy
-
     from kvquant.cache import kvquant_cache as kc
 
     monkeypatch.setattr(kc, "SLIDING_RING", ring)
@@ -1310,9 +1320,9 @@ def test_sliding_layers_fused_gpu(monkeypatch, head_dim, ring):
         if kw.get("lengths") is None:  # not inside a graph capture
             starts.append(storage.ring_start)
             # a rotated storage's reference reads a copy (reading restores cache order; the storage keeps its
-            # rotation; the global layer's storage holds a CUDA graph, and is never rotated)
-            src = copy.deepcopy(storage) if storage.ring_start else storage
-            ref = reference_decode_attention(query, src, scaling, _cache_order_mask(storage, attention_mask))
+            # rotation)
+            ref = reference_decode_attention(query, _cache_order_copy(storage), scaling,
+                                             _cache_order_mask(storage, attention_mask))
             errs.append((id(storage), float((out.float() - ref.float()).norm() / ref.float().norm())))
         return out
 
