@@ -6,13 +6,14 @@
 An eager batch-1 decode step is host-bound, and this host's speed drifts by up to 2x within a minute (gpu_notes,
 fifteenth session), so `generate` rows taken one cache after another cannot separate a few milliseconds. Here one
 random-weight Gemma-3-4B-shaped model (gpu_suite.GEN_MODELS["gemma3-4b"]: 28 sliding-window layers, 6 global) holds
-four caches filled with the same prompt: DynamicCache, KVQuantCache nuq3-1% (token-group values, the calibration
-default) with its sliding layers through the fused kernel (the default: a full window's step drops its oldest token
-from the front, then appends), the same with the new token quantized into the oldest token's row instead
-(``kvquant_cache.SLIDING_RING = True``), and the same with the sliding layers dequantized and attended with SDPA
-(``kvquant_cache.SLIDING_LAYER_KERNELS = False``; the flags are read at every ``update``). Each round runs one
-decode step of every cache, in rotated order, each timed between device synchronisations; the report gives
-each cache's median step and the median of the per-round ratios.
+five caches filled with the same prompt: DynamicCache; KVQuantCache nuq3-1% (token-group values, the calibration
+default) with its sliding layers through the fused kernel, where a full window's step drops its oldest token from
+the front, then appends (``kvquant_cache.SLIDING_RING = False``); the same with the new token quantized into the
+oldest token's row instead, launched eagerly (``SLIDING_RING = True``, ``SLIDING_RING_GRAPHS = False``); the same
+with those ring steps as CUDA-graph replays (both True: the default); and the same with the sliding layers
+dequantized and attended with SDPA (``kvquant_cache.SLIDING_LAYER_KERNELS = False``). The flags are read at every
+``update``. Each round runs one decode step of every cache, in rotated order, each timed between device
+synchronisations; the report gives each cache's median step and the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ import gpu_suite as S  # noqa: E402
 from kvquant.cache import KVQuantCache, kvquant_cache  # noqa: E402
 from kvquant.calibration import cache_kwarg  # noqa: E402
 
-CACHES = ("dynamic", "kvquant-sliding-kernel", "kvquant-sliding-kernel-ring", "kvquant-sliding-sdpa")
+CACHES = ("dynamic", "kvquant-sliding-kernel", "kvquant-sliding-kernel-ring", "kvquant-sliding-kernel-ring-graph",
+          "kvquant-sliding-sdpa")
 
 
 def _flags(name: str) -> None:
     """The module flags of cache ``name`` (read at every update)."""
     kvquant_cache.SLIDING_LAYER_KERNELS = name != "kvquant-sliding-sdpa"
-    kvquant_cache.SLIDING_RING = name == "kvquant-sliding-kernel-ring"
+    kvquant_cache.SLIDING_RING = name.startswith("kvquant-sliding-kernel-ring")
+    kvquant_cache.SLIDING_RING_GRAPHS = name == "kvquant-sliding-kernel-ring-graph"
 
 
 def report(path: str, out_md: str, note: str = "") -> None:
@@ -60,7 +63,7 @@ def report(path: str, out_md: str, note: str = "") -> None:
           "|---|---|---|---|---|---|\n")
     for r in res["rows"]:
         for n in [c for c in CACHES if c in r["median_step_ms"]]:  # (run 113 had no -ring cache)
-            kern = ", ".join(r["decode_kernels"]) if n == "kvquant-sliding-kernel" else ""
+            kern = ", ".join(r["decode_kernels"]) if n.startswith("kvquant-sliding-kernel") else ""
             md += (f"| {r['context']:,} | {n} | {r['median_step_ms'][n]} | {r['tokens_per_s'][n]} | "
                    f"{r['speedup_vs_dynamic_median_of_rounds'][n]:.2f}x | {kern} |\n")
         md += (f"| {r['context']:,} | sliding kernel against sliding SDPA | | | "
@@ -68,6 +71,9 @@ def report(path: str, out_md: str, note: str = "") -> None:
         if "ring_vs_drop_median_of_rounds" in r:
             md += (f"| {r['context']:,} | sliding kernel: ring against front drop | | | "
                    f"{r['ring_vs_drop_median_of_rounds']:.3f}x | |\n")
+        if "ring_graph_vs_ring_eager_median_of_rounds" in r:
+            md += (f"| {r['context']:,} | sliding kernel: ring steps as graphs against eager | | | "
+                   f"{r['ring_graph_vs_ring_eager_median_of_rounds']:.3f}x | |\n")
     with open(out_md, "w") as f:
         f.write(md)
 
@@ -125,13 +131,16 @@ def main():
                                        for i in range(warm, a.steps))
         ring_drop = statistics.median(times["kvquant-sliding-kernel"][i] / times["kvquant-sliding-kernel-ring"][i]
                                       for i in range(warm, a.steps))
+        graph_eager = statistics.median(times["kvquant-sliding-kernel-ring"][i]
+                                        / times["kvquant-sliding-kernel-ring-graph"][i] for i in range(warm, a.steps))
         kern = sorted(set().union(*(S.kernels.planned_kernels(layer.storage)
                                     for layer in caches["kvquant-sliding-kernel"].layers)))
         row = dict(context=ctx, steps=a.steps - warm, median_step_ms={n: round(v, 2) for n, v in med.items()},
                    tokens_per_s={n: round(1e3 / v, 2) for n, v in med.items()},
                    speedup_vs_dynamic_median_of_rounds={n: round(v, 3) for n, v in ratio.items()},
                    sliding_kernel_vs_sdpa_median_of_rounds=round(ratio_sdpa, 3),
-                   ring_vs_drop_median_of_rounds=round(ring_drop, 3), decode_kernels=kern,
+                   ring_vs_drop_median_of_rounds=round(ring_drop, 3),
+                   ring_graph_vs_ring_eager_median_of_rounds=round(graph_eager, 3), decode_kernels=kern,
                    step_ms={n: [round(x * 1e3, 1) for x in t] for n, t in times.items()})
         print(json.dumps({k: v for k, v in row.items() if k != "step_ms"}), flush=True)
         res["rows"].append(row)

@@ -1298,18 +1298,55 @@ def test_sliding_ring_steps_match_front_drop(monkeypatch):
     assert len(c_ring.layers[0].storage) == len(c_drop.layers[0].storage) == sw
     assert torch.isfinite(ring).all() and rel(ring, drop) < 3e-2, rel(ring, drop)
 
-@gpu
-@pytest.mark.parametrize("ring", [False, True], ids=["front-drop", "ring"])
-@pytest.mark.parametrize("head_dim", [64, 256])
-def test_sliding_layers_fused_gpu(monkeypatch, head_dim, ring):
-    """On the GPU, in bf16: a tiny Gemma 3's sliding-window layer decodes through the fused kernel (eagerly) and its
-    global layer through CUDA-graph steps; every sliding-layer call matches the float reference on the storage it read,
-    through two window wraps (with ``ring``, kvquant_cache.SLIDING_RING: on the rotated rows, the rotation going all
-    the way round), and the logits are as close to the fp32 reference path's as the bf16 reference path's are (a tiny
-    random Gemma 3 amplifies rounding into its logits, so the bf16 paths are 13-24% off the fp32 one)."""
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_sliding_ring_graph_steps_interpret(monkeypatch):
+    """A full sliding window's ring steps as graph replays (kernels.graphs with the capture replaced by a recorder),
+    through two window wraps of a left-padded batch: the same logits as the eager ring steps (the rotated mask goes
+    through the bias buffer; the write row comes from a device tensor), one recording per layer, and the storages'
+    bookkeeping (length, tokens seen and dropped, rotation) as the eager path's."""
     from kvquant.cache import kvquant_cache as kc
 
+    if not kernels.available(torch.device("cpu")):
+        pytest.skip("needs triton")
+    recs = _graph_recorder(monkeypatch)
+    monkeypatch.setattr(kc, "SLIDING_RING", True)
+    model, q, g = _tiny_gemma3(64, 3)
+    ids = torch.randint(0, 128, (2, 48), generator=g)
+    am = torch.ones_like(ids)
+    am[1, :20] = 0
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("KVQUANT_CUDA_GRAPHS", flag)
+        out[flag] = _sliding_steps(monkeypatch, model, q, ids, True, attention_mask=am)
+        assert bool(recs) == (flag == "1")
+    (eager, c_eager), (graphed, cache) = out["0"], out["1"]
+    assert rel(graphed, eager) < 1e-5, rel(graphed, eager)
+    sliding = [i for i, layer in enumerate(cache.layers) if layer.is_sliding]
+    assert sliding and len(recs) == len(cache.layers)  # every layer recorded once, the sliding ones in ring mode
+    for i, (layer, ref) in enumerate(zip(cache.layers, c_eager.layers)):
+        st, rs = layer.storage, ref.storage
+        assert (st.n_q, st.n_seen, st.n_dropped, st.ring_start) == (rs.n_q, rs.n_seen, rs.n_dropped, rs.ring_start)
+        gr = st._decode_graph
+        assert gr.replays > 0 and not gr.failed and gr.key[-1] == (i in sliding)
+    assert cache.layers[sliding[0]].storage.ring_start != 0
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["front-drop", "ring-eager", "ring-graph"])
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_sliding_layers_fused_gpu(monkeypatch, head_dim, mode):
+    """On the GPU, in bf16: a tiny Gemma 3's sliding-window layer decodes through the fused kernel and its global
+    layer through CUDA-graph steps, through two window wraps, and the logits are as close to the fp32 reference
+    path's as the bf16 reference path's are (a tiny random Gemma 3 amplifies rounding into its logits, so the bf16
+    paths are 13-24% off the fp32 one). ``front-drop`` (kvquant_cache.SLIDING_RING False): every sliding-layer call
+    is eager and matches the float reference on the storage it read. ``ring-eager`` (the ring, SLIDING_RING_GRAPHS
+    False): the same on the rotated rows, the rotation going all the way round. ``ring-graph`` (the default): once
+    its window is full, the sliding layer's ring steps are graph replays too."""
+    from kvquant.cache import kvquant_cache as kc
+
+    ring = mode != "front-drop"
     monkeypatch.setattr(kc, "SLIDING_RING", ring)
+    monkeypatch.setattr(kc, "SLIDING_RING_GRAPHS", mode == "ring-graph")
     model, q, g = _tiny_gemma3(head_dim, 2)
     model = model.to("cuda")
     ids = torch.randint(0, 128, (2, 44), generator=g).cuda()
@@ -1333,27 +1370,29 @@ def test_sliding_layers_fused_gpu(monkeypatch, head_dim, ring):
     ref, _ = _sliding_steps(monkeypatch, model, q, ids, False)
     errs.clear()
     fused, cache = _sliding_steps(monkeypatch, model, q, ids, True)
-    sliding = [e for sid, e in errs if sid == id(cache.layers[0].storage)]
-    assert len(sliding) == 34 and max(e for _, e in errs) < 1e-2, errs
-    assert (max(starts) == model.config.sliding_window - 1) == ring, starts
-    assert (cache.layers[0].storage.ring_start != 0) == ring
+    st = cache.layers[0].storage
+    sliding = [e for sid, e in errs if sid == id(st)]
+    assert max(e for _, e in errs) < 1e-2, errs
+    assert (st.ring_start != 0) == ring
+    graph = getattr(st, "_decode_graph", None)
+    if mode == "ring-graph":  # eager until the window fills, then graph replays
+        assert 0 < len(sliding) < 34 and graph is not None and graph.replays > 0 and graph.key[-1], len(sliding)
+    else:
+        assert len(sliding) == 34 and graph is None
+        assert (max(starts) == model.config.sliding_window - 1) == ring, starts
     x = torch.zeros(2, model.config.num_attention_heads, 1, head_dim, device="cuda")
-    assert kernels.decode_kernel(x, cache.layers[0].storage) == "natural"
+    assert kernels.decode_kernel(x, st) == "natural"
     assert getattr(cache.layers[1].storage, "_decode_graph", None) is not None
     e_ref, e_fused = rel(ref, truth), rel(fused, truth)
     print(f"logits against fp32: bf16 reference path {e_ref:.4f}, fused {e_fused:.4f}")
     assert e_fused < 1.5 * e_ref + 5e-3, (e_fused, e_ref)
 
 
-def _graph_recorder_setup(monkeypatch, seed):
+def _graph_recorder(monkeypatch) -> list:
     """kernels.graphs without a GPU: the CUDA capture replaced by a recorder that reruns the recorded step on each
-    replay (the list of recorders is returned), the fused path forced on, and a tiny head_dim-64 Llama (the natural
-    kernel) with a calibrated nuq3 quantizer -> (recorders, model, quantizer, the generator to draw the ids from)."""
+    replay, and the fused path forced on -> the list of recorders."""
     from kvquant.cache import kvquant_cache as kc
-    from kvquant.calibration import build_quantizer, collect_statistics
     from kvquant.kernels import graphs
-    from kvquant.models import tiny_random_model
-    from kvquant.quantizer import QuantizerConfig
 
     class Recorder:
         def __init__(self, fn):
@@ -1369,6 +1408,18 @@ def _graph_recorder_setup(monkeypatch, seed):
                         staticmethod(lambda st, fn: recs.append(Recorder(fn)) or recs[-1]))
     monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1")
     monkeypatch.setattr(kc, "_KERNEL_OK", {})
+    return recs
+
+
+def _graph_recorder_setup(monkeypatch, seed):
+    """kernels.graphs without a GPU: the CUDA capture replaced by a recorder that reruns the recorded step on each
+    replay (the list of recorders is returned), the fused path forced on, and a tiny head_dim-64 Llama (the natural
+    kernel) with a calibrated nuq3 quantizer -> (recorders, model, quantizer, the generator to draw the ids from)."""
+    from kvquant.calibration import build_quantizer, collect_statistics
+    from kvquant.models import tiny_random_model
+    from kvquant.quantizer import QuantizerConfig
+
+    recs = _graph_recorder(monkeypatch)
     model = tiny_random_model("llama", head_dim=64)
     g = torch.Generator().manual_seed(seed)
     q = build_quantizer(collect_statistics(model, torch.randint(0, 128, (3, 48), generator=g), progress=False),

@@ -5,8 +5,9 @@
 * ``("kernel", storage)``: decode step (q_len == 1) on a device where :mod:`kvquant.kernels` is available; the
   fused kernel reads the compressed :class:`~kvquant.cache.storage.LayerStorage` directly and the key/value tensors
   handed to attention are placeholders.
-* ``("graph", storage, k, v, positions)``: a steady decode step on CUDA (:mod:`kvquant.kernels.graphs`): the new
-  token is not appended yet; the append and the attention run here, as one CUDA-graph replay when the call
+* ``("graph", storage, k, v, positions, ring)``: a steady decode step on CUDA (:mod:`kvquant.kernels.graphs`): the
+  new token is not appended yet (``ring``: a full sliding window's step, where it takes the oldest token's row,
+  ``LayerStorage.ring_replace``); the append and the attention run here, as one CUDA-graph replay when the call
   qualifies (a fused kernel serves the storage), else eagerly.
 * ``("band", k_fp, v_fp, R)``: a multi-token step with an fp16 recent window R: each query sees the unquantized
   keys/values of its R most recent positions and the quantized ones before (what decoding token by token gives).
@@ -82,11 +83,14 @@ def kvquant_attention_forward(module, query, key, value, attention_mask, dropout
             if note[0] == "graph":  # steady decode step: append + attention as one CUDA-graph replay, or eagerly
                 from ..kernels.graphs import LayerDecodeGraph
 
+                k, v, pos, ring = note[2:]
                 graph = LayerDecodeGraph.for_storage(st)
                 if graph.applies(st, query, attention_mask):
-                    out = graph.step(st, *note[2:], query, scale, attention_mask)
+                    out = graph.step(st, k, v, pos, query, scale, attention_mask, ring=ring)
+                elif ring:
+                    st.ring_replace(k, v, pos)
                 else:
-                    st.append(*note[2:])
+                    st.append(k, v, pos)
             if out is None:  # (a sliding layer's rows may be a rotation of cache order: LayerStorage.ring_replace)
                 out = kernels.decode_attention(query, st, scale, st.ring_mask(attention_mask))  # [B, Hq, 1, D]
             return out.transpose(1, 2).contiguous(), None

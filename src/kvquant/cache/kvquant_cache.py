@@ -61,10 +61,12 @@ _KERNEL_OK: dict[str, bool] = {}
 SLIDING_LAYER_KERNELS = True
 #: True: a full sliding-window layer's kernel step quantizes the new token into the oldest token's row
 #: (LayerStorage.ring_replace) instead of dropping the front (which moves every field: two launches each) and
-#: appending. Tested on the CPU (the interpreter) but not yet on the GPU, where the front drop (False) is what the GPU
-#: tests and benchmarks/gpu_sliding_steps.md measured; off until gpu_sliding_steps.py times it (gpu_notes.md,
-#: sixteenth session: predicted 1.02-1.05x per step)
-SLIDING_RING = False
+#: appending. Run 125 (benchmarks/gpu_sliding_steps.md, Gemma-3-4B shape, batch 1): 1.16x the front drop per decode
+#: step at 32K and 128K. False: the front drop (kept for the benchmark's side-by-side rows)
+SLIDING_RING = True
+#: With SLIDING_RING on CUDA: a full window's ring steps are CUDA-graph replays (kvquant.kernels.graphs), like the
+#: global layers' steps; False: launched eagerly (kept for benchmarks/gpu_sliding_steps.py's side-by-side rows)
+SLIDING_RING_GRAPHS = True
 
 
 def _steady_decode(storage, t: int) -> bool:
@@ -171,9 +173,13 @@ class KVQuantLayer(CacheLayerMixin):
         if (kernel and self.is_sliding and SLIDING_RING and st.n_q == len(st) == self.sliding_window
                 and R == 0):
             # a full window of quantized tokens: the new token takes the oldest one's row (the front drop's result
-            # without moving the storage); the kernel reads the rows in any order, the mask rotated to match
-            st.ring_replace(key_states, value_states, pos)
-            _attention.set_pending(self.layer_idx, ("kernel", st))
+            # without moving the storage); the kernel reads the rows in any order, the mask rotated to match. The
+            # rows stay where they are, so on CUDA the step is a graph replay like a global layer's
+            if SLIDING_RING_GRAPHS and _steady_decode(st, t):
+                _attention.set_pending(self.layer_idx, ("graph", st, key_states, value_states, pos, True))
+            else:
+                st.ring_replace(key_states, value_states, pos)
+                _attention.set_pending(self.layer_idx, ("kernel", st))
             return key_states, value_states  # placeholders: the kernel reads the storage
         if self.is_sliding:  # a kernel step's deferred drop (a no-op after any other step)
             st.drop_front(len(st) - (self.sliding_window - 1))
@@ -181,7 +187,7 @@ class KVQuantLayer(CacheLayerMixin):
             # steady decode step: the append runs with the attention, both as one CUDA-graph replay
             # (kvquant.kernels.graphs), or eagerly when the attention call does not qualify (no fused kernel for
             # this storage, graphs off, a layer whose recordings churn)
-            _attention.set_pending(self.layer_idx, ("graph", st, key_states, value_states, pos))
+            _attention.set_pending(self.layer_idx, ("graph", st, key_states, value_states, pos, False))
             return key_states, value_states  # placeholders: the kernel reads the storage
         if exact:
             old = st.dequantize() if len(st) else None

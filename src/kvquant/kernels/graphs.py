@@ -10,7 +10,9 @@ of a launch argument, so the recorded arguments stay valid from one step to the 
 number of splits, each deriving its share from that length; the graph itself advances the length.
 
 It applies to the steady state of a decode step (one token, no fp16 recent window, the sinks filled, a fused
-kernel) and is re-recorded when the storage reallocates (its capacity doubles). A padded batch's attention mask is
+kernel) and is re-recorded when the storage reallocates (its capacity doubles). A full sliding window's step
+(``ring``: ``LayerStorage.ring_replace``) writes the new token into the oldest token's row, read from a device
+tensor, and attends over a length that stays the window's. A padded batch's attention mask is
 turned into an additive bias once per step, in a buffer shared by every layer's graph (:func:`_static_bias`).
 Anything else takes the eager path. ``KVQUANT_CUDA_GRAPHS=0`` turns it off.
 """
@@ -49,6 +51,7 @@ class LayerDecodeGraph:
         self.kernel_ok = None  # (stamp, whether the natural/fields kernel serves this storage)
         self.lens = None  # int32 [1] on the device: the quantized length the kernels read
         self.dev_n_q = -1  # what self.lens holds (host mirror); -1: unknown
+        self.row = None  # int32 [1] on the device: a ring step's write row
         self.bufs = None
         self.out = None
         self.failed = False
@@ -76,18 +79,30 @@ class LayerDecodeGraph:
             self.kernel_ok = (st.k_codes, _k.decode_kernel(query, st, graph=True) in GRAPH_KERNELS)
         return self.kernel_ok[1]
 
-    def step(self, st, k, v, pos, query, scaling, attention_mask=None):
+    def step(self, st, k, v, pos, query, scaling, attention_mask=None, ring: bool = False):
         """Append ``k``/``v`` [B, H, 1, D] at ``pos`` [B, 1] and return the attention output [B, Hq, 1, D] of
         ``query`` over the whole layer (``attention_mask``: as for ``decode_attention``, covering the new token);
-        the storage's bookkeeping advances as in ``LayerStorage.append``."""
+        the storage's bookkeeping advances as in ``LayerStorage.append`` (``ring``: as in ``ring_replace``, the
+        mask covering the window after it, in cache order)."""
         k, v = k.to(st.dtype), v.to(st.dtype)
         pos = pos.to(st.device).expand(k.shape[0], 1)
-        _k._ensure_capacity(st, st.codec, st.batch, st.n_q + 1)
+        dev = st.k_codes.device
+        if ring:  # the oldest token's row; the mask is rotated to the rows as they will be after this step
+            n, row = st.n_q, st.ring_start
+            if self.row is None or self.row.device != dev:
+                self.row = torch.zeros(1, dtype=torch.int32, device=dev)
+            self.row.fill_(row)
+            st.ring_start = (row + 1) % n
+            attention_mask = st.ring_mask(attention_mask)
+            total = st.n_s + n
+        else:
+            _k._ensure_capacity(st, st.codec, st.batch, st.n_q + 1)
+            total = st.n_s + st.n_q + 1
         self._sync_lens(st)
         self.bias = None if attention_mask is None else _static_bias(
-            attention_mask, st.batch, st.n_s + st.n_q + 1, st.n_s + st.capacity, st.k_codes.device)
+            attention_mask, st.batch, total, st.n_s + st.capacity, dev)
         key = (tuple(k.shape), k.dtype, tuple(query.shape), query.dtype, tuple(pos.shape), pos.dtype, float(scaling),
-               None if self.bias is None else self.bias.data_ptr())
+               None if self.bias is None else self.bias.data_ptr(), ring)
         if self.graph is not None and self.stamp is st.k_codes and self.key == key:
             b = self.bufs
             b["k"].copy_(k)
@@ -101,15 +116,18 @@ class LayerDecodeGraph:
             churn = self.graph is not None and self.replays < 8  # e.g. beam search reorders the storage every step
             self.bufs = dict(k=k.clone(), v=v.clone(), pos=pos.clone(), q=query.clone())
             self.key, self.graph, self.replays = key, None, 0
-            self._body(st, scaling)
+            self._body(st, scaling, ring)
             out = self.out
             if churn:
                 self.failed = True  # recordings would not pay: this layer stays eager
             else:
-                self._record(st, scaling)
-        st.n_q += 1
+                self._record(st, scaling, ring)
         st.n_seen += 1
-        self.dev_n_q = st.n_q
+        if ring:
+            st.n_dropped += 1
+        else:
+            st.n_q += 1
+            self.dev_n_q = st.n_q
         return out
 
     def _sync_lens(self, st):
@@ -120,18 +138,19 @@ class LayerDecodeGraph:
             self.lens.fill_(st.n_q)
             self.dev_n_q = st.n_q
 
-    def _body(self, st, scaling):
+    def _body(self, st, scaling, ring=False):
         b = self.bufs
         dev = st.k_codes.device
         splits = _k._cached(st, ("graph-splits", dev), lambda: _k.graph_splits(st, b["q"]), stamp=st.k_codes)
-        _k.quantize_append(st, b["k"], b["v"], b["pos"], codec=st.codec, lengths=self.lens)
-        self.lens.add_(1)
+        _k.quantize_append(st, b["k"], b["v"], b["pos"], codec=st.codec, lengths=self.row if ring else self.lens)
+        if not ring:  # (a ring step keeps the length: the new token replaced the oldest)
+            self.lens.add_(1)
         self.out = _k.decode_attention(b["q"], st, scaling, None, num_splits=splits, lengths=self.lens,
                                        bias=self.bias)
 
-    def _record(self, st, scaling):
+    def _record(self, st, scaling, ring=False):
         try:
-            g = self._capture(st, lambda: self._body(st, scaling))
+            g = self._capture(st, lambda: self._body(st, scaling, ring))
         except Exception as e:  # noqa: BLE001 -- never fail a generation over the graph: stay eager for this layer
             import warnings
 
@@ -161,6 +180,9 @@ class LayerDecodeGraph:
 
 
 _BIAS: dict = {}  # (device, batch, width) -> [fp32 bias buffer, the memoised bias it was last filled from]
+#: widths kept at once: a model's global layers grow while its sliding layers keep the window's width, and a width
+#: dropped while its layers still step would re-record their graphs every step
+_BIAS_WIDTHS = 4
 
 
 def _static_bias(attention_mask, batch: int, total: int, width: int, device) -> torch.Tensor:
@@ -172,7 +194,8 @@ def _static_bias(attention_mask, batch: int, total: int, width: int, device) -> 
     key = (device, batch, width)
     ent = _BIAS.get(key)
     if ent is None:
-        _BIAS.clear()  # older widths: the storages have grown past them (their graphs keep what they use)
+        while len(_BIAS) >= _BIAS_WIDTHS:  # the oldest width: storages grew past it (their graphs keep what they use)
+            del _BIAS[next(iter(_BIAS))]
         ent = _BIAS[key] = [torch.zeros(batch, width, device=device, dtype=torch.float32), None]
     bias = _k._mask_bias_memo(attention_mask, batch, total, device)
     if ent[1] is not bias:
