@@ -63,7 +63,9 @@ def report(path: str, out_md: str, note: str = "") -> None:
           "|---|---|---|---|---|---|\n")
     for r in res["rows"]:
         for n in [c for c in CACHES if c in r["median_step_ms"]]:  # (run 113 had no -ring cache)
-            kern = ", ".join(r["decode_kernels"]) if n.startswith("kvquant-sliding-kernel") else ""
+            # (runs 113-126 recorded the kernels of the front-drop cache only)
+            kern = ", ".join(r.get("decode_kernels_by_cache", {}).get(
+                n, r["decode_kernels"] if n == "kvquant-sliding-kernel" else []))
             md += (f"| {r['context']:,} | {n} | {r['median_step_ms'][n]} | {r['tokens_per_s'][n]} | "
                    f"{r['speedup_vs_dynamic_median_of_rounds'][n]:.2f}x | {kern} |\n")
         md += (f"| {r['context']:,} | sliding kernel against sliding SDPA | | | "
@@ -133,14 +135,16 @@ def main():
                                       for i in range(warm, a.steps))
         graph_eager = statistics.median(times["kvquant-sliding-kernel-ring"][i]
                                         / times["kvquant-sliding-kernel-ring-graph"][i] for i in range(warm, a.steps))
-        kern = sorted(set().union(*(S.kernels.planned_kernels(layer.storage)
-                                    for layer in caches["kvquant-sliding-kernel"].layers)))
+        kern_by = {n: sorted(set().union(*(S.kernels.planned_kernels(layer.storage) for layer in caches[n].layers)))
+                   for n in CACHES if n != "dynamic"}
+        kern = kern_by["kvquant-sliding-kernel"]
         row = dict(context=ctx, steps=a.steps - warm, median_step_ms={n: round(v, 2) for n, v in med.items()},
                    tokens_per_s={n: round(1e3 / v, 2) for n, v in med.items()},
                    speedup_vs_dynamic_median_of_rounds={n: round(v, 3) for n, v in ratio.items()},
                    sliding_kernel_vs_sdpa_median_of_rounds=round(ratio_sdpa, 3),
                    ring_vs_drop_median_of_rounds=round(ring_drop, 3),
                    ring_graph_vs_ring_eager_median_of_rounds=round(graph_eager, 3), decode_kernels=kern,
+                   decode_kernels_by_cache=kern_by,
                    step_ms={n: [round(x * 1e3, 1) for x in t] for n, t in times.items()})
         print(json.dumps({k: v for k, v in row.items() if k != "step_ms"}), flush=True)
         res["rows"].append(row)
