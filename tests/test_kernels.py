@@ -1472,6 +1472,27 @@ def test_graph_decode_steps_bookkeeping_interpret(monkeypatch):
     assert not gr.applies(st, qy, None)
 
 
+def test_static_bias_keeps_the_widths_in_use(monkeypatch):
+    """The graphs' shared mask-bias buffers (kernels.graphs._static_bias): one per width at a fixed address while the
+    width is in use, so a sliding layer's width (used every step) outlives the widths a growing global layer leaves
+    behind; the least recently used width goes first."""
+    from kvquant.kernels import graphs
+
+    monkeypatch.setattr(graphs, "_BIAS", {})
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :5] = 0
+
+    def buf(width):
+        return graphs._static_bias(mask, 2, 40, width, torch.device("cpu"))
+
+    sliding = buf(48)
+    for width in (64, 128, 256, 512, 1024, 2048):  # a global layer's capacity doubling, the sliding layer between
+        assert buf(width) is buf(width)
+        assert buf(48) is sliding
+    assert len(graphs._BIAS) == graphs._BIAS_WIDTHS and (torch.device("cpu"), 2, 64) not in graphs._BIAS
+    assert torch.isinf(sliding[1, :5]).all() and (sliding[:, 5:40] == 0).all()
+
+
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
 def test_graph_decode_steps_padded_batch_interpret(monkeypatch):
     """A padded batch (left padding: an attention mask at every step) also replays its decode steps: the mask becomes

@@ -180,8 +180,8 @@ class LayerDecodeGraph:
 
 
 _BIAS: dict = {}  # (device, batch, width) -> [fp32 bias buffer, the memoised bias it was last filled from]
-#: widths kept at once: a model's global layers grow while its sliding layers keep the window's width, and a width
-#: dropped while its layers still step would re-record their graphs every step
+#: widths kept at once, least recently used dropped first: a model's global layers grow while its sliding layers keep
+#: the window's width, and a width dropped while its layers still step would have their graphs re-recorded
 _BIAS_WIDTHS = 4
 
 
@@ -192,11 +192,12 @@ def _static_bias(attention_mask, batch: int, total: int, width: int, device) -> 
     layer of a step and only read by the others. Graphs hold their buffer, so one dropped from this table stays
     valid for them."""
     key = (device, batch, width)
-    ent = _BIAS.get(key)
+    ent = _BIAS.pop(key, None)
     if ent is None:
-        while len(_BIAS) >= _BIAS_WIDTHS:  # the oldest width: storages grew past it (their graphs keep what they use)
-            del _BIAS[next(iter(_BIAS))]
-        ent = _BIAS[key] = [torch.zeros(batch, width, device=device, dtype=torch.float32), None]
+        while len(_BIAS) >= _BIAS_WIDTHS:  # the least recently used width: storages grew past it (their graphs keep
+            del _BIAS[next(iter(_BIAS))]  # what they use)
+        ent = [torch.zeros(batch, width, device=device, dtype=torch.float32), None]
+    _BIAS[key] = ent  # (last: the most recently used)
     bias = _k._mask_bias_memo(attention_mask, batch, total, device)
     if ent[1] is not bias:
         ent[0][:, :total].copy_(bias)
