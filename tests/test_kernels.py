@@ -1331,6 +1331,7 @@ def test_sliding_ring_graph_steps_interpret(monkeypatch):
     assert cache.layers[sliding[0]].storage.ring_start != 0
 
 
+@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("mode", ["front-drop", "ring-eager", "ring-graph"])
 @pytest.mark.parametrize("head_dim", [64, 256])
