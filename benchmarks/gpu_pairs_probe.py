@@ -37,8 +37,6 @@ def main():
     ap.add_argument("--key-slots", default="tile", help="--variants at head_dim 256: the key slots through the "
                     "per-chunk tile, merged into every key register, or both: tile,merge (_gluon.KEY_SLOT_TILE; run "
                     "121 also timed the tile with the table loads after its stores, since removed)")
-    ap.add_argument("--value-ahead", default="0", help="--variants: how many chunks ahead the value code words load, "
-                    "e.g. 0,2 (_gluon.VALUE_LOAD_AHEAD)")
     a = ap.parse_args()
     if a.variants:
         return variants(a)
@@ -88,16 +86,14 @@ def variants(a):
     programs per SM (the split rule fills one wave of them), nuq{bits}-1%, one storage per grouping."""
     from kvquant.kernels import _gluon as G
 
-    knobs = G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE, G.VALUE_LOAD_AHEAD  # restored after each storage's variants
+    knobs = G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE  # restored after each storage's variants
     print(env_info())
     Hq, H, D = SHAPES[a.shape]
     specs = []
     for v in a.variants.split(","):
         *grp, reg, per = v.split(":")  # [grouping:]register cap:programs per SM
         for ks in a.key_slots.split(","):
-            for va in a.value_ahead.split(","):
-                specs.append((grp[0] if grp else "", None if reg == "none" else int(reg), int(per), ks == "tile",
-                              int(va)))
+            specs.append((grp[0] if grp else "", None if reg == "none" else int(reg), int(per), ks == "tile"))
     for vg in a.groups.split(","):
         _, _, sts, _ = fill_storages(2, H, D, 4096, [(a.bits, vg)], frac=a.frac, want_fp16=False)
         st4 = sts[(a.bits, vg)]
@@ -110,10 +106,10 @@ def variants(a):
                 _, _, sts, _ = fill_storages(B, H, D, ctx, [(a.bits, vg)], frac=a.frac, want_fp16=False)
                 st = sts[(a.bits, vg)]
                 print(f"{ctx} b{B}: SDPA bf16 {sdpa:.1f} us")
-                for grp, reg, per, tile, va in specs:
+                for grp, reg, per, tile in specs:
                     if grp and grp != vg:
                         continue
-                    G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE, G.VALUE_LOAD_AHEAD = reg, per, tile, va
+                    G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE = reg, per, tile
                     err = rel(kernels.decode_attention(q4, st4, D**-0.5, kernel="pairs").float(), ref)
                     us = bench_graph(lambda q_=q, s_=st: kernels.decode_attention(q_, s_, 0.088, kernel="pairs"))
                     on = G.key_slot_tile(D, int(st.k_out_idx.shape[-1]))
@@ -123,10 +119,10 @@ def variants(a):
                     regs, spills, shared = _last_compiled(G._pairs_kernel, lambda c, on=on: (
                         c.metadata.shared - G.TABLE_SHARED_BYTES) % G.TILE_BYTES == G.KTILE_BYTES * on)
                     print(f"{ctx} b{B} nuq{a.bits} {vg}-group slots {a.frac}: pairs maxnreg={reg} programs/SM={per} "
-                          f"key slots {ktile} value loads {va} ahead "
+                          f"key slots {ktile} "
                           f"{us:.1f} us ({sdpa / us:.3f}x SDPA), 4K check {err:.2e}, {regs} registers, "
                           f"{spills} spilled, {shared} B shared", flush=True)
-                G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE, G.VALUE_LOAD_AHEAD = knobs
+                G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE = knobs
                 sts = st = None
                 torch.cuda.empty_cache()
 

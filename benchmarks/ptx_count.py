@@ -161,7 +161,7 @@ def sass_loop(cubin: bytes):
 # one: the helper function it was inlined from, else keywords of the kernel's statement
 _HELPER_REGION = {
     "_entry": "codes", "_entry_lo": "codes", "_entry_byte": "codes", "_lds": "codes", "_lookup": "codes",
-    "_vwords": "codes", "_vlevels": "codes", "_key_rows": "codes", "_key_slot": "slots", "_pick8": "query rotation",
+    "_vlookup": "codes", "_key_rows": "codes", "_key_slot": "slots", "_pick8": "query rotation",
     "_cos_sin": "exact RoPE", "_q_table_store": "exact RoPE", "_pack2": "exact RoPE",
     "_rot_q": "query rotation", "_pick4": "query rotation",
     "_hfma2": "key affine + RoPE", "_rope2": "key affine + RoPE", "_to_operand": "key affine + RoPE",
@@ -173,8 +173,7 @@ _STATEMENT_REGION = (  # (region, keywords), first match wins
     ("slots", ("k_rel", "v_rel", "KOI", "KOV", "KZI", "VOI", "VOV", "VOE", "vs5", "vz5", "s_row", "s_inv", "s_z",
                "ent = ", "+ ent", "res = ", "col = ", "npass", "ksm", "ko0", "ko1", "ko2", "kt_rows")),
     ("exact RoPE", ("dpos", "_cos_sin", "SCR", "_pack2", "_q_table_store")),
-    ("codes", ("wrow", "hrow", "_lookup", "_vwords", "_vlevels", "h_w", " w = ", " h = ", "w1 = ", "ws = ", "w_s0",
-               "w_l", "w_m")),
+    ("codes", ("wrow", "hrow", "_lookup", "_vlookup", "h_w", " w = ", " h = ", "w1 = ", "ws = ", "w_s0", "w_l", "w_m")),
     ("MMA + movmatrix", ("movmatrix", "mma_v2", "acc")),
     ("key affine + RoPE", ("cw =", "sw =", "_rope2", "_hfma2")),
     ("query rotation", ("_rot_q",)),
@@ -233,7 +232,7 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits
     cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=cv,
               **G.value_slots(bool(token_group), cv, uses_head_ends("token", heads, token_group), head_dim),
               KTILE=G.key_slot_tile(head_dim, slots), HAS_MASK=has_mask, DEVLEN=False, PF=2, HI=bits == 3,
-              B4=bits == 4, BT=G.BT, D=head_dim, N=G.N, VAHEAD=G.VALUE_LOAD_AHEAD)
+              B4=bits == 4, BT=G.BT, D=head_dim, N=G.N)
     order = list(sig)
     div = [["tt.divisibility", 16]]
     hinted = ("KC", "VC", "skc_h", "svc_h", "skc_b", "svc_b")
@@ -245,7 +244,7 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits
 
 
 _PAIRS_CONST = ("H_KV", "GROUP", "CK", "CV", "VRUN", "VENDS", "V_OFF", "KTILE", "HAS_MASK", "DEVLEN", "PF", "HI",
-                "B4", "BT", "D", "N", "VAHEAD")
+                "B4", "BT", "D", "N")
 
 
 def main():

@@ -371,32 +371,20 @@ def _ldsm4(off):
 
 
 @gluon.jit
-def _vwords(VC32, t0, v_tok, svc_t, sww, vmask, i: gl.constexpr, D: gl.constexpr, HI: gl.constexpr,
-            B4: gl.constexpr = False, v_tok4=None, vw4=None, vmask4=None, i0=0):
-    """The code words of value channels 32 (i0 + i) .. + 31 of a block, as (w, h) for _vlevels: low-plane words
-    2 (i0 + i) + sw, with HI (3-bit codes) high-plane word D / 16 + i0 + i (else h is w); B4 (4-bit codes): words
-    4 (i0 + i) + vw4, vw4 = 2 sw + mh, at tokens v_tok4 (h is w). i0: the program's first value chunk (head_dim 256: 0
-    or 4; else 0)."""
+def _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i: gl.constexpr, D: gl.constexpr,
+             HI: gl.constexpr, B4: gl.constexpr = False, v_tok4=None, vw4=None, vmask4=None, i0=0):
+    """The value levels of channels 32 (i0 + i) .. + 31 of a block, as channel pairs in the layout V5 (low-plane words
+    2 (i0 + i) + sw, with HI (3-bit codes) high-plane word D / 16 + i0 + i; B4 (4-bit codes): words 4 (i0 + i) + vw4,
+    vw4 = 2 sw + mh, at tokens v_tok4). i0: the program's first value chunk (head_dim 256: 0 or 4; else 0)."""
     if B4:
-        w = gl.load(VC32 + (t0 + v_tok4) * (svc_t // 4) + 4 * (i0 + i) + vw4, mask=vmask4, other=0)
+        w4 = gl.load(VC32 + (t0 + v_tok4) * (svc_t // 4) + 4 * (i0 + i) + vw4, mask=vmask4, other=0)
+        return _lookup(w4[:, :, :, :, None], w4[:, :, :, :, None], v_rw, v_rh, v_base, 1, False, True)
+    w = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + 2 * (i0 + i) + sww, mask=vmask, other=0)
+    if HI:
+        h = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + D // 16 + (i0 + i) + 0 * sww, mask=vmask, other=0)
+    else:
         h = w
-    else:
-        w = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + 2 * (i0 + i) + sww, mask=vmask, other=0)
-        if HI:
-            h = gl.load(VC32 + (t0 + v_tok) * (svc_t // 4) + D // 16 + (i0 + i) + 0 * sww, mask=vmask, other=0)
-        else:
-            h = w
-    return w, h
-
-
-@gluon.jit
-def _vlevels(w, h, v_rw, v_rh, v_base, HI: gl.constexpr, B4: gl.constexpr = False):
-    """The value levels of a chunk's code words (_vwords), as channel pairs in the layout V5."""
-    if B4:
-        lev = _lookup(w[:, :, :, :, None], w[:, :, :, :, None], v_rw, v_rh, v_base, 1, False, True)
-    else:
-        lev = _lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, 1, HI)
-    return lev
+    return _lookup(w[:, None, :, :, None], h[:, None, :, :, None], v_rw, v_rh, v_base, 1, HI)
 
 
 @gluon.jit
@@ -543,8 +531,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                   H_KV: gl.constexpr, GROUP: gl.constexpr, CK: gl.constexpr, CV: gl.constexpr,
                   VRUN: gl.constexpr, VENDS: gl.constexpr, V_OFF: gl.constexpr, KTILE: gl.constexpr,
                   HAS_MASK: gl.constexpr, DEVLEN: gl.constexpr, PF: gl.constexpr, HI: gl.constexpr,
-                  B4: gl.constexpr, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr,
-                  VAHEAD: gl.constexpr = 0):
+                  B4: gl.constexpr, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
     """Split pid of KV head h of sequence b (grid: NSPLIT_Q, H_KV, B; head_dim 256: 2 NSPLIT_Q, program 2 pid + vh
     accumulating value channels 128 vh ..): tokens [pid chunk, pid chunk + chunk) of the quantized region. Storage
     as LayerStorage holds it (codes [B, H, cap, 3 D / 8] uint8 at 3 bits (HI), [B, H, cap, D / 4] at 2 bits,
@@ -564,7 +551,6 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     # the scores (the scores of 256 key channels, 8 query and 8 accumulator chunks would not fit one warp's registers)
     NV: gl.constexpr = 1 + D // 256
     DV: gl.constexpr = D // NV
-    NVC: gl.constexpr = DV // 32  # value chunks per program
     pid0 = gl.program_id(0)
     if NV == 2:
         pid = pid0 // 2
@@ -920,33 +906,10 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             vz5 = gl.load(VZ + vt5 * svs_t, mask=vm, other=0.0).to(gl.float32)
             v_val, v_keep, v_sp = _slot_word((xv - vz5) / vs5, vi)
             v_rel = v_sp - 2 * pl5  # [1, 1, 8, 4, 4]
-        if VAHEAD > 0:  # the first VAHEAD chunks' code words before the loop (see VALUE_LOAD_AHEAD)
-            vwa0, vha0 = _vwords(VC32, t0, v_tok, svc_t, sww, vmask, 0, D, HI, B4, v_tok4, vw4, vmask4, NVC * vh)
-            if VAHEAD > 1:
-                vwa1, vha1 = _vwords(VC32, t0, v_tok, svc_t, sww, vmask, 1, D, HI, B4, v_tok4, vw4, vmask4, NVC * vh)
-        for i in gl.static_range(NVC):  # channels 32 i .. 32 i + 31 (of the program's value half DV vh ..):
+        for i in gl.static_range(DV // 32):  # channels 32 i .. 32 i + 31 (of the program's value half DV vh ..):
             # low-plane words 2 i + sw, high half-words too (4-bit: words 4 i + 2 sw + mh)
-            if VAHEAD > 0:  # chunk i + VAHEAD's words now, ahead of this chunk's lookup and tile read
-                if i + VAHEAD == 1:
-                    vwa1, vha1 = _vwords(VC32, t0, v_tok, svc_t, sww, vmask, 1, D, HI, B4, v_tok4, vw4, vmask4,
-                                         NVC * vh)
-                elif i + VAHEAD == 2 and NVC > 2:
-                    vwa2, vha2 = _vwords(VC32, t0, v_tok, svc_t, sww, vmask, 2, D, HI, B4, v_tok4, vw4, vmask4,
-                                         NVC * vh)
-                elif i + VAHEAD == 3 and NVC > 3:
-                    vwa3, vha3 = _vwords(VC32, t0, v_tok, svc_t, sww, vmask, 3, D, HI, B4, v_tok4, vw4, vmask4,
-                                         NVC * vh)
-                if i == 0:
-                    lev = _vlevels(vwa0, vha0, v_rw, v_rh, v_base, HI, B4)
-                elif i == 1:
-                    lev = _vlevels(vwa1, vha1, v_rw, v_rh, v_base, HI, B4)
-                elif i == 2:
-                    lev = _vlevels(vwa2, vha2, v_rw, v_rh, v_base, HI, B4)
-                else:
-                    lev = _vlevels(vwa3, vha3, v_rw, v_rh, v_base, HI, B4)
-            else:
-                vw_, vh_ = _vwords(VC32, t0, v_tok, svc_t, sww, vmask, i, D, HI, B4, v_tok4, vw4, vmask4, NVC * vh)
-                lev = _vlevels(vw_, vh_, v_rw, v_rh, v_base, HI, B4)
+            lev = _vlookup(VC32, t0, v_tok, svc_t, sww, vmask, v_rw, v_rh, v_base, i, D, HI, B4, v_tok4, vw4,
+                           vmask4, (DV // 32) * vh)
             if VRUN:  # the slots' exact levels from the tile, in the same pair layout, in place of the looked-up ones
                 lev = _tile_merge(lev, _ldsm4(_tile_off(lt_tok, 32 * i + lt_ch, DV)))
             elif CV:
@@ -1116,12 +1079,6 @@ _CHECKED: set = set()
 KEY_SLOT_TILE = True
 
 
-#: The value chunks' code-word loads, issued this many chunks ahead of their lookup (constexpr VAHEAD; 0: each chunk
-#: loads its own words, after the previous chunk's tile read, an ldmatrix that the compiler does not move loads
-#: across). An experiment knob: see benchmarks/gpu_notes.md, seventeenth session.
-VALUE_LOAD_AHEAD = 0
-
-
 def key_slot_tile(head_dim: int, ck: int) -> bool:
     """The kernel's key-slot variant (constexpr KTILE): the tile at head_dim 256 with slots, else the merge."""
     return bool(KEY_SLOT_TILE and head_dim == 256 and ck > 0)
@@ -1175,8 +1132,7 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
         ends.stride(0), ends.stride(-2) if voe is not None else 0, qpos.stride(0),
         bias.stride(0) if bias is not None else 0, n_s, n_q, chunk, nsq, BROT_BLOCKS,
         H_KV=H, GROUP=group, CK=ck, CV=cv, **slots, KTILE=ktile, HAS_MASK=bias is not None,
-        DEVLEN=lengths is not None, PF=2, HI=bits == 3, B4=bits == 4, BT=BT, D=d, N=N, VAHEAD=VALUE_LOAD_AHEAD,
-        num_warps=1,
+        DEVLEN=lengths is not None, PF=2, HI=bits == 3, B4=bits == 4, BT=BT, D=d, N=N, num_warps=1,
         **({} if MAXNREG is None else {"maxnreg": MAXNREG}))
     key = id(k)
     if key not in _CHECKED:
