@@ -1298,6 +1298,7 @@ def test_sliding_ring_steps_match_front_drop(monkeypatch):
     assert len(c_ring.layers[0].storage) == len(c_drop.layers[0].storage) == sw
     assert torch.isfinite(ring).all() and rel(ring, drop) < 3e-2, rel(ring, drop)
 
+
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
 def test_sliding_ring_graph_steps_interpret(monkeypatch):
     """A full sliding window's ring steps as graph replays (kernels.graphs with the capture replaced by a recorder),

@@ -55,9 +55,9 @@ def install_position_hook(rotary: torch.nn.Module) -> None:
 
 # ---- kernels ------------------------------------------------------------------------------------------------------
 _KERNEL_OK: dict[str, bool] = {}
-#: decode steps of sliding-window layers (Gemma 3's local layers) through the fused kernel, launched eagerly (they
-#: hold at most ``sliding_window`` tokens, so no CUDA graph); False: dequantized and attended with SDPA, as before
-#: the fifteenth GPU session (kept for benchmarks/gpu_suite.py's side-by-side rows)
+#: decode steps of sliding-window layers (Gemma 3's local layers) through the fused kernel (until the window is full
+#: launched eagerly; then see SLIDING_RING); False: dequantized and attended with SDPA, as before the fifteenth GPU
+#: session (kept for benchmarks/gpu_suite.py's side-by-side rows)
 SLIDING_LAYER_KERNELS = True
 #: True: a full sliding-window layer's kernel step quantizes the new token into the oldest token's row
 #: (LayerStorage.ring_replace) instead of dropping the front (which moves every field: two launches each) and

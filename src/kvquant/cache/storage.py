@@ -218,9 +218,17 @@ class LayerStorage:
             self._quantize(k.to(self.dtype), v.to(self.dtype), positions)
         finally:
             self.n_q = n
-        self.ring_start = (row + 1) % n
+        self.ring_advance()
+
+    def ring_advance(self) -> int:
+        """The bookkeeping of one ring step (ring_replace, or its CUDA-graph replay in kvquant.kernels.graphs): the
+        oldest token's row, which the new token takes, is returned; the rotation, tokens seen and tokens dropped
+        move on by one."""
+        row = self.ring_start
+        self.ring_start = (row + 1) % self.n_q
         self.n_seen += 1
         self.n_dropped += 1
+        return row
 
     def ring_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         """``mask`` (last dim: the held tokens in cache order) with its quantized columns in row order. The sliding

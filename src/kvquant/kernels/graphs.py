@@ -88,13 +88,11 @@ class LayerDecodeGraph:
         pos = pos.to(st.device).expand(k.shape[0], 1)
         dev = st.k_codes.device
         if ring:  # the oldest token's row; the mask is rotated to the rows as they will be after this step
-            n, row = st.n_q, st.ring_start
             if self.row is None or self.row.device != dev:
                 self.row = torch.zeros(1, dtype=torch.int32, device=dev)
-            self.row.fill_(row)
-            st.ring_start = (row + 1) % n
+            self.row.fill_(st.ring_advance())
             attention_mask = st.ring_mask(attention_mask)
-            total = st.n_s + n
+            total = st.n_s + st.n_q
         else:
             _k._ensure_capacity(st, st.codec, st.batch, st.n_q + 1)
             total = st.n_s + st.n_q + 1
@@ -122,11 +120,9 @@ class LayerDecodeGraph:
                 self.failed = True  # recordings would not pay: this layer stays eager
             else:
                 self._record(st, scaling, ring)
-        st.n_seen += 1
-        if ring:
-            st.n_dropped += 1
-        else:
+        if not ring:  # (a ring step's bookkeeping moved on above)
             st.n_q += 1
+            st.n_seen += 1
             self.dev_n_q = st.n_q
         return out
 
