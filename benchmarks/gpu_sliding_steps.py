@@ -46,6 +46,11 @@ def _flags(name: str) -> None:
     kvquant_cache.SLIDING_RING_GRAPHS = name == "kvquant-sliding-kernel-ring-graph"
 
 
+def _per_round(times: dict, slow: str, fast: str, warm: int) -> float:
+    """The median over the rounds after the first ``warm`` of cache ``slow``'s step time over cache ``fast``'s."""
+    return statistics.median(a / b for a, b in zip(times[slow][warm:], times[fast][warm:]))
+
+
 def report(path: str, out_md: str, note: str = "") -> None:
     """Markdown table of a run's JSON (``--report JSON --md OUT``)."""
     with open(path) as f:
@@ -127,14 +132,10 @@ def main():
         _flags("kvquant-sliding-kernel")
         warm = 3  # the first steps record graphs / compile
         med = {n: statistics.median(t[warm:]) * 1e3 for n, t in times.items()}
-        ratio = {n: statistics.median(times["dynamic"][i] / times[n][i] for i in range(warm, a.steps))
-                 for n in CACHES}
-        ratio_sdpa = statistics.median(times["kvquant-sliding-sdpa"][i] / times["kvquant-sliding-kernel"][i]
-                                       for i in range(warm, a.steps))
-        ring_drop = statistics.median(times["kvquant-sliding-kernel"][i] / times["kvquant-sliding-kernel-ring"][i]
-                                      for i in range(warm, a.steps))
-        graph_eager = statistics.median(times["kvquant-sliding-kernel-ring"][i]
-                                        / times["kvquant-sliding-kernel-ring-graph"][i] for i in range(warm, a.steps))
+        ratio = {n: _per_round(times, "dynamic", n, warm) for n in CACHES}
+        ratio_sdpa = _per_round(times, "kvquant-sliding-sdpa", "kvquant-sliding-kernel", warm)
+        ring_drop = _per_round(times, "kvquant-sliding-kernel", "kvquant-sliding-kernel-ring", warm)
+        graph_eager = _per_round(times, "kvquant-sliding-kernel-ring", "kvquant-sliding-kernel-ring-graph", warm)
         kern_by = {n: sorted(set().union(*(S.kernels.planned_kernels(layer.storage) for layer in caches[n].layers)))
                    for n in CACHES if n != "dynamic"}
         kern = kern_by["kvquant-sliding-kernel"]
