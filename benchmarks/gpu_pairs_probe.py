@@ -37,6 +37,9 @@ def main():
     ap.add_argument("--key-slots", default="tile", help="--variants at head_dim 256: the key slots through the "
                     "per-chunk tile, merged into every key register, or both: tile,merge (_gluon.KEY_SLOT_TILE; run "
                     "121 also timed the tile with the table loads after its stores, since removed)")
+    ap.add_argument("--scores-once", default="1", help="--variants at head_dim 256: the scores pass and the value "
+                    "pass in two launches (1, _gluon.SCORES_ONCE), one launch of two programs per split each computing "
+                    "all the scores (0), or both: 1,0")
     a = ap.parse_args()
     if a.variants:
         return variants(a)
@@ -86,14 +89,16 @@ def variants(a):
     programs per SM (the split rule fills one wave of them), nuq{bits}-1%, one storage per grouping."""
     from kvquant.kernels import _gluon as G
 
-    knobs = G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE  # restored after each storage's variants
+    knobs = G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE, G.SCORES_ONCE  # restored after each storage's variants
     print(env_info())
     Hq, H, D = SHAPES[a.shape]
     specs = []
     for v in a.variants.split(","):
         *grp, reg, per = v.split(":")  # [grouping:]register cap:programs per SM
         for ks in a.key_slots.split(","):
-            specs.append((grp[0] if grp else "", None if reg == "none" else int(reg), int(per), ks == "tile"))
+            for once in a.scores_once.split(","):
+                specs.append((grp[0] if grp else "", None if reg == "none" else int(reg), int(per), ks == "tile",
+                              once == "1"))
     for vg in a.groups.split(","):
         _, _, sts, _ = fill_storages(2, H, D, 4096, [(a.bits, vg)], frac=a.frac, want_fp16=False)
         st4 = sts[(a.bits, vg)]
@@ -106,10 +111,10 @@ def variants(a):
                 _, _, sts, _ = fill_storages(B, H, D, ctx, [(a.bits, vg)], frac=a.frac, want_fp16=False)
                 st = sts[(a.bits, vg)]
                 print(f"{ctx} b{B}: SDPA bf16 {sdpa:.1f} us")
-                for grp, reg, per, tile in specs:
+                for grp, reg, per, tile, once in specs:
                     if grp and grp != vg:
                         continue
-                    G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE = reg, per, tile
+                    G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE, G.SCORES_ONCE = reg, per, tile, once
                     err = rel(kernels.decode_attention(q4, st4, D**-0.5, kernel="pairs").float(), ref)
                     us = bench_graph(lambda q_=q, s_=st: kernels.decode_attention(q_, s_, 0.088, kernel="pairs"))
                     on = G.key_slot_tile(D, int(st.k_out_idx.shape[-1]))
@@ -119,10 +124,10 @@ def variants(a):
                     regs, spills, shared = _last_compiled(G._pairs_kernel, lambda c, on=on: (
                         c.metadata.shared - G.TABLE_SHARED_BYTES) % G.TILE_BYTES == G.KTILE_BYTES * on)
                     print(f"{ctx} b{B} nuq{a.bits} {vg}-group slots {a.frac}: pairs maxnreg={reg} programs/SM={per} "
-                          f"key slots {ktile} "
+                          f"key slots {ktile} " + (f"scores once {int(once)} " if D == 256 else "") +
                           f"{us:.1f} us ({sdpa / us:.3f}x SDPA), 4K check {err:.2e}, {regs} registers, "
                           f"{spills} spilled, {shared} B shared", flush=True)
-                G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE = knobs
+                G.MAXNREG, G.PROGRAMS_PER_SM, G.KEY_SLOT_TILE, G.SCORES_ONCE = knobs
                 sts = st = None
                 torch.cuda.empty_cache()
 

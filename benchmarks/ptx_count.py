@@ -212,10 +212,12 @@ def pairs_regions(cubin: bytes) -> Counter:
     return Counter(r for a, _, r in ins if body and body[0] <= a <= body[1])
 
 
-def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits=3, maxnreg=None, head_dim=128):
+def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits=3, maxnreg=None, head_dim=128,
+                  pss=None):
     """The Gluon pairs kernel for sm_90 (divisibility hints on the code pointers and strides, as at run time: the row
     stride only where it is a multiple of 16 bytes); ``token_group``: token-group values with that many slots per row
-    (0: head-group, ``slots`` per vector)."""
+    (0: head-group, ``slots`` per vector); ``pss``: the pass (head_dim 256: 1 scores, 2 values, 0 both in one launch;
+    None: as the library launches it, the scores pass where it takes two)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from kvquant.core.codec import uses_head_ends
@@ -225,14 +227,17 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits
             "VC": "*u8", "VZ": "*fp16", "VS": "*fp16", "VOI": "*i16" if token_group else "*u8", "VOV": "*fp16",
             "VOE": "*u8", "QPOS": "*i32", "MASK": "*fp32",
             "LENS": "*i32", "TAB": "*i32", "KSZ": "*i32", "KZI": "*fp32", "CSP": "*i32", "BROT": "*fp32",
-            "INVF": "*fp32", "SCR": "*i32", "qk_scale": "fp32"}
+            "INVF": "*fp32", "SCR": "*i32", "PSC": "*fp32", "qk_scale": "fp32"}
     names = [n for n in inspect.signature(G._pairs_kernel.fn).parameters]
     sig = {n: ptrs.get(n, "i32") for n in names if n not in _PAIRS_CONST}
     cv = token_group or slots
-    cx = dict(H_KV=heads, GROUP=group, CK=slots, CV=cv,
+    if pss is None:
+        pss = 1 if head_dim == 256 and G.programs_per_split(head_dim) == 1 else 0
+    keys = pss != 2
+    cx = dict(H_KV=heads, GROUP=group, CK=slots if keys else 0, CV=cv,
               **G.value_slots(bool(token_group), cv, uses_head_ends("token", heads, token_group), head_dim),
-              KTILE=G.key_slot_tile(head_dim, slots), HAS_MASK=has_mask, DEVLEN=False, PF=2, HI=bits == 3,
-              B4=bits == 4, BT=G.BT, D=head_dim, N=G.N)
+              KTILE=G.key_slot_tile(head_dim, slots) and keys, HAS_MASK=has_mask and keys, DEVLEN=False, PF=2,
+              HI=bits == 3, B4=bits == 4, BT=G.BT, D=head_dim, N=G.N, PASS=pss)
     order = list(sig)
     div = [["tt.divisibility", 16]]
     hinted = ("KC", "VC", "skc_h", "svc_h", "skc_b", "svc_b")
@@ -244,7 +249,7 @@ def compile_pairs(slots=1, has_mask=False, group=4, heads=8, token_group=0, bits
 
 
 _PAIRS_CONST = ("H_KV", "GROUP", "CK", "CV", "VRUN", "VENDS", "V_OFF", "KTILE", "HAS_MASK", "DEVLEN", "PF", "HI",
-                "B4", "BT", "D", "N")
+                "B4", "BT", "D", "N", "PASS")
 
 
 def main():

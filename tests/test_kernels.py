@@ -495,16 +495,25 @@ def test_pairs_kernel_tables_cpu(D):
     assert set(G.tables(lev16, torch.ones(2, D), torch.zeros(2, D), lev16, inv)["CSP"].view(-1).tolist()) == \
         set(G.fragment_rope_table(inv, 4).view(-1).tolist())
     assert G.value_slots(True, 10, True, D)["V_OFF"] == D  # token-group rows: head h's slot elements are h D ..
-    if D == 256:  # two programs per split (one per value half): the rule fills one wave with both
-        assert G.programs_per_split(256) == 2 and G.programs_per_split(128) == G.programs_per_split(64) == 1
+    if D == 256:
         cpu = torch.device("cpu")
-        assert kernels._kernel_splits("pairs", 131072, 4, cpu, 32, 256) == G.splits(131072, 8, kernels._num_sms(cpu))
-        # at least two blocks per split there (run 108): 4K less a sink over Gemma-3-4B's 4 KV heads in 64 splits
+        assert G.p_words(2) == 34 and G.p_words(8) == 136  # a block's P [group, 32] fp16 and alpha [group] fp32
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(kernels, "_num_sms", lambda device: 132)
+            # two launches (scores, then values) of one program per split each: the rule fills one wave with each,
+            # at least two blocks per split (run 108): 4K less a sink over Gemma-3-4B's 4 KV heads in 64 splits
+            assert G.SCORES_ONCE and G.programs_per_split(256) == 1
+            assert kernels._kernel_splits("pairs", 131072, 4, cpu, 32, 256) == G.splits(131072, 4, 132, 256)
+            assert kernels._kernel_splits("pairs", 4095, 4, cpu, 32, 256) == (64, 64)
+            assert kernels._kernel_splits("pairs", 16383, 4, cpu, 32, 256) == (256, 64)
+            assert kernels._kernel_splits("pairs", 4095, 8, cpu, 32, 128) == (128, 32)
+            # one launch of two programs per split (one per value half, each computing all the scores): the rule
+            # fills one wave with both
+            mp.setattr(G, "SCORES_ONCE", False)
+            assert G.programs_per_split(256) == 2 and G.programs_per_split(128) == G.programs_per_split(64) == 1
+            assert kernels._kernel_splits("pairs", 131072, 4, cpu, 32, 256) == G.splits(131072, 8, 132)
             assert kernels._kernel_splits("pairs", 4095, 4, cpu, 32, 256) == (64, 64)
             assert kernels._kernel_splits("pairs", 16383, 4, cpu, 32, 256) == (128, 128)
-            assert kernels._kernel_splits("pairs", 4095, 8, cpu, 32, 128) == (128, 32)
     if D != 128:
         return
 
@@ -794,12 +803,17 @@ def test_decode_pairs_d64_gpu(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _pairs_here(), reason="needs CUDA sm_80+ and the Triton version of the Gluon pairs kernel")
-def test_decode_pairs_d256_gpu():
-    """The pairs kernel at head_dim 256 (two programs per split, one per value half, each computing all the scores;
-    up to 3 key slots per vector: 1% of 256 channels) against the float reference: 3-, 2- and 4-bit codes; Gemma-3-4B's
-    heads (8 query over 4 KV) with left padding, MHA with sinks and window, token-group runs with ends, non-consecutive
-    positions (the exact RoPE path); one split past the query-rotation table with RoPE attention scaling; no key slot
-    and one. Every case runs before the assertion, so a failure lists all that failed."""
+@pytest.mark.parametrize("scores_once", [True, False], ids=["two-passes", "one-launch"])
+def test_decode_pairs_d256_gpu(scores_once, monkeypatch):
+    """The pairs kernel at head_dim 256 (two launches: the scores pass with value half 0 hands P to the value pass;
+    or, the SCORES_ONCE knob off, one launch of two programs per split, one per value half, each computing all the
+    scores; up to 3 key slots per vector: 1% of 256 channels) against the float reference: 3-, 2- and 4-bit codes;
+    Gemma-3-4B's heads (8 query over 4 KV) with left padding, MHA with sinks and window, token-group runs with ends,
+    non-consecutive positions (the exact RoPE path); one split past the query-rotation table with RoPE attention
+    scaling; no key slot and one. Every case runs before the assertion, so a failure lists all that failed."""
+    from kvquant.kernels import _gluon as G
+
+    monkeypatch.setattr(G, "SCORES_ONCE", scores_once)
     kw = dict(kernel="pairs", prefetch=None)
     st, _, _ = make_storage(2, 4, 256, 3, 100, 1, 0, "head", "cuda")
     q0 = torch.zeros(2, 8, 1, 256, device="cuda")
@@ -812,6 +826,8 @@ def test_decode_pairs_d256_gpu():
     cases += [((1, 2, 1, 256, 3, 20000, 1, 0, "head", "cuda"), dict(num_splits=1, attention_scaling=1.3)),
               ((2, 8, 4, 256, 3, 900, 1, 3, "head", "cuda"), dict(frac=0.0)),
               ((2, 8, 4, 256, 3, 900, 1, 3, "head", "cuda"), dict(frac=0.004, dtype=torch.float16))]  # 1 key slot
+    if not scores_once:  # (the one-launch kernel's SASS is the one every case passed on in runs 122-127)
+        cases = cases[:4]
     failed = []
     for args, extra in cases:
         try:

@@ -14,10 +14,13 @@ finish the job (:func:`kvquant.kernels.decode_attention` launches the three). St
 
 Per program (one warp): one (sequence, KV head, split) of 32-token blocks. head_dim (constexpr D) 128 is four chunks of
 32 channels (16 and their RoPE partners D / 2 later), 64 two; the code below says 128 where it describes the layout.
-head_dim 256 is eight key chunks, more than one warp's registers hold with eight accumulator chunks, so two programs
-share a split (grid axis 0: 2 split + vh), each accumulating one half of the value channels (the head_dim-128 value
-path, offset by 128 vh) and both computing all the scores; their key rows are read in two halves (the words of chunks
-0-3, then 4-7), and up to 3 key slots per vector (1% of 256) go through a key slot tile (below).
+head_dim 256 is eight key chunks, more than one warp's registers hold with eight accumulator chunks, so it runs in two
+launches (SCORES_ONCE, constexpr PASS): the scores pass computes the scores and accumulates value half 0 (the
+head_dim-128 value path), handing each block's P (fp16, value scale folded in) and softmax rescale to the value pass
+through global memory, which accumulates value half 1 (offset by 128) from them with no key work (131 registers).
+(Before, two programs shared a split, one per value half, both computing all the scores: 0.64x the hot-loop
+instructions now.) The key rows are read in two halves (the words of chunks 0-3, then 4-7), and up to 3 key slots per
+vector (1% of 256) go through a key slot tile (below).
 - **Scores** S^T = K Q^T with mma.sync m16n8k16: tokens are M, the GQA group's query heads N (padded to 8).
 - **Key levels** from a 64-entry table of fp16 pairs in shared memory, replicated per lane (any index pattern is
   free of bank conflicts): two neighbouring codes of an operand register form a 6-bit index read in place from the
@@ -62,6 +65,7 @@ all the shared memory there is, each tile at its offset (:func:`_check_shared`).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -90,6 +94,13 @@ SCRATCH_KEY = 4 * 2 * 8 * 32  # a program's scratch (int32 words) per 128 key ch
 SCRATCH_WORDS = SCRATCH_KEY + 4 * 32  # key cos/sin in fragment order (as CSP), then the query rotation's (a BROT row)
 _SCRATCH_KEY = gl.constexpr(SCRATCH_KEY)
 _SCRATCH_WORDS = gl.constexpr(SCRATCH_WORDS)
+
+
+def p_words(group: int) -> int:
+    """head_dim 256 in two passes (PASS 1, 2): the 32-bit words of a block's hand-over from the scores pass to the
+    value pass, P [group, BT] (value scale folded in) as fp16 and the softmax rescale alpha [group] as fp32; each
+    program's words start with its z term [group]."""
+    return (BT // 2 + 1) * group
 
 
 # ---------------------------------------------------------------------------------------------------- fp16x2 helpers
@@ -527,11 +538,11 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                   TAB, KSZ, KZI, CSP, BROT, INVF, SCR,
                   qk_scale, sqb, sqh, skc_b, skc_h, skc_t, sko_b, sko_h, sko_t, svc_b, svc_h, svc_t,
                   svs_b, svs_h, svs_t, svo_b, svo_h, svo_t, soe_b, soe_t, sqp_b, smask_b,
-                  n_s, n_q, chunk, NSPLIT_Q, n_brot,
+                  n_s, n_q, chunk, NSPLIT_Q, n_brot, PSC, p_blocks,
                   H_KV: gl.constexpr, GROUP: gl.constexpr, CK: gl.constexpr, CV: gl.constexpr,
                   VRUN: gl.constexpr, VENDS: gl.constexpr, V_OFF: gl.constexpr, KTILE: gl.constexpr,
                   HAS_MASK: gl.constexpr, DEVLEN: gl.constexpr, PF: gl.constexpr, HI: gl.constexpr,
-                  B4: gl.constexpr, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr):
+                  B4: gl.constexpr, BT: gl.constexpr, D: gl.constexpr, N: gl.constexpr, PASS: gl.constexpr):
     """Split pid of KV head h of sequence b (grid: NSPLIT_Q, H_KV, B; head_dim 256: 2 NSPLIT_Q, program 2 pid + vh
     accumulating value channels 128 vh ..): tokens [pid chunk, pid chunk + chunk) of the quantized region. Storage
     as LayerStorage holds it (codes [B, H, cap, 3 D / 8] uint8 at 3 bits (HI), [B, H, cap, D / 4] at 2 bits,
@@ -546,13 +557,25 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     zero as fp16 pairs; KZI [H, 2, D] fp32: key zero and 1 / scale (for the slots); CSP [4, 2, 8, 32] int32: cos /
     sin of the block offsets in fragment order; BROT [n_brot, 4, 2, 16] fp32: the per-block query rotation; INVF
     [D/2]. Writes partials row ((b H_KV + h) GROUP + n) (NSPLIT_Q + 1) + pid of PACC [.., D], PM, PL (log2 units).
+    PASS (head_dim 256): 0, both value halves in one launch (grid axis 0: 2 NSPLIT_Q, program 2 pid + vh), each
+    program computing all the scores; 1, the scores and value half 0, handing each block's P and alpha and the final z
+    term to the value pass through PSC (per program: GROUP + p_blocks p_words(GROUP) 32-bit words); 2, value half 1
+    from them,
+    launched after pass 1 (grid axis 0: NSPLIT_Q for both).
     """
-    # head_dim 256: two programs per split (NV), value half vh each (value channels DV = 128 vh ..), both computing all
-    # the scores (the scores of 256 key channels, 8 query and 8 accumulator chunks would not fit one warp's registers)
+    # head_dim 256: value half vh of the program (value channels DV = 128 vh ..): the scores of 256 key channels, 8
+    # query and 8 accumulator chunks would not fit one warp's registers
     NV: gl.constexpr = 1 + D // 256
     DV: gl.constexpr = D // NV
+    KEYS: gl.constexpr = PASS != 2  # this program computes the scores
     pid0 = gl.program_id(0)
-    if NV == 2:
+    if PASS == 1:
+        pid = pid0
+        vh = 0
+    elif PASS == 2:
+        pid = pid0
+        vh = 1
+    elif NV == 2:
         pid = pid0 // 2
         vh = pid0 % 2
     else:
@@ -583,6 +606,9 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     row0 = ((bb * H_KV + h64) * GROUP) * (NSPLIT_Q + 1) + pid  # partial row of query head n: row0 + n (NSPLIT_Q + 1)
     lo_t = pid * chunk
     hi_t = gl.minimum(lo_t + chunk, n_q)
+    PW: gl.constexpr = (BT // 2 + 1) * GROUP  # (p_words)
+    if PASS > 0:  # this program's hand-over words: its z term, then P and alpha of each block
+        PS = PSC + ((bb * H_KV + h64) * NSPLIT_Q + pid) * (GROUP + p_blocks * PW)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
@@ -696,6 +722,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         q7 = q0
     c_l: gl.constexpr = gl.SliceLayout(1, mma)
     h_l: gl.constexpr = gl.SliceLayout(0, mma)
+    hn = gl.arange(0, N, layout=h_l)
     tc_ = gl.arange(0, BT, layout=c_l)
     m_i = gl.full([N], -1.0e30, gl.float32, layout=h_l)
     l_i = gl.zeros([N], gl.float32, layout=h_l)
@@ -710,11 +737,13 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
         if PF > 0:  # the next block's rows (a row start per lane touches every line: rows are < 128 bytes)
             nxt = t0 + BT + lane_t
             pmask = nxt < hi_t
-            _prefetch(KC + nxt * skc_t, pmask, PF)
+            if KEYS:
+                _prefetch(KC + nxt * skc_t, pmask, PF)
             _prefetch(VC + nxt * svc_t, pmask, PF)
             _prefetch(VS + nxt * svs_t, pmask, PF)
             _prefetch(VZ + nxt * svs_t, pmask, PF)
-            _prefetch(QP + nxt, pmask, PF)
+            if KEYS:
+                _prefetch(QP + nxt, pmask, PF)
             if CK:
                 _prefetch(KOI + nxt * sko_t, pmask, PF)
                 _prefetch(KOV + nxt * sko_t, pmask, PF)
@@ -731,8 +760,9 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             if HAS_MASK:
                 _prefetch(MROW + nxt, pmask, PF)
         tmask = (t0 + tc_) < hi_t
-        vsc = gl.load(VS + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
-        vzr = gl.load(VZ + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
+        if KEYS:
+            vsc = gl.load(VS + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
+            vzr = gl.load(VZ + (t0 + tc_) * svs_t, mask=tmask, other=0.0).to(gl.float32)
         if VRUN:  # head h's value slots, one token per lane, in level units ((exact - zero) / scale) into the block's
             # tile; the value chunks put them in place of their looked-up levels
             st_ = t0 + lane_t
@@ -760,138 +790,150 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
                 res = gl.minimum(gl.maximum((xv - s_z) * s_inv, -65000.0), 65000.0)
                 _sts16(_tile_off(lane_t, vi, DV), res.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32), ok)
             _warp_sync(lane_t)
-        # the block's positions: contiguous from its first token (the table path), and where that start lies
-        bidx = (t0 - lo_t) // BT
-        p_b = gl.load(QP + t0)
-        pos = gl.load(QP + t0 + tc_, mask=tmask, other=0)
-        contig = gl.max(gl.where(tmask & (pos != p_b + tc_), 1, 0), 0) == 0
-        q_tab = (p_b - p_split == t0 - lo_t) & (bidx < n_brot)
-        # the RoPE tables this block reads: the static ones, or (positions not contiguous, or the block start not
-        # where contiguous positions put it) the program's scratch copy, filled here with computed angles in the
-        # same order and layout as it is read (each thread reads what it wrote: no barrier); the chunk loop below
-        # then has no branch, so the scheduler can hoist its loads
-        csb = CSP
-        qtb = BROT + bidx * D  # (D // 32 chunks of 32 fp32)
-        if not contig:
-            for jj in gl.static_range(D // 32):
-                dpos = (gl.load(QP + t0 + tcs, mask=(t0 + tcs) < hi_t, other=0) - p_b).to(gl.float32)
-                th = INVF + 16 * jj + cs_ch
-                c0, s0 = _cos_sin(dpos * gl.load(th))
-                c1, s1 = _cos_sin(dpos * gl.load(th + 1))
-                gl.store(SCR + cs_off + 512 * jj, _pack2(c0, c1))
-                gl.store(SCR + cs_off + 512 * jj + 256, _pack2(s0, s1))
-            csb = SCR
-        if not q_tab:
-            for jj in gl.static_range(D // 32):
-                _q_table_store(_pick8(jj, q0, q1, q2, q3q, q4, q5, q6, q7), SCRQ + jj * 32,
-                               (p_b - p_split).to(gl.float32), INVF, jj, N, B4)
-            qtb = SCRQ
-        s = gl.zeros([BT, N], gl.float32, layout=mma)
-        # the block's key rows, 16 bytes per load (head_dim 256: the words of chunks 0-3 here, of 4-7 at chunk 4)
-        w_l0, w_l1, w_m0, w_m1, h_w0, h_w1 = _key_rows(KC32, t0, skc_t, hi_t, trow, wcol, trow16, wcol16, trow4, hcol,
-                                                       0, HI, B4, D)
-        if KTILE:  # one lane per token: the cells, levels and chunks of its key slots in the key slot tile
-            ksm = (t0 + lane_t) < hi_t
-            ko0, kv0, kc0 = _key_slot_cell(KOI, KOV, KZI, t0 + lane_t, ksm, sko_t, 0, lane_t, KT_OFF, D, B4)
-            if CK > 1:
-                ko1, kv1, kc1 = _key_slot_cell(KOI, KOV, KZI, t0 + lane_t, ksm, sko_t, 1, lane_t, KT_OFF, D, B4)
-            if CK > 2:
-                ko2, kv2, kc2 = _key_slot_cell(KOI, KOV, KZI, t0 + lane_t, ksm, sko_t, 2, lane_t, KT_OFF, D, B4)
-        elif CK:  # the block's key slots in code-level units, (exact - zero) / scale, to replace their levels
-            kt = t0 + t3
-            km = kt < hi_t
-            k_val, k_keep, k_rel = _key_slot(KOI, KOV, KZI, kt, km, sko_t, 0, q3, B4, D)
-            if CK > 1:
-                k_val1, k_keep1, k_rel1 = _key_slot(KOI, KOV, KZI, kt, km, sko_t, 1, q3, B4, D)
-            if CK > 2:
-                k_val2, k_keep2, k_rel2 = _key_slot(KOI, KOV, KZI, kt, km, sko_t, 2, q3, B4, D)
-        for j in gl.static_range(D // 32):
-            # the words of chunk j (channels D / 2 half + 16 j ..): low-plane word (D / 32) half + j, high-plane
-            # half-word j % 2 of word (D / 64) half + j // 2 (head_dim 256: of the words loaded for chunks 4-7 from
-            # chunk 4 on, as j % 4)
-            if D == 256 and j == 4:
-                w_l0, w_l1, w_m0, w_m1, h_w0, h_w1 = _key_rows(KC32, t0, skc_t, hi_t, trow, wcol, trow16, wcol16,
-                                                               trow4, hcol, 1, HI, B4, D)
-            if D >= 128:
-                w = _pick4(j % 4, gl.split(w_l0)[0], gl.split(w_l1)[0], gl.split(w_l0)[1], gl.split(w_l1)[1])
-            else:
-                w = _pick4(j, w_l0, w_l1, w_l0, w_l1)
-            w = gl.convert_layout(w, KW_L, assert_trivial=True)
-            if B4:  # the word of the register's s = p // 4 (a constant per register)
-                if D >= 128:
-                    w1 = _pick4(j % 4, gl.split(w_m0)[0], gl.split(w_m1)[0], gl.split(w_m0)[1], gl.split(w_m1)[1])
-                else:
-                    w1 = _pick4(j, w_m0, w_m1, w_m0, w_m1)
-                w1 = gl.convert_layout(w1, KW_L, assert_trivial=True)
-                ws = gl.where(q3 < 4, w[:, :, None], w1[:, :, None])
-                lev = _lookup(ws, ws, k_rw, k_rw, k_base, 0, False, True)
-            else:
-                if HI:
-                    h = gl.convert_layout(h_w0 if j % 4 < 2 else h_w1, KW_L, assert_trivial=True)
-                else:
-                    h = w
-                rh = k_rh if j % 2 == 0 else k_rh16
-                lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, 0, HI)
-            if KTILE:  # the chunk's key scale / zero and RoPE table loads first (the compiler does not move loads
-                # across the tile's stores and syncs: issued after them, their waits cost run 120 the tile's gain),
-                # then the slots through the tile: each lane clears the cells it wrote for the last chunk, writes
-                # those of this one, and every key register takes the tile's numbers in place of its levels
-                ksz = ks_off + 8 * j
-                k_sc = gl.load(KSZ + ksz)[None, :, :]
-                k_zr = gl.load(KSZ + D // 2 + ksz)[None, :, :]
-                cw = gl.load(csb + cs_off + 512 * j)
-                sw = gl.load(csb + cs_off + 512 * j + 256)
-                if j > 0:
-                    _sts16(ko0, kv0 * 0 - 1, ksm)
-                    if CK > 1:
-                        _sts16(ko1, kv1 * 0 - 1, ksm)
-                    if CK > 2:
-                        _sts16(ko2, kv2 * 0 - 1, ksm)
-                _sts16(ko0, kv0, kc0 == j)
+        if KEYS:  # the scores (every program but the value pass)
+            # the block's positions: contiguous from its first token (the table path), and where that start lies
+            bidx = (t0 - lo_t) // BT
+            p_b = gl.load(QP + t0)
+            pos = gl.load(QP + t0 + tc_, mask=tmask, other=0)
+            contig = gl.max(gl.where(tmask & (pos != p_b + tc_), 1, 0), 0) == 0
+            q_tab = (p_b - p_split == t0 - lo_t) & (bidx < n_brot)
+            # the RoPE tables this block reads: the static ones, or (positions not contiguous, or the block start not
+            # where contiguous positions put it) the program's scratch copy, filled here with computed angles in the
+            # same order and layout as it is read (each thread reads what it wrote: no barrier); the chunk loop below
+            # then has no branch, so the scheduler can hoist its loads
+            csb = CSP
+            qtb = BROT + bidx * D  # (D // 32 chunks of 32 fp32)
+            if not contig:
+                for jj in gl.static_range(D // 32):
+                    dpos = (gl.load(QP + t0 + tcs, mask=(t0 + tcs) < hi_t, other=0) - p_b).to(gl.float32)
+                    th = INVF + 16 * jj + cs_ch
+                    c0, s0 = _cos_sin(dpos * gl.load(th))
+                    c1, s1 = _cos_sin(dpos * gl.load(th + 1))
+                    gl.store(SCR + cs_off + 512 * jj, _pack2(c0, c1))
+                    gl.store(SCR + cs_off + 512 * jj + 256, _pack2(s0, s1))
+                csb = SCR
+            if not q_tab:
+                for jj in gl.static_range(D // 32):
+                    _q_table_store(_pick8(jj, q0, q1, q2, q3q, q4, q5, q6, q7), SCRQ + jj * 32,
+                                   (p_b - p_split).to(gl.float32), INVF, jj, N, B4)
+                qtb = SCRQ
+            s = gl.zeros([BT, N], gl.float32, layout=mma)
+            # the block's key rows, 16 bytes per load (head_dim 256: the words of chunks 0-3 here, of 4-7 at chunk 4)
+            w_l0, w_l1, w_m0, w_m1, h_w0, h_w1 = _key_rows(KC32, t0, skc_t, hi_t, trow, wcol, trow16, wcol16, trow4,
+                                                           hcol, 0, HI, B4, D)
+            if KTILE:  # one lane per token: the cells, levels and chunks of its key slots in the key slot tile
+                ksm = (t0 + lane_t) < hi_t
+                ko0, kv0, kc0 = _key_slot_cell(KOI, KOV, KZI, t0 + lane_t, ksm, sko_t, 0, lane_t, KT_OFF, D, B4)
                 if CK > 1:
-                    _sts16(ko1, kv1, kc1 == j)
+                    ko1, kv1, kc1 = _key_slot_cell(KOI, KOV, KZI, t0 + lane_t, ksm, sko_t, 1, lane_t, KT_OFF, D, B4)
                 if CK > 2:
-                    _sts16(ko2, kv2, kc2 == j)
-                _warp_sync(lane_t)
-                lev = _tile_merge(lev, _ldsm4(kt_rows))
-                _warp_sync(lane_t)  # (every lane's ldmatrix before the next chunk's clears)
-                k = _hfma2(lev, k_sc, k_zr)
-            else:
-                if CK:  # the slot's exact level in place of the looked-up one, before the affine map and RoPE
-                    lev = gl.where(k_rel == k_pair + 16 * j, (lev & k_keep) | k_val, lev)
-                if CK > 1:  # (head_dim 256 without the tile: up to 3 slots, one after the other)
-                    lev = gl.where(k_rel1 == k_pair + 16 * j, (lev & k_keep1) | k_val1, lev)
+                    ko2, kv2, kc2 = _key_slot_cell(KOI, KOV, KZI, t0 + lane_t, ksm, sko_t, 2, lane_t, KT_OFF, D, B4)
+            elif CK:  # the block's key slots in code-level units, (exact - zero) / scale, to replace their levels
+                kt = t0 + t3
+                km = kt < hi_t
+                k_val, k_keep, k_rel = _key_slot(KOI, KOV, KZI, kt, km, sko_t, 0, q3, B4, D)
+                if CK > 1:
+                    k_val1, k_keep1, k_rel1 = _key_slot(KOI, KOV, KZI, kt, km, sko_t, 1, q3, B4, D)
                 if CK > 2:
-                    lev = gl.where(k_rel2 == k_pair + 16 * j, (lev & k_keep2) | k_val2, lev)
-                ksz = ks_off + 8 * j
-                k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
-                # RoPE by each token's offset from the block start (fragment order: one line per warp-wide load)
-                cw = gl.load(csb + cs_off + 512 * j)
-                sw = gl.load(csb + cs_off + 512 * j + 256)
-            k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
-            r1, r2 = _rope2(k1, k2, gl.convert_layout(cw, k1.type.layout, assert_trivial=True),
-                            gl.convert_layout(sw, k1.type.layout, assert_trivial=True))
-            kr = _to_operand(gl.reshape(gl.permute(gl.join(r1, r2), [0, 2, 1]), [BT, 16]), a_l, BT)
-            # the query chunk rotated on from p_split to the block start p_b
-            qr = _rot_q(_pick8(j, q0, q1, q2, q3q, q4, q5, q6, q7), qtb + j * 32, j, N, True, B4)
-            s = mma_v2(kr, gl.convert_layout(qr, b_l), s)
-        if KTILE:  # the last chunk's cells, cleared for the next block (its lanes' ldmatrix are behind the sync above)
-            _sts16(ko0, kv0 * 0 - 1, ksm)
-            if CK > 1:
-                _sts16(ko1, kv1 * 0 - 1, ksm)
-            if CK > 2:
-                _sts16(ko2, kv2 * 0 - 1, ksm)
-        if HAS_MASK:  # the additive mask, natural-log units
-            s += gl.load(MROW + t0 + tc_, mask=tmask, other=0.0)[:, None] * 1.4426950408889634
-        # online softmax over the block's tokens (axis 0), base 2 (qk_scale holds log2 e / sqrt(D))
-        s = gl.where(tmask[:, None], s, -1.0e30)
-        m_new = gl.maximum(m_i, gl.max(s, 0))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - m_new[None, :])
-        l_i = l_i * alpha + gl.sum(p, 0)
-        z_i = z_i * alpha + gl.sum(p * vzr[:, None], 0)
-        m_i = m_new
-        pv = gl.convert_layout((p * vsc[:, None]).to(gl.float16), b_l)
+                    k_val2, k_keep2, k_rel2 = _key_slot(KOI, KOV, KZI, kt, km, sko_t, 2, q3, B4, D)
+            for j in gl.static_range(D // 32):
+                # the words of chunk j (channels D / 2 half + 16 j ..): low-plane word (D / 32) half + j, high-plane
+                # half-word j % 2 of word (D / 64) half + j // 2 (head_dim 256: of the words loaded for chunks 4-7 from
+                # chunk 4 on, as j % 4)
+                if D == 256 and j == 4:
+                    w_l0, w_l1, w_m0, w_m1, h_w0, h_w1 = _key_rows(KC32, t0, skc_t, hi_t, trow, wcol, trow16, wcol16,
+                                                                   trow4, hcol, 1, HI, B4, D)
+                if D >= 128:
+                    w = _pick4(j % 4, gl.split(w_l0)[0], gl.split(w_l1)[0], gl.split(w_l0)[1], gl.split(w_l1)[1])
+                else:
+                    w = _pick4(j, w_l0, w_l1, w_l0, w_l1)
+                w = gl.convert_layout(w, KW_L, assert_trivial=True)
+                if B4:  # the word of the register's s = p // 4 (a constant per register)
+                    if D >= 128:
+                        w1 = _pick4(j % 4, gl.split(w_m0)[0], gl.split(w_m1)[0], gl.split(w_m0)[1], gl.split(w_m1)[1])
+                    else:
+                        w1 = _pick4(j, w_m0, w_m1, w_m0, w_m1)
+                    w1 = gl.convert_layout(w1, KW_L, assert_trivial=True)
+                    ws = gl.where(q3 < 4, w[:, :, None], w1[:, :, None])
+                    lev = _lookup(ws, ws, k_rw, k_rw, k_base, 0, False, True)
+                else:
+                    if HI:
+                        h = gl.convert_layout(h_w0 if j % 4 < 2 else h_w1, KW_L, assert_trivial=True)
+                    else:
+                        h = w
+                    rh = k_rh if j % 2 == 0 else k_rh16
+                    lev = _lookup(w[:, :, None], h[:, :, None], k_rw, rh, k_base, 0, HI)
+                if KTILE:  # the chunk's key scale / zero and RoPE table loads first (the compiler does not move loads
+                    # across the tile's stores and syncs: issued after them, their waits cost run 120 the tile's gain),
+                    # then the slots through the tile: each lane clears the cells it wrote for the last chunk, writes
+                    # those of this one, and every key register takes the tile's numbers in place of its levels
+                    ksz = ks_off + 8 * j
+                    k_sc = gl.load(KSZ + ksz)[None, :, :]
+                    k_zr = gl.load(KSZ + D // 2 + ksz)[None, :, :]
+                    cw = gl.load(csb + cs_off + 512 * j)
+                    sw = gl.load(csb + cs_off + 512 * j + 256)
+                    if j > 0:
+                        _sts16(ko0, kv0 * 0 - 1, ksm)
+                        if CK > 1:
+                            _sts16(ko1, kv1 * 0 - 1, ksm)
+                        if CK > 2:
+                            _sts16(ko2, kv2 * 0 - 1, ksm)
+                    _sts16(ko0, kv0, kc0 == j)
+                    if CK > 1:
+                        _sts16(ko1, kv1, kc1 == j)
+                    if CK > 2:
+                        _sts16(ko2, kv2, kc2 == j)
+                    _warp_sync(lane_t)
+                    lev = _tile_merge(lev, _ldsm4(kt_rows))
+                    _warp_sync(lane_t)  # (every lane's ldmatrix before the next chunk's clears)
+                    k = _hfma2(lev, k_sc, k_zr)
+                else:
+                    if CK:  # the slot's exact level in place of the looked-up one, before the affine map and RoPE
+                        lev = gl.where(k_rel == k_pair + 16 * j, (lev & k_keep) | k_val, lev)
+                    if CK > 1:  # (head_dim 256 without the tile: up to 3 slots, one after the other)
+                        lev = gl.where(k_rel1 == k_pair + 16 * j, (lev & k_keep1) | k_val1, lev)
+                    if CK > 2:
+                        lev = gl.where(k_rel2 == k_pair + 16 * j, (lev & k_keep2) | k_val2, lev)
+                    ksz = ks_off + 8 * j
+                    k = _hfma2(lev, gl.load(KSZ + ksz)[None, :, :], gl.load(KSZ + D // 2 + ksz)[None, :, :])
+                    # RoPE by each token's offset from the block start (fragment order: one line per warp-wide load)
+                    cw = gl.load(csb + cs_off + 512 * j)
+                    sw = gl.load(csb + cs_off + 512 * j + 256)
+                k1, k2 = gl.split(gl.permute(k, [0, 2, 1]))
+                r1, r2 = _rope2(k1, k2, gl.convert_layout(cw, k1.type.layout, assert_trivial=True),
+                                gl.convert_layout(sw, k1.type.layout, assert_trivial=True))
+                kr = _to_operand(gl.reshape(gl.permute(gl.join(r1, r2), [0, 2, 1]), [BT, 16]), a_l, BT)
+                # the query chunk rotated on from p_split to the block start p_b
+                qr = _rot_q(_pick8(j, q0, q1, q2, q3q, q4, q5, q6, q7), qtb + j * 32, j, N, True, B4)
+                s = mma_v2(kr, gl.convert_layout(qr, b_l), s)
+            if KTILE:  # the last chunk's cells, cleared for the next block (its lanes' ldmatrix are behind the sync
+                # above)
+                _sts16(ko0, kv0 * 0 - 1, ksm)
+                if CK > 1:
+                    _sts16(ko1, kv1 * 0 - 1, ksm)
+                if CK > 2:
+                    _sts16(ko2, kv2 * 0 - 1, ksm)
+            if HAS_MASK:  # the additive mask, natural-log units
+                s += gl.load(MROW + t0 + tc_, mask=tmask, other=0.0)[:, None] * 1.4426950408889634
+            # online softmax over the block's tokens (axis 0), base 2 (qk_scale holds log2 e / sqrt(D))
+            s = gl.where(tmask[:, None], s, -1.0e30)
+            m_new = gl.maximum(m_i, gl.max(s, 0))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - m_new[None, :])
+            l_i = l_i * alpha + gl.sum(p, 0)
+            z_i = z_i * alpha + gl.sum(p * vzr[:, None], 0)
+            m_i = m_new
+            pv = gl.convert_layout((p * vsc[:, None]).to(gl.float16), b_l)
+            if PASS == 1:  # the block's P and alpha for the value pass (the group's heads)
+                pb = PS + GROUP + ((t0 - lo_t) // BT) * PW
+                gl.store(pb.to(gl.pointer_type(gl.float16)) + bn[None, :] * BT + bk[:, None], pv,
+                         mask=(bn[None, :] < GROUP) & (bk[:, None] >= 0))
+                gl.store(pb + BT * GROUP // 2 + hn, alpha, mask=hn < GROUP)
+        else:  # the value pass: the scores pass's P and alpha of this block
+            pb = PS + GROUP + ((t0 - lo_t) // BT) * PW
+            pv = gl.load(pb.to(gl.pointer_type(gl.float16)) + bn[None, :] * BT + bk[:, None],
+                         mask=(bn[None, :] < GROUP) & (bk[:, None] >= 0), other=0.0)
+            alpha = gl.load(pb + BT * GROUP // 2 + hn, mask=hn < GROUP, other=1.0)
         vmask = (t0 + v_tok) < hi_t
         if B4:
             vmask4 = (t0 + v_tok4) < hi_t
@@ -930,6 +972,10 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
             for cc in gl.static_range(_TILE_ROWS * DV // 512):  # (the tile's BT 2 DV bytes)
                 _clear16(_TILE_OFF + cc * 512 + 16 * lane_t)
             _warp_sync(lane_t)  # (before the next block's scatter)
+    if PASS == 1:  # the z term for the value pass
+        gl.store(PS + hn, z_i, mask=hn < GROUP)
+    elif PASS == 2:
+        z_i = gl.load(PS + hn, mask=hn < GROUP, other=0.0)
     # partials: O^T chunks [32 channels, N] (natural channel order) + the zero term, for the group's heads only
     oc = gl.arange(0, 32, layout=c_l)[:, None]
     oh = gl.arange(0, N, layout=h_l)[None, :]
@@ -949,12 +995,15 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     if KTILE:
         keep += gl.sum(gl.sum(ktile.slice(0, 1, dim=0).load(tb_l), 1), 0)
     m_i += gl.where(n_q < 0, keep.to(gl.float32), 0.0)
-    prow = row0 + hh.to(gl.int64) * (NSPLIT_Q + 1)
-    pmask = hh < GROUP
-    if NV == 2:  # (both value halves hold the same m and l)
-        pmask = pmask & (vh == 0)
-    gl.store(PM + prow, m_i, mask=pmask)
-    gl.store(PL + prow, l_i, mask=pmask)
+    if PASS == 2:  # (the value pass writes no m and l: its hand-over words take the term instead)
+        gl.store(PS + hn, z_i + gl.where(n_q < 0, keep.to(gl.float32), 0.0), mask=hn < GROUP)
+    else:
+        prow = row0 + hh.to(gl.int64) * (NSPLIT_Q + 1)
+        pmask = hh < GROUP
+        if PASS == 0 and NV == 2:  # (both value halves hold the same m and l)
+            pmask = pmask & (vh == 0)
+        gl.store(PM + prow, m_i, mask=pmask)
+        gl.store(PL + prow, l_i, mask=pmask)
 
 
 # ---------------------------------------------------------------------------------------------------- host side
@@ -1094,8 +1143,9 @@ def value_slots(v_token: bool, cv: int, has_ends: bool, head_dim: int = D) -> di
 
 def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, chunk, nsq, group, ck, cv, voe=None,
            bits=3):
-    """Launch the kernel over ``nsq`` splits (grid nsq x KV heads x batch; head_dim 256: two programs per split, 2 nsq
-    x KV heads x batch); see _pairs_kernel for the arguments. ``bits``: the codes' width (3; 2: rows of the low plane
+    """Launch the kernel over ``nsq`` splits (grid nsq x KV heads x batch; head_dim 256: the scores pass, then the
+    value pass, each over that grid; without SCORES_ONCE one launch of two programs per split, 2 nsq x KV heads x
+    batch); see _pairs_kernel for the arguments. ``bits``: the codes' width (3; 2: rows of the low plane
     alone; 4: a byte per channel pair); head_dim 64, 128 or 256, read from the rows' width; ``ck`` key slots per
     vector, at most MAX_KEY_SLOTS[head_dim].
     ``quant``: the storage's (k_codes, k_out_idx, k_out_val, v_codes, v_zero, v_scale, v_out_idx, v_out_val, q_pos);
@@ -1118,26 +1168,37 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     ktile = key_slot_tile(d, ck)
     mask = bias if bias is not None else pm
     nv = programs_per_split(d)
+    halves = 1 + d // 256  # value halves
     # each program's scratch for the RoPE of odd blocks: SCRATCH_WORDS per 128 key channels (head_dim 256: twice)
-    scratch = torch.empty(B * H * nsq * nv * (SCRATCH_WORDS * nv), device=q.device, dtype=torch.int32)
+    scratch = torch.empty(B * H * nsq * halves * (SCRATCH_WORDS * halves), device=q.device, dtype=torch.int32)
+    passes = (1, 2) if halves == 2 and nv == 1 else (0,)
+    p_blocks = 0
+    hand = scratch
+    if passes != (0,):  # the scores pass's hand-over to the value pass: per program group + p_blocks p_words(group)
+        # words, for its longest split (with device lengths, of the storage's capacity)
+        p_blocks = max(chunk // BT, math.ceil(math.ceil(int(kc.shape[2]) / nsq) / BT))
+        hand = torch.empty(B * H * nsq * (group + p_blocks * p_words(group)), device=q.device, dtype=torch.float32)
     ends = voe if voe is not None else qpos
     svh = 0 if v_token else 1  # token-group rows: one zero / scale / slot row for every KV head
-    k = _pairs_kernel[(nsq * nv, H, B)](
-        q, pacc, pm, pl, kc, koi, kov, vc, vz, vs, voi, vov, ends, qpos, mask,
-        lengths if lengths is not None else qpos,
-        tb["TAB"], tb["KSZ"], tb["KZI"], tb["CSP"], tb["BROT"], tb["INVF"], scratch,
-        scaling_log2, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-        koi.stride(0), koi.stride(1), koi.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-        vs.stride(0), svh * vs.stride(1), vs.stride(2), voi.stride(0), svh * voi.stride(1), voi.stride(2),
-        ends.stride(0), ends.stride(-2) if voe is not None else 0, qpos.stride(0),
-        bias.stride(0) if bias is not None else 0, n_s, n_q, chunk, nsq, BROT_BLOCKS,
-        H_KV=H, GROUP=group, CK=ck, CV=cv, **slots, KTILE=ktile, HAS_MASK=bias is not None,
-        DEVLEN=lengths is not None, PF=2, HI=bits == 3, B4=bits == 4, BT=BT, D=d, N=N, num_warps=1,
-        **({} if MAXNREG is None else {"maxnreg": MAXNREG}))
-    key = id(k)
-    if key not in _CHECKED:
-        _check_shared(k, vrun, ktile)
-        _CHECKED.add(key)
+    k = None
+    for pss in passes:
+        keys = pss != 2  # (the value pass reads no key slot, key tile or mask)
+        kp = _pairs_kernel[(nsq * nv, H, B)](
+            q, pacc, pm, pl, kc, koi, kov, vc, vz, vs, voi, vov, ends, qpos, mask,
+            lengths if lengths is not None else qpos,
+            tb["TAB"], tb["KSZ"], tb["KZI"], tb["CSP"], tb["BROT"], tb["INVF"], scratch,
+            scaling_log2, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+            koi.stride(0), koi.stride(1), koi.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+            vs.stride(0), svh * vs.stride(1), vs.stride(2), voi.stride(0), svh * voi.stride(1), voi.stride(2),
+            ends.stride(0), ends.stride(-2) if voe is not None else 0, qpos.stride(0),
+            bias.stride(0) if bias is not None else 0, n_s, n_q, chunk, nsq, BROT_BLOCKS, hand, p_blocks,
+            H_KV=H, GROUP=group, CK=ck if keys else 0, CV=cv, **slots, KTILE=ktile and keys,
+            HAS_MASK=bias is not None and keys, DEVLEN=lengths is not None, PF=2, HI=bits == 3, B4=bits == 4, BT=BT,
+            D=d, N=N, PASS=pss, num_warps=1, **({} if MAXNREG is None else {"maxnreg": MAXNREG}))
+        if id(kp) not in _CHECKED:
+            _check_shared(kp, vrun, ktile and keys)
+            _CHECKED.add(id(kp))
+        k = k or kp
     return k
 
 
@@ -1149,9 +1210,16 @@ MAXNREG = None
 PROGRAMS_PER_SM = 8
 
 
+#: head_dim 256 in two launches: the scores pass (value half 0) hands P to the value pass (value half 1), so each
+#: block's scores are computed once. False: one launch of two programs per split, one per value half, each computing
+#: all the scores (an experiment knob, read at launch and by the split rule)
+SCORES_ONCE = True
+
+
 def programs_per_split(head_dim: int) -> int:
-    """Programs per split and KV head: head_dim 256 takes two, one per value half (each computes all the scores)."""
-    return 2 if head_dim == 256 else 1
+    """Programs per split and KV head in one launch: head_dim 256 without SCORES_ONCE takes two, one per value half
+    (each computes all the scores)."""
+    return 2 if head_dim == 256 and not SCORES_ONCE else 1
 
 
 def splits(n_tokens: int, programs: int, num_sms: int, head_dim: int = D) -> tuple[int, int]:
@@ -1162,7 +1230,8 @@ def splits(n_tokens: int, programs: int, num_sms: int, head_dim: int = D) -> tup
     36.7 us. Where the wave is already full (batch 8) the split counts are those of the former rule. head_dim 256:
     two programs per split (programs_per_split) and at least two blocks each (run 108, Gemma-3-4B heads, 4K batch 1:
     64 splits against the one-block rule's 128, nuq3-1% head-group 56.3 against 62.7 us, token-group 59.6 against
-    65.5; at 16K the rule's 128 splits of four blocks stay: 92.4 us against 109.0 with 64 and 176.8 with 256)."""
+    65.5; at 16K the rule's 128 splits of four blocks stay: 92.4 us against 109.0 with 64 and 176.8 with 256). With
+    SCORES_ONCE each of its two launches has one program per split: twice the splits, still of two blocks or more."""
     if n_tokens <= 0:
         return 0, BT
     nv = programs_per_split(head_dim)
@@ -1170,4 +1239,4 @@ def splits(n_tokens: int, programs: int, num_sms: int, head_dim: int = D) -> tup
     want = max(1, PROGRAMS_PER_SM * num_sms // max(programs * nv, 1))
     # (the cap rounds up: 4095 quantized tokens, 4K less a sink, in 128 one-block splits, not 64 of two blocks; run
     # 69, Llama-3-8B shape, 4K batch 1: 24.3 against 25.5 us)
-    return _block_splits(n_tokens, want, BT * nv, BT)
+    return _block_splits(n_tokens, want, BT * (2 if head_dim == 256 else 1), BT)
