@@ -1172,6 +1172,8 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     # each program's scratch for the RoPE of odd blocks: SCRATCH_WORDS per 128 key channels (head_dim 256: twice)
     scratch = torch.empty(B * H * nsq * halves * (SCRATCH_WORDS * halves), device=q.device, dtype=torch.int32)
     passes = (1, 2) if halves == 2 and nv == 1 else (0,)
+    if PASSES is not None and passes != (0,):  # (timing one pass alone)
+        passes = PASSES
     p_blocks = 0
     hand = scratch
     if passes != (0,):  # the scores pass's hand-over to the value pass: per program group + p_blocks p_words(group)
@@ -1214,6 +1216,9 @@ PROGRAMS_PER_SM = 8
 #: block's scores are computed once. False: one launch of two programs per split, one per value half, each computing
 #: all the scores (an experiment knob, read at launch and by the split rule)
 SCORES_ONCE = True
+#: (experiment knob) launch only these of head_dim 256's two passes, e.g. (1,): to time one pass alone (the outputs
+#: are then wrong: the value pass reads a hand-over that was not written)
+PASSES = None
 
 
 def programs_per_split(head_dim: int) -> int:
