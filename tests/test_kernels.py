@@ -273,6 +273,27 @@ def test_decode_prefetch_option_interpret():
 
 
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("D,nsplit", [(128, 70), (256, 257), (64, 3)])
+def test_reduce_merges_every_split_interpret(D, nsplit):
+    """The split merge reads the accumulators a few splits at a time (CS = 4096 / D): every split counts, empty
+    splits (max -1e30, sum 0) weigh nothing, and a row whose splits are all empty gives 0."""
+    g = torch.Generator().manual_seed(D + nsplit)
+    B, Hq = 2, 3
+    rows = B * Hq
+    pacc = torch.randn(rows, nsplit, D, generator=g)
+    pm = torch.randn(rows, nsplit, generator=g) * 4
+    pl = torch.rand(rows, nsplit, generator=g) + 0.5
+    pm[0, nsplit // 2], pl[0, nsplit // 2] = -1.0e30, 0.0  # an empty split
+    pm[4], pl[4] = -1.0e30, 0.0  # a row without keys
+    w = torch.exp2(pm - pm.amax(1, keepdim=True))
+    ref = (pacc * w[..., None]).sum(1) / (pl * w).sum(1, keepdim=True).clamp_min(1e-30)
+    ref[4] = 0.0
+    out = kernels._reduce(pacc.reshape(-1), pm.reshape(-1), pl.reshape(-1), B, Hq, nsplit, D, torch.float32, "cpu")
+    assert out.shape == (B, Hq, 1, D)
+    assert torch.allclose(out.reshape(rows, D), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
 def test_decode_natural_kernel_d64_interpret():
     # head_dim 64 (SmolLM2, Qwen2-0.5B): the default kernel for head-group storage; GQA 3 with left padding, and
     # non-consecutive positions (per-element RoPE fallback)

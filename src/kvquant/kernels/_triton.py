@@ -404,23 +404,29 @@ def _fp16_decode_kernel(
 
 
 @triton.jit(do_not_specialize=("NSPLIT",))
-def _reduce_kernel(PACC, PM, PL, OUT, so_b, so_h, HQ, NSPLIT, SP: tl.constexpr, D: tl.constexpr):
+def _reduce_kernel(PACC, PM, PL, OUT, so_b, so_h, HQ, NSPLIT, SP: tl.constexpr, D: tl.constexpr, CS: tl.constexpr):
+    """Merge the NSPLIT partials of one (sequence, query head): the largest max first (SP >= NSPLIT), then the
+    accumulators CS splits at a time (the whole [SP, D] tile at once spilled: at head_dim 256 over 257 splits it took
+    115 us on the H200, benchmarks/gpu_runs/run131)."""
     pid = tl.program_id(0)
     b = pid // HQ
     hq = pid % HQ
     s = tl.arange(0, SP)
-    smask = s < NSPLIT
-    m = tl.load(PM + pid * NSPLIT + s, mask=smask, other=float("-inf"))
-    l = tl.load(PL + pid * NSPLIT + s, mask=smask, other=0.0)
-    mx = tl.max(m, 0)
+    mx = tl.max(tl.load(PM + pid * NSPLIT + s, mask=s < NSPLIT, other=float("-inf")), 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.exp2(m - mx)
-    w = tl.where(smask, w, 0.0)
     chd = tl.arange(0, D)
-    acc = tl.load(PACC + (pid * NSPLIT + s)[:, None] * D + chd[None, :], mask=smask[:, None], other=0.0)
-    num = tl.sum(acc * w[:, None], 0)
-    den = tl.sum(l * w, 0)
-    out = tl.where(den > 0, num / den, 0.0)
+    num = tl.zeros([D], tl.float32)
+    den = tl.zeros([CS], tl.float32)
+    for s0 in range(0, NSPLIT, CS):
+        sc = s0 + tl.arange(0, CS)
+        smask = sc < NSPLIT
+        m = tl.load(PM + pid * NSPLIT + sc, mask=smask, other=float("-inf"))
+        w = tl.where(smask, tl.exp2(m - mx), 0.0)
+        den += tl.load(PL + pid * NSPLIT + sc, mask=smask, other=0.0) * w
+        acc = tl.load(PACC + (pid * NSPLIT + sc)[:, None] * D + chd[None, :], mask=smask[:, None], other=0.0)
+        num += tl.sum(acc * w[:, None], 0)
+    den_s = tl.sum(den, 0)
+    out = tl.where(den_s > 0, num / den_s, 0.0)
     tl.store(OUT + b * so_b + hq * so_h + chd, out.to(OUT.dtype.element_ty))
 
 
