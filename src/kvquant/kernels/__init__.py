@@ -594,8 +594,9 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-#: the split merge reads the partial accumulators 4096 / head_dim splits at a time; False: all at once, as before
-#: (an experiment knob: at head_dim 256 over 257 splits that took 115 us, benchmarks/gpu_runs/run131)
+#: the split merge: one program per query head and 64 channels, reading the partials 64 splits at a time; False: one
+#: program per query head reading all splits at once, as before (an experiment knob: at head_dim 256 over 257 splits
+#: that took 115 us, benchmarks/gpu_runs/run131)
 REDUCE_CHUNKS = True
 
 
@@ -604,9 +605,10 @@ def _reduce(pacc, pm, pl, B, Hq, nsplit, D, dtype, dev):
 
     out = torch.empty(B, 1, Hq, D, device=dev, dtype=dtype).transpose(1, 2)  # [B, Hq, 1, D], stored as the
     sp = triton_next_pow2(nsplit)
-    K._reduce_kernel[(B * Hq,)](  # attention output layout [B, 1, Hq, D] (no transpose copy afterwards)
-        pacc, pm, pl, out, out.stride(0), out.stride(1), Hq, nsplit, SP=sp, D=D,
-        CS=min(sp, max(1, 4096 // D)) if REDUCE_CHUNKS else sp, num_warps=4)
+    dc = min(D, 64) if REDUCE_CHUNKS else D
+    K._reduce_kernel[(B * Hq, D // dc)](  # attention output layout [B, 1, Hq, D] (no transpose copy afterwards)
+        pacc, pm, pl, out, out.stride(0), out.stride(1), Hq, nsplit, SP=sp, D=D, DC=dc,
+        CS=min(sp, 4096 // dc) if REDUCE_CHUNKS else sp, num_warps=4)
     return out
 
 

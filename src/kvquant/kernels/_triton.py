@@ -404,18 +404,20 @@ def _fp16_decode_kernel(
 
 
 @triton.jit(do_not_specialize=("NSPLIT",))
-def _reduce_kernel(PACC, PM, PL, OUT, so_b, so_h, HQ, NSPLIT, SP: tl.constexpr, D: tl.constexpr, CS: tl.constexpr):
-    """Merge the NSPLIT partials of one (sequence, query head): the largest max first (SP >= NSPLIT), then the
-    accumulators CS splits at a time (the whole [SP, D] tile at once spilled: at head_dim 256 over 257 splits it took
-    115 us on the H200, benchmarks/gpu_runs/run131)."""
+def _reduce_kernel(PACC, PM, PL, OUT, so_b, so_h, HQ, NSPLIT, SP: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
+                   CS: tl.constexpr):
+    """Merge the NSPLIT partials of one (sequence, query head) for channels DC c .. DC c + DC - 1 (grid axis 1): the
+    largest max first (SP >= NSPLIT), then the accumulators CS splits at a time. (Reading all [SP, D] partials at once
+    spilled: at head_dim 256 over 257 splits that took 115 us on the H200, benchmarks/gpu_runs/run131; one program per
+    query head looping over the splits still took about 37, run 132.)"""
     pid = tl.program_id(0)
     b = pid // HQ
     hq = pid % HQ
     s = tl.arange(0, SP)
     mx = tl.max(tl.load(PM + pid * NSPLIT + s, mask=s < NSPLIT, other=float("-inf")), 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
-    chd = tl.arange(0, D)
-    num = tl.zeros([D], tl.float32)
+    chd = tl.program_id(1) * DC + tl.arange(0, DC)
+    num = tl.zeros([DC], tl.float32)
     den = tl.zeros([CS], tl.float32)
     for s0 in range(0, NSPLIT, CS):
         sc = s0 + tl.arange(0, CS)
