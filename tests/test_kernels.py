@@ -521,9 +521,12 @@ def test_pairs_kernel_tables_cpu(D):
         assert G.p_words(2) == 34 and G.p_words(8) == 136  # a block's P [group, 32] fp16 and alpha [group] fp32
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(kernels, "_num_sms", lambda device: 132)
-            # two launches (scores, then values) of one program per split each: the rule fills one wave with each,
-            # at least two blocks per split (run 108): 4K less a sink over Gemma-3-4B's 4 KV heads in 64 splits
+            # from SCORES_ONCE_MIN_TOKEN_HEADS two launches (scores, then values) of one program per split each: the
+            # rule fills one wave with each, at least two blocks per split (run 108); below it one launch of two
+            # programs per split: 4K less a sink over Gemma-3-4B's 4 KV heads in 64 splits
             assert G.SCORES_ONCE and G.programs_per_split(256) == 1
+            assert not G.scores_once(256, 4 * 4095) and G.scores_once(256, 4 * 16383)
+            assert not G.scores_once(128, 1 << 30)
             assert kernels._kernel_splits("pairs", 131072, 4, cpu, 32, 256) == G.splits(131072, 4, 132, 256)
             assert kernels._kernel_splits("pairs", 4095, 4, cpu, 32, 256) == (64, 64)
             assert kernels._kernel_splits("pairs", 16383, 4, cpu, 32, 256) == (256, 64)
@@ -835,6 +838,7 @@ def test_decode_pairs_d256_gpu(scores_once, monkeypatch):
     from kvquant.kernels import _gluon as G
 
     monkeypatch.setattr(G, "SCORES_ONCE", scores_once)
+    monkeypatch.setattr(G, "SCORES_ONCE_MIN_TOKEN_HEADS", 0)  # (two passes at every size of the cases)
     kw = dict(kernel="pairs", prefetch=None)
     st, _, _ = make_storage(2, 4, 256, 3, 100, 1, 0, "head", "cuda")
     q0 = torch.zeros(2, 8, 1, 256, device="cuda")

@@ -1167,7 +1167,8 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     vrun = slots["VRUN"]
     ktile = key_slot_tile(d, ck)
     mask = bias if bias is not None else pm
-    nv = programs_per_split(d)
+    # (the split rule's token count: the capacity in CUDA-graph steps, else the quantized length)
+    nv = programs_per_split(d, B * H * (int(kc.shape[2]) if lengths is not None else int(n_q)))
     halves = 1 + d // 256  # value halves
     # each program's scratch for the RoPE of odd blocks: SCRATCH_WORDS per 128 key channels (head_dim 256: twice)
     scratch = torch.empty(B * H * nsq * halves * (SCRATCH_WORDS * halves), device=q.device, dtype=torch.int32)
@@ -1216,15 +1217,26 @@ PROGRAMS_PER_SM = 8
 #: block's scores are computed once. False: one launch of two programs per split, one per value half, each computing
 #: all the scores (an experiment knob, read at launch and by the split rule)
 SCORES_ONCE = True
+#: ... from this many quantized token-heads (batch x KV heads x tokens; in CUDA-graph steps, of the capacity): below
+#: it one launch. Run 134 (Gemma-3-4B heads, nuq3-1% head-group): one launch 1.14x faster at 4K batch 1 (16K
+#: token-heads: 46.2 against 52.5 us), two passes 1.06x faster at 16K batch 1 (65K: 63.1 against 66.9), 1.16-1.46x
+#: from there up (runs 133-134). The threshold lies between the two points.
+SCORES_ONCE_MIN_TOKEN_HEADS = 32768
 #: (experiment knob) launch only these of head_dim 256's two passes, e.g. (1,): to time one pass alone (the outputs
 #: are then wrong: the value pass reads a hand-over that was not written)
 PASSES = None
 
 
-def programs_per_split(head_dim: int) -> int:
-    """Programs per split and KV head in one launch: head_dim 256 without SCORES_ONCE takes two, one per value half
-    (each computes all the scores)."""
-    return 2 if head_dim == 256 and not SCORES_ONCE else 1
+def scores_once(head_dim: int, token_heads: int) -> bool:
+    """Whether head_dim 256 runs as two launches (the scores pass, then the value pass) for this many quantized
+    token-heads."""
+    return bool(SCORES_ONCE and head_dim == 256 and token_heads >= SCORES_ONCE_MIN_TOKEN_HEADS)
+
+
+def programs_per_split(head_dim: int, token_heads: int = 1 << 62) -> int:
+    """Programs per split and KV head in one launch: head_dim 256 in one launch (not scores_once) takes two, one per
+    value half (each computes all the scores)."""
+    return 2 if head_dim == 256 and not scores_once(head_dim, token_heads) else 1
 
 
 def splits(n_tokens: int, programs: int, num_sms: int, head_dim: int = D) -> tuple[int, int]:
@@ -1236,10 +1248,10 @@ def splits(n_tokens: int, programs: int, num_sms: int, head_dim: int = D) -> tup
     two programs per split (programs_per_split) and at least two blocks each (run 108, Gemma-3-4B heads, 4K batch 1:
     64 splits against the one-block rule's 128, nuq3-1% head-group 56.3 against 62.7 us, token-group 59.6 against
     65.5; at 16K the rule's 128 splits of four blocks stay: 92.4 us against 109.0 with 64 and 176.8 with 256). With
-    SCORES_ONCE each of its two launches has one program per split: twice the splits, still of two blocks or more."""
+    two passes (scores_once) each launch has one program per split: twice the splits, still of two blocks or more."""
     if n_tokens <= 0:
         return 0, BT
-    nv = programs_per_split(head_dim)
+    nv = programs_per_split(head_dim, n_tokens * programs)
     # (rounded down: a second, nearly empty wave doubles the time)
     want = max(1, PROGRAMS_PER_SM * num_sms // max(programs * nv, 1))
     # (the cap rounds up: 4095 quantized tokens, 4K less a sink, in 128 one-block splits, not 64 of two blocks; run
