@@ -17,9 +17,10 @@ Per program (one warp): one (sequence, KV head, split) of 32-token blocks. head_
 head_dim 256 is eight key chunks, more than one warp's registers hold with eight accumulator chunks, so it runs in two
 launches (SCORES_ONCE, constexpr PASS): the scores pass computes the scores and accumulates value half 0 (the
 head_dim-128 value path), handing each block's P (fp16, value scale folded in) and softmax rescale to the value pass
-through global memory, which accumulates value half 1 (offset by 128) from them with no key work (131 registers).
-(Before, two programs shared a split, one per value half, both computing all the scores: 0.64x the hot-loop
-instructions now.) The key rows are read in two halves (the words of chunks 0-3, then 4-7), and up to 3 key slots per
+through global memory, which accumulates value half 1 (offset by 128) from them with no key work (128-132 registers,
+no spills): 0.63-0.67x the instructions per block of the one launch (PASS 0, SCORES_ONCE off or below
+SCORES_ONCE_MIN_TOKEN_HEADS), where two programs share a split, one per value half, both computing all the scores.
+The key rows are read in two halves (the words of chunks 0-3, then 4-7), and up to 3 key slots per
 vector (1% of 256) go through a key slot tile (below).
 - **Scores** S^T = K Q^T with mma.sync m16n8k16: tokens are M, the GQA group's query heads N (padded to 8).
 - **Key levels** from a 64-entry table of fp16 pairs in shared memory, replicated per lane (any index pattern is
@@ -560,8 +561,7 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     PASS (head_dim 256): 0, both value halves in one launch (grid axis 0: 2 NSPLIT_Q, program 2 pid + vh), each
     program computing all the scores; 1, the scores and value half 0, handing each block's P and alpha and the final z
     term to the value pass through PSC (per program: GROUP + p_blocks p_words(GROUP) 32-bit words); 2, value half 1
-    from them,
-    launched after pass 1 (grid axis 0: NSPLIT_Q for both).
+    from them, launched after pass 1 (grid axis 0: NSPLIT_Q for both).
     """
     # head_dim 256: value half vh of the program (value channels DV = 128 vh ..): the scores of 256 key channels, 8
     # query and 8 accumulator chunks would not fit one warp's registers
