@@ -595,8 +595,9 @@ def triton_next_pow2(n: int) -> int:
 
 
 #: the split merge: one program per query head and 64 channels, reading the partials 64 splits at a time; False: one
-#: program per query head reading all splits at once, as before (an experiment knob: at head_dim 256 over 257 splits
-#: that took 115 us, benchmarks/gpu_runs/run131)
+#: program per query head reading all splits in one load, as before 8508785 (an experiment knob; the same reads, not
+#: the same code: at head_dim 256 over 257 splits the old kernel took 115 us, benchmarks/gpu_runs/run131, and two
+#: passes 337 us per call in run 130 against 294 with this setting in run 132)
 REDUCE_CHUNKS = True
 
 
