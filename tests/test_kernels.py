@@ -277,8 +277,9 @@ def test_decode_prefetch_option_interpret():
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in divide:RuntimeWarning")
 @pytest.mark.parametrize("D,nsplit", [(128, 70), (256, 257), (64, 3)])
 def test_reduce_merges_every_split_interpret(D, nsplit):
-    """The split merge reads the accumulators a few splits at a time (CS = 4096 / D): every split counts, empty
-    splits (max -1e30, sum 0) weigh nothing, and a row whose splits are all empty gives 0."""
+    """The split merge (one program per query head and 64 channels, 64 splits per load: 70 and 257 splits take
+    several loads, head_dim 128 and 256 several channel blocks): every split and channel counts, empty splits (max
+    -1e30, sum 0) weigh nothing, and a row whose splits are all empty gives 0."""
     g = torch.Generator().manual_seed(D + nsplit)
     B, Hq = 2, 3
     rows = B * Hq
