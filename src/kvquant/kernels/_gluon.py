@@ -986,7 +986,6 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     if DV == 128:
         gl.store(base + 64 + oc, acc2 + z_i[None, :], mask=om)
         gl.store(base + 96 + oc, acc3 + z_i[None, :], mask=om)
-    hh = gl.arange(0, N, layout=h_l)
     # one read of the tables after the loop keeps their allocation alive (inline PTX reads it: Triton cannot see
     # that), so no scratch buffer can alias it; the term is 0 unless n_q < 0
     keep = gl.sum(gl.sum(tab.slice(0, 1, dim=0).load(tb_l), 1), 0)
@@ -998,8 +997,8 @@ def _pairs_kernel(Q, PACC, PM, PL, KC, KOI, KOV, VC, VZ, VS, VOI, VOV, VOE, QPOS
     if PASS == 2:  # (the value pass writes no m and l: its hand-over words take the term instead)
         gl.store(PS + hn, z_i + gl.where(n_q < 0, keep.to(gl.float32), 0.0), mask=hn < GROUP)
     else:
-        prow = row0 + hh.to(gl.int64) * (NSPLIT_Q + 1)
-        pmask = hh < GROUP
+        prow = row0 + hn.to(gl.int64) * (NSPLIT_Q + 1)
+        pmask = hn < GROUP
         if PASS == 0 and NV == 2:  # (both value halves hold the same m and l)
             pmask = pmask & (vh == 0)
         gl.store(PM + prow, m_i, mask=pmask)
@@ -1168,16 +1167,18 @@ def launch(q, pacc, pm, pl, quant, tb, bias, lengths, scaling_log2, n_s, n_q, ch
     ktile = key_slot_tile(d, ck)
     mask = bias if bias is not None else pm
     # (the split rule's token count: the capacity in CUDA-graph steps, else the quantized length)
-    nv = programs_per_split(d, B * H * (int(kc.shape[2]) if lengths is not None else int(n_q)))
+    token_heads = B * H * (int(kc.shape[2]) if lengths is not None else int(n_q))
+    two = scores_once(d, token_heads)
+    nv = programs_per_split(d, token_heads)
     halves = 1 + d // 256  # value halves
     # each program's scratch for the RoPE of odd blocks: SCRATCH_WORDS per 128 key channels (head_dim 256: twice)
     scratch = torch.empty(B * H * nsq * halves * (SCRATCH_WORDS * halves), device=q.device, dtype=torch.int32)
-    passes = (1, 2) if halves == 2 and nv == 1 else (0,)
-    if PASSES is not None and passes != (0,):  # (timing one pass alone)
+    passes = (1, 2) if two else (0,)
+    if PASSES is not None and two:  # (timing one pass alone)
         passes = PASSES
     p_blocks = 0
     hand = scratch
-    if passes != (0,):  # the scores pass's hand-over to the value pass: per program group + p_blocks p_words(group)
+    if two:  # the scores pass's hand-over to the value pass: per program group + p_blocks p_words(group)
         # words, for its longest split (with device lengths, of the storage's capacity)
         p_blocks = max(chunk // BT, math.ceil(math.ceil(int(kc.shape[2]) / nsq) / BT))
         hand = torch.empty(B * H * nsq * (group + p_blocks * p_words(group)), device=q.device, dtype=torch.float32)
