@@ -3,7 +3,9 @@ before each (gpu_suite.bench_graph), in one process on one storage per batch, ro
 reading a few splits at a time (the default) or all at once (``kernels.REDUCE_CHUNKS``); at head_dim 256 also the two
 launches (the scores pass, then the value pass; ``_gluon.SCORES_ONCE``) against one launch of two programs per split,
 each computing all the scores, each pass alone (``_gluon.PASSES``; its output is then wrong, only its time counts),
-and the two passes at other split counts. nuq3-1% (``--bits``), head-group values (``--group``), 128K.
+and the two passes at other split counts. nuq3-1% (``--bits``), head-group values (``--group``), 128K (``--contexts``).
+The "default" row is the library's choice: at head_dim 256 one launch below ``_gluon.SCORES_ONCE_MIN_TOKEN_HEADS``
+(since d882fff; runs 128-134 predate it and took two passes at every size).
 
     PYTHONPATH=src python benchmarks/gpu_launch_variants.py [--shape gemma3-4b] [--contexts 131072] [--batches 1,8]
         [--splits 128,512] [--group head] [--bits 3] [--rounds 2]
