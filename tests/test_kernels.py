@@ -695,10 +695,11 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
         kernels.decode_kernel(q, st, kernel="pairs", block_t=64)
     two, _, _ = make_storage(1, 2, 128, 2, 40, 1, 0, "head", "cpu")  # 2-bit storage
     assert kernels.decode_kernel(q, two, graph=True) == "pairs" and kernels.decode_kernel(q, two) == "fields"
-    # 2-bit storage at head_dim 256: the natural kernel (1.5x the fields kernel there, run 98), which stays selectable
+    # 2-bit storage at head_dim 256, eagerly: the natural kernel (1.5x the fields kernel there, run 98), which stays
+    # selectable
     two256, _, _ = make_storage(1, 2, 256, 2, 40, 1, 0, "head", "cpu")
     q256 = torch.zeros(1, 8, 1, 256).bfloat16()
-    assert kernels.decode_kernel(q256, two256) == "natural" == kernels.decode_kernel(q256, two256, graph=True)
+    assert kernels.decode_kernel(q256, two256) == "natural"
     assert kernels.decode_kernel(q256, two256, kernel="fields") == "fields"
     for heads in (8, 2):  # token-group values: with run ends (8 KV heads), and without (2)
         tg, _, _ = make_storage(1, heads, 128, 3, 40, 1, 0, "token", "cpu")
@@ -713,23 +714,15 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
         assert kernels.decode_kernel(qo, other, graph=True) != "pairs", (args, kw)
         with pytest.raises(ValueError, match="head_dim 64 or 128 with at most 1 outlier slot"):
             kernels.decode_kernel(qo, other, kernel="pairs")
-    # head_dim 256 (3 key slots at 1%): the default in graph steps for token-group values and 4-bit storage (runs
-    # 106-107), for head-group 2/3-bit storage from PAIRS_D256_HEAD_MIN_TOKEN_HEADS (batch x KV heads x capacity)
+    # head_dim 256 (3 key slots at 1%): the default in graph steps at every size (runs 106-107: token-group values
+    # and 4-bit storage; run 136: head-group 2/3-bit storage too, from a 1K window at batch 1 up); eagerly natural
     d256, _, _ = make_storage(1, 2, 256, 3, 40, 1, 0, "head", "cpu")
     assert int(d256.k_out_idx.shape[-1]) == 3 and kernels.PAIRS_MAX_KEY_SLOTS == {64: 1, 128: 1, 256: 3}
     assert kernels.decode_kernel(q256, d256, kernel="pairs") == "pairs"
-    assert kernels.decode_kernel(q256, d256, graph=True) == "natural" == kernels.decode_kernel(q256, d256)
-    assert kernels.PAIRS_D256_HEAD_MIN_TOKEN_HEADS == 100_000
-    for bits, vg in ((3, "token"), (4, "head"), (2, "token")):
-        big, _, _ = make_storage(1, 2, 256, bits, 40, 1, 0, vg, "cpu")
-        assert kernels.decode_kernel(q256, big, graph=True) == "pairs" and kernels.decode_kernel(q256, big) == "natural"
-    cap = int(d256.capacity)
-    for threshold, want in ((2 * cap, "pairs"), (2 * cap + 1, "natural")):
-        monkeypatch.setattr(kernels, "PAIRS_D256_HEAD_MIN_TOKEN_HEADS", threshold)
-        for bits in (3, 2):
-            fresh, _, _ = make_storage(1, 2, 256, bits, 40, 1, 0, "head", "cpu")
-            assert kernels.decode_kernel(q256, fresh, graph=True) == want, (threshold, bits)
-    monkeypatch.setattr(kernels, "PAIRS_D256_HEAD_MIN_TOKEN_HEADS", 100_000)
+    for bits, vg in ((3, "head"), (2, "head"), (3, "token"), (4, "head"), (2, "token")):
+        small, _, _ = make_storage(1, 2, 256, bits, 40, 1, 0, vg, "cpu")
+        assert kernels.decode_kernel(q256, small, graph=True) == "pairs", (bits, vg)
+        assert kernels.decode_kernel(q256, small) == "natural", (bits, vg)
     # head_dim 64: the default in graph steps (run 91) and eagerly from the same threshold counted in token-heads of
     # head_dim 128 (run 99): 2 KV heads x 40 tokens x 64 / 128 = 40
     assert kernels.PAIRS_DEFAULT_HEAD_DIMS == (64, 128, 256) and kernels.EAGER_PAIRS_HEAD_DIMS == (64, 128)
@@ -1037,14 +1030,15 @@ def _forced_steps(model, quant, seed, setups):
 @pytest.mark.parametrize("group,kv_heads,bits,head_dim", [
     ("head", 2, 3, 128), ("token", 2, 3, 128), ("token", 8, 3, 128), ("head", 2, 2, 128), ("token", 8, 4, 128),
     ("head", 2, 4, 128), ("head", 2, 3, 64), ("token", 8, 3, 64), ("head", 2, 2, 64), ("token", 4, 3, 256),
-    ("head", 2, 4, 256)])
+    ("head", 2, 4, 256), ("head", 2, 3, 256)])
 def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads, bits, head_dim):
     """A model's decode steps through KVQuantCache replayed as CUDA graphs, where the pairs kernel is the default, give
     the logits of the same steps run eagerly with the Triton kernel (natural; fields for 2-bit head-group storage),
     within bf16 tolerance (teacher-forced: both runs feed the same tokens), through a storage reallocation
     (re-recorded graphs). Token-group values over 2 KV heads (3 slots per row, no run ends) and over 8 (10 slots,
     with run ends); 2-bit and 4-bit codes; head_dim 64 (the default there since run 91) and 256 (token-group values
-    over 4 KV heads, 4-bit head-group storage: the default there since runs 106-107)."""
+    over 4 KV heads, 4-bit head-group storage: the default there since runs 106-107; 3-bit head-group storage since
+    run 136)."""
     if not _pairs_here():
         pytest.skip("needs the Gluon pairs kernel")
     model, quant = _tiny_model(kv_heads, bits, group, 0, "cuda", head_dim)

@@ -171,8 +171,7 @@ def decode_attention(query, storage, scaling, attention_mask=None, num_splits=No
     ``kernel``: ``"pairs"`` (the Gluon kernel of :mod:`kvquant.kernels._gluon`: 2-, 3- or 4-bit storage, head_dim
     64 or 128 with <= 1 outlier slot per key vector, or 256 with <= 3, head-group or token-group values with any
     number of slots, <= 8 query heads per KV head, on sm_80+ with Triton 3.6; the default at PAIRS_DEFAULT_HEAD_DIMS
-    in CUDA-graph steps on the GPUs it was measured on (sm_90; at head_dim 256 for head-group 2/3-bit storage from
-    PAIRS_D256_HEAD_MIN_TOKEN_HEADS), KVQUANT_PAIRS=0 turns it off),
+    in CUDA-graph steps on the GPUs it was measured on (sm_90), KVQUANT_PAIRS=0 turns it off),
     ``"natural"`` (register lookup of the levels, field tiles interleaved back into channel order, two key dots and
     one value dot per block; a per-channel affine key table, at most 4 key outlier slots per vector, and at most 4
     value slots per head vector or token-group value rows with any number of slots: each KV head applies the
@@ -333,15 +332,13 @@ EAGER_PAIRS_MIN_TOKEN_HEADS: int | None = 3_000_000
 #: Llama-3.2-1B's heads (32 query, 8 KV), nuq3-1% at 128K: head-group values 102.0 against 216.7 us at batch 1, 682.0
 #: against 1890.8 at batch 8; token-group values 121.9 against 265.0 and 817.1 against 2298.0)
 PAIRS_HEAD_DIMS = (64, 128, 256)
-#: (head_dim 256, Gemma-3-4B's heads, runs 106-107: token-group values and 4-bit storage 1.14-2.06x the natural kernel
-#: in every cell, 4K-128K, batch 1 and 8; head-group 2/3-bit storage from PAIRS_D256_HEAD_MIN_TOKEN_HEADS)
+#: (head_dim 256, Gemma-3-4B's heads: token-group values and 4-bit storage 1.14-2.06x the natural kernel in every
+#: cell, 4K-128K, batch 1 and 8, from runs 106-107; head-group 2/3-bit storage from run 136, once the scores were
+#: computed once per block: 1.04-2.23x with 1% slots (1.03-2.59x without) in every cell, 1K-24K, batch 1 and 8,
+#: e.g. 1K batch 1 (a sliding window) nuq3-1% 45.2 against 52.8 us, 16K batch 1 64.0 against 71.5, nuq2-1% 57.1
+#: against 62.8; runs 106-107 and 122 had the one-launch kernel behind at 16K batch 1, so the natural kernel kept
+#: storages below 100K token-heads until then)
 PAIRS_DEFAULT_HEAD_DIMS = (64, 128, 256)
-#: head_dim 256, head-group values of 2 or 3 bits: graph steps take the pairs kernel once the storage holds room for
-#: this many token-heads (batch x KV heads x capacity; the split count comes from the capacity too). Runs 106-107,
-#: nuq3-1% / nuq2-1%: the natural kernel ahead at 65.5K (16K batch 1: 71.6 / 62.8 us against 92.2 / 86.8) and 16K
-#: (4K batch 1: 58.4 / 46.8 against 63.5 / 58.6), the pairs kernel from 131K (4K batch 8: 117.1 / 110.7 against
-#: 132.0 / 112.5) and 262K (64K batch 1: 214.9 / 201.5 against 251.1 / 214.2) up.
-PAIRS_D256_HEAD_MIN_TOKEN_HEADS = 100_000
 #: key outlier slots per vector the pairs kernel merges, by head_dim (1% of the channels: round(0.01 D) = 1, 1, 3)
 PAIRS_MAX_KEY_SLOTS = {64: 1, 128: 1, 256: 3}
 #: head_dims where eager launches take it from EAGER_PAIRS_MIN_TOKEN_HEADS (measured at 64 and 128)
@@ -409,8 +406,7 @@ def _build_decode_plan(st, B, Hq, D, dev, options, has_q) -> _Plan | None:
     natural_options = (block_t, options[2], num_warps, value_correction, maxnreg, prefetch, lutx, reload, wide_loads)
     eager_pairs = (EAGER_PAIRS_MIN_TOKEN_HEADS is not None and has_q and D in EAGER_PAIRS_HEAD_DIMS
                    and B * H * int(st.n_q) * D // 128 >= EAGER_PAIRS_MIN_TOKEN_HEADS)
-    small_d256 = D == 256 and not v_token and bits < 4 and B * H * int(st.capacity) < PAIRS_D256_HEAD_MIN_TOKEN_HEADS
-    if (kernel is None and (graph or eager_pairs) and pairs_ok and D in PAIRS_DEFAULT_HEAD_DIMS and not small_d256
+    if (kernel is None and (graph or eager_pairs) and pairs_ok and D in PAIRS_DEFAULT_HEAD_DIMS
             and all(o is None for o in natural_options)
             and _pairs_available(dev, True)):
         # H200, Llama-3-8B shape, nuq3-1%, graph replays (benchmarks/gpu_decode.md, run 62; 4K and 16K run 70):
