@@ -93,6 +93,8 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
                          "path)",
     "run112b_2026-11-30": "a2fad18 (as run 112; 128K)",
     "run122_2026-11-30": "390fe59 (head_dim 256: the key slots through a per-chunk shared-memory tile)",
+    "run138_2026-12-01": ("39360ea (the decode matrix on the current code: head_dim 256 in two passes from 32K "
+                          "token-heads, the split merge over channel blocks; the head_dim-128 kernels as in run 77)"),
 }
 
 # runs kept in gpu_runs/ as records whose decode rows the report must not take as the latest: what they measured is
@@ -170,6 +172,15 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                           "natural kernel stays ahead for head-group 2/3-bit storage (71.9 / 62.6 us against 79.7 / "
                           "72.2), so kernels.PAIRS_D256_HEAD_MIN_TOKEN_HEADS is unchanged, although at 4K batch 1 the "
                           "pairs kernel is now ahead (46.5 / 41.5 against 58.3 / 47.0)."),
+    "run138_2026-12-01": ("The whole matrix again on the final code of the nineteenth session. head_dim 128: the "
+                          "pairs rows within 3% of runs 71 / 77 (the kernels are SASS-identical; Llama-3-8B 128K "
+                          "batch 1 nuq3-1% head-group 158.5 against 158.3 us, token-group 185.3 against 180.0). "
+                          "head_dim 256 (Gemma-3-4B heads): the scores computed once per block (two launches from 32K "
+                          "token-heads, fa10514) and the split merge over channel blocks (8508785) took the pairs rows "
+                          "at 128K batch 1 from run 122's 310.0 to 235.1 us (nuq3-1% head-group), 320.4 to 238.9 "
+                          "(token-group), 275.2 to 202.9 (nuq2), 392.9 to 295.3 (nuq4); batch 8 1.3-1.5x. At 256 our "
+                          "fp16 split-K kernel is faster than SDPA (156.1 against 177.6 us at 128K batch 1), so the "
+                          "speedups there are against it."),
     "run111_2026-11-30": ("A random-weight Gemma-3-4B-shaped model (28 sliding-window layers of 1024 tokens, 6 global "
                           "ones at head_dim 256), first through generate. The fused kernels then served the global "
                           "layers only; each sliding layer dequantized its window with the PyTorch reference path "
@@ -465,8 +476,8 @@ def decode_report(runs, out):
            "3-bit storage since run 55, 2-bit since run 71, 4-bit since run 77, head_dim 64 since run 92; launched "
            "eagerly the default is natural for 3/4-bit storage and fields for 2-bit at head_dim 128, up to "
            "`kernels.EAGER_PAIRS_MIN_TOKEN_HEADS`; at head_dim 256 pairs in graph steps since run 106 for "
-           "token-group values and 4-bit storage, and for head-group 2/3-bit storage from "
-           "`kernels.PAIRS_D256_HEAD_MIN_TOKEN_HEADS` (batch x KV heads x capacity), natural otherwise, with "
+           "token-group values and 4-bit storage, and since run 136 for head-group 2/3-bit storage at every size "
+           "(from 100K token-heads of capacity before), with "
            "`natural-run98launch` the natural kernel's launch before run 102); `-tokengroup` = value ranges and 1% "
            "slots over all KV heads of a token (the calibration default), read by the kernel in the `kernel` column "
            "(pairs in graph steps; eagerly natural, the default since run 21; tiles before).\n\n")
