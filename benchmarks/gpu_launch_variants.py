@@ -3,12 +3,13 @@ before each (gpu_suite.bench_graph), in one process on one storage per batch, ro
 reading a few splits at a time (the default) or all at once (``kernels.REDUCE_CHUNKS``); at head_dim 256 also the two
 launches (the scores pass, then the value pass; ``_gluon.SCORES_ONCE``) against one launch of two programs per split,
 each computing all the scores, each pass alone (``_gluon.PASSES``; its output is then wrong, only its time counts),
-and the two passes at other split counts. nuq3-1% (``--bits``), head-group values (``--group``), 128K (``--contexts``).
+and the two passes at other split counts; the split merge over fewer channels per program (``kernels.REDUCE_DC``).
+nuq3-1% (``--bits``), head-group values (``--group``), 128K (``--contexts``).
 The "default" row is the library's choice: at head_dim 256 one launch below ``_gluon.SCORES_ONCE_MIN_TOKEN_HEADS``
 (since d882fff; runs 128-134 predate it and took two passes at every size).
 
     PYTHONPATH=src python benchmarks/gpu_launch_variants.py [--shape gemma3-4b] [--contexts 131072] [--batches 1,8]
-        [--splits 128,512] [--group head] [--bits 3] [--rounds 2]
+        [--splits 128,512] [--group head] [--bits 3] [--rounds 2] [--reduce-dc 32,16] [--only-merge]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from kvquant import kernels  # noqa: E402
 from kvquant.kernels import _gluon as G  # noqa: E402
 from kvquant.kernels.reference import reference_decode_attention  # noqa: E402
 
-KNOBS = ((G, "SCORES_ONCE"), (G, "PASSES"), (kernels, "REDUCE_CHUNKS"))
+KNOBS = ((G, "SCORES_ONCE"), (G, "PASSES"), (kernels, "REDUCE_CHUNKS"), (kernels, "REDUCE_DC"))
 
 
 def main():
@@ -38,6 +39,8 @@ def main():
     ap.add_argument("--group", default="head", choices=["head", "token"])
     ap.add_argument("--bits", type=int, default=3, choices=[2, 3, 4])
     ap.add_argument("--rounds", type=int, default=2, help="the variants, interleaved, this many times")
+    ap.add_argument("--reduce-dc", default="", help="extra split-merge widths (kernels.REDUCE_DC), e.g. 32,16")
+    ap.add_argument("--only-merge", action="store_true", help="only the default and the --reduce-dc variants")
     a = ap.parse_args()
     print(env_info())
     Hq, H, D = SHAPES[a.shape]
@@ -48,6 +51,9 @@ def main():
                      ("one launch, split merge all at once", dict(SCORES_ONCE=False, REDUCE_CHUNKS=False), None),
                      ("scores pass alone", dict(PASSES=(1,)), None), ("value pass alone", dict(PASSES=(2,)), None)]
         variants += [(f"two passes, {n} splits", {}, int(n)) for n in a.splits.split(",") if n]
+    if a.only_merge:
+        variants = variants[:1]
+    variants += [(f"split merge over {n} channels", dict(REDUCE_DC=int(n)), None) for n in a.reduce_dc.split(",") if n]
     for ctx in (int(c) for c in a.contexts.split(",")):
         for B in (int(b) for b in a.batches.split(",")):
             q = torch.randn(B, Hq, 1, D, device="cuda").bfloat16()

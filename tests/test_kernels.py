@@ -275,11 +275,12 @@ def test_decode_prefetch_option_interpret():
 @pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
 # (the interpreter evaluates both sides of the kernel's tl.where: the row without keys divides by 0 and takes the 0)
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in divide:RuntimeWarning")
-@pytest.mark.parametrize("D,nsplit", [(128, 70), (256, 257), (64, 3)])
-def test_reduce_merges_every_split_interpret(D, nsplit):
-    """The split merge (one program per query head and 64 channels, 64 splits per load: 70 and 257 splits take
-    several loads, head_dim 128 and 256 several channel blocks): every split and channel counts, empty splits (max
-    -1e30, sum 0) weigh nothing, and a row whose splits are all empty gives 0."""
+@pytest.mark.parametrize("D,nsplit,dc", [(128, 70, 64), (256, 257, 64), (64, 3, 64), (256, 257, 16), (128, 300, 32)])
+def test_reduce_merges_every_split_interpret(monkeypatch, D, nsplit, dc):
+    """The split merge (one program per query head and REDUCE_DC channels, 4096 / REDUCE_DC splits per load: 70,
+    257 and 300 splits take several loads, head_dim 128 and 256 several channel blocks): every split and channel
+    counts, empty splits (max -1e30, sum 0) weigh nothing, and a row whose splits are all empty gives 0."""
+    monkeypatch.setattr(kernels, "REDUCE_DC", dc)
     g = torch.Generator().manual_seed(D + nsplit)
     B, Hq = 2, 3
     rows = B * Hq

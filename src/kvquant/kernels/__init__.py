@@ -595,6 +595,9 @@ def triton_next_pow2(n: int) -> int:
 #: the same code: at head_dim 256 over 257 splits the old kernel took 115 us, benchmarks/gpu_runs/run131, and two
 #: passes 337 us per call in run 130 against 294 with this setting in run 132)
 REDUCE_CHUNKS = True
+#: the split merge's channels per program (with REDUCE_CHUNKS; it reads 4096 / REDUCE_DC splits per load): fewer
+#: channels make more programs, each with fewer dependent loads
+REDUCE_DC = 64
 
 
 def _reduce(pacc, pm, pl, B, Hq, nsplit, D, dtype, dev):
@@ -602,7 +605,7 @@ def _reduce(pacc, pm, pl, B, Hq, nsplit, D, dtype, dev):
 
     out = torch.empty(B, 1, Hq, D, device=dev, dtype=dtype).transpose(1, 2)  # [B, Hq, 1, D], stored as the
     sp = triton_next_pow2(nsplit)
-    dc = min(D, 64) if REDUCE_CHUNKS else D
+    dc = min(D, REDUCE_DC) if REDUCE_CHUNKS else D
     K._reduce_kernel[(B * Hq, D // dc)](  # attention output layout [B, 1, Hq, D] (no transpose copy afterwards)
         pacc, pm, pl, out, out.stride(0), out.stride(1), Hq, nsplit, SP=sp, D=D, DC=dc,
         CS=min(sp, 4096 // dc) if REDUCE_CHUNKS else sp, num_warps=4)
