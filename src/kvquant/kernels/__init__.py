@@ -590,14 +590,16 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-#: the split merge: one program per query head and 64 channels, reading the partials 64 splits at a time; False: one
-#: program per query head reading all splits in one load, as before 8508785 (an experiment knob; the same reads, not
-#: the same code: at head_dim 256 over 257 splits the old kernel took 115 us, benchmarks/gpu_runs/run131, and two
-#: passes 337 us per call in run 130 against 294 with this setting in run 132)
+#: the split merge: one program per query head and REDUCE_DC channels, reading 4096 / REDUCE_DC splits at a time;
+#: False: one program per query head reading all splits in one load, as before 8508785 (an experiment knob; the same
+#: reads, not the same code: at head_dim 256 over 257 splits the old kernel took 115 us,
+#: benchmarks/gpu_runs/run131, and two passes 337 us per call in run 130 against 294 with this setting in run 132)
 REDUCE_CHUNKS = True
 #: the split merge's channels per program (with REDUCE_CHUNKS; it reads 4096 / REDUCE_DC splits per load): fewer
-#: channels make more programs, each with fewer dependent loads
-REDUCE_DC = 64
+#: channels make more programs, each with fewer dependent loads. benchmarks/gpu_runs/run139 (nuq3-1% head-group, 128K,
+#: graph replays): 16 against 64 channels, Gemma-3-4B heads batch 1 (257 splits) 225.0 against 232.4 us, Llama-3-8B
+#: batch 1 (129 splits) 155.6 against 157.7; batch 8 (33 splits) within 0.2%
+REDUCE_DC = 16
 
 
 def _reduce(pacc, pm, pl, B, Hq, nsplit, D, dtype, dev):
