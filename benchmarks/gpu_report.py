@@ -172,7 +172,8 @@ RUN_NOTES = {  # what a reader must know about a run's rows
                           "natural kernel stays ahead for head-group 2/3-bit storage (71.9 / 62.6 us against 79.7 / "
                           "72.2), so kernels.PAIRS_D256_HEAD_MIN_TOKEN_HEADS is unchanged, although at 4K batch 1 the "
                           "pairs kernel is now ahead (46.5 / 41.5 against 58.3 / 47.0)."),
-    "run138_2026-12-01": ("The whole matrix again on the final code of the nineteenth session. head_dim 128: the "
+    "run138_2026-12-01": ("The whole matrix again, on 39360ea (before the split merge over 16 channels of run 139, "
+                          "which takes 1-3% off batch 1: gpu_runs/run139). head_dim 128: the "
                           "pairs rows within 3% of runs 71 / 77 (the kernels are SASS-identical; Llama-3-8B 128K "
                           "batch 1 nuq3-1% head-group 158.5 against 158.3 us, token-group 185.3 against 180.0). "
                           "head_dim 256 (Gemma-3-4B heads): the scores computed once per block (two launches from 32K "
