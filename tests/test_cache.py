@@ -320,6 +320,55 @@ def test_sliding_window_layers_keep_their_window():
         assert len(layer.storage) == (sw - 1 if layer.is_sliding else 49)
 
 
+@pytest.mark.parametrize("R", [0, 5])
+def test_fp16_sliding_layers(R):
+    """sliding_layers="fp16": Gemma 3's sliding layer is transformers' own sliding-window layer (its keys exactly
+    DynamicCache's), the global layer stays compressed, and the decode logits equal the simulated evaluation with
+    that layer unquantized (KVQuantMethod(fp16_layers=...)), not the all-quantized ones."""
+    m = _model("gemma3")
+    q = _quantizer(m, "gemma3", bits=2, recent_window=R)
+    ids = _ids(1, 40)
+    c = KVQuantCache(q, m, prefill="quantized", sliding_layers="fp16")
+    assert [type(layer).__name__ for layer in c.layers] == ["FP16SlidingLayer", "KVQuantLayer"]
+    got = _teacher_forced(m, c, ids, prefill=8)
+    if R:
+        use_sim_attention(m)
+        AttentionMaskInterface.register(SIM_ATTENTION, sdpa_mask)
+    kw = cache_kwarg(m)
+    sim = m(ids, use_cache=True, **{kw: SimulatedCache(m, KVQuantMethod(q, fp16_layers=[0]))}).logits[0]
+    sim_all = _sim_logits(m, q, ids, R)
+    torch.testing.assert_close(got, sim, atol=ATOL, rtol=0)
+    assert (sim - sim_all).abs().max() > 1e-3  # the sliding layer really was left unquantized
+    ref = DynamicCache(config=m.config)
+    _teacher_forced(m, ref, ids, prefill=8)
+    assert torch.equal(c.layers[0].keys, ref.layers[0].keys) and c.layers[0].keys.shape[-2] == 15
+    assert len(c.layers[1].storage) == 40 and c.get_seq_length() == 40
+    for t in (1, 3):
+        assert c.layers[0].get_mask_sizes(t) == ref.layers[0].get_mask_sizes(t)
+    r = c.memory_report()
+    assert r["components"]["fp16_layers"] == 2 * 15 * m.config.num_key_value_heads * m.config.head_dim * 4  # fp32
+    assert r["tokens"] == 40 and "fp16_layers" in str(r)
+    quantized = KVQuantCache(q, m, prefill="quantized")
+    _teacher_forced(m, quantized, ids, prefill=8)
+    assert r["effective_bits"] > quantized.memory_report()["effective_bits"]
+    out = _gen(m, KVQuantCache(q, m, sliding_layers="fp16"), _ids(2, 10), n=30)  # generate, batch 2
+    assert out.shape == (2, 40)
+
+
+def test_fp16_sliding_layers_errors():
+    m = _model("gemma3")
+    q = _quantizer(m, "gemma3")
+    with pytest.raises(ValueError, match="sliding_layers must be 'quantized' or 'fp16'"):
+        KVQuantCache(q, m, sliding_layers="bf16")
+    with pytest.raises(ValueError, match=r"fp16_layers \[2\] are not layers"):
+        KVQuantMethod(q, fp16_layers=[0, 2])
+    mistral = _model("mistral", sliding_window=16)  # every layer sliding: nothing would be compressed
+    with pytest.raises(ValueError, match="every layer of this model is a sliding-window layer"):
+        KVQuantCache(_quantizer(mistral, "mistral-sw"), mistral, sliding_layers="fp16")
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        KVQuantCache(q, m, sliding_layers="fp16").crop(1)
+
+
 # ---- kernel plumbing ----------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through the Triton append kernel: interpreter only")
 def test_kernel_mode_dispatch(monkeypatch):

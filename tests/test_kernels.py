@@ -1175,7 +1175,7 @@ def _tiny_gemma3(head_dim: int, seed: int):
     return model, q, g
 
 
-def _sliding_steps(monkeypatch, model, quant, ids, fused: bool, attention_mask=None):
+def _sliding_steps(monkeypatch, model, quant, ids, fused: bool, attention_mask=None, sliding_layers="quantized"):
     """A 10-token prefill, then the rest of ``ids`` token by token through a new KVQuantCache, with the fused path on
     or off (and ``attention_mask`` over ``ids``, e.g. left padding) -> (the last-position logits of every step in fp32
     [steps, B, V], the cache)."""
@@ -1184,7 +1184,7 @@ def _sliding_steps(monkeypatch, model, quant, ids, fused: bool, attention_mask=N
 
     monkeypatch.setenv("KVQUANT_FUSED_DECODE", "1" if fused else "0")
     monkeypatch.setattr(kc, "_KERNEL_OK", {})
-    cache = KVQuantCache(quant, model)
+    cache = KVQuantCache(quant, model, sliding_layers=sliding_layers)
     am = {} if attention_mask is None else {"attention_mask": attention_mask[:, :10]}
     outs = []
     with torch.no_grad():
@@ -1371,6 +1371,34 @@ def test_sliding_ring_graph_steps_interpret(monkeypatch):
     assert cache.layers[sliding[0]].storage.ring_start != 0
 
 
+@pytest.mark.skipif(not CPU, reason="interpreter test (CPU)")
+def test_fp16_sliding_layers_with_graph_steps_interpret(monkeypatch):
+    """KVQuantCache(sliding_layers="fp16") with the fused path (graph steps recorded, the capture replaced by a
+    recorder): the sliding layer is transformers' sliding-window layer attended with SDPA (no kernel call, no
+    recording), the global layer's steps are graph replays, and the logits of a left-padded batch, past the window,
+    follow the reference path with the same option (fused off)."""
+    if not kernels.available(torch.device("cpu")):
+        pytest.skip("needs triton")
+    recs = _graph_recorder(monkeypatch)
+    model, q, g = _tiny_gemma3(64, 3)
+    ids = torch.randint(0, 128, (2, 30), generator=g)
+    am = torch.ones_like(ids)
+    am[1, :12] = 0
+    served = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention",
+                        lambda query, storage, *a, **kw: served.append(id(storage)) or real(query, storage, *a, **kw))
+    ref, _ = _sliding_steps(monkeypatch, model, q, ids, False, attention_mask=am, sliding_layers="fp16")
+    assert not served
+    fused, cache = _sliding_steps(monkeypatch, model, q, ids, True, attention_mask=am, sliding_layers="fp16")
+    sliding, glob = cache.layers
+    assert type(sliding).__name__ == "FP16SlidingLayer" and sliding.keys.shape[-2] == model.config.sliding_window - 1
+    assert set(served) == {id(glob.storage)} and len(recs) == 1
+    assert glob.storage._decode_graph.replays > 0
+    print(f"logits: fused against the reference path {rel(fused, ref):.2e}")
+    assert torch.isfinite(fused).all() and rel(fused, ref) < 3e-2, rel(fused, ref)
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("mode", ["front-drop", "ring-eager", "ring-graph"])
@@ -1427,6 +1455,31 @@ def test_sliding_layers_fused_gpu(monkeypatch, head_dim, mode):
     e_ref, e_fused = rel(ref, truth), rel(fused, truth)
     print(f"logits against fp32: bf16 reference path {e_ref:.4f}, fused {e_fused:.4f}")
     assert e_fused < 1.5 * e_ref + 5e-3, (e_fused, e_ref)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_fp16_sliding_layers_gpu(monkeypatch, head_dim):
+    """On the GPU, in bf16, KVQuantCache(sliding_layers="fp16"): the sliding layer stays transformers' own (SDPA, no
+    kernel), the global layer decodes through CUDA-graph steps, and through two window wraps of a left-padded batch
+    the logits are as close to the fp32 reference path's (same option) as the bf16 reference path's are."""
+    model, q, g = _tiny_gemma3(head_dim, 2)
+    model = model.to("cuda")
+    ids = torch.randint(0, 128, (2, 44), generator=g).cuda()
+    am = torch.ones_like(ids)
+    am[1, :12] = 0
+    truth, _ = _sliding_steps(monkeypatch, model, q, ids, False, attention_mask=am, sliding_layers="fp16")  # fp32
+    model.to(torch.bfloat16)
+    ref, _ = _sliding_steps(monkeypatch, model, q, ids, False, attention_mask=am, sliding_layers="fp16")
+    fused, cache = _sliding_steps(monkeypatch, model, q, ids, True, attention_mask=am, sliding_layers="fp16")
+    sliding, glob = cache.layers
+    assert type(sliding).__name__ == "FP16SlidingLayer" and sliding.keys.shape[-2] == model.config.sliding_window - 1
+    graph = getattr(glob.storage, "_decode_graph", None)
+    assert graph is not None and graph.replays > 0 and not graph.failed
+    e_ref, e_fused = rel(ref, truth), rel(fused, truth)
+    print(f"logits against fp32: bf16 reference path {e_ref:.4f}, fused {e_fused:.4f}")
+    assert torch.isfinite(fused).all() and e_fused < 1.5 * e_ref + 5e-3, (e_fused, e_ref)
 
 
 def _graph_recorder(monkeypatch) -> list:

@@ -16,6 +16,12 @@ def _add_model_text(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_sliding_layers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sliding-layers", choices=("quantized", "fp16"), default="quantized",
+                   help="sliding-window layers (Gemma 3's local layers): compressed like the others (default), or "
+                        "kept in fp16 (their window is bounded, so is the memory)")
+
+
 def _cuda() -> bool:
     import torch
 
@@ -113,6 +119,18 @@ def _report(rows, args, out: Path, title: str, extra: dict) -> None:
     print(f"[kvquant] wrote {out / args.name}.{{md,json,png}}")
 
 
+def _fp16_layers(args, model) -> tuple[int, ...]:
+    """The layers ``--sliding-layers fp16`` keeps unquantized (the model's sliding-window layers)."""
+    from .models import sliding_window_layers
+
+    if getattr(args, "sliding_layers", "quantized") != "fp16":
+        return ()
+    layers = tuple(sliding_window_layers(model))
+    if not layers:
+        print(f"[kvquant] note: {args.model} has no sliding-window layers; --sliding-layers fp16 changes nothing.")
+    return layers
+
+
 def cmd_eval(args) -> int:
     from .evaluation.harness import evaluate
     from .evaluation.suite import baseline_methods, fp16_method, kvquant_methods
@@ -125,17 +143,18 @@ def cmd_eval(args) -> int:
     n_eval = max(1, -(-args.eval_tokens // (window - 1)))
     bits = tuple(args.bits_list)
     methods = [fp16_method()]
+    fp16_layers = _fp16_layers(args, model)
     if args.quantizer:
         from .evaluation.methods import KVQuantMethod
 
         for qp in args.quantizer:
             q = load_quantizer(qp)
             q.check_model(ident)
-            methods.append(KVQuantMethod(q))
+            methods.append(KVQuantMethod(q, fp16_layers=fp16_layers))
     else:
         stats, _ = _stats(args, model, tok, args.calib_windows, window, (0.0, 0.01))
         methods += kvquant_methods(stats, bits, base=QuantizerConfig(n_sinks=args.n_sinks, qnorm=args.qnorm),
-                                   extras=not args.fast)
+                                   extras=not args.fast, fp16_layers=fp16_layers)
     if not args.no_baselines:
         methods += baseline_methods(bits, ident["num_key_value_heads"] * ident["head_dim"])
     ew = _windows(args, tok, "eval", n_eval, window)
@@ -205,7 +224,7 @@ def cmd_generate(args) -> int:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     _, report = generate_text(model, tok, prompt, q, max_new_tokens=args.max_new_tokens,
-                              recent_window=args.recent_window)
+                              recent_window=args.recent_window, sliding_layers=args.sliding_layers)
     print()
     print(report)  # MemoryReport: a dict with a readable __str__
     return 0
@@ -251,6 +270,7 @@ def main(argv=None) -> int:
     p.add_argument("--fast", action="store_true", help="skip the weighting / Q-Norm comparison rows")
     p.add_argument("--out", default="kvquant-results")
     p.add_argument("--name", default="accuracy")
+    _add_sliding_layers(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("run", help="the quick start: calibrate, compare, generate (fast settings)")
@@ -269,6 +289,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--recent-window", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_sliding_layers(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("passkey", help="passkey / needle-in-a-haystack accuracy through generation with each cache")

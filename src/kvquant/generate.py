@@ -29,17 +29,19 @@ def generate_text(
     max_new_tokens: int = 128,
     recent_window: int | None = None,
     stream: bool = True,
+    sliding_layers: str = "quantized",
     **generate_kwargs,
 ) -> tuple[str, dict]:
     """Generate a continuation of ``prompt`` with a :class:`KVQuantCache`.
 
     Streams the text to stdout as it is produced (``stream=True``, transformers' ``TextStreamer``) and returns
     ``(generated text, cache.memory_report())``. ``generate_kwargs`` go to ``model.generate`` (default: greedy).
+    ``sliding_layers``: as :class:`KVQuantCache`'s (``"fp16"`` keeps sliding-window layers unquantized).
     Raises ``QuantizerError`` for a quantizer of another model and ``ContextLengthError`` past the model's context.
     """
     from transformers import TextStreamer
 
-    cache = KVQuantCache(quantizer, model, recent_window=recent_window)
+    cache = KVQuantCache(quantizer, model, recent_window=recent_window, sliding_layers=sliding_layers)
     inputs = _encode_prompt(tokenizer, prompt, model.device)
     limit = cache.max_positions
     n_prompt = inputs["input_ids"].shape[1]

@@ -493,6 +493,28 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def sliding_window_layers(model_or_config) -> dict[int, int]:
+    """``{layer index: window}`` of the model's sliding-window (and chunked) attention layers, e.g. Gemma 3's local
+    layers, Mistral's layers when its config sets ``sliding_window``; empty when every layer attends the whole
+    context. Follows transformers' own caches: ``config.layer_types`` when the config has it, else every layer is
+    sliding when ``sliding_window`` is set (chunked when ``attention_chunk_size`` is)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    n = int(text.num_hidden_layers)
+    window = getattr(text, "sliding_window", None)
+    chunk = getattr(text, "attention_chunk_size", None)
+    types = getattr(text, "layer_types", None)
+    if types is None:
+        kind = "sliding_attention" if window is not None else "chunked_attention" if chunk is not None else None
+        types = [kind] * n
+    out = {}
+    for i, t in enumerate(types):
+        w = window if t == "sliding_attention" else (chunk or window) if t == "chunked_attention" else None
+        if w:
+            out[i] = int(w)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Tiny random models for tests
 # --------------------------------------------------------------------------------------------

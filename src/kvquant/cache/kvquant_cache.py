@@ -17,10 +17,10 @@ import os
 import weakref
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from ..core.rope import find_rotary_module, rope_specs
-from ..models import model_identity
+from ..models import model_identity, sliding_window_layers
 from ..quantizer import Quantizer, QuantizerError, load_quantizer
 from . import attention as _attention
 from .storage import COMPONENTS, LayerStorage
@@ -262,6 +262,21 @@ class KVQuantLayer(CacheLayerMixin):
             self.storage.index_select(torch.as_tensor(indices))
 
 
+class FP16SlidingLayer(DynamicSlidingWindowLayer):
+    """A sliding-window layer kept in the model's dtype (``KVQuantCache(sliding_layers="fp16")``): transformers' own
+    ``DynamicSlidingWindowLayer``, attended with plain SDPA. It holds at most ``sliding_window - 1`` tokens whatever
+    the context, so quantizing it saves little memory at long context."""
+
+    storage = None  # no compressed storage (code that walks ``cache.layers`` reads ``layer.storage``)
+
+    def __repr__(self) -> str:
+        tokens = self.keys.shape[-2] if self.is_initialized else 0
+        return f"FP16SlidingLayer(sliding_window={self.sliding_window}, tokens={tokens})"
+
+
+SLIDING_LAYER_MODES = ("quantized", "fp16")
+
+
 # ---- the cache ----------------------------------------------------------------------------------------------------
 class KVQuantCache(Cache):
     """The KVQuant-compressed KV cache for ``model.generate(..., past_key_values=cache)``.
@@ -280,6 +295,11 @@ class KVQuantCache(Cache):
             token sees them quantized. ``"quantized"``: the step attends over the quantized tokens, exactly as if
             they had been decoded one by one; this is what the perplexity evaluation measures
             (:mod:`kvquant.evaluation`), so use it to reproduce those numbers through the cache.
+        sliding_layers: ``"quantized"`` (default): sliding-window layers (Gemma 3's local layers) are compressed like
+            the others. ``"fp16"``: they keep their window in the model's dtype (:class:`FP16SlidingLayer`, plain
+            SDPA). Their window is bounded (Gemma 3: 1024 tokens), so the memory this costs is bounded too, and it
+            shrinks relative to the global layers as the context grows; the evaluation's
+            ``KVQuantMethod(..., fp16_layers=...)`` gives the same numbers.
 
     Tokens are quantized once, when they leave the recent window; the first ``n_sinks`` tokens of each row stay in
     the model's dtype. With left padding the sinks are the first cache slots (pad tokens for the padded rows).
@@ -293,6 +313,7 @@ class KVQuantCache(Cache):
         n_sinks: int | None = None,
         set_attention: bool = True,
         prefill: str = "exact",
+        sliding_layers: str = "quantized",
     ):
         if not isinstance(quantizer, Quantizer):
             quantizer = load_quantizer(quantizer)
@@ -314,6 +335,15 @@ class KVQuantCache(Cache):
         if prefill not in ("exact", "quantized"):
             raise ValueError(f"prefill must be 'exact' or 'quantized', got {prefill!r}.")
         self.prefill = prefill
+        if sliding_layers not in SLIDING_LAYER_MODES:
+            raise ValueError(f"sliding_layers must be 'quantized' or 'fp16', got {sliding_layers!r}.")
+        windows = sliding_window_layers(model)
+        if sliding_layers == "fp16" and len(windows) == ident["num_hidden_layers"]:
+            raise ValueError(
+                "sliding_layers='fp16': every layer of this model is a sliding-window layer (window "
+                f"{next(iter(windows.values()))}), so nothing would be compressed; use sliding_layers='quantized'."
+            )
+        self.sliding_layers = sliding_layers
         text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
         self.max_positions = getattr(text, "max_position_embeddings", None)
         self._config = model.config
@@ -323,12 +353,12 @@ class KVQuantCache(Cache):
         self._luts: dict[tuple[int, str], torch.Tensor] = {}
         self._pos_from_arange = False
         self._top_memo: tuple[int, int] | None = None  # (cache length, max position + 1) of the last checked step
-        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * ident["num_hidden_layers"]
-        sw = getattr(text, "sliding_window", None)
         layers = []
-        for i, lt in enumerate(layer_types):
-            sliding = sw if lt in ("sliding_attention", "chunked_attention") and sw else None
-            layers.append(KVQuantLayer(self, i, sliding))
+        for i in range(ident["num_hidden_layers"]):
+            if i in windows and sliding_layers == "fp16":
+                layers.append(FP16SlidingLayer(windows[i]))
+            else:
+                layers.append(KVQuantLayer(self, i, windows.get(i)))
         super().__init__(layers=layers)
         if set_attention:
             _attention.register()
@@ -392,11 +422,13 @@ class KVQuantCache(Cache):
         for layer in self.layers:
             if layer.storage is not None:
                 return layer.storage.batch
+            if isinstance(layer, FP16SlidingLayer) and layer.is_initialized:
+                return layer.keys.shape[0]
         return -1
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove:
-            self.layers[0].crop(tokens_to_remove)
+            next(layer for layer in self.layers if isinstance(layer, KVQuantLayer)).crop(tokens_to_remove)
 
     # ---- memory --------------------------------------------------------------------------------------------------
     def memory_report(self) -> MemoryReport:
@@ -408,13 +440,23 @@ class KVQuantCache(Cache):
         ``effective_bits`` (8 * bytes_used / elements), ``effective_bits_allocated``, ``compression_ratio``
         (fp16_bytes / bytes_used), ``components`` (used bytes of codes, scales, outliers, sinks, window, positions),
         ``components_allocated``, ``tables_bytes``, ``tokens`` (per-layer tokens held, max over layers), ``layers``.
+        With ``sliding_layers="fp16"`` the components also have ``fp16_layers`` (those layers' keys and values).
         """
-        used = dict.fromkeys(COMPONENTS, 0)
-        alloc = dict.fromkeys(COMPONENTS, 0)
+        names = COMPONENTS + (("fp16_layers",) if self.sliding_layers == "fp16" else ())
+        used = dict.fromkeys(names, 0)
+        alloc = dict.fromkeys(names, 0)
         elems = 0
         tables = sum(t.numel() * t.element_size() for t in self._luts.values())
         tokens = 0
         for layer in self.layers:
+            if isinstance(layer, FP16SlidingLayer):
+                if layer.is_initialized:
+                    kv = (layer.keys, layer.values)
+                    used["fp16_layers"] += sum(t.numel() * t.element_size() for t in kv)
+                    alloc["fp16_layers"] += sum(t.untyped_storage().nbytes() for t in kv)
+                    elems += sum(t.numel() for t in kv)
+                    tokens = max(tokens, layer.keys.shape[-2])
+                continue
             st = layer.storage
             if st is None:
                 continue

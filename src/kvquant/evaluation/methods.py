@@ -81,9 +81,12 @@ def _split_window(x: torch.Tensor, start: int, n_sinks: int, recent: int):
 
 
 class KVQuantMethod(Method):
-    """KVQuant through a calibrated :class:`Quantizer` (the same codec the cache uses)."""
+    """KVQuant through a calibrated :class:`Quantizer` (the same codec the cache uses). ``fp16_layers``: layers kept
+    unquantized, as ``KVQuantCache(sliding_layers="fp16")`` keeps the sliding-window layers
+    (:func:`kvquant.models.sliding_window_layers` lists them)."""
 
-    def __init__(self, q: Quantizer, name: str | None = None, recent_window: int | None = None):
+    def __init__(self, q: Quantizer, name: str | None = None, recent_window: int | None = None,
+                 fp16_layers=()):
         cfg = q.config
         super().__init__(
             name or q.name,
@@ -93,8 +96,15 @@ class KVQuantMethod(Method):
             cfg.recent_window if recent_window is None else recent_window,
         )
         self.q = q
+        self.fp16_layers = frozenset(int(i) for i in fp16_layers)
+        bad = sorted(i for i in self.fp16_layers if not 0 <= i < len(q.layers))
+        if bad:
+            raise ValueError(f"fp16_layers {bad} are not layers of quantizer {q.name!r} ({len(q.layers)} layers).")
 
     def fake(self, layer, k, v, start, rope):
+        if layer in self.fp16_layers:
+            self._account(k, v, _fp16_bytes(k) + _fp16_bytes(v))
+            return k, v
         cfg, lc = self.q.config, self.q.layers[layer]
         a, b = _split_window(k, start, cfg.n_sinks, self.recent_window)
         kq, vq = k[:, :, a:b], v[:, :, a:b]

@@ -15,19 +15,24 @@ def kvquant_methods(
     fractions: tuple[float, ...] = (0.0, 0.01),
     base: QuantizerConfig | None = None,
     extras: bool = True,
+    fp16_layers=(),
 ) -> list[Method]:
     """KVQuant rows: every bit width x outlier fraction with the full method (sinks, Q-Norm per ``base``), plus, when
-    ``extras``, the paper-vs-reference Fisher weighting and Q-Norm on/off comparisons at 1%."""
+    ``extras``, the paper-vs-reference Fisher weighting and Q-Norm on/off comparisons at 1%. ``fp16_layers``: layers
+    every row keeps unquantized (``KVQuantCache(sliding_layers="fp16")``'s sliding-window layers)."""
     base = base or QuantizerConfig()
     out: list[Method] = []
+
+    def row(cfg: QuantizerConfig) -> Method:
+        name = _label(cfg) + (" sliding fp16" if fp16_layers else "")
+        return KVQuantMethod(build_quantizer(stats, cfg), name=name, fp16_layers=fp16_layers)
+
     for b in bits:
         for f in fractions:
-            cfg = replace(base, bits=b, outlier_fraction=f)
-            out.append(KVQuantMethod(build_quantizer(stats, cfg), name=_label(cfg)))
+            out.append(row(replace(base, bits=b, outlier_fraction=f)))
         if extras and 0.01 in fractions:
             for change in ({"fisher_weighting": "f"}, {"fisher_weighting": "none"}, {"qnorm": not base.qnorm}):
-                cfg = replace(base, bits=b, outlier_fraction=0.01, **change)
-                out.append(KVQuantMethod(build_quantizer(stats, cfg), name=_label(cfg)))
+                out.append(row(replace(base, bits=b, outlier_fraction=0.01, **change)))
     return out
 
 
