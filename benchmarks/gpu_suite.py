@@ -599,12 +599,14 @@ GEN_CACHES = ("dynamic", "static", "quanto-int4", "quanto-int2", "kvquant-nuq3-1
 
 
 def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHES, reps=2, batch=1,
-                     shape="llama3-8b"):
+                     shape="llama3-8b", eager_pairs_min=0):
     """tokens/s of ``model.generate`` (greedy, eager: ``disable_compile=True``) with each cache. A streamer stamps
     every new token after a device synchronisation; a row's step time is the median gap between tokens (the first
     decode step dropped). The caches run in turn, ``reps`` rounds (the host's speed drifts during a run: interleaving
     keeps the comparison side by side), and a row reports the faster round with both rounds' medians. Round r's prompt
-    has ctx + 97 r tokens, so no key length repeats. ``shape``: the model (GEN_MODELS); ``n_layers`` None: its own."""
+    has ctx + 97 r tokens, so no key length repeats. ``shape``: the model (GEN_MODELS); ``n_layers`` None: its own.
+    ``eager_pairs_min``: the -eager-pairs caches' EAGER_PAIRS_MIN_TOKEN_HEADS (0: every storage; higher keeps small
+    ones, e.g. Gemma 3's sliding windows, on the eager default)."""
     from transformers import DynamicCache, QuantizedCache, StaticCache
     from transformers.generation.streamers import BaseStreamer
 
@@ -635,7 +637,7 @@ def generate_section(res, contexts, n_layers=32, new_tokens=16, caches=GEN_CACHE
     def make_cache(name, max_len):
         os.environ["KVQUANT_FUSED_DECODE"] = "0" if name.endswith("-reference") else "1"
         os.environ["KVQUANT_CUDA_GRAPHS"] = "0" if name.endswith(("-eager", "-eager-pairs")) else "1"
-        kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = 0 if name.endswith("-eager-pairs") else eager_pairs_default
+        kernels.EAGER_PAIRS_MIN_TOKEN_HEADS = eager_pairs_min if name.endswith("-eager-pairs") else eager_pairs_default
         kernels.EAGER_PAIRS_HEAD_DIMS = kernels.PAIRS_HEAD_DIMS if name.endswith("-eager-pairs") else eager_dims
         os.environ["KVQUANT_PAIRS"] = "0" if name.endswith("-natural") else "1"
         kernels.PREFETCH_DEFAULT = False if name.endswith("-noprefetch") else prefetch_default  # read by each plan
@@ -762,6 +764,8 @@ def main():
     ap.add_argument("--gen-batch", type=int, default=1, help="generate: sequences per batch (batch 1 is the report's)")
     ap.add_argument("--gen-caches", default=",".join(GEN_CACHES))
     ap.add_argument("--gen-rounds", type=int, default=2, help="generate: interleaved rounds over the caches")
+    ap.add_argument("--gen-eager-pairs-min", type=int, default=0,
+                    help="generate: EAGER_PAIRS_MIN_TOKEN_HEADS of the -eager-pairs caches (head_dim-128 token-heads)")
     ap.add_argument("--contexts", default="", help="comma list: only these decode contexts")
     ap.add_argument("--diag-sweep", default="full", help="comma list of: full, regs, occupancy, natural, default, "
                     "blocks, d64, d256 / d256b / d256c (Gemma-3-4B shape, batch 1 and 8), tokengroup, tokengroup-mha "
@@ -798,7 +802,8 @@ def main():
         ("calib", lambda: calibration_section(res)),
         ("generate", lambda: generate_section(res, [int(c) for c in args.gen_contexts.split(",")],
                                               args.gen_layers, caches=args.gen_caches.split(","),
-                                              batch=args.gen_batch, shape=args.gen_model, reps=args.gen_rounds)),
+                                              batch=args.gen_batch, shape=args.gen_model, reps=args.gen_rounds,
+                                              eager_pairs_min=args.gen_eager_pairs_min)),
     ):
         if fn is None:
             continue
