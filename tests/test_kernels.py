@@ -717,16 +717,21 @@ def test_pairs_kernel_selection_cpu(monkeypatch):
             kernels.decode_kernel(qo, other, kernel="pairs")
     # head_dim 256 (3 key slots at 1%): the default in graph steps at every size (runs 106-107: token-group values
     # and 4-bit storage; run 136: head-group 2/3-bit storage too, from a 1K window at batch 1 up); eagerly natural
+    # below EAGER_PAIRS_MIN_TOKEN_HEADS (run 142)
     d256, _, _ = make_storage(1, 2, 256, 3, 40, 1, 0, "head", "cpu")
     assert int(d256.k_out_idx.shape[-1]) == 3 and kernels.PAIRS_MAX_KEY_SLOTS == {64: 1, 128: 1, 256: 3}
     assert kernels.decode_kernel(q256, d256, kernel="pairs") == "pairs"
     for bits, vg in ((3, "head"), (2, "head"), (3, "token"), (4, "head"), (2, "token")):
         small, _, _ = make_storage(1, 2, 256, bits, 40, 1, 0, vg, "cpu")
         assert kernels.decode_kernel(q256, small, graph=True) == "pairs", (bits, vg)
-        assert kernels.decode_kernel(q256, small) == "natural", (bits, vg)
+        assert kernels.decode_kernel(q256, small) == "natural", (bits, vg)  # eagerly: below EAGER_PAIRS_MIN_TOKEN_HEADS
+        monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", 160)  # 2 KV heads x 40 tokens x 256 / 128
+        fresh, _, _ = make_storage(1, 2, 256, bits, 40, 1, 0, vg, "cpu")  # (plans are cached per storage)
+        assert kernels.decode_kernel(q256, fresh) == "pairs", (bits, vg)
+        monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", 3_000_000)
     # head_dim 64: the default in graph steps (run 91) and eagerly from the same threshold counted in token-heads of
     # head_dim 128 (run 99): 2 KV heads x 40 tokens x 64 / 128 = 40
-    assert kernels.PAIRS_DEFAULT_HEAD_DIMS == (64, 128, 256) and kernels.EAGER_PAIRS_HEAD_DIMS == (64, 128)
+    assert kernels.PAIRS_DEFAULT_HEAD_DIMS == (64, 128, 256) and kernels.EAGER_PAIRS_HEAD_DIMS == (64, 128, 256)
     q64 = torch.zeros(1, 8, 1, 64).bfloat16()
     for threshold, want in ((40, "pairs"), (41, "natural")):
         monkeypatch.setattr(kernels, "EAGER_PAIRS_MIN_TOKEN_HEADS", threshold)
@@ -1061,7 +1066,8 @@ def test_pairs_graph_steps_match_eager_natural_gpu(monkeypatch, group, kv_heads,
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("group,kv_heads,head_dim", [("head", 2, 128), ("token", 8, 128), ("head", 2, 64)])
+@pytest.mark.parametrize("group,kv_heads,head_dim",
+                         [("head", 2, 128), ("token", 8, 128), ("head", 2, 64), ("head", 2, 256), ("token", 4, 256)])
 def test_eager_pairs_steps_match_natural_gpu(monkeypatch, group, kv_heads, head_dim):
     """Eager decode steps (an fp16 window, R = 3, so no CUDA graphs) of a storage past EAGER_PAIRS_MIN_TOKEN_HEADS
     (here lowered to 1) take the pairs kernel and give the logits of the same steps with the threshold off (the

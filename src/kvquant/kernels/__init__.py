@@ -341,8 +341,13 @@ PAIRS_HEAD_DIMS = (64, 128, 256)
 PAIRS_DEFAULT_HEAD_DIMS = (64, 128, 256)
 #: key outlier slots per vector the pairs kernel merges, by head_dim (1% of the channels: round(0.01 D) = 1, 1, 3)
 PAIRS_MAX_KEY_SLOTS = {64: 1, 128: 1, 256: 3}
-#: head_dims where eager launches take it from EAGER_PAIRS_MIN_TOKEN_HEADS (measured at 64 and 128)
-EAGER_PAIRS_HEAD_DIMS = (64, 128)
+#: head_dims where eager launches take it from EAGER_PAIRS_MIN_TOKEN_HEADS (measured at 64 and 128; at 256 from run
+#: 142, Gemma-3-4B shape, generate eagerly at batch 8, 16K (1.05M token-heads of head_dim 128 in each global layer):
+#: nuq3-1% head-group even (58.0 / 61.1 ms per step against 58.4 / 57.4 with the natural kernel), token-group values
+#: 56.2 / 65.3 against 89.5 / 74.3; 64K did not fit its prefill. Per call, launched eagerly (run 138's eager_us), the
+#: pairs kernel is 2.4x (head-group) and 3.6x (token-group) the natural kernel at 64K batch 8 (4.2M), and at 128K
+#: batch 1 (1.05M) already 1.31x / 1.98x)
+EAGER_PAIRS_HEAD_DIMS = (64, 128, 256)
 
 
 def _decode_plan(st, B, Hq, D, dev, options) -> _Plan | None:
