@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 
 COMMITS = {  # code each committed run measured (gpu_suite.py was run from a checkout of this commit)
     "run1_2026-11-29": "b83d9ab + uncommitted suite changes (tiles kernel only; value-slot correction on)",
@@ -95,6 +96,10 @@ COMMITS = {  # code each committed run measured (gpu_suite.py was run from a che
     "run122_2026-11-30": "390fe59 (head_dim 256: the key slots through a per-chunk shared-memory tile)",
     "run138_2026-12-01": ("39360ea (the decode matrix on the current code: head_dim 256 in two passes from 32K "
                           "token-heads, the split merge over channel blocks; the head_dim-128 kernels as in run 77)"),
+    "run142_2026-12-01": ("e957274 (kernels as run 143, eager default as before; the -eager-pairs caches "
+                          "take the pairs kernel from 200K token-heads, i.e. on the 6 global layers only)"),
+    "run143_2026-12-01": ("562dbd8 (the decode matrix on the final kernels: the split merge over 16 channels, "
+                          "kernels.REDUCE_DC; the kernels themselves as in run 138)"),
 }
 
 # runs kept in gpu_runs/ as records whose decode rows the report must not take as the latest: what they measured is
@@ -211,6 +216,20 @@ RUN_NOTES = {  # what a reader must know about a run's rows
     "run105_2026-11-30": ("4K and 16K at head_dim 256 after the Triton kernels' split cap was rounded up "
                           "(141131f: 16 splits of 8 blocks for 4095 tokens instead of 15 of 9); the run98launch "
                           "rows count their splits as run 98 did."),
+    "run143_2026-12-01": ("The whole matrix again on the final code (562dbd8): run 138's kernels with the split "
+                          "merge over 16 channels per program (kernels.REDUCE_DC, run 139). Batch 1 against run 138: "
+                          "Gemma-3-4B heads 3-9% faster (128K nuq3-1% head-group 226.9 against 235.1 us), "
+                          "Llama-3-8B 1-11% (128K 156.8 against 158.5; 4K 22.7 against 25.4), Llama-2-7B within 3%; "
+                          "batch 8 within 1.5%. SDPA ran up to 2% slower than in run 138, so the same-run ratios "
+                          "moved up by that much as well (Llama-3-8B 128K batch 1 nuq3-1% 0.88x, nuq2-1% 1.05x)."),
+    "run142_2026-12-01": ("Eager steps (KVQUANT_CUDA_GRAPHS=0) at head_dim 256, Gemma-3-4B shape, batch 8, 16K: the "
+                          "natural kernel (the eager default at 256 until then) against the pairs kernel on the 6 "
+                          "global layers (1.05M token-heads of head_dim 128 each; the 1K sliding windows keep the "
+                          "natural kernel in both). Head-group values: even (58.0 / 61.1 ms against 58.4 / 57.4); "
+                          "token-group values: pairs 56.2 / 65.3 against 89.5 / 74.3. The 64K rows did not run: the "
+                          "prefill's SDPA with Gemma's sliding mask needed 64 GiB more than was free. With run 138's "
+                          "per-call times (the pairs kernel 2.4x / 3.6x the natural kernel at 64K batch 8), eager "
+                          "steps take the pairs kernel at 256 from the same 3M token-heads as at 64 and 128."),
     "run84_2026-11-30": ("Eager steps (KVQUANT_CUDA_GRAPHS=0, as with an fp16 window R > 0) at batch 8, 8 layers: "
                          "the natural kernel (the eager default until then), the pairs kernel launched eagerly, and "
                          "the default CUDA-graph steps. 32K (2.1M token-heads): pairs 20.6 / 17.7 ms per step "
@@ -425,9 +444,16 @@ def env_line(name, env):
             f"{COMMITS.get(name, '?')}\n")
 
 
+def _run_order(path):
+    """Runs in the order they ran, whatever the shell gave: run34 before run34b before run35 (a run's rows replace
+    earlier runs' and the report lists runs in this order)."""
+    m = re.match(r"run(\d+)([a-z]*)_", os.path.basename(path))
+    return (int(m.group(1)), m.group(2)) if m else (math.inf, os.path.basename(path))
+
+
 def load(paths):
     runs = []
-    for p in paths:
+    for p in sorted(paths, key=_run_order):
         name = os.path.splitext(os.path.basename(p))[0]
         runs.append((name, json.load(open(p))))
     return runs
