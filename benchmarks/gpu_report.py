@@ -504,10 +504,12 @@ def decode_report(runs, out):
            "eagerly the default is natural for 3/4-bit storage and fields for 2-bit at head_dim 128, up to "
            "`kernels.EAGER_PAIRS_MIN_TOKEN_HEADS`; at head_dim 256 pairs in graph steps since run 106 for "
            "token-group values and 4-bit storage, and since run 136 for head-group 2/3-bit storage at every size "
-           "(from 100K token-heads of capacity before), with "
+           "(from 100K token-heads of capacity before), and eagerly, as at 64 and 128, up from "
+           "`kernels.EAGER_PAIRS_MIN_TOKEN_HEADS` since run 142, with "
            "`natural-run98launch` the natural kernel's launch before run 102); `-tokengroup` = value ranges and 1% "
            "slots over all KV heads of a token (the calibration default), read by the kernel in the `kernel` column "
-           "(pairs in graph steps; eagerly natural, the default since run 21; tiles before).\n\n")
+           "(pairs in graph steps and in large eager steps; eagerly natural below, the default since run 21; tiles "
+           "before).\n\n")
     md += ("| shape | context | batch | method | kernel | bits | latency (us) | GB/s | % copy BW | "
            "speedup vs best fp16 | run |\n")
     md += "|---|---|---|---|---|---|---|---|---|---|---|\n"
