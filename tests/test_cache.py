@@ -363,8 +363,13 @@ def test_fp16_sliding_layers_errors():
     with pytest.raises(ValueError, match=r"fp16_layers \[2\] are not layers"):
         KVQuantMethod(q, fp16_layers=[0, 2])
     mistral = _model("mistral", sliding_window=16)  # every layer sliding: nothing would be compressed
+    q_sw = _quantizer(mistral, "mistral-sw")
     with pytest.raises(ValueError, match="every layer of this model is a sliding-window layer"):
-        KVQuantCache(_quantizer(mistral, "mistral-sw"), mistral, sliding_layers="fp16")
+        KVQuantCache(q_sw, mistral, sliding_layers="fp16")
+    # (the default cache's layers are sliding where transformers' own are, layer_types or not)
+    ref = DynamicCache(config=mistral.config)
+    assert [layer.is_sliding for layer in KVQuantCache(q_sw, mistral).layers] == [x.is_sliding for x in ref.layers]
+    assert all(layer.is_sliding for layer in ref.layers)
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         KVQuantCache(q, m, sliding_layers="fp16").crop(1)
 
