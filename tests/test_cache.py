@@ -68,7 +68,8 @@ def _teacher_forced(model, cache, ids, prefill: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _sim_logits(model, q, ids, recent_window: int) -> torch.Tensor:
+def _sim_logits(model, q, ids, recent_window: int, method=None) -> torch.Tensor:
+    """The simulated evaluation's logits for ``ids`` (``method``: default KVQuantMethod(q))."""
     kw = cache_kwarg(model)
     if recent_window:
         use_sim_attention(model)
@@ -76,7 +77,7 @@ def _sim_logits(model, q, ids, recent_window: int) -> torch.Tensor:
         AttentionMaskInterface.register(SIM_ATTENTION, sdpa_mask)
     else:
         model.set_attn_implementation("sdpa")
-    return model(ids, use_cache=True, **{kw: SimulatedCache(model, KVQuantMethod(q))}).logits[0]
+    return model(ids, use_cache=True, **{kw: SimulatedCache(model, method or KVQuantMethod(q))}).logits[0]
 
 
 # ---- equality with the simulated evaluation path ------------------------------------------------------------------
@@ -331,11 +332,7 @@ def test_fp16_sliding_layers(R):
     c = KVQuantCache(q, m, prefill="quantized", sliding_layers="fp16")
     assert [type(layer).__name__ for layer in c.layers] == ["FP16SlidingLayer", "KVQuantLayer"]
     got = _teacher_forced(m, c, ids, prefill=8)
-    if R:
-        use_sim_attention(m)
-        AttentionMaskInterface.register(SIM_ATTENTION, sdpa_mask)
-    kw = cache_kwarg(m)
-    sim = m(ids, use_cache=True, **{kw: SimulatedCache(m, KVQuantMethod(q, fp16_layers=[0]))}).logits[0]
+    sim = _sim_logits(m, q, ids, R, KVQuantMethod(q, fp16_layers=[0]))
     sim_all = _sim_logits(m, q, ids, R)
     torch.testing.assert_close(got, sim, atol=ATOL, rtol=0)
     assert (sim - sim_all).abs().max() > 1e-3  # the sliding layer really was left unquantized
